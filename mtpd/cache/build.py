@@ -1,0 +1,226 @@
+"""`mtpd-cache build`: run a teacher once over a dataset with Ray workers, into a store.
+
+The driver validates everything it can before Ray starts (dataset, views,
+teacher, weights, outputs), creates the store and all its arrays, then hands
+whole shards to workers. Workers load the teacher once, write their shards
+straight to the store and return only (shard, bytes, checksum): no tensor
+crosses Ray's object store. The driver alone marks shards done, so a rerun
+skips them; a failure stops the build with finished shards kept and marked.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from mtpd.cache.compute import Layout, ShardComputer, plan_layout
+from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
+from mtpd.cache.store import create_store, mark_done, open_root, read_header, shard_status, write_shard
+from mtpd.data import CocoDataset, ViewSpec
+from mtpd.teachers.base import check_outputs
+from mtpd.teachers.registry import TeacherSpec
+
+
+class BuildError(RuntimeError):
+    """A build that stopped; finished shards stay in the store, marked done."""
+
+
+@dataclass
+class BuildReport:
+    store: str
+    shards_total: int
+    shards_written: int
+    shards_skipped: int
+    images: int
+    seconds: float
+    bytes_written: int
+    header: StoreHeader = field(repr=False)
+
+
+def _default_outputs(names: list[str]) -> list[str]:
+    # RPN outputs are written only on request: MTPD distills two-stage teachers from FPN alone.
+    return [n for n in names if not n.startswith("rpn_")]
+
+
+class ShardWriter:
+    """What one Ray actor runs: a teacher loaded once, shards computed and written.
+
+    Two calls may run at once (``max_concurrency=2``): one holds the teacher
+    while the other loads images or compresses and writes, so I/O overlaps compute.
+    """
+
+    def __init__(self, teacher: TeacherSpec, ann: str, images: str, store: str, batch_size: int, threads: int,
+                 storage_options: dict | None = None) -> None:
+        import torch
+        import zarr
+
+        torch.set_num_threads(max(1, threads))
+        # Blosc and zarr's own pools would otherwise oversubscribe the worker's cores.
+        zarr.config.set({"async.concurrency": 4, "threading.max_workers": max(1, threads)})
+        self.root = open_root(store, "r+", storage_options)
+        self.header = read_header(self.root, store)
+        self.dataset = CocoDataset(ann, images)
+        grids = np.asarray(self.root["index/grid"][:])
+        self.computer = ShardComputer(teacher.build(), self.dataset, self.header, grids, batch_size, teacher.device)
+        self._teacher_lock = threading.Lock()
+
+    def run(self, shard: int) -> tuple[int, int, int]:
+        views = self.computer.load(shard)
+        with self._teacher_lock:
+            blocks = self.computer.forward(shard, views)
+        nbytes, checksum = write_shard(self.root, self.header, shard, blocks)
+        return shard, nbytes, checksum
+
+
+def prepare_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: ViewSpec, outputs: list[str] | None,
+                  precision: str, images_per_shard: int, storage_options: dict | None = None) -> tuple[StoreHeader, CocoDataset]:
+    """Validate inputs, then create the store or check that it can be resumed."""
+    prec = get_precision(precision)
+    dataset = CocoDataset(ann, images)
+    if len(dataset) == 0:
+        raise StoreError(f"{ann}: no images; nothing to cache")
+    if images_per_shard < 1:
+        raise StoreError(f"--images-per-shard must be at least 1, got {images_per_shard}")
+    model = teacher.build() if teacher.device == "cpu" else TeacherSpec(teacher.name, teacher.weights, teacher.num_classes, "cpu").build()
+    specs = model.output_specs()
+    outputs = list(outputs) if outputs else _default_outputs(list(specs))
+    check_outputs(model, outputs, teacher.name)
+    identity = model.identity.to_dict()
+    del model
+    layout: Layout = plan_layout(dataset, views, specs, outputs, prec, images_per_shard, identity)
+    header = layout.header
+    exists = _store_exists(out, storage_options)
+    if exists:
+        root = open_root(out, "r+", storage_options)
+        old = read_header(root, out)
+        diffs = describe_differences(old.identity(), header.identity())
+        if diffs:
+            raise StoreError(
+                f"{out} was built with different settings and cannot be resumed: " + "; ".join(diffs[:4])
+                + ("; …" if len(diffs) > 4 else "") + ". Use another --out, or delete the store to rebuild it."
+            )
+        return old, dataset
+    recs = dataset.images
+    create_store(
+        out, header,
+        image_ids=np.array([r.image_id for r in recs], np.int64),
+        orig_sizes=np.array([[r.height, r.width] for r in recs], np.int32),
+        file_names=[r.file_name for r in recs],
+        view_sizes=layout.view_sizes, grids=layout.grids, storage_options=storage_options,
+    )
+    return header, dataset
+
+
+def _store_exists(out: str, storage_options: dict | None) -> bool:
+    try:
+        root = open_root(out, "r", storage_options)
+    except StoreError:
+        return False
+    # A store whose attributes were never written was interrupted while being created.
+    return "mtpd_format" in dict(root.attrs)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    cause = getattr(err, "cause", None)
+    return _root_cause(cause) if isinstance(cause, BaseException) and cause is not err else err
+
+
+def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: ViewSpec | None = None,
+                outputs: list[str] | None = None, precision: str = "lossless", batch_size: int = 2, workers: int = 1,
+                images_per_shard: int = 16, address: str | None = None, storage_options: dict | None = None,
+                progress: bool = True) -> BuildReport:
+    """Build (or resume) a store. See the module docstring for the protocol."""
+    t0 = time.perf_counter()
+    views = views or ViewSpec()
+    out = str(out)
+    header, dataset = prepare_store(teacher, str(ann), str(images), out, views, outputs, precision, images_per_shard, storage_options)
+    root = open_root(out, "r+", storage_options)
+    done = shard_status(root).done
+    pending = [s for s in range(header.num_shards) if not done[s]]
+    report = BuildReport(out, header.num_shards, 0, header.num_shards - len(pending), len(dataset), 0.0, 0, header)
+    if not pending:
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    gpu = teacher.device.startswith("cuda")
+    started_ray = _ensure_ray(address, workers)
+    try:
+        if gpu:
+            n_gpu = int(ray.cluster_resources().get("GPU", 0))
+            if n_gpu == 0:
+                raise BuildError("--device cuda but the Ray cluster has no GPUs; use --device cpu or start Ray on GPU nodes")
+            n_workers = min(workers if workers > 0 else n_gpu, n_gpu)
+            opts, threads = {"num_gpus": 1, "num_cpus": 1}, 2
+        else:
+            n_workers = max(1, workers)
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            threads = max(1, cpus // n_workers)
+            opts = {"num_cpus": 1}
+        n_workers = min(n_workers, len(pending))
+        actor_cls = ray.remote(max_concurrency=2, max_restarts=1, max_task_retries=2)(ShardWriter)
+        actors = [actor_cls.options(**opts).remote(teacher, str(dataset.ann_file), str(dataset.image_dir), out, batch_size, threads,
+                                                   storage_options) for _ in range(n_workers)]
+        report = _dispatch(actors, pending, root, header, report, progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _dispatch(actors: list, pending: list[int], root, header: StoreHeader, report: BuildReport, progress: bool) -> BuildReport:
+    """Keep two shards in flight per actor; mark each done as it lands.
+
+    After a worker error no new shard starts, but shards already in flight are
+    finished and marked, so a rerun redoes as little as possible.
+    """
+    queue = list(pending)
+    inflight: dict = {}
+    for actor in actors:
+        for _ in range(2):
+            if queue:
+                inflight[actor.run.remote(queue.pop(0))] = actor
+    total_images = sum(len(header.shard_images(s)) for s in pending)
+    bar = tqdm(total=total_images, unit="img", desc="mtpd-cache build", disable=not progress, dynamic_ncols=True)
+    first_error: BaseException | None = None
+    try:
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            actor = inflight.pop(ready[0])
+            try:
+                shard, nbytes, checksum = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - any worker failure stops the build, below
+                first_error = first_error or _root_cause(e)
+                queue.clear()
+                continue
+            mark_done(root, shard, nbytes, checksum)
+            report.shards_written += 1
+            report.bytes_written += nbytes
+            bar.update(len(header.shard_images(shard)))
+            if queue:
+                inflight[actor.run.remote(queue.pop(0))] = actor
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    if first_error is not None:
+        raise BuildError(str(first_error)) from first_error
+    return report
+
+
+def _ensure_ray(address: str | None, workers: int) -> bool:
+    """Start a local Ray instance unless one is running or an address is given; True if started here."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+    return True

@@ -1,0 +1,138 @@
+"""Turn a teacher and a dataset into a store's header and shard blocks (no Ray here).
+
+The same functions run inside each Ray worker, in single-process builds and in
+benchmarks, so every path writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mtpd.cache.schema import Precision, StoreHeader, encode_values, flat_length
+from mtpd.cache.store import CODEC
+from mtpd.data import CocoDataset, ViewSpec, grid_size, prepare_view, view_meta
+from mtpd.outputs import OutputSpec
+from mtpd.teachers.base import Teacher
+
+
+@dataclass
+class Layout:
+    """Everything the driver computes before creating a store."""
+
+    header: StoreHeader
+    view_sizes: np.ndarray  # [N*V, 2]
+    grids: np.ndarray  # [N*V, n_levels, 2]
+
+
+def plan_layout(dataset: CocoDataset, spec: ViewSpec, specs: dict[str, OutputSpec], outputs: list[str], precision: Precision,
+                images_per_shard: int, teacher_identity: dict) -> Layout:
+    """Grid sizes of every view from the JSON's image sizes (no image is decoded)."""
+    levels = sorted({lvl for o in outputs for lvl in specs[o].levels})
+    n, v = len(dataset), len(spec.views)
+    view_sizes = np.zeros((n * v, 2), np.int32)
+    grids = np.zeros((n * v, len(levels), 2), np.int32)
+    for i, rec in enumerate(dataset.images):
+        for j, view in enumerate(spec.views):
+            meta = view_meta(spec, (rec.height, rec.width), view)
+            view_sizes[i * v + j] = meta.size
+            grids[i * v + j] = [grid_size(meta.size, 2**lvl) for lvl in levels]
+    out_meta = {}
+    for name in outputs:
+        s = specs[name]
+        rows = [levels.index(lvl) for lvl in s.levels]
+        l_max = max((flat_length(g[rows]) for g in grids), default=1)
+        out_meta[name] = {
+            **s.to_dict(),
+            "dtype": precision.dtype(s.kind),
+            "encoding": precision.encoding(s.kind),
+            "keepbits": precision.keepbits_for(s.kind),
+            "l_max": int(l_max),
+            "codec": dict(CODEC),
+        }
+    header = StoreHeader(
+        teacher=teacher_identity,
+        views=spec.to_dict(),
+        dataset={
+            "manifest_sha256": dataset.manifest_hash(),
+            "num_images": n,
+            "num_classes": dataset.num_classes,
+            "ann_file": dataset.ann_file.name,
+        },
+        precision=precision.name,
+        images_per_shard=images_per_shard,
+        outputs=out_meta,
+        levels=levels,
+    )
+    return Layout(header, view_sizes, grids)
+
+
+def flatten_sample(maps: list[torch.Tensor], grid_rows: np.ndarray) -> np.ndarray:
+    """Per-level [C, H, W] maps of a padded view -> [L, C] valid cells, level after level."""
+    parts = []
+    for t, (h, w) in zip(maps, grid_rows):
+        parts.append(t[:, :h, :w].permute(1, 2, 0).reshape(-1, t.shape[0]))
+    return torch.cat(parts).float().cpu().numpy()
+
+
+class ShardComputer:
+    """Runs a teacher over one shard's views and returns the encoded blocks.
+
+    Views are batched only with views of the same padded size, so a batch never
+    adds padding: outputs do not depend on batch composition.
+    """
+
+    def __init__(self, teacher: Teacher, dataset: CocoDataset, header: StoreHeader, grids: np.ndarray,
+                 batch_size: int, device: str = "cpu", io_threads: int = 4) -> None:
+        self.teacher = teacher
+        self.dataset = dataset
+        self.header = header
+        self.grids = grids
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.spec = ViewSpec.from_dict(header.views)
+        self.names = list(header.outputs)
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="mtpd-load")
+
+    def load(self, shard: int) -> list[tuple[int, torch.Tensor]]:
+        """(sample index, prepared view) for every view of the shard; decoding runs on threads."""
+        images = list(self.header.shard_images(shard))
+        arrays = list(self._pool.map(self.dataset.load_image, images))
+        v = self.header.num_views
+        views = []
+        for i, img in zip(images, arrays):
+            for j, name in enumerate(self.spec.views):
+                views.append((i * v + j, prepare_view(img, self.spec, name)[0]))
+        return views
+
+    @torch.inference_mode()
+    def forward(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> dict[str, np.ndarray]:
+        s0, s1 = self.header.shard_samples(shard)
+        blocks = {n: np.zeros((s1 - s0, int(m["l_max"]), int(m["channels"])), np.dtype(m["dtype"])) for n, m in self.header.outputs.items()}
+        by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for sample, x in views:
+            by_shape.setdefault(tuple(x.shape[1:]), []).append((sample, x))
+        for group in by_shape.values():
+            for b in range(0, len(group), self.batch_size):
+                batch = group[b : b + self.batch_size]
+                x = torch.stack([t for _, t in batch]).to(self.device, non_blocking=True)
+                res = self.teacher(x, self.names)
+                for k, (sample, _) in enumerate(batch):
+                    self._fill(blocks, sample - s0, sample, {key: val[k] for key, val in res.items()})
+        return blocks
+
+    def _fill(self, blocks: dict[str, np.ndarray], slot: int, sample: int, res: dict[str, torch.Tensor]) -> None:
+        levels = self.header.levels
+        for name, meta in self.header.outputs.items():
+            rows = self.grids[sample][[levels.index(lvl) for lvl in meta["levels"]]]
+            flat = flatten_sample([res[f"{name}.p{lvl}"] for lvl in meta["levels"]], rows)
+            blocks[name][slot, : flat.shape[0]] = encode_values(flat, meta["encoding"])
+
+    def __call__(self, shard: int) -> dict[str, np.ndarray]:
+        return self.forward(shard, self.load(shard))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,151 @@
+"""Deterministic views: the one path by which pixels reach a teacher or a student.
+
+A view is the image resized keeping its aspect ratio (short side ``short``,
+long side at most ``long``, as mmdet's 1x ``Resize(keep_ratio=True)``),
+optionally flipped horizontally, normalised, and padded on the bottom/right to
+a multiple of ``pad``. Each view is padded on its own, never to a batch's
+size, so a teacher's outputs on it do not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIEW_NAMES = ("orig", "hflip")
+# ImageNet statistics on 0-255 RGB, as torchvision and mmdet's RetinaNet configs use.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+MAX_SIDE = 8192
+
+
+class ViewSpecError(ValueError):
+    """A view size or name that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How every image becomes the tensors a model sees; part of a store's identity."""
+
+    short: int = 800
+    long: int = 1333
+    views: tuple[str, ...] = ("orig",)
+    pad: int = 32
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if not (8 <= self.short <= MAX_SIDE):
+            raise ViewSpecError(f"view short side {self.short} is out of range: use 8..{MAX_SIDE} (mmdet's 1x uses 800)")
+        if not (self.short <= self.long <= MAX_SIDE):
+            raise ViewSpecError(
+                f"view long side {self.long} is out of range: use {self.short}..{MAX_SIDE} (at least the short side; mmdet's 1x uses 1333)"
+            )
+        if self.pad <= 0 or self.pad & (self.pad - 1):
+            raise ViewSpecError(f"view padding {self.pad} must be a power of two (32 fits strides up to P5; P6/P7 use ceil)")
+        if not self.views or len(set(self.views)) != len(self.views):
+            raise ViewSpecError(f"views {list(self.views)} must be a non-empty list without repeats, from {list(VIEW_NAMES)}")
+        for v in self.views:
+            if v not in VIEW_NAMES:
+                raise ViewSpecError(f"unknown view {v!r}: choose from {', '.join(VIEW_NAMES)}")
+        object.__setattr__(self, "views", tuple(self.views))
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the resized, unpadded view of an image of this size."""
+        scale = min(self.short / min(height, width), self.long / max(height, width))
+        # int(x + 0.5) rounds as mmcv's rescale_size does.
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        h, w = self.resized_size(height, width)
+        return math.ceil(h / self.pad) * self.pad, math.ceil(w / self.pad) * self.pad
+
+
+@dataclass(frozen=True)
+class ViewMeta:
+    """Geometry of one view; enough to map boxes into it and back."""
+
+    orig_size: tuple[int, int]  # (h, w) of the source image
+    size: tuple[int, int]  # (h, w) after resize, before padding: the valid region
+    padded: tuple[int, int]  # (h, w) after padding
+    flip: bool
+    view: str = field(default="orig")
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sx, sy): per-axis factors, as mmdet keeps them, so rounding of the size is exact."""
+        return self.size[1] / self.orig_size[1], self.size[0] / self.orig_size[0]
+
+
+def grid_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Cells of a level with this stride that cover the valid (unpadded) region."""
+    return math.ceil(size[0] / stride), math.ceil(size[1] / stride)
+
+
+def view_meta(spec: ViewSpec, orig_size: tuple[int, int], view: str) -> ViewMeta:
+    if view not in VIEW_NAMES:
+        raise ViewSpecError(f"unknown view {view!r}: choose from {', '.join(VIEW_NAMES)}")
+    h, w = orig_size
+    return ViewMeta(orig_size=(h, w), size=spec.resized_size(h, w), padded=spec.padded_size(h, w), flip=view == "hflip", view=view)
+
+
+def prepare_view(image: np.ndarray | torch.Tensor, spec: ViewSpec, view: str = "orig") -> tuple[torch.Tensor, ViewMeta]:
+    """uint8 RGB image [H, W, 3] -> normalised, padded float32 tensor [3, Hp, Wp] and its geometry.
+
+    The only function that turns pixels into model input, for teachers and students alike.
+    """
+    img = torch.as_tensor(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {tuple(img.shape)}")
+    meta = view_meta(spec, (int(img.shape[0]), int(img.shape[1])), view)
+    x = img.permute(2, 0, 1).to(torch.float32).unsqueeze(0)
+    if meta.size != meta.orig_size:
+        # Bilinear without antialias matches mmcv/cv2 and torchvision's detection transform.
+        x = F.interpolate(x, size=meta.size, mode="bilinear", align_corners=False)
+    x = x[0]
+    if meta.flip:
+        x = x.flip(-1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+    x = (x - mean) / std
+    ph, pw = meta.padded[0] - meta.size[0], meta.padded[1] - meta.size[1]
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+    return x.contiguous(), meta
+
+
+def boxes_to_view(boxes: np.ndarray, meta: ViewMeta) -> np.ndarray:
+    """xyxy boxes in source-image pixels -> xyxy boxes in view pixels."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    sx, sy = meta.scale
+    b[:, [0, 2]] *= sx
+    b[:, [1, 3]] *= sy
+    if meta.flip:
+        w = meta.size[1]
+        b[:, [0, 2]] = w - b[:, [2, 0]]
+    return b
+
+
+def boxes_from_view(boxes: np.ndarray, meta: ViewMeta) -> np.ndarray:
+    """Inverse of :func:`boxes_to_view`: view pixels -> source-image pixels."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    if meta.flip:
+        w = meta.size[1]
+        b[:, [0, 2]] = w - b[:, [2, 0]]
+    sx, sy = meta.scale
+    b[:, [0, 2]] /= sx
+    b[:, [1, 3]] /= sy
+    return b

@@ -1,0 +1,167 @@
+"""Flat architecture registry shared by teachers and students.
+
+Every detector mtpd builds, whether it runs as a teacher or trains as a
+student, comes from ``build_arch(name, num_classes, **options)``: a plain
+torchvision detection model (RetinaNet, FCOS, Faster/Mask R-CNN), never
+downloading anything. Names are registered at import by
+``mtpd.models.torchvision_archs`` and ``mtpd.models.tiny``.
+
+Each model built here remembers how it was built (``model.mtpd_arch_spec``) so
+a checkpoint can carry its architecture (``arch_checkpoint``) and a teacher can
+rebuild it from the file alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+
+FAMILIES = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+
+# factory(num_classes, **options) -> torchvision detection model
+ArchFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """One registered architecture.
+
+    ``coco_weights``: the torchvision weights enum member with published COCO
+    weights for exactly this architecture at its default options (None when
+    torchvision publishes none). ``coco_bn_eps``: the FrozenBatchNorm eps those
+    weights were trained with, where it differs from the default (torchvision's
+    legacy v1 weights use 0.0).
+    """
+
+    name: str
+    family: str
+    factory: ArchFactory
+    coco_weights: Any = None
+    coco_bn_eps: float | None = None
+    description: str = ""
+
+    def default_options(self) -> dict[str, Any]:
+        """Options ``build_arch`` accepts for this name, with their defaults."""
+        sig = inspect.signature(self.factory)
+        return {
+            k: p.default
+            for k, p in sig.parameters.items()
+            if k != "num_classes" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+
+
+_REGISTRY: dict[str, ArchInfo] = {}
+
+
+def register_arch(
+    name: str,
+    *,
+    family: str,
+    coco_weights: Any = None,
+    coco_bn_eps: float | None = None,
+    description: str = "",
+) -> Callable[[ArchFactory], ArchFactory]:
+    """Decorator: register ``factory(num_classes, *, **options) -> nn.Module`` under ``name``."""
+    if family not in FAMILIES:
+        raise ValueError(f"arch {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
+
+    def deco(fn: ArchFactory) -> ArchFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"arch {name!r} is registered twice")
+        _REGISTRY[name] = ArchInfo(name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Importing these modules fills the registry; they import this module, so import lazily.
+    import mtpd.models.tiny  # noqa: F401
+    import mtpd.models.torchvision_archs  # noqa: F401
+
+
+def list_archs(family: str | None = None) -> list[str]:
+    """Registered architecture names, sorted; only those of ``family`` when given."""
+    _load_builtin()
+    return sorted(n for n, info in _REGISTRY.items() if family is None or info.family == family)
+
+
+def arch_info(name: str) -> ArchInfo:
+    """The registry entry of ``name``; a ValueError listing the registered names if unknown."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_arch(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """Build the torchvision detector ``name`` with ``num_classes`` classes (random init
+    except for ``backbone_weights``; nothing is downloaded).
+
+    Common options (each arch lists its own in ``arch_info(name).default_options()``):
+    ``backbone_weights`` (None, a local ImageNet checkpoint path, or ``imagenet`` for
+    torchvision's file in the local torch cache), ``fpn_channels``, ``levels``,
+    ``norm`` (``auto``: BatchNorm2d from scratch, FrozenBatchNorm2d over a
+    pretrained backbone; or ``bn`` / ``frozen_bn``), ``min_size``/``max_size``
+    (only used by the model's own forward, which mtpd bypasses).
+    """
+    info = arch_info(name)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"arch {name!r}: num_classes must be a positive int, got {num_classes!r}")
+    accepted = info.default_options()
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"arch {name!r} does not take option(s) {', '.join(unknown)}; it accepts: "
+            + ", ".join(f"{k}={v!r}" for k, v in accepted.items())
+        )
+    model = info.factory(num_classes, **options)
+    # A plain attribute (not a buffer): travels with the object, never into state_dict.
+    model.mtpd_arch_spec = {"arch": name, "num_classes": num_classes, "arch_options": _jsonable(options)}
+    return model
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())}
+
+
+def arch_family(name_or_model: str | nn.Module) -> str:
+    """``retinanet`` | ``fcos`` | ``fasterrcnn`` | ``maskrcnn`` for a registered name or a
+    torchvision detection model (DDP wrappers are unwrapped)."""
+    if isinstance(name_or_model, str):
+        return arch_info(name_or_model).family
+    model = unwrap(name_or_model)
+    # MaskRCNN subclasses FasterRCNN: test it first.
+    for cls, family in ((MaskRCNN, "maskrcnn"), (FasterRCNN, "fasterrcnn"), (RetinaNet, "retinanet"), (FCOS, "fcos")):
+        if isinstance(model, cls):
+            return family
+    raise ValueError(
+        f"{type(model).__name__} is not a torchvision RetinaNet, FCOS, FasterRCNN or MaskRCNN; "
+        "wrap other detectors in an object following the mtpd Teacher protocol"
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside DistributedDataParallel / DataParallel wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def arch_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict a teacher can rebuild from the file alone:
+    ``{"model": state_dict, "arch", "num_classes", "arch_options", **extra}``.
+
+    Save it with ``torch.save``; ``build_teacher(arch, weights=path)`` reads it back.
+    ``backbone_weights`` is dropped from the options: the state dict supersedes it.
+    """
+    model = unwrap(model)
+    spec = getattr(model, "mtpd_arch_spec", None)
+    if spec is None:
+        raise ValueError(f"{type(model).__name__} was not built by mtpd.models.build_arch; save its state_dict() instead")
+    options = {k: v for k, v in spec["arch_options"].items() if k != "backbone_weights"}
+    return {"model": model.state_dict(), "arch": spec["arch"], "num_classes": spec["num_classes"], "arch_options": options, **extra}

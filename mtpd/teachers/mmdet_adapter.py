@@ -1,0 +1,426 @@
+"""mmdet detectors as mtpd teachers: a config (file or bundled name) plus a local checkpoint.
+
+The adapter builds the model from its config alone (``Config.fromfile`` and
+mmdet's ``MODELS`` registry), never a data pipeline and never a download, and
+runs only the cacheable part of it on prepared views:
+
+- one-stage detectors (RetinaNet, ATSS, GFL, FCOS, ...): neck features
+  ``fpn``, dense head class logits ``cls`` and box regression ``box``, plus
+  centerness ``ctr`` for heads that predict it (FCOS, ATSS);
+- two-stage detectors (Faster/Mask R-CNN, Cascade): neck features ``fpn`` and
+  the RPN head's ``rpn_obj``/``rpn_box``; RoI-head outputs depend on proposals
+  and are not cacheable.
+
+Levels come from the dense head's prior-generator strides (level l has stride
+2**l) and are checked against a probe forward at build time, so a neck with
+an unusual set of outputs fails loudly instead of being mislabelled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import math
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
+from mtpd.outputs import OutputSpec
+from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
+
+Triple = tuple[float, float, float]
+# Attribute names of the centerness conv in mmdet's FCOS and ATSS heads; a head
+# returning a third output without one of these (VFNet, PAA, DDOD) returns
+# something else, which is not offered.
+_CENTERNESS_CONVS = ("conv_centerness", "atss_centerness")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def configs_root() -> Path:
+    """Where mmdet keeps its bundled configs (``mmdet/.mim/configs`` in a wheel install)."""
+    spec = importlib.util.find_spec("mmdet")
+    if spec is None or spec.origin is None:
+        raise TeacherError("mmdet is not installed: `pip install 'mtpd[mmdet]'` (or `make install-mmdet`)")
+    pkg = Path(spec.origin).parent
+    for cand in (pkg / ".mim" / "configs", pkg.parent / "configs"):  # wheel, then source checkout
+        if cand.is_dir():
+            return cand
+    return pkg / ".mim" / "configs"
+
+
+def resolve_config(config: str) -> Path:
+    """A config file path, or a bundled config name (``retinanet_r50_fpn_1x_coco``,
+    optionally with its folder ``retinanet/...`` or ``.py``) -> the file."""
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path.resolve()
+    root = configs_root()
+    rel = config if config.endswith(".py") else config + ".py"
+    if "/" in rel and (root / rel).is_file():
+        return (root / rel).resolve()
+    stem = Path(rel).stem
+    found = sorted(root.rglob(f"{stem}.py")) if root.is_dir() else []
+    # `_base_` fragments share names with nothing users mean; prefer full configs.
+    full = [p for p in found if "_base_" not in p.relative_to(root).parts]
+    found = full or found
+    if len(found) == 1:
+        return found[0].resolve()
+    if len(found) > 1:
+        opts = ", ".join(str(p.relative_to(root).with_suffix("")) for p in found)
+        raise TeacherError(f"mmdet config name {config!r} is ambiguous under {root}: pass one of {opts}")
+    names = sorted({p.stem for p in root.rglob("*.py")}) if root.is_dir() else []
+    close = difflib.get_close_matches(stem, names, n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise TeacherError(
+        f"mmdet config {config!r} is neither a file nor a config bundled with mmdet (looked in {root}){hint}; "
+        "pass a path to a config file or one of the bundled names"
+    )
+
+
+def _strip_pretrained(node: Any) -> Any:
+    """Drop every ``pretrained=`` and ``init_cfg=dict(type='Pretrained')`` so that
+    building or initialising the model never downloads ImageNet weights."""
+    if isinstance(node, dict):
+        out = {}
+        for key, val in node.items():
+            if key == "pretrained":
+                continue
+            if key == "init_cfg":
+                val = _drop_pretrained_init(val)
+            out[key] = _strip_pretrained(val)
+        return out
+    if isinstance(node, (list, tuple)):
+        return type(node)(_strip_pretrained(v) for v in node)
+    return node
+
+
+def _drop_pretrained_init(init_cfg: Any) -> Any:
+    if isinstance(init_cfg, dict):
+        return None if init_cfg.get("type") == "Pretrained" else init_cfg
+    if isinstance(init_cfg, (list, tuple)):
+        kept = [c for c in init_cfg if not (isinstance(c, dict) and c.get("type") == "Pretrained")]
+        return kept or None
+    return init_cfg
+
+
+def _set_num_classes(model_cfg: dict, num_classes: int, config: str) -> None:
+    """Set the class count everywhere a detector predicts classes (not the RPN: it has one)."""
+    heads: list[dict] = []
+    if isinstance(model_cfg.get("bbox_head"), dict):
+        heads.append(model_cfg["bbox_head"])
+    roi = model_cfg.get("roi_head")
+    if isinstance(roi, dict):
+        for key in ("bbox_head", "mask_head"):
+            sub = roi.get(key)
+            heads.extend(sub if isinstance(sub, (list, tuple)) else [sub] if isinstance(sub, dict) else [])
+    heads = [h for h in heads if "num_classes" in h]
+    if not heads:
+        raise TeacherError(f"mmdet config {config!r} has no head with num_classes to override: leave num_classes unset")
+    for head in heads:
+        head["num_classes"] = int(num_classes)
+
+
+def load_model_config(path: Path, num_classes: int | None, cfg_options: dict | None, config: str):
+    """Read a config, apply ``cfg_options`` (mmengine dotted keys, as ``--cfg-options``)
+    and ``num_classes``, and make it download-free. Returns the mmengine ``Config``."""
+    from mmengine.config import Config, ConfigDict
+
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as exc:  # mmengine raises many types for syntax/base errors
+        raise TeacherError(f"cannot read mmdet config {path}: {type(exc).__name__}: {exc}") from exc
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    if "model" not in cfg:
+        raise TeacherError(f"mmdet config {path} has no `model` section: pass a detector config, not a dataset or schedule")
+    model_cfg = _strip_pretrained(cfg.model.to_dict())
+    if num_classes is not None:
+        _set_num_classes(model_cfg, num_classes, config)
+    cfg.model = ConfigDict(model_cfg)
+    return cfg
+
+
+def config_digest(model_cfg: dict) -> str:
+    """sha256 of the resolved model section: what decides the outputs (data and schedule do not)."""
+    text = json.dumps(model_cfg, sort_keys=True, default=repr)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Full mmengine training checkpoints pickle numpy/mmengine objects in
+        # `meta`/`message_hub`; the user named this file, so trust it, but say so.
+        warnings.warn(f"{path} holds more than tensors; loading it with full unpickling (only for files you trust)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise TeacherError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise TeacherError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc} (is it a torch .pth file?)") from exc
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        ckpt = ckpt["state_dict"]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise TeacherError(f"checkpoint {path} is not an mmdet checkpoint: expected {{'state_dict': {{name: tensor}}, 'meta': ...}}")
+    # Checkpoints saved from DistributedDataParallel carry a `module.` prefix.
+    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load an mmdet checkpoint strictly; every mismatch becomes one TeacherError line."""
+    state = _read_checkpoint(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing from the checkpoint, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise TeacherError(
+            f"checkpoint {path} does not fit the model: {'; '.join(parts)}. Pass the config the checkpoint was "
+            "trained with (a class-count difference shows up in the *cls* layers: set num_classes to match)"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------- input
+
+
+class InputConversion(nn.Module):
+    """Maps a view normalised with (view_mean, view_std) on RGB 0-255 to what the
+    model's data_preprocessor would have produced: per-channel affine plus an
+    optional RGB->BGR flip. Identity (and skipped) for ImageNet-RGB models."""
+
+    def __init__(self, perm: Sequence[int], scale: Sequence[float], shift: Sequence[float]) -> None:
+        super().__init__()
+        self.perm = list(perm)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.identity = self.perm == [0, 1, 2] and torch.allclose(self.scale, torch.ones(())) and torch.allclose(
+            self.shift, torch.zeros(()), atol=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        return x[:, self.perm] * self.scale + self.shift
+
+    def describe(self) -> dict:
+        return {"channels": "rgb" if self.perm == [0, 1, 2] else "bgr",
+                "scale": [round(float(v), 6) for v in self.scale.flatten()],
+                "shift": [round(float(v), 6) for v in self.shift.flatten()]}
+
+
+def input_conversion(preprocessor_cfg: dict | None, view_mean: Triple, view_std: Triple) -> InputConversion:
+    """Build the conversion from the model config's ``data_preprocessor``.
+
+    mmdet pipelines load images BGR (mmcv's default) and the preprocessor flips
+    them when ``bgr_to_rgb``/``rgb_to_bgr`` is set, then normalises with mean/std
+    given in the order the model sees; without mean/std it sees raw 0-255 pixels.
+    """
+    dp = dict(preprocessor_cfg or {})
+    model_rgb = bool(dp.get("bgr_to_rgb") or dp.get("rgb_to_bgr"))
+    mean_m = [float(v) for v in dp["mean"]] if dp.get("mean") is not None else [0.0, 0.0, 0.0]
+    std_m = [float(v) for v in dp["std"]] if dp.get("std") is not None else [1.0, 1.0, 1.0]
+    if len(mean_m) == 1:
+        mean_m = mean_m * 3
+    if len(std_m) == 1:
+        std_m = std_m * 3
+    perm = [0, 1, 2] if model_rgb else [2, 1, 0]
+    # model_in[c] = (pixel[perm[c]] - mean_m[c]) / std_m[c], pixel = x * std_v + mean_v
+    scale = [view_std[p] / std_m[c] for c, p in enumerate(perm)]
+    shift = [(view_mean[p] - mean_m[c]) / std_m[c] for c, p in enumerate(perm)]
+    return InputConversion(perm, scale, shift)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def _level_of(stride: Any, where: str) -> int:
+    """Level l of a stride 2**l; prior generators give ints or (w, h) pairs."""
+    sw, sh = (stride, stride) if isinstance(stride, (int, float)) else tuple(stride)
+    lvl = math.log2(sw) if sw > 0 else -1.0
+    if sw != sh or lvl != int(lvl) or lvl < 0:
+        raise TeacherError(f"{where} has stride {stride}: mtpd stores need square power-of-two strides (level l = stride 2**l)")
+    return int(lvl)
+
+
+class MMDetTeacher:
+    """A built mmdet detector in eval mode, answering the ``Teacher`` protocol."""
+
+    def __init__(self, model: nn.Module, identity: TeacherIdentity, conversion: InputConversion, device: str = "cpu") -> None:
+        self.model = model.eval()
+        self.identity = identity
+        self.conversion = conversion
+        self.two_stage = getattr(model, "rpn_head", None) is not None and getattr(model, "with_rpn", False)
+        self.head = model.rpn_head if self.two_stage else getattr(model, "bbox_head", None)
+        if self.head is None or not hasattr(self.head, "prior_generator") or not hasattr(model, "extract_feat"):
+            raise TeacherError(
+                f"{identity.name}: {type(model).__name__} has no dense head with a prior generator "
+                "(query-based detectors such as DETR are not supported); use a one-stage or RPN-based config"
+            )
+        self.levels = tuple(_level_of(s, f"{type(self.head).__name__}.prior_generator") for s in self.head.prior_generator.strides)
+        self.head_names = ("rpn_obj", "rpn_box") if self.two_stage else ("cls", "box", "ctr")
+        self.to(device)
+        self._specs = self._probe()
+
+    # -- protocol ------------------------------------------------------------
+
+    def output_specs(self) -> dict[str, OutputSpec]:
+        return dict(self._specs)
+
+    def to(self, device: str | torch.device) -> "MMDetTeacher":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.conversion.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, outputs: Sequence[str]) -> dict[str, torch.Tensor]:
+        check_outputs(self, outputs, self.identity.name)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise TeacherError(f"{self.identity.name}: expected images [B, 3, H, W], got {tuple(images.shape)}")
+        maps = self._forward(images.to(self.device, torch.float32), need_head=any(o in self.head_names for o in outputs))
+        size = images.shape[-2:]
+        result: dict[str, torch.Tensor] = {}
+        for name in outputs:
+            for lvl, t in zip(self._specs[name].levels, maps[name]):
+                want = (math.ceil(size[0] / 2**lvl), math.ceil(size[1] / 2**lvl))
+                if tuple(t.shape[-2:]) != want:
+                    raise TeacherError(
+                        f"{self.identity.name}: {name}.p{lvl} is {tuple(t.shape[-2:])}, expected {want} for input "
+                        f"{tuple(size)}; pad views to a multiple of 32 (mtpd.data.prepare_view does)"
+                    )
+                result[f"{name}.p{lvl}"] = t
+        return result
+
+    # -- internals -----------------------------------------------------------
+
+    def _forward(self, images: torch.Tensor, need_head: bool) -> dict[str, list[torch.Tensor]]:
+        feats = list(self.model.extract_feat(self.conversion(images)))
+        if len(feats) != len(self.levels):
+            raise TeacherError(
+                f"{self.identity.name}: the neck gives {len(feats)} maps but the head's prior generator has "
+                f"{len(self.levels)} strides; fix the config so they agree"
+            )
+        maps: dict[str, list[torch.Tensor]] = {"fpn": feats}
+        if need_head:
+            outs = self.head(tuple(feats))
+            maps[self.head_names[0]] = list(outs[0])
+            maps[self.head_names[1]] = list(outs[1])
+            if not self.two_stage and len(outs) == 3 and any(hasattr(self.head, n) for n in _CENTERNESS_CONVS):
+                maps["ctr"] = list(outs[2])
+        return maps
+
+    def _probe(self) -> dict[str, OutputSpec]:
+        """One forward on a blank image twice the largest stride: measures channels and
+        checks that the declared strides are the ones the network really has."""
+        side = 2 * 2 ** max(self.levels)
+        with torch.no_grad():
+            maps = self._forward(torch.zeros(1, 3, side, side, device=self.device), need_head=True)
+        for lvl, t in zip(self.levels, maps["fpn"]):
+            if t.shape[-1] * 2**lvl != side:
+                raise TeacherError(
+                    f"{self.identity.name}: neck output declared at stride {2**lvl} measures stride "
+                    f"{side / t.shape[-1]:g}; the head's strides do not match the neck in this config"
+                )
+        head = self.head
+        anchors = list(head.prior_generator.num_base_priors)
+        num_anchors = int(anchors[0]) if len(set(anchors)) == 1 else 1
+        num_classes = int(getattr(head, "num_classes", 0))
+        kinds = {"fpn": "feature", "cls": "logits", "box": "deltas", "ctr": "logits", "rpn_obj": "objectness", "rpn_box": "deltas"}
+        specs = {}
+        for name, tensors in maps.items():
+            chans = {int(t.shape[1]) for t in tensors}
+            if len(chans) != 1:
+                raise TeacherError(f"{self.identity.name}: output {name} has different channels per level {sorted(chans)}; not storable")
+            is_pred = name != "fpn"
+            specs[name] = OutputSpec(
+                name=name, kind=kinds[name], levels=self.levels, channels=chans.pop(),
+                num_anchors=num_anchors if is_pred else 1, num_classes=num_classes if name == "cls" else 0,
+            )
+        return specs
+
+
+def build_mmdet_teacher(
+    config: str,
+    weights: str = "none",
+    num_classes: int | None = None,
+    device: str = "cpu",
+    *,
+    view_mean: Triple = IMAGENET_MEAN,
+    view_std: Triple = IMAGENET_STD,
+    cfg_options: dict[str, Any] | None = None,
+) -> MMDetTeacher:
+    """Build an mmdet detector as a teacher in eval mode on ``device``.
+
+    ``config``: a config file, or the name of a config bundled with mmdet.
+    ``weights``: a local mmdet checkpoint (``{"state_dict", "meta"}``) or ``none``
+    (mmdet's random init). ``num_classes`` overrides the config's class count.
+    ``view_mean``/``view_std``: the normalisation of the views fed in (the view
+    spec's); inputs are converted to the model's own data_preprocessor settings.
+    ``cfg_options``: mmengine dotted-key overrides (``{"model.backbone.depth": 18}``),
+    part of the teacher's identity through the resolved config digest.
+    """
+    if weights == "default":
+        raise TeacherError(
+            "mmdet teachers have no 'default' weights here (mtpd never downloads): download the checkpoint "
+            "from mmdet's model zoo yourself and pass its path as weights, or use 'none' for random weights"
+        )
+    wpath = None if weights == "none" else Path(weights).expanduser()
+    if wpath is not None and not wpath.is_file():
+        raise TeacherError(f"checkpoint {weights} not found: pass a local mmdet .pth file, or 'none' for random weights")
+    try:
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+    except ImportError as exc:
+        raise TeacherError(f"mmdet is not importable ({exc}): `pip install 'mtpd[mmdet]'` or `make install-mmdet`") from exc
+
+    path = resolve_config(config)
+    cfg = load_model_config(path, num_classes, cfg_options, config)
+    register_all_modules(init_default_scope=True)
+    try:
+        model = MODELS.build(cfg.model)
+    except Exception as exc:  # registry errors wrap the real cause in a long chain
+        raise TeacherError(f"cannot build the model of mmdet config {path}: {type(exc).__name__}: {exc}") from exc
+    if wpath is None:
+        model.init_weights()  # mmdet's own init (e.g. focal-loss bias prior); pretrained entries were removed
+    else:
+        load_weights(model, wpath)
+
+    model_cfg = cfg.model.to_dict()
+    conversion = input_conversion(model_cfg.get("data_preprocessor"), tuple(view_mean), tuple(view_std))
+    identity = TeacherIdentity(
+        name="mmdet:" + config,
+        config=config_digest(model_cfg),
+        weights=str(weights) if wpath is None else str(wpath),
+        weights_sha256="" if wpath is None else file_sha256(wpath),
+        extra={"model": type(model).__name__, "input": conversion.describe()},
+    )
+    return MMDetTeacher(model, identity, conversion, device=device)

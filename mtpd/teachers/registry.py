@@ -1,0 +1,81 @@
+"""Flat teacher registry: names to factories, filled at import.
+
+Three ways to name a teacher:
+- a registered name (``retinanet_resnet50_fpn``, ``retinanet_tiny`` …): see ``available()``;
+- ``mmdet:CONFIG``: an mmdet detector from a config file or a config name
+  bundled with mmdet (``mmdet:retinanet_r50_fpn_1x_coco``);
+- ``package.module:factory``: any importable callable returning a torchvision
+  detector or an object following the ``Teacher`` protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from mtpd.teachers.base import Teacher, TeacherError
+
+# factory(weights=..., num_classes=..., device=..., **options) -> Teacher
+TeacherFactory = Callable[..., Teacher]
+_REGISTRY: dict[str, TeacherFactory] = {}
+
+
+def register_teacher(name: str) -> Callable[[TeacherFactory], TeacherFactory]:
+    def deco(fn: TeacherFactory) -> TeacherFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"teacher {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    # Importing the adapter module registers the torchvision names.
+    import mtpd.teachers.torchvision_adapter  # noqa: F401
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A picklable recipe for a teacher: what Ray workers receive instead of a model."""
+
+    name: str
+    weights: str = "none"
+    num_classes: int | None = None
+    device: str = "cpu"
+
+    def build(self) -> Teacher:
+        return build_teacher(self.name, weights=self.weights, num_classes=self.num_classes, device=self.device)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_teacher(name: str, weights: str = "none", num_classes: int | None = None, device: str = "cpu") -> Teacher:
+    """Build a teacher in eval mode on ``device``.
+
+    ``weights``: a local checkpoint path, ``default`` (the architecture's
+    published COCO weights, read from the local torch cache) or ``none``
+    (random init, for smoke tests). ``num_classes`` sets the class count when
+    the weights do not fix it (``none``); checkpoints carry their own.
+    """
+    if name.startswith("mmdet:"):
+        from mtpd.teachers.mmdet_adapter import build_mmdet_teacher
+
+        return build_mmdet_teacher(name[len("mmdet:") :], weights=weights, num_classes=num_classes, device=device)
+    if ":" in name:
+        from mtpd.teachers.module_adapter import build_module_teacher
+
+        return build_module_teacher(name, weights=weights, num_classes=num_classes, device=device)
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise TeacherError(
+            f"unknown teacher {name!r}; registered: {', '.join(sorted(_REGISTRY))}; "
+            "or use mmdet:CONFIG for an mmdet model, or package.module:factory for your own nn.Module"
+        )
+    return _REGISTRY[name](weights=weights, num_classes=num_classes, device=device)
