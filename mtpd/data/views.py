@@ -107,7 +107,7 @@ def prepare_view(image: np.ndarray | torch.Tensor, spec: ViewSpec, view: str = "
 
     The only function that turns pixels into model input, for teachers and students alike.
     """
-    img = torch.as_tensor(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image  # own the pixels: callers may pass read-only arrays
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {tuple(img.shape)}")
     meta = view_meta(spec, (int(img.shape[0]), int(img.shape[1])), view)

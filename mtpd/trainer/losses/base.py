@@ -49,10 +49,6 @@ class DistillBatch:
                 )
         return self.student[key], self.teacher[key]
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.gt_boxes) if self.gt_boxes else next(iter(self.masks.values())).shape[0]
-
 
 class DistillLoss(nn.Module):
     """Base of all distillation losses.

@@ -28,9 +28,9 @@ from mtpd.trainer.losses.base import DistillBatch, DistillLoss
 
 def flatten_levels(batch: DistillBatch, side: dict[str, Tensor], levels: tuple[int, ...]) -> Tensor:
     """cls maps [B,A*K,H,W] per level -> [B, Σ H*W*A, K] in torchvision's anchor order."""
-    k = batch.num_classes
-    return torch.cat([side[f"cls.p{lvl}"].permute(0, 2, 3, 1).reshape(side[f"cls.p{lvl}"].shape[0], -1, k)
-                      for lvl in levels], dim=1)
+    maps = [side[f"cls.p{lvl}"] for lvl in levels]
+    # (B, A*K, H, W) -> (B, H, W, A*K) -> (B, H*W*A, K): channel a*K + k is anchor a, class k.
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, batch.num_classes) for m in maps], dim=1)
 
 
 def flatten_masks(batch: DistillBatch, levels: tuple[int, ...]) -> Tensor:

@@ -1,0 +1,44 @@
+"""Detector architectures shared by teachers and students, and the one definition of their
+dense outputs. A leaf package: imports torch, torchvision and ``mtpd.outputs`` only."""
+
+from mtpd.models.outputs import (
+    DenseOutputs,
+    dense_outputs,
+    feature_levels,
+    flatten_level,
+    level_grid_sizes,
+    model_anchors,
+    output_specs,
+    unflatten_level,
+)
+from mtpd.models.registry import (
+    FAMILIES,
+    ArchInfo,
+    arch_checkpoint,
+    arch_family,
+    arch_info,
+    build_arch,
+    list_archs,
+    register_arch,
+    unwrap,
+)
+
+__all__ = [
+    "DenseOutputs",
+    "FAMILIES",
+    "ArchInfo",
+    "arch_checkpoint",
+    "arch_family",
+    "arch_info",
+    "build_arch",
+    "dense_outputs",
+    "feature_levels",
+    "flatten_level",
+    "level_grid_sizes",
+    "list_archs",
+    "model_anchors",
+    "output_specs",
+    "register_arch",
+    "unflatten_level",
+    "unwrap",
+]

@@ -1,0 +1,108 @@
+"""Teachers from any importable factory: ``--teacher package.module:factory``.
+
+The factory is called as ``factory(num_classes=N)`` when it takes ``num_classes``
+(else ``factory()``), and also gets ``weights=`` when it takes that (it then loads
+its own weights). It may return:
+- a torchvision RetinaNet / FCOS / Faster or Mask R-CNN: wrapped in
+  ``TorchvisionTeacher``; a local checkpoint path in ``weights`` is loaded into it;
+- an object following the ``Teacher`` protocol: used as is.
+The teacher's identity name is the full ``package.module:factory`` string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from mtpd.models import arch_family, unwrap
+from mtpd.teachers.base import Teacher, TeacherError, TeacherIdentity
+from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, infer_num_classes, load_weights, read_checkpoint, sha256_file
+
+
+def _resolve(spec: str) -> Callable[..., Any]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise TeacherError(f"teacher {spec!r}: expected package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TeacherError(f"teacher {spec!r}: cannot import module {module_name!r} ({e}); install it or add its folder to PYTHONPATH") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+            raise TeacherError(f"teacher {spec!r}: module {module_name!r} has no {attr!r}; callables there: {', '.join(public[:20])}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TeacherError(f"teacher {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable factory")
+    return obj
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_module_teacher(spec: str, weights: str = "none", num_classes: int | None = None, device: str = "cpu") -> Teacher:
+    """Build the teacher named ``package.module:factory`` (see the module docstring)."""
+    factory = _resolve(spec)
+    takes_weights = _accepts(factory, "weights")
+    state_dict, weights_file, digest = None, "", ""
+    if weights not in ("none", "default") and not takes_weights:
+        path = Path(weights).expanduser()
+        state_dict, meta = read_checkpoint(path)
+        weights_file, digest = str(path.resolve()), sha256_file(path)
+        found = meta.get("num_classes") or infer_num_classes(state_dict)
+        if found is not None and num_classes is not None and int(found) != num_classes:
+            raise TeacherError(f"checkpoint {path} has {found} classes but --num-classes is {num_classes}; drop --num-classes")
+        num_classes = int(found) if found is not None else num_classes
+    elif weights == "default" and not takes_weights:
+        raise TeacherError(f"teacher {spec!r}: 'default' weights exist only for registered names; pass a checkpoint path or 'none'")
+
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None and _accepts(factory, "num_classes"):
+        kwargs["num_classes"] = num_classes
+    if takes_weights:
+        kwargs["weights"] = weights
+    try:
+        built = factory(**kwargs)
+    except TeacherError:
+        raise
+    except Exception as e:
+        raise TeacherError(f"teacher {spec!r}: factory({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {type(e).__name__}: {e}") from e
+
+    if isinstance(built, nn.Module) and _is_detector(built):
+        model = unwrap(built)
+        if state_dict is not None:
+            load_weights(model, state_dict, weights_file, spec)
+        config = json.dumps({"factory": spec, "kwargs": {k: v for k, v in kwargs.items()}}, sort_keys=True, default=str)
+        identity = TeacherIdentity(name=spec, config=config, weights=weights, weights_sha256=digest,
+                                   extra={"weights_file": weights_file, "family": arch_family(model)})
+        return TorchvisionTeacher(model, identity, device)
+    if isinstance(built, Teacher):
+        if state_dict is not None:
+            raise TeacherError(f"teacher {spec!r} returned a Teacher object, which loads its own weights; give the factory a 'weights' parameter or pass --weights none")
+        if built.identity.name != spec:
+            built.identity = dataclasses.replace(built.identity, name=spec)
+        return built.to(device)
+    raise TeacherError(
+        f"teacher {spec!r} returned a {type(built).__name__}: expected a torchvision RetinaNet/FCOS/FasterRCNN/MaskRCNN "
+        "or an object with identity, output_specs(), to() and __call__(images, outputs)"
+    )
+
+
+def _is_detector(module: nn.Module) -> bool:
+    try:
+        arch_family(module)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,41 @@
+"""COCO box evaluation of a student on a COCO-format set, through the same views as training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mtpd.data import CocoDataset, ViewSpec, boxes_from_view
+from mtpd.models.detect import detector_forward
+from mtpd.trainer.coco_eval import coco_box_ap, detections_to_coco
+from mtpd.trainer.student import label_offset
+from mtpd.trainer.targets import DistillDataset, make_loader
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: CocoDataset, spec: ViewSpec, batch_size: int = 8, device: str | torch.device = "cpu",
+            workers: int = 0, progress: bool = False) -> list[dict]:
+    """COCO detection results (source-image coordinates) for every image of ``dataset``."""
+    model.eval()
+    offset = label_offset(model)
+    ds = DistillDataset(dataset, ViewSpec(short=spec.short, long=spec.long, pad=spec.pad, mean=spec.mean, std=spec.std))
+    loader = make_loader(ds, batch_size, shuffle=False, workers=workers, seed=0)
+    results: list[dict] = []
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+        out = detector_forward(model, batch.images.to(device), batch.image_sizes, None, names=(), detect=True)
+        for image_id, meta, det in zip(batch.image_ids, batch.metas, out.detections):
+            labels = det["labels"].cpu().numpy() - offset
+            keep = labels >= 0
+            boxes = boxes_from_view(det["boxes"].cpu().numpy()[keep], meta)
+            results += detections_to_coco(image_id, boxes, det["scores"].cpu().numpy()[keep], labels[keep], dataset.label_to_cat)
+    return results
+
+
+def evaluate(model: nn.Module, dataset: CocoDataset, spec: ViewSpec, batch_size: int = 8, device: str | torch.device = "cpu",
+             workers: int = 0, progress: bool = False) -> dict:
+    """AP, AP50, AP75, APs, APm, APl (0-1) and the number of detections."""
+    results = predict(model, dataset, spec, batch_size, device, workers, progress)
+    stats = coco_box_ap(dataset.ann_file, results)
+    stats["detections"] = len(results)
+    return stats

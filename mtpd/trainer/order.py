@@ -1,0 +1,75 @@
+"""Teacher ordering by measurement: how far a student's features are from each cached teacher.
+
+MTPD orders teachers weaker to stronger by hand. Here the gap is measured on
+a calibration subset: per FPN level, linear CKA (Kornblith et al., ICML 2019)
+between the student's and the teacher's features over valid cells, which
+needs no adapter when channel counts differ. Distance = 1 − mean CKA; the
+nearest teacher comes first, so each stage's gap is as small as possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mtpd.cache.store import StoreReader
+from mtpd.data import CocoDataset, ViewSpec
+from mtpd.models import output_specs
+from mtpd.models.detect import detector_forward
+from mtpd.trainer.targets import DistillDataset, check_store, make_loader
+
+
+@dataclass
+class TeacherDistance:
+    store: str
+    teacher: str
+    distance: float  # 1 - mean linear CKA over levels
+    cka: dict[int, float]
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA between [N, Cx] and [N, Cy] (rows: the same cells)."""
+    x = x.double() - x.double().mean(0, keepdim=True)
+    y = y.double() - y.double().mean(0, keepdim=True)
+    num = (y.T @ x).pow(2).sum()
+    den = (x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()
+    return float(num / den) if den > 0 else 0.0
+
+
+@torch.no_grad()
+def measure(student: nn.Module, stores: list[str], dataset: CocoDataset, n_images: int = 64, batch_size: int = 8,
+            device: str = "cpu") -> list[TeacherDistance]:
+    """Distances of ``student`` to each store's teacher on the first ``n_images`` images; nearest first."""
+    student.eval().to(device)
+    levels = output_specs(student)["fpn"].levels
+    results = []
+    for path in stores:
+        reader = StoreReader(path)
+        spec = ViewSpec.from_dict(reader.header.views)
+        spec = ViewSpec(short=spec.short, long=spec.long, pad=spec.pad, mean=spec.mean, std=spec.std)
+        check_store(reader, dataset, spec, flip=False)
+        ds = DistillDataset(dataset, spec, [path], outputs=[["fpn"]])
+        loader = make_loader(ds, batch_size, shuffle=False, workers=0, seed=0)
+        xs: dict[int, list[Tensor]] = {lvl: [] for lvl in levels}
+        ys: dict[int, list[Tensor]] = {lvl: [] for lvl in levels}
+        seen = 0
+        for batch in loader:
+            out = detector_forward(student, batch.images.to(device), batch.image_sizes, None, names=("fpn",), detect=False)
+            for lvl in levels:
+                key = f"fpn.p{lvl}"
+                if key not in batch.teacher[0]:
+                    continue
+                m = batch.masks[lvl].to(device).bool().flatten()  # [B*H*W] valid cells
+                s = out.outputs[key].permute(0, 2, 3, 1).reshape(-1, out.outputs[key].shape[1])[m]
+                t = batch.teacher[0][key].to(device).permute(0, 2, 3, 1).reshape(-1, batch.teacher[0][key].shape[1])[m]
+                xs[lvl].append(s.cpu())
+                ys[lvl].append(t.cpu())
+            seen += len(batch.image_ids)
+            if seen >= n_images:
+                break
+        cka = {lvl: linear_cka(torch.cat(xs[lvl]), torch.cat(ys[lvl])) for lvl in levels if xs[lvl]}
+        dist = 1.0 - sum(cka.values()) / max(len(cka), 1)
+        results.append(TeacherDistance(path, reader.header.teacher.get("name", "?"), dist, cka))
+    return sorted(results, key=lambda r: r.distance)

@@ -1,0 +1,221 @@
+"""Plan files: one YAML file describes a student and its ordered distillation stages.
+
+Loaded into dataclasses; unknown keys and wrong types are errors naming the
+key path (``stages[1].losses[0].wieght: unknown key``). The resolved plan is
+saved beside the outputs so every run records exactly what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class PlanError(ValueError):
+    """A plan that cannot be run; the message names the key and what to do."""
+
+
+@dataclass
+class StudentConfig:
+    arch: str
+    init: str = "none"  # ImageNet backbone checkpoint path, or none
+    num_classes: int | None = None  # default: the dataset's
+    options: dict = field(default_factory=dict)  # architecture options (fpn_channels, levels, width ...)
+
+
+@dataclass
+class DataConfig:
+    train_ann: str
+    train_images: str
+    val_ann: str | None = None
+    val_images: str | None = None
+    short: int = 800
+    long: int = 1333
+    flip: bool = True  # random horizontal flip with p=0.5, as MTPD's 1x schedule
+    batch_size: int = 16
+    workers: int = 2
+    val_batch_size: int = 8
+
+
+@dataclass
+class LossConfig:
+    name: str
+    weight: float | None = None  # default: the loss's own (mgd 2e-5, rm 4, pfi 1.5, ...)
+    store: int = 0  # which of the stage's stores feeds this loss
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "sgd"  # sgd or adamw
+    lr: float = 0.01  # for `base_batch` images per step; scaled linearly by data.batch_size
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    base_batch: int = 16
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    steps: list[float] = field(default_factory=lambda: [8 / 12, 11 / 12])  # fractions of the stage's epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class InheritConfig:
+    """MTPD's weight inheritance: copy the teacher's neck and head into the student at stage start."""
+
+    weights: str
+    parts: list[str] = field(default_factory=lambda: ["neck", "head"])
+
+
+@dataclass
+class StageConfig:
+    name: str
+    stores: list[str] = field(default_factory=list)
+    losses: list[LossConfig] = field(default_factory=list)
+    epochs: int = 12
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grad_clip: float | None = 35.0
+    inherit: InheritConfig | None = None
+    eval: bool = True
+
+
+@dataclass
+class Plan:
+    student: StudentConfig
+    data: DataConfig
+    stages: list[StageConfig]
+    output_dir: str = "runs/plan"
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 0  # iterations between mid-epoch checkpoints (0: end of each epoch only)
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise PlanError("stages: a plan needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise PlanError(f"stages: names must be unique, got {names}")
+        for i, s in enumerate(self.stages):
+            where = f"stages[{i}] ({s.name})"
+            if s.epochs < 1:
+                raise PlanError(f"{where}.epochs: must be at least 1")
+            if s.optimizer.type not in ("sgd", "adamw"):
+                raise PlanError(f"{where}.optimizer.type: {s.optimizer.type!r} is not sgd or adamw")
+            for j, loss in enumerate(s.losses):
+                if not (0 <= loss.store < len(s.stores)):
+                    raise PlanError(f"{where}.losses[{j}].store: index {loss.store} but the stage lists {len(s.stores)} store(s)")
+        if self.data.batch_size < 1:
+            raise PlanError("data.batch_size: must be at least 1")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except PlanError as e:
+                errors.append(str(e))
+        raise PlanError(errors[0] if errors else f"{path}: unexpected null")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise PlanError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise PlanError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PlanError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PlanError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PlanError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise PlanError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: Any, path: str = "plan") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise PlanError(f"{path}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PlanError(f"{path}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{path}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise PlanError(f"{path}.{name}: required key is missing")
+    return cls(**kwargs)
+
+
+def load_plan(path: str | Path) -> Plan:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"{p}: plan file not found") from None
+    except yaml.YAMLError as e:
+        raise PlanError(f"{p}: not valid YAML ({e})") from None
+    plan = from_dict(Plan, data, "plan")
+    plan.validate()
+    return _resolve_paths(plan, p.parent)
+
+
+def _resolve_paths(plan: Plan, base: Path) -> Plan:
+    """Relative paths in a plan are relative to the plan file, so plans can move with their data."""
+
+    def fix(v: str | None) -> str | None:
+        if v is None or v == "none" or "://" in v or Path(v).is_absolute():
+            return v
+        return str((base / v).resolve())
+
+    d = plan.data
+    d.train_ann, d.train_images, d.val_ann, d.val_images = map(fix, (d.train_ann, d.train_images, d.val_ann, d.val_images))
+    plan.student.init = fix(plan.student.init)
+    plan.output_dir = fix(plan.output_dir)
+    for s in plan.stages:
+        s.stores = [fix(x) for x in s.stores]
+        if s.inherit:
+            s.inherit.weights = fix(s.inherit.weights)
+    return plan
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    return dataclasses.asdict(plan)
+
+
+def save_plan(plan: Plan, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(plan_to_dict(plan), sort_keys=False))

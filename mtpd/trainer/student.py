@@ -1,0 +1,128 @@
+"""Students: build from a plan, save/load their checkpoints, inherit a teacher's neck and head.
+
+Weight inheritance (MTPD, stage 1) copies parameters out of the teacher's
+checkpoint file at stage start; no teacher module is ever built here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mtpd.models import arch_checkpoint, arch_family, build_arch
+from mtpd.trainer.plan import PlanError, StudentConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not fit; the message says what to do."""
+
+
+def label_offset(arch_or_model: str | nn.Module) -> int:
+    """torchvision's R-CNNs reserve class 0 for background; RetinaNet and FCOS do not."""
+    return 1 if arch_family(arch_or_model) in ("fasterrcnn", "maskrcnn") else 0
+
+
+def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
+    """The student named by the plan, with its ImageNet backbone init (or none)."""
+    options = dict(cfg.options)
+    if cfg.init and cfg.init != "none":
+        options["backbone_weights"] = cfg.init
+    try:
+        return build_arch(cfg.arch, num_classes + label_offset(cfg.arch), **options)
+    except ValueError as e:
+        raise PlanError(f"student: {e}") from None
+
+
+def save_student(model: nn.Module, path: str | Path, **extra) -> None:
+    """A checkpoint that both ``mtpd-eval`` and teacher loading (``--weights PATH``) accept."""
+    ckpt = arch_checkpoint(model, **extra)
+    _atomic_save(ckpt, path)
+
+
+def _atomic_save(obj: dict, path: str | Path) -> None:
+    # Write then rename: a kill mid-save never leaves a truncated checkpoint behind.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); re-save it or pass another file") from None
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a student from its checkpoint alone (arch, classes and options travel with it)."""
+    ckpt = load_checkpoint(path)
+    if not all(k in ckpt for k in ("arch", "num_classes", "model")):
+        raise CheckpointError(f"{path}: not an mtpd student checkpoint (needs arch, num_classes, model); save students with mtpd-train")
+    model = build_arch(ckpt["arch"], int(ckpt["num_classes"]), **ckpt.get("arch_options", {}))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+# mmdet RetinaNet names -> torchvision RetinaNet names, for inheriting from mmdet teachers.
+_MMDET_RETINANET = [
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
+    (r"^neck\.fpn_convs\.([0-2])\.conv\.", r"backbone.fpn.layer_blocks.\1.0."),
+    (r"^neck\.fpn_convs\.3\.conv\.", "backbone.fpn.extra_blocks.p6."),
+    (r"^neck\.fpn_convs\.4\.conv\.", "backbone.fpn.extra_blocks.p7."),
+    (r"^bbox_head\.cls_convs\.(\d+)\.conv\.", r"head.classification_head.conv.\1.0."),
+    (r"^bbox_head\.reg_convs\.(\d+)\.conv\.", r"head.regression_head.conv.\1.0."),
+    (r"^bbox_head\.retina_cls\.", "head.classification_head.cls_logits."),
+    (r"^bbox_head\.retina_reg\.", "head.regression_head.bbox_reg."),
+]
+_PARTS = {"neck": ("backbone.fpn.",), "head": ("head.", "rpn.", "roi_heads.")}
+
+
+def _teacher_state(path: str) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model") or ckpt.get("state_dict") or ckpt
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: no state dict inside (expected keys 'model' or 'state_dict')")
+    if any(k.startswith(("neck.", "bbox_head.")) for k in state):
+        mapped = {}
+        for k, v in state.items():
+            for pat, rep in _MMDET_RETINANET:
+                if re.match(pat, k):
+                    mapped[re.sub(pat, rep, k)] = v
+                    break
+        return mapped
+    return dict(state)
+
+
+def inherit_from_teacher(student: nn.Module, weights: str, parts: list[str]) -> list[str]:
+    """Copy the teacher checkpoint's neck/head parameters into the student where names and shapes match.
+
+    Returns the copied names. A part that copies nothing is an error: it means the
+    architectures do not correspond (e.g. different FPN widths) and inheritance is not possible.
+    """
+    unknown = [p for p in parts if p not in _PARTS]
+    if unknown:
+        raise PlanError(f"inherit.parts: unknown part(s) {unknown}; use neck and/or head")
+    src = _teacher_state(weights)
+    dst = student.state_dict()
+    copied: list[str] = []
+    for part in parts:
+        keys = [k for k in dst if k.startswith(_PARTS[part])]
+        fit = [k for k in keys if k in src and src[k].shape == dst[k].shape]
+        if keys and not fit:
+            sample = next((k for k in keys if k in src), None)
+            why = f"{sample}: teacher {tuple(src[sample].shape)} vs student {tuple(dst[sample].shape)}" if sample else "no matching parameter names"
+            raise CheckpointError(f"{weights}: cannot inherit the {part}: {why}; inherit only from a teacher whose {part} has the student's widths")
+        for k in fit:
+            dst[k] = src[k].to(dst[k].dtype)
+        copied += fit
+    student.load_state_dict(dst)
+    return copied

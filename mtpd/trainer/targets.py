@@ -1,0 +1,189 @@
+"""Cached-target dataset: images, ground truth and teacher outputs joined by image id and view.
+
+No teacher runs here: teacher outputs are read from stores, one sample per
+index (``arr[i]``), and placed on the student's padded batch grid by ``collate``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mtpd.cache.schema import StoreError
+from mtpd.cache.store import StoreReader
+from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, prepare_view
+
+
+@dataclass
+class Sample:
+    image: torch.Tensor  # [3, Hp, Wp] prepared view
+    meta: ViewMeta
+    image_id: int
+    boxes: torch.Tensor  # [n, 4] xyxy in view pixels
+    labels: torch.Tensor  # [n]
+    teacher: list[dict[str, list[torch.Tensor]]]  # per store: name -> per-level [C, h, w]
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, H, W]
+    image_sizes: list[tuple[int, int]]  # valid (unpadded) size of each view
+    metas: list[ViewMeta]
+    image_ids: list[int]
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    teacher: list[dict[str, torch.Tensor]]  # per store: "fpn.p3" -> [B, C, h_l, w_l] on the batch grid
+    masks: dict[int, torch.Tensor]  # level -> [B, 1, h_l, w_l], 1 on valid cells
+
+    def to(self, device: torch.device | str) -> "Batch":
+        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(mv(self.images), self.image_sizes, self.metas, self.image_ids, [mv(b) for b in self.boxes],
+                     [mv(l) for l in self.labels], [{k: mv(v) for k, v in t.items()} for t in self.teacher],
+                     {k: mv(v) for k, v in self.masks.items()})
+
+
+def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec, flip: bool) -> None:
+    """Refuse a store whose dataset or views differ from the student's data, saying what differs."""
+    h, loc = reader.header, reader.location
+    if h.dataset["manifest_sha256"] != dataset.manifest_hash():
+        raise StoreError(
+            f"{loc} was built on another dataset ({h.dataset['ann_file']}, {h.dataset['num_images']} images, manifest "
+            f"{h.dataset['manifest_sha256'][:12]}) than {dataset.ann_file} ({len(dataset)} images, manifest "
+            f"{dataset.manifest_hash()[:12]}); build a store for this dataset with `mtpd-cache build --ann {dataset.ann_file}`"
+        )
+    sv = ViewSpec.from_dict(h.views)
+    for key in ("short", "long", "pad", "mean", "std"):
+        if getattr(sv, key) != getattr(spec, key):
+            raise StoreError(f"{loc}: view {key} is {getattr(sv, key)} in the store but {getattr(spec, key)} in the plan; "
+                             f"set data.{key} to match, or rebuild the store with the plan's views")
+    if flip and "hflip" not in sv.views:
+        raise StoreError(f"{loc}: has no 'hflip' view but the plan trains with flips; rebuild with --views orig,hflip or set data.flip: false")
+
+
+class DistillDataset(Dataset):
+    """Map-style dataset over a COCO set, with teacher outputs from zero or more stores."""
+
+    def __init__(self, dataset: CocoDataset, spec: ViewSpec, stores: list[str] | None = None, flip: bool = False,
+                 seed: int = 0, outputs: list[list[str]] | None = None) -> None:
+        self.dataset = dataset
+        self.spec = spec
+        self.store_paths = list(stores or [])
+        self.flip = flip
+        self.seed = seed
+        self.epoch = 0
+        readers = [StoreReader(p) for p in self.store_paths]
+        for r in readers:
+            check_store(r, dataset, spec, flip)
+            if not r.status().done.all():
+                raise StoreError(f"{r.location}: {int((~r.status().done).sum())} shard(s) not written yet; rerun its `mtpd-cache build` to finish it")
+        self.outputs = outputs or [list(r.header.outputs) for r in readers]
+        self._readers: list[StoreReader] | None = readers
+
+    def __getstate__(self) -> dict:
+        # Open Zarr handles do not cross process boundaries: workers reopen lazily.
+        state = dict(self.__dict__)
+        state["_readers"] = None
+        return state
+
+    def readers(self) -> list[StoreReader]:
+        if self._readers is None:
+            self._readers = [StoreReader(p) for p in self.store_paths]
+        return self._readers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def view_of(self, idx: int) -> str:
+        """Flip choice from (seed, epoch, index): the same on every worker and after a resume."""
+        if not self.flip:
+            return "orig"
+        return "hflip" if np.random.default_rng([self.seed, self.epoch, idx]).random() < 0.5 else "orig"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> Sample:
+        view = self.view_of(idx)
+        img, meta = prepare_view(self.dataset.load_image(idx), self.spec, view)
+        ann = self.dataset.annotations(idx)
+        image_id = self.dataset.images[idx].image_id
+        teacher = []
+        for r, names in zip(self.readers(), self.outputs):
+            maps = r.read(r.sample_index(image_id, view), names)
+            teacher.append({n: [torch.from_numpy(m) for m in per_level] for n, per_level in maps.items()})
+        boxes = torch.as_tensor(boxes_to_view(ann.boxes, meta), dtype=torch.float32)
+        return Sample(img, meta, image_id, boxes, torch.as_tensor(ann.labels), teacher)
+
+
+def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
+    """Pad views to the batch's size and place teacher maps on the batch grid (zeros + mask outside).
+
+    ``stores_meta``: each store's ``header.outputs`` (the levels of every output).
+    """
+    hp = max(s.image.shape[1] for s in samples)
+    wp = max(s.image.shape[2] for s in samples)
+    images = torch.zeros(len(samples), 3, hp, wp)
+    for i, s in enumerate(samples):
+        images[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
+    teacher: list[dict[str, torch.Tensor]] = []
+    levels: set[int] = set()
+    for k in range(len(samples[0].teacher)):
+        out: dict[str, torch.Tensor] = {}
+        for name, per_level in samples[0].teacher[k].items():
+            for j, lvl in enumerate(stores_meta[k][name]["levels"]):
+                levels.add(lvl)
+                gh, gw = -(-hp // 2**lvl), -(-wp // 2**lvl)
+                c = per_level[j].shape[0]
+                t = torch.zeros(len(samples), c, gh, gw)
+                for i, s in enumerate(samples):
+                    m = s.teacher[k][name][j]
+                    t[i, :, : m.shape[1], : m.shape[2]] = m
+                out[f"{name}.p{lvl}"] = t
+        teacher.append(out)
+    masks = {}
+    for lvl in sorted(levels):
+        gh, gw = -(-hp // 2**lvl), -(-wp // 2**lvl)
+        m = torch.zeros(len(samples), 1, gh, gw)
+        for i, s in enumerate(samples):
+            h, w = s.meta.size
+            m[i, :, : -(-h // 2**lvl), : -(-w // 2**lvl)] = 1
+        masks[lvl] = m
+    return Batch(images, [s.meta.size for s in samples], [s.meta for s in samples], [s.image_id for s in samples],
+                 [s.boxes for s in samples], [s.labels for s in samples], teacher, masks)
+
+
+def _worker_init(_: int) -> None:
+    import zarr
+
+    # Each DataLoader worker reads one sample at a time: a small async pool is plenty.
+    zarr.config.set({"async.concurrency": 4})
+    torch.set_num_threads(1)
+
+
+def make_loader(ds: DistillDataset, batch_size: int, shuffle: bool, workers: int, seed: int,
+                sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+    """DataLoader with spawn/forkserver workers: forking after zarr's event loop started misbehaves."""
+    metas = [r.header.outputs for r in ds.readers()]
+    ctx = None
+    if workers > 0:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
+                      collate_fn=_Collate(metas), multiprocessing_context=ctx, worker_init_fn=_worker_init if workers else None,
+                      persistent_workers=False, generator=g, drop_last=False)
+
+
+class _Collate:
+    """Picklable collate carrying each store's output metadata (levels per output)."""
+
+    def __init__(self, metas: list[dict]) -> None:
+        self.metas = metas
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        return collate(samples, self.metas)

@@ -1,0 +1,59 @@
+"""Shared fixtures: one Ray instance for the session, a tiny digits set, tiny teacher stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests run on 2 cores next to Ray workers: keep torch from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+TINY_VIEW = dict(short=64, long=64)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict:
+    from mtpd.data.digits import make_digits
+
+    return make_digits(tmp_path_factory.mktemp("digits"), train=10, val=4, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_ckpt(tmp_path_factory, digits) -> str:
+    """A retinanet_tiny teacher with fixed random weights, saved like a trained one."""
+    import torch
+
+    from mtpd.models import arch_checkpoint, build_arch
+
+    torch.manual_seed(0)
+    model = build_arch("retinanet_tiny", num_classes=10)
+    path = Path(tmp_path_factory.mktemp("teacher")) / "tiny_teacher.pt"
+    torch.save(arch_checkpoint(model), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, digits, tiny_teacher_ckpt, ray_session) -> str:
+    """A lossless store of the tiny teacher on the digits train split, orig + hflip views."""
+    from mtpd.cache.build import build_store
+    from mtpd.data import ViewSpec
+    from mtpd.teachers.registry import TeacherSpec
+
+    out = str(Path(tmp_path_factory.mktemp("stores")) / "tiny_lossless")
+    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["train"]["ann"], digits["train"]["images"], out,
+                views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="lossless", workers=2, images_per_shard=4,
+                progress=False)
+    return out

@@ -1,0 +1,234 @@
+"""The teacher pass: store round trips, Ray builds, resume, verify, info, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtpd.cache.build import BuildError, build_store
+from mtpd.cache.inspect import store_info, verify_store
+from mtpd.cache.schema import PRECISIONS, StoreError, get_precision
+from mtpd.cache.store import StoreReader
+from mtpd.cli.cache import main as cache_main
+from mtpd.data import CocoDataset, ViewSpec, prepare_view
+from mtpd.teachers.registry import TeacherSpec, build_teacher
+
+from conftest import TINY_VIEW
+
+
+def _arrays(store: str) -> dict[str, np.ndarray]:
+    r = StoreReader(store)
+    out = {f"outputs/{n}": np.asarray(r.root[f"outputs/{n}"][:]) for n in r.header.outputs}
+    for n in ("image_ids", "grid", "view_size", "shards"):
+        out[f"index/{n}"] = np.asarray(r.root[f"index/{n}"][:])
+    return out
+
+
+def test_cached_fpn_equals_direct_forward(tiny_store, digits, tiny_teacher_ckpt):
+    """What the store returns is the teacher's own output on the same view, within fp16 rounding."""
+    teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
+    reader = StoreReader(tiny_store)
+    ds = CocoDataset(digits["train"]["ann"], digits["train"]["images"])
+    spec = ViewSpec.from_dict(reader.header.views)
+    for idx in (0, 5, 9):
+        for view in ("orig", "hflip"):
+            x, meta = prepare_view(ds.load_image(idx), spec, view)
+            direct = teacher(x[None], ["fpn", "cls", "box"])
+            cached = reader.read(reader.sample_index(ds.images[idx].image_id, view))
+            for name, maps in cached.items():
+                for lvl, m in zip(reader.header.outputs[name]["levels"], maps):
+                    ref = direct[f"{name}.p{lvl}"][0, :, : m.shape[1], : m.shape[2]].numpy()
+                    assert m.shape == ref.shape
+                    # fp16 keeps 11 significant bits: relative error <= 2**-11.
+                    np.testing.assert_allclose(m, ref, rtol=2**-11, atol=1e-6)
+
+
+def test_two_worker_build_is_complete_and_verifies(tiny_store, digits):
+    info = store_info(tiny_store)
+    assert info["images_done"] == info["images_total"] == 10
+    assert info["shards_done"] == info["shards_total"] == 3
+    assert info["views"]["views"] == ["orig", "hflip"]
+    assert set(info["outputs"]) == {"fpn", "cls", "box"}
+    assert info["outputs"]["fpn"]["levels"] == [3, 4, 5]
+    assert info["compression_ratio"] > 1.0
+    assert verify_store(tiny_store).ok
+    assert cache_main(["verify", tiny_store]) == 0
+
+
+def test_rerun_of_a_finished_build_writes_nothing(tiny_store, digits, tiny_teacher_ckpt):
+    before = _arrays(tiny_store)
+    rep = build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["train"]["ann"], digits["train"]["images"], tiny_store,
+                      views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="lossless", workers=2, images_per_shard=4, progress=False)
+    assert rep.shards_written == 0 and rep.shards_skipped == 3
+    after = _arrays(tiny_store)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+@pytest.mark.parametrize("precision", ["lossless", "high", "compact"])
+def test_store_round_trip_within_precision_error(precision, tmp_path, digits, tiny_teacher_ckpt, ray_session):
+    out = str(tmp_path / precision)
+    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["val"]["ann"], digits["val"]["images"], out,
+                views=ViewSpec(**TINY_VIEW), precision=precision, workers=1, images_per_shard=3, progress=False)
+    reader = StoreReader(out)
+    teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
+    ds = CocoDataset(digits["val"]["ann"], digits["val"]["images"])
+    prec = get_precision(precision)
+    rel_bound = 2.0 ** -11 if prec.keepbits is None else 2.0 ** -(prec.keepbits + 1) + 2.0**-11
+    for idx in range(len(ds)):
+        x, _ = prepare_view(ds.load_image(idx), ViewSpec(**TINY_VIEW))
+        direct = teacher(x[None], ["fpn", "cls", "box"])
+        got = reader.read(idx, as_logits=False)
+        for name, maps in got.items():
+            enc = reader.header.outputs[name]["encoding"]
+            for lvl, m in zip(reader.header.outputs[name]["levels"], maps):
+                ref = direct[f"{name}.p{lvl}"][0, :, : m.shape[1], : m.shape[2]].numpy()
+                if enc == "logprob-uint8":
+                    p = 1 / (1 + np.exp(-ref.astype(np.float64)))
+                    floor = np.exp(-9.2103)
+                    # Relative error of a probability above the encoding's floor: at most one half step.
+                    above = p > floor * 1.05
+                    assert np.max(np.abs(m[above] - p[above]) / p[above]) <= 0.0185
+                    assert np.all(m[~above] <= floor * 1.05)
+                else:
+                    np.testing.assert_allclose(m, ref, rtol=rel_bound, atol=1e-5)
+
+
+def test_resume_after_failure_gives_identical_store(tmp_path, digits, tiny_teacher_ckpt, tiny_store, ray_session):
+    """A build stopped by a truncated image keeps finished shards; after the fix, a rerun completes it
+    and the result equals an uninterrupted build byte for byte in every array."""
+    images = tmp_path / "images"
+    shutil.copytree(digits["train"]["images"], images)
+    ds = CocoDataset(digits["train"]["ann"], images)
+    bad = ds.image_path(9)  # last shard (images 8-9)
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[: len(good_bytes) // 3])
+    out = str(tmp_path / "store")
+    args = dict(views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="lossless", workers=2, images_per_shard=4, progress=False)
+    spec = TeacherSpec("retinanet_tiny", tiny_teacher_ckpt)
+    with pytest.raises(BuildError, match=bad.name):
+        build_store(spec, digits["train"]["ann"], str(images), out, **args)
+    res = verify_store(out)
+    assert res.missing == [2] and not res.corrupt  # shards 0 and 1 finished and verify
+    bad.write_bytes(good_bytes)
+    rep = build_store(spec, digits["train"]["ann"], str(images), out, **args)
+    assert rep.shards_written == 1 and rep.shards_skipped == 2
+    a, b = _arrays(out), _arrays(tiny_store)
+    for k in b:
+        if k == "index/shards":
+            np.testing.assert_array_equal(a[k][:, [0, 2]], b[k][:, [0, 2]])  # done flags and checksums
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_verify_detects_deleted_and_corrupted_shards(tmp_path, tiny_store, capsys):
+    store = tmp_path / "copy"
+    shutil.copytree(tiny_store, store)
+    shard_files = sorted((store / "outputs" / "fpn" / "c").rglob("*"))
+    shard_files = [p for p in shard_files if p.is_file()]
+    assert len(shard_files) == 3
+    shard_files[0].unlink()  # shard 0 deleted
+    cls_file = sorted(p for p in (store / "outputs" / "cls" / "c").rglob("*") if p.is_file())[1]
+    raw = bytearray(cls_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # shard 1 corrupted in place
+    cls_file.write_bytes(bytes(raw))
+    res = verify_store(str(store))
+    assert [s for s, _ in res.corrupt] == [0, 1] and not res.missing
+    assert cache_main(["verify", str(store)]) == 1
+    out = capsys.readouterr().out
+    assert "corrupt  shard 0" in out and "corrupt  shard 1" in out
+
+
+def test_info_cli_json(tiny_store, capsys):
+    assert cache_main(["info", tiny_store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["teacher"]["name"] == "retinanet_tiny" and len(info["teacher"]["weights_sha256"]) == 64
+    assert cache_main(["info", tiny_store]) == 0
+    assert "retinanet_tiny" in capsys.readouterr().out
+
+
+def test_store_with_other_settings_is_refused(tiny_store, digits, tiny_teacher_ckpt):
+    with pytest.raises(StoreError, match=r"precision: 'lossless' \(store\) vs 'compact'"):
+        build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["train"]["ann"], digits["train"]["images"], tiny_store,
+                    views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="compact", workers=2, images_per_shard=4, progress=False)
+
+
+def test_fsspec_url_store(tmp_path, digits, tiny_teacher_ckpt, ray_session):
+    url = "file://" + str(tmp_path / "url_store")
+    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["val"]["ann"], digits["val"]["images"], url,
+                views=ViewSpec(**TINY_VIEW), precision="high", workers=1, images_per_shard=2, progress=False)
+    assert verify_store(url).ok
+    assert store_info(url)["images_done"] == 4
+
+
+# --- bad input: one line naming the file or value, non-zero exit ------------------------------
+
+
+def _build_cli(digits, out, *extra, teacher="retinanet_tiny", ann=None, images=None):
+    return cache_main(["build", "--teacher", teacher, "--ann", ann or digits["val"]["ann"], "--images", images or digits["val"]["images"],
+                       "--out", str(out), "--short", "64", "--long", "64", "--no-progress", *extra])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_missing_image_is_named(tmp_path, digits, ray_session, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(digits["val"]["images"], images)
+    victim = sorted(images.iterdir())[3]
+    victim.unlink()
+    assert _build_cli(digits, tmp_path / "s", "--images-per-shard", "2", images=str(images)) == 2
+    line = _error_line(capsys)
+    assert victim.name in line and "not found" in line
+    assert verify_store(str(tmp_path / "s")).missing == [1]  # shard 0 finished and kept
+
+
+def test_not_coco_json(tmp_path, digits, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"images": [], "foo": 1}))
+    assert _build_cli(digits, tmp_path / "s", ann=str(bad)) == 2
+    assert "x.json" in _error_line(capsys)
+    bad.write_text("{not json")
+    assert _build_cli(digits, tmp_path / "s", ann=str(bad)) == 2
+    assert "not valid JSON" in _error_line(capsys)
+
+
+def test_unknown_teacher(tmp_path, digits, capsys):
+    assert _build_cli(digits, tmp_path / "s", teacher="retinanet_resnet9000") == 2
+    line = _error_line(capsys)
+    assert "retinanet_resnet9000" in line and "retinanet_tiny" in line
+
+
+def test_weights_that_do_not_fit(tmp_path, digits, capsys):
+    from mtpd.models import arch_checkpoint, build_arch
+
+    path = tmp_path / "wide.pt"
+    torch.save(arch_checkpoint(build_arch("retinanet_tiny_wide", num_classes=10)), path)
+    assert _build_cli(digits, tmp_path / "s", "--weights", str(path)) == 2
+    assert "wide.pt" in _error_line(capsys)
+
+
+def test_output_the_teacher_cannot_produce(tmp_path, digits, capsys):
+    assert _build_cli(digits, tmp_path / "s", "--outputs", "fpn,masks") == 2
+    line = _error_line(capsys)
+    assert "masks" in line and "fpn" in line
+
+
+def test_out_of_range_view_size(tmp_path, digits, capsys):
+    assert cache_main(["build", "--teacher", "retinanet_tiny", "--ann", digits["val"]["ann"], "--images", digits["val"]["images"],
+                       "--out", str(tmp_path / "s"), "--short", "4"]) == 2
+    assert "short side 4" in _error_line(capsys)
+
+
+def test_unknown_precision_is_rejected_by_argparse(tmp_path, digits):
+    with pytest.raises(SystemExit):
+        _build_cli(digits, tmp_path / "s", "--precision", "tiny")
+    assert set(PRECISIONS) == {"lossless", "high", "compact"}
