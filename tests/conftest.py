@@ -14,12 +14,25 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 TINY_VIEW = dict(short=64, long=64)
 
 
+TESTS = Path(__file__).resolve().parent
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def crash_marker(tmp_path_factory) -> Path:
+    """Where tests.faults.CrashOnce records that it already crashed (set before Ray starts its workers)."""
+    path = Path(tmp_path_factory.mktemp("faults")) / "crashed"
+    os.environ["MTPD_TEST_CRASH_MARKER"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session(crash_marker):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # Workers import tests/faults.py for fault injection; mtpd itself is installed in the venv.
+        env = {"PYTHONPATH": str(TESTS), "MTPD_TEST_CRASH_MARKER": str(crash_marker), "OMP_NUM_THREADS": "1"}
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
@@ -40,6 +53,12 @@ def tiny_teacher_ckpt(tmp_path_factory, digits) -> str:
 
     torch.manual_seed(0)
     model = build_arch("retinanet_tiny", num_classes=10)
+    with torch.no_grad():
+        # torchvision initialises head weights with std 0.01, so a random head's logits barely
+        # vary; a trained head's do. Scale them up so head outputs carry signal like a trained one.
+        for name, p in model.head.named_parameters():
+            if name.endswith("weight"):
+                p.mul_(20.0)
     path = Path(tmp_path_factory.mktemp("teacher")) / "tiny_teacher.pt"
     torch.save(arch_checkpoint(model), path)
     return str(path)

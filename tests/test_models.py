@@ -98,6 +98,12 @@ def test_norm_follows_pretraining_and_backbone_weights_load(tmp_path):
     assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     assert torch.equal(model.backbone.body.layer3[0].conv1.weight, r18.layer3[0].conv1.weight)
     assert not model.backbone.body.layer1[0].conv1.weight.requires_grad  # torchvision's 3 trainable stages
+    # The checkpoint keeps what the ImageNet init implied, so the next stage trains the same way.
+    ckpt = arch_checkpoint(model)
+    assert ckpt["arch_options"] == {"norm": "frozen_bn", "trainable_backbone_layers": 3}
+    again = build_arch(ckpt["arch"], ckpt["num_classes"], **ckpt["arch_options"])
+    again.load_state_dict(ckpt["model"])
+    assert isinstance(again.backbone.body.bn1, FrozenBatchNorm2d) and not again.backbone.body.layer1[0].conv1.weight.requires_grad
     hub = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import ray
@@ -48,11 +49,19 @@ def _default_outputs(names: list[str]) -> list[str]:
     return [n for n in names if not n.startswith("rpn_")]
 
 
+# Calls per actor at once: one in the teacher, the others encoding and writing. Each holds a
+# shard's outputs in memory (float32 before encoding), so memory grows with this number.
+SHARDS_IN_FLIGHT = 3
+
+
 class ShardWriter:
     """What one Ray actor runs: a teacher loaded once, shards computed and written.
 
-    Two calls may run at once (``max_concurrency=2``): one holds the teacher
-    while the other loads images or compresses and writes, so I/O overlaps compute.
+    ``SHARDS_IN_FLIGHT`` calls run at once (Ray's ``max_concurrency``): one holds
+    the teacher (forward and device-to-host copy) while the others load images,
+    encode and compress, and write, so only the teacher's compute is on the
+    critical path. Encoding and Blosc release the GIL for large arrays, so
+    these threads use the cores the teacher leaves idle (all of them on a GPU node).
     """
 
     def __init__(self, teacher: TeacherSpec, ann: str, images: str, store: str, batch_size: int, threads: int,
@@ -67,13 +76,17 @@ class ShardWriter:
         self.header = read_header(self.root, store)
         self.dataset = CocoDataset(ann, images)
         grids = np.asarray(self.root["index/grid"][:])
-        self.computer = ShardComputer(teacher.build(), self.dataset, self.header, grids, batch_size, teacher.device)
+        self.computer = ShardComputer(teacher.build(), self.dataset, self.header, grids, batch_size, teacher.device,
+                                      encode_threads=max(1, threads))
         self._teacher_lock = threading.Lock()
 
     def run(self, shard: int) -> tuple[int, int, int]:
         views = self.computer.load(shard)
         with self._teacher_lock:
-            blocks = self.computer.forward(shard, views)
+            raw = self.computer.infer(shard, views)
+        # Outside the lock: the next shard's forward starts while this one is encoded and written.
+        blocks = self.computer.encode(shard, raw)
+        del raw, views
         nbytes, checksum = write_shard(self.root, self.header, shard, blocks)
         return shard, nbytes, checksum
 
@@ -134,8 +147,12 @@ def _root_cause(err: BaseException) -> BaseException:
 def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: ViewSpec | None = None,
                 outputs: list[str] | None = None, precision: str = "lossless", batch_size: int = 2, workers: int = 1,
                 images_per_shard: int = 16, address: str | None = None, storage_options: dict | None = None,
-                progress: bool = True) -> BuildReport:
-    """Build (or resume) a store. See the module docstring for the protocol."""
+                progress: bool = True, on_shard: Callable[[int, int], None] | None = None) -> BuildReport:
+    """Build (or resume) a store. See the module docstring for the protocol.
+
+    ``on_shard(shard, stored_bytes)`` is called in the driver as each shard is marked done
+    (progress reporting, throughput measurement).
+    """
     t0 = time.perf_counter()
     views = views or ViewSpec()
     out = str(out)
@@ -148,6 +165,10 @@ def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: Vi
         report.seconds = time.perf_counter() - t0
         return report
 
+    if workers == 0 and not address:
+        report = _run_in_process(teacher, dataset, out, batch_size, storage_options, pending, root, header, report, progress, on_shard)
+        report.seconds = time.perf_counter() - t0
+        return report
     gpu = teacher.device.startswith("cuda")
     started_ray = _ensure_ray(address, workers)
     try:
@@ -155,7 +176,7 @@ def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: Vi
             n_gpu = int(ray.cluster_resources().get("GPU", 0))
             if n_gpu == 0:
                 raise BuildError("--device cuda but the Ray cluster has no GPUs; use --device cpu or start Ray on GPU nodes")
-            n_workers = min(workers if workers > 0 else n_gpu, n_gpu)
+            n_workers = min(workers if workers and workers > 0 else n_gpu, n_gpu)
             opts, threads = {"num_gpus": 1, "num_cpus": 1}, 2
         else:
             n_workers = max(1, workers)
@@ -163,10 +184,10 @@ def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: Vi
             threads = max(1, cpus // n_workers)
             opts = {"num_cpus": 1}
         n_workers = min(n_workers, len(pending))
-        actor_cls = ray.remote(max_concurrency=2, max_restarts=1, max_task_retries=2)(ShardWriter)
+        actor_cls = ray.remote(max_concurrency=SHARDS_IN_FLIGHT, max_restarts=1, max_task_retries=2)(ShardWriter)
         actors = [actor_cls.options(**opts).remote(teacher, str(dataset.ann_file), str(dataset.image_dir), out, batch_size, threads,
                                                    storage_options) for _ in range(n_workers)]
-        report = _dispatch(actors, pending, root, header, report, progress)
+        report = _dispatch(actors, pending, root, header, report, progress, on_shard)
     finally:
         if started_ray:
             ray.shutdown()
@@ -174,8 +195,35 @@ def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: Vi
     return report
 
 
-def _dispatch(actors: list, pending: list[int], root, header: StoreHeader, report: BuildReport, progress: bool) -> BuildReport:
-    """Keep two shards in flight per actor; mark each done as it lands.
+def _run_in_process(teacher: TeacherSpec, dataset: CocoDataset, out: str, batch_size: int, storage_options: dict | None,
+                    pending: list[int], root, header: StoreHeader, report: BuildReport, progress: bool,
+                    on_shard: Callable[[int, int], None] | None) -> BuildReport:
+    """``--workers 0``: the same shard writer in this process, no Ray (debugging, tiny sets, tests)."""
+    import torch
+
+    writer = ShardWriter(teacher, str(dataset.ann_file), str(dataset.image_dir), out, batch_size, torch.get_num_threads(), storage_options)
+    bar = tqdm(total=sum(len(header.shard_images(s)) for s in pending), unit="img", desc="mtpd-cache build", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for s in pending:
+            try:
+                shard, nbytes, checksum = writer.run(s)
+            except Exception as e:  # noqa: BLE001 - the same one-line error as a Ray worker's
+                raise BuildError(str(e)) from e
+            mark_done(root, shard, nbytes, checksum)
+            report.shards_written += 1
+            report.bytes_written += nbytes
+            bar.update(len(header.shard_images(shard)))
+            if on_shard:
+                on_shard(shard, nbytes)
+    finally:
+        bar.close()
+    return report
+
+
+def _dispatch(actors: list, pending: list[int], root, header: StoreHeader, report: BuildReport, progress: bool,
+              on_shard: Callable[[int, int], None] | None = None) -> BuildReport:
+    """Keep ``SHARDS_IN_FLIGHT`` shards in flight per actor; mark each done as it lands.
 
     After a worker error no new shard starts, but shards already in flight are
     finished and marked, so a rerun redoes as little as possible.
@@ -183,7 +231,7 @@ def _dispatch(actors: list, pending: list[int], root, header: StoreHeader, repor
     queue = list(pending)
     inflight: dict = {}
     for actor in actors:
-        for _ in range(2):
+        for _ in range(SHARDS_IN_FLIGHT):
             if queue:
                 inflight[actor.run.remote(queue.pop(0))] = actor
     total_images = sum(len(header.shard_images(s)) for s in pending)
@@ -203,6 +251,8 @@ def _dispatch(actors: list, pending: list[int], root, header: StoreHeader, repor
             report.shards_written += 1
             report.bytes_written += nbytes
             bar.update(len(header.shard_images(shard)))
+            if on_shard is not None:
+                on_shard(shard, nbytes)
             if queue:
                 inflight[actor.run.remote(queue.pop(0))] = actor
     finally:

@@ -78,15 +78,25 @@ def flatten_sample(maps: list[torch.Tensor], grid_rows: np.ndarray) -> np.ndarra
     return torch.cat(parts).float().cpu().numpy()
 
 
+# One shard's teacher outputs before encoding: (sample index, "fpn.p3" -> [C, H, W] float32 on the CPU).
+RawShard = list[tuple[int, dict[str, torch.Tensor]]]
+
+
 class ShardComputer:
     """Runs a teacher over one shard's views and returns the encoded blocks.
 
     Views are batched only with views of the same padded size, so a batch never
     adds padding: outputs do not depend on batch composition.
+
+    Three steps a caller may run apart, so that only the teacher's compute sits
+    on the critical path: ``load`` (decode images on threads), ``infer`` (the
+    teacher forward and the copy of its outputs to the CPU: the one step that
+    needs the teacher) and ``encode`` (flatten, quantise, on ``encode_threads``
+    threads: numpy's large-array loops release the GIL). ``__call__`` runs all three.
     """
 
     def __init__(self, teacher: Teacher, dataset: CocoDataset, header: StoreHeader, grids: np.ndarray,
-                 batch_size: int, device: str = "cpu", io_threads: int = 4) -> None:
+                 batch_size: int, device: str = "cpu", io_threads: int = 4, encode_threads: int = 2) -> None:
         self.teacher = teacher
         self.dataset = dataset
         self.header = header
@@ -96,6 +106,7 @@ class ShardComputer:
         self.spec = ViewSpec.from_dict(header.views)
         self.names = list(header.outputs)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="mtpd-load")
+        self._encode_pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="mtpd-encode")
 
     def load(self, shard: int) -> list[tuple[int, torch.Tensor]]:
         """(sample index, prepared view) for every view of the shard; decoding runs on threads."""
@@ -109,20 +120,35 @@ class ShardComputer:
         return views
 
     @torch.inference_mode()
-    def forward(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> dict[str, np.ndarray]:
-        s0, s1 = self.header.shard_samples(shard)
-        blocks = {n: np.zeros((s1 - s0, int(m["l_max"]), int(m["channels"])), np.dtype(m["dtype"])) for n, m in self.header.outputs.items()}
+    def infer(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> RawShard:
+        """Teacher outputs of every view, on the CPU as float32 (encoding needs full precision)."""
         by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for sample, x in views:
             by_shape.setdefault(tuple(x.shape[1:]), []).append((sample, x))
+        raw: RawShard = []
         for group in by_shape.values():
             for b in range(0, len(group), self.batch_size):
                 batch = group[b : b + self.batch_size]
                 x = torch.stack([t for _, t in batch]).to(self.device, non_blocking=True)
                 res = self.teacher(x, self.names)
-                for k, (sample, _) in enumerate(batch):
-                    self._fill(blocks, sample - s0, sample, {key: val[k] for key, val in res.items()})
+                # One device-to-host copy per output and batch; non_blocking lets the copies queue
+                # behind the forward on a GPU, and the synchronize below waits for all of them.
+                host = {key: val.to("cpu", torch.float32, non_blocking=True) for key, val in res.items()}
+                raw.extend((sample, {key: val[k] for key, val in host.items()}) for k, (sample, _) in enumerate(batch))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return raw
+
+    def encode(self, shard: int, raw: RawShard) -> dict[str, np.ndarray]:
+        """Flatten and quantise every sample into the shard's blocks (one slot per sample, filled on threads)."""
+        s0, s1 = self.header.shard_samples(shard)
+        blocks = {n: np.zeros((s1 - s0, int(m["l_max"]), int(m["channels"])), np.dtype(m["dtype"])) for n, m in self.header.outputs.items()}
+        # Each task writes its own slot of each block: no two threads touch the same memory.
+        list(self._encode_pool.map(lambda item: self._fill(blocks, item[0] - s0, item[0], item[1]), raw))
         return blocks
+
+    def forward(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> dict[str, np.ndarray]:
+        return self.encode(shard, self.infer(shard, views))
 
     def _fill(self, blocks: dict[str, np.ndarray], slot: int, sample: int, res: dict[str, torch.Tensor]) -> None:
         levels = self.header.levels
@@ -136,3 +162,4 @@ class ShardComputer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._encode_pool.shutdown(wait=False)

@@ -37,7 +37,10 @@ def open_root(location: str | os.PathLike, mode: str, storage_options: dict | No
         raise StoreError(f"{loc}: no store here (no zarr.json); build one with `mtpd-cache build --out {loc} ...`")
     try:
         if is_url(loc):
-            return zarr.open_group(loc, mode=mode, storage_options=storage_options or {})
+            opts = dict(storage_options or {})
+            if loc.startswith(("file://", "local://")):
+                opts.setdefault("auto_mkdir", True)  # fsspec's local filesystem does not create folders itself
+            return zarr.open_group(loc, mode=mode, storage_options=opts)
         return zarr.open_group(zarr.storage.LocalStore(loc, read_only=mode == "r"), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise StoreError(f"{loc}: no store here; build one with `mtpd-cache build --out {loc} ...`") from None
@@ -90,7 +93,16 @@ class ShardStatus:
 
 
 def shard_status(root: zarr.Group) -> ShardStatus:
-    rows = np.asarray(root["index/shards"][:])
+    arr = root["index/shards"]
+    try:
+        rows = np.asarray(arr[:])
+    except Exception:  # noqa: BLE001 - a row torn by a kill mid-write: read row by row below
+        rows = np.zeros(arr.shape, np.uint64)
+        for s in range(arr.shape[0]):
+            try:
+                rows[s] = arr[s]
+            except Exception:  # noqa: BLE001 - unreadable means not done: the shard is rewritten
+                rows[s] = 0
     return ShardStatus(rows[:, 0] == 1, rows[:, 1].astype(np.int64), rows[:, 2])
 
 
@@ -129,16 +141,20 @@ def read_shard_blocks(root: zarr.Group, header: StoreHeader, shard: int) -> dict
     return {name: np.asarray(root[f"outputs/{name}"][s0:s1]) for name in header.outputs}
 
 
-def unflatten(row: np.ndarray, grid: np.ndarray, levels: list[int], out_levels: list[int]) -> list[np.ndarray]:
-    """[L_max, C] flat row -> per-level [C, h, w] arrays for ``out_levels``."""
+def level_views(row: np.ndarray, grid: np.ndarray, levels: list[int], out_levels: list[int]) -> list[np.ndarray]:
+    """[L, C] flat row -> per-level [h, w, C] views into it (no copy) for ``out_levels``."""
     pos = {lvl: i for i, lvl in enumerate(levels)}
     maps, start = [], 0
     for lvl in out_levels:
         h, w = (int(x) for x in grid[pos[lvl]])
-        cells = row[start : start + h * w]
-        maps.append(np.ascontiguousarray(cells.reshape(h, w, -1).transpose(2, 0, 1)))
+        maps.append(row[start : start + h * w].reshape(h, w, -1))
         start += h * w
     return maps
+
+
+def unflatten(row: np.ndarray, grid: np.ndarray, levels: list[int], out_levels: list[int]) -> list[np.ndarray]:
+    """[L_max, C] flat row -> per-level [C, h, w] arrays for ``out_levels``."""
+    return [np.ascontiguousarray(m.transpose(2, 0, 1)) for m in level_views(row, grid, levels, out_levels)]
 
 
 class StoreReader:
@@ -172,15 +188,26 @@ class StoreReader:
             raise StoreError(f"{self.location}: image id {image_id} is not in this store's dataset")
         return self._pos[image_id] * len(views) + views.index(view)
 
-    def read(self, sample: int, names: list[str] | None = None, as_logits: bool = True) -> dict[str, list[np.ndarray]]:
-        """Decoded float32 outputs of one sample: name -> per-level [C, h, w] (levels ascending)."""
+    def read_rows(self, sample: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Stored, undecoded values of one sample: name -> [valid cells, C] in the stored dtype.
+
+        The fast path for training: rows keep the store's cell-major layout, so
+        ``level_views`` cuts them into per-level [h, w, C] maps without copying.
+        """
         out = {}
         grid = self.grid[sample]
         for name in names or list(self.header.outputs):
             meta = self.header.outputs[name]
-            arr = self._arrays[name]
             length = flat_length(grid[[self.header.levels.index(lvl) for lvl in meta["levels"]]])
-            row = np.asarray(arr[sample])[:length]  # one chunk per sample: arr[i], never fancy indexing
+            out[name] = np.asarray(self._arrays[name][sample])[:length]  # one chunk per sample: arr[i], never fancy indexing
+        return out
+
+    def read(self, sample: int, names: list[str] | None = None, as_logits: bool = True) -> dict[str, list[np.ndarray]]:
+        """Decoded float32 outputs of one sample: name -> per-level [C, h, w] (levels ascending)."""
+        out = {}
+        grid = self.grid[sample]
+        for name, row in self.read_rows(sample, names).items():
+            meta = self.header.outputs[name]
             row = decode_values(row, meta["encoding"], as_logits=as_logits)
             out[name] = unflatten(row, grid, self.header.levels, meta["levels"])
         return out

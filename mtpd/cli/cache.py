@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--outputs", default=None, help="comma-separated outputs (fpn,cls,box,...); default: all dense outputs except RPN")
     b.add_argument("--precision", default="lossless", choices=list(PRECISIONS), help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities")
     b.add_argument("--batch-size", type=int, default=2, help="views per teacher forward (only views of equal padded size are batched)")
-    b.add_argument("--workers", type=int, default=1, help="Ray workers: CPU processes, or at most one per GPU with --device cuda (0 = one per GPU)")
+    b.add_argument("--workers", type=int, default=1, help="Ray workers: CPU processes, or one per GPU with --device cuda (at most the GPU count); 0 runs in this process without Ray")
     b.add_argument("--images-per-shard", type=int, default=16, help="images per shard: the unit of work, of writing and of resume")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster); default: a local instance")

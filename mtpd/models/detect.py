@@ -88,3 +88,17 @@ def detector_forward(model: nn.Module, images: Tensor, image_sizes: list[tuple[i
     if arch_family(model) in ("retinanet", "fcos"):
         return _dense_family_forward(model, images, image_sizes, targets, names, detect)
     return _rcnn_forward(model, images, image_sizes, targets, names, detect)
+
+
+class DetectorStep(nn.Module):
+    """``detector_forward`` as a module, so DistributedDataParallel wraps the whole training
+    forward (its gradient hooks only sync what ran through the wrapper's ``forward``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None,
+                names: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        out = detector_forward(self.model, images, image_sizes, targets, names=names, detect=False)
+        return out.losses, out.outputs

@@ -17,6 +17,8 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 NORMS = ("auto", "bn", "frozen_bn")
+# Backbone stages left trainable over pretrained weights by default (torchvision's choice).
+PRETRAINED_TRAINABLE_LAYERS = 3
 
 
 def resolve_norm(norm: str, pretrained: bool, **bn_kwargs: Any) -> Callable[..., nn.Module]:

@@ -20,6 +20,8 @@ from typing import Any, Callable
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
+from mtpd.models.parts import PRETRAINED_TRAINABLE_LAYERS
+
 FAMILIES = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
 
 # factory(num_classes, **options) -> torchvision detection model
@@ -157,11 +159,19 @@ def arch_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     ``{"model": state_dict, "arch", "num_classes", "arch_options", **extra}``.
 
     Save it with ``torch.save``; ``build_teacher(arch, weights=path)`` reads it back.
-    ``backbone_weights`` is dropped from the options: the state dict supersedes it.
+    ``backbone_weights`` is dropped from the options (the state dict supersedes it), and
+    what it implied is written out instead: FrozenBatchNorm and the same frozen stages,
+    so a model rebuilt for the next stage trains exactly as this one did.
     """
     model = unwrap(model)
     spec = getattr(model, "mtpd_arch_spec", None)
     if spec is None:
         raise ValueError(f"{type(model).__name__} was not built by mtpd.models.build_arch; save its state_dict() instead")
-    options = {k: v for k, v in spec["arch_options"].items() if k != "backbone_weights"}
+    options = dict(spec["arch_options"])
+    if options.pop("backbone_weights", None) is not None:
+        accepted = arch_info(spec["arch"]).default_options()
+        if accepted.get("norm") == "auto" and options.get("norm", "auto") == "auto":
+            options["norm"] = "frozen_bn"
+        if "trainable_backbone_layers" in accepted and options.get("trainable_backbone_layers") is None:
+            options["trainable_backbone_layers"] = PRETRAINED_TRAINABLE_LAYERS
     return {"model": model.state_dict(), "arch": spec["arch"], "num_classes": spec["num_classes"], "arch_options": options, **extra}

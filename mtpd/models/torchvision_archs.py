@@ -21,6 +21,7 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from mtpd.models.parts import (
+    PRETRAINED_TRAINABLE_LAYERS,
     check_levels,
     extra_block,
     freeze_except,
@@ -65,7 +66,7 @@ def _resnet_fpn(
     if pretrained:
         load_backbone_weights(body, backbone_weights, imagenet, arch)
     # torchvision's convention: train the last 3 stages over pretrained weights, all from scratch.
-    n = (3 if pretrained else 5) if trainable_backbone_layers is None else trainable_backbone_layers
+    n = (PRETRAINED_TRAINABLE_LAYERS if pretrained else 5) if trainable_backbone_layers is None else trainable_backbone_layers
     if not 0 <= n <= 5:
         raise ValueError(f"{arch}: trainable_backbone_layers must be 0..5, got {n}")
     prefixes = ["layer4", "layer3", "layer2", "layer1", "conv1"][:n] + (["bn1"] if n == 5 else [])
@@ -136,7 +137,7 @@ def retinanet_mobilenet_v3_fpn(
         load_backbone_weights(net, backbone_weights, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, name)
     features = net.features
     stages = len(_MBV3_STAGE_STARTS)
-    n = (3 if pretrained else stages) if trainable_backbone_layers is None else trainable_backbone_layers
+    n = (PRETRAINED_TRAINABLE_LAYERS if pretrained else stages) if trainable_backbone_layers is None else trainable_backbone_layers
     if not 0 <= n <= stages:
         raise ValueError(f"{name}: trainable_backbone_layers must be 0..{stages}, got {n}")
     freeze_before = len(features) if n == 0 else _MBV3_STAGE_STARTS[stages - n]

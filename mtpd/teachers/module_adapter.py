@@ -86,7 +86,7 @@ def build_module_teacher(spec: str, weights: str = "none", num_classes: int | No
             load_weights(model, state_dict, weights_file, spec)
         config = json.dumps({"factory": spec, "kwargs": {k: v for k, v in kwargs.items()}}, sort_keys=True, default=str)
         identity = TeacherIdentity(name=spec, config=config, weights=weights, weights_sha256=digest,
-                                   extra={"weights_file": weights_file, "family": arch_family(model)})
+                                   extra={"family": arch_family(model)})
         return TorchvisionTeacher(model, identity, device)
     if isinstance(built, Teacher):
         if state_dict is not None:

@@ -173,7 +173,7 @@ def build_torchvision_teacher(name: str, weights: str = "none", num_classes: int
         set_frozen_bn_eps(model, eps)
     config = json.dumps({"arch": name, "num_classes": int(num_classes), "options": options}, sort_keys=True)
     identity = TeacherIdentity(name=name, config=config, weights=weights, weights_sha256=digest,
-                               extra={"weights_file": weights_file, "family": arch_family(model)})
+                               extra={"family": arch_family(model)})
     return TorchvisionTeacher(model, identity, device)
 
 

@@ -29,7 +29,7 @@ from mtpd.cache.schema import StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.models import model_anchors, output_specs, unwrap
-from mtpd.models.detect import detector_forward
+from mtpd.models.detect import DetectorStep
 from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.losses import DistillBatch, DistillLoss, build_loss, loss_defaults
 from mtpd.trainer.plan import Plan, PlanError, StageConfig, save_plan
@@ -121,6 +121,26 @@ def build_losses(stage: StageConfig, student: nn.Module, readers: list[StoreRead
     return out
 
 
+def online_targets(fns: list[OnlineTarget], needs: list[list[str]], batch: Batch) -> list[dict[str, Tensor]]:
+    """The online baseline: each teacher runs on each view padded on its own (as the store builder
+    does, so results do not depend on batch padding), then its maps go on the batch grid like cached ones."""
+    out = []
+    for fn, names in zip(fns, needs):
+        maps: dict[str, Tensor] = {}
+        for i, meta in enumerate(batch.metas):
+            x = batch.images[i : i + 1, :, : meta.padded[0], : meta.padded[1]]
+            with torch.no_grad():
+                res = fn(x, names)
+            for key, t in res.items():
+                lvl = int(key.split(".p")[1])
+                gh, gw = -(-batch.images.shape[-2] // 2**lvl), -(-batch.images.shape[-1] // 2**lvl)
+                vh, vw = -(-meta.size[0] // 2**lvl), -(-meta.size[1] // 2**lvl)
+                dst = maps.setdefault(key, torch.zeros(len(batch.metas), t.shape[1], gh, gw, device=t.device))
+                dst[i, :, :vh, :vw] = t[0, :, :vh, :vw]
+        out.append(maps)
+    return out
+
+
 def make_schedule(opt: torch.optim.Optimizer, stage: StageConfig, iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then steps at fractions of the stage (mmdet's 1x: epochs 8 and 11 of 12)."""
     sc = stage.schedule
@@ -194,9 +214,10 @@ class StageRunner:
         params = [p for p in list(student.parameters()) + list(loss_mods.parameters()) if p.requires_grad]
         opt = make_optimizer(stage, params, plan.data.batch_size * self.world)
         sched = make_schedule(opt, stage, iters)
-        model: nn.Module = student
+        model: nn.Module = DetectorStep(student)
         if self.world > 1:
-            model = nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
+            # Unused: e.g. the box head of a student distilled on features only in some steps.
+            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         epoch, it_in_epoch, step = 0, 0, 0
         last = self.dir / "last.pt"
         if self.resume and last.is_file():
@@ -255,8 +276,8 @@ class StageRunner:
     def _step(self, model: nn.Module, student: nn.Module, batch: Batch, losses: list[BoundLoss], offset: int) -> dict[str, Tensor]:
         targets = [{"boxes": b, "labels": l + offset} for b, l in zip(batch.boxes, batch.labels)]
         names = sorted({n for b in losses for n in b.loss.needs}) or ["fpn"]
-        out = detector_forward(model, batch.images, batch.image_sizes, targets, names=names, detect=False)
-        parts = {f"det_{k}": v for k, v in out.losses.items()}
+        det_losses, outputs = model(batch.images, batch.image_sizes, targets, names)
+        parts = {f"det_{k}": v for k, v in det_losses.items()}
         if not losses:
             return parts
         teacher = self.online_targets(batch) if self.online is not None else batch.teacher
@@ -268,27 +289,12 @@ class StageRunner:
         k = specs["cls"].num_classes if "cls" in specs else 0
         levels = tuple(specs["fpn"].levels)
         for b in losses:
-            db = DistillBatch(out.outputs, teacher[b.store], batch.masks, batch.boxes, batch.labels, anchors, a, k, levels)
+            db = DistillBatch(outputs, teacher[b.store], batch.masks, batch.boxes, batch.labels, anchors, a, k, levels)
             parts[b.name if b.name not in parts else f"{b.name}_{b.store}"] = b.weight * b.loss(db)
         return parts
 
     def online_targets(self, batch: Batch) -> list[dict[str, Tensor]]:
-        """The online baseline: each teacher runs on each view padded on its own, as the store builder does."""
-        out = []
-        for fn, names in zip(self.online, self._needs):
-            maps: dict[str, Tensor] = {}
-            for i, meta in enumerate(batch.metas):
-                x = batch.images[i : i + 1, :, : meta.padded[0], : meta.padded[1]]
-                with torch.no_grad():
-                    res = fn(x, names)
-                for key, t in res.items():
-                    lvl = int(key.split(".p")[1])
-                    gh, gw = -(-batch.images.shape[-2] // 2**lvl), -(-batch.images.shape[-1] // 2**lvl)
-                    vh, vw = -(-meta.size[0] // 2**lvl), -(-meta.size[1] // 2**lvl)
-                    dst = maps.setdefault(key, torch.zeros(len(batch.metas), t.shape[1], gh, gw, device=t.device))
-                    dst[i, :, :vh, :vw] = t[0, :, :vh, :vw]
-            out.append(maps)
-        return out
+        return online_targets(self.online, self._needs, batch)
 
     # -- checkpoints and the end of a stage ------------------------------------------
     def _save(self, path: Path, student: nn.Module, loss_mods: nn.Module, opt, sched, epoch: int, it: int, step: int) -> None:

@@ -2,6 +2,14 @@
 
 No teacher runs here: teacher outputs are read from stores, one sample per
 index (``arr[i]``), and placed on the student's padded batch grid by ``collate``.
+
+Speed (bench/reader.py): a full-size sample is ~22k cells × 256 channels, so
+every pass over it counts. Samples keep the store's values undecoded where
+decoding is a plain cast (fp16 encodings) and in the store's cell-major layout;
+``collate`` then does decode, layout and padding in one copy per level into a
+batch tensor in channels-last memory (the store's layout, so the copy reads and
+writes contiguous rows), allocated in shared memory inside DataLoader workers so
+that handing the batch to the training process copies nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mtpd.cache.schema import StoreError
-from mtpd.cache.store import StoreReader
+from mtpd.cache.schema import StoreError, decode_values
+from mtpd.cache.store import StoreReader, level_views
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, prepare_view
 
 
@@ -25,7 +33,7 @@ class Sample:
     image_id: int
     boxes: torch.Tensor  # [n, 4] xyxy in view pixels
     labels: torch.Tensor  # [n]
-    teacher: list[dict[str, list[torch.Tensor]]]  # per store: name -> per-level [C, h, w]
+    teacher: list[dict[str, list[torch.Tensor]]]  # per store: name -> per-level [C, h, w] (float16 for fp16 stores)
 
 
 @dataclass
@@ -36,7 +44,9 @@ class Batch:
     image_ids: list[int]
     boxes: list[torch.Tensor]
     labels: list[torch.Tensor]
-    teacher: list[dict[str, torch.Tensor]]  # per store: "fpn.p3" -> [B, C, h_l, w_l] on the batch grid
+    # per store: "fpn.p3" -> [B, C, h_l, w_l] float32 on the batch grid, in channels-last memory
+    # (strides of [B, h, w, C]): use reshape / permute, not view, to flatten.
+    teacher: list[dict[str, torch.Tensor]]
     masks: dict[int, torch.Tensor]  # level -> [B, 1, h_l, w_l], 1 on valid cells
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -111,24 +121,55 @@ class DistillDataset(Dataset):
         img, meta = prepare_view(self.dataset.load_image(idx), self.spec, view)
         ann = self.dataset.annotations(idx)
         image_id = self.dataset.images[idx].image_id
+        boxes = torch.as_tensor(boxes_to_view(ann.boxes, meta), dtype=torch.float32)
+        return Sample(img, meta, image_id, boxes, torch.as_tensor(ann.labels), self.teacher_targets(image_id, view))
+
+    def teacher_targets(self, image_id: int, view: str) -> list[dict[str, list[torch.Tensor]]]:
+        """Per store: name -> per-level [C, h, w] maps of one view (views into the stored row, not copies)."""
         teacher = []
         for r, names in zip(self.readers(), self.outputs):
-            maps = r.read(r.sample_index(image_id, view), names)
-            teacher.append({n: [torch.from_numpy(m) for m in per_level] for n, per_level in maps.items()})
-        boxes = torch.as_tensor(boxes_to_view(ann.boxes, meta), dtype=torch.float32)
-        return Sample(img, meta, image_id, boxes, torch.as_tensor(ann.labels), teacher)
+            sample = r.sample_index(image_id, view)
+            maps = {}
+            for n, row in r.read_rows(sample, names).items():
+                out_meta = r.header.outputs[n]
+                if row.dtype != np.float16:  # fp16 decodes by a cast, done by collate's copy
+                    row = decode_values(row, out_meta["encoding"])
+                views = level_views(row, r.grid[sample], r.header.levels, out_meta["levels"])
+                maps[n] = [torch.from_numpy(m).permute(2, 0, 1) for m in views]
+            teacher.append(maps)
+        return teacher
 
 
-def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
-    """Pad views to the batch's size and place teacher maps on the batch grid (zeros + mask outside).
+def _empty(shape: tuple[int, ...], channels_last: bool = False) -> torch.Tensor:
+    """Uninitialised float32; in a DataLoader worker, in shared memory, as default_collate allocates.
 
-    ``stores_meta``: each store's ``header.outputs`` (the levels of every output).
+    ``channels_last``: a [B, C, H, W] tensor laid out as [B, H, W, C].
     """
-    hp = max(s.image.shape[1] for s in samples)
-    wp = max(s.image.shape[2] for s in samples)
-    images = torch.zeros(len(samples), 3, hp, wp)
-    for i, s in enumerate(samples):
-        images[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
+    mem = (shape[0],) + shape[2:] + (shape[1],) if channels_last else shape
+    if torch.utils.data.get_worker_info() is not None:
+        # Sending a tensor from a worker moves its storage to shared memory (a copy); start there instead.
+        storage = torch.empty(0)._typed_storage()._new_shared(int(np.prod(mem)))
+        t = torch.empty(0).new(storage).view(mem)
+    else:
+        t = torch.empty(mem)
+    return t.permute(0, 3, 1, 2) if channels_last else t
+
+
+def _place(dst: torch.Tensor, i: int, src: torch.Tensor) -> None:
+    """dst[i] = src at the top left, zeros in the padding: every element written once.
+
+    With ``dst`` channels-last and ``src`` a [C, h, w] view of [h, w, C] rows, the copy
+    (which also casts fp16 to float32: the decode) moves contiguous rows of C values.
+    """
+    h, w = src.shape[-2:]
+    dst[i, :, :h, :w] = src
+    dst[i, :, h:, :] = 0
+    dst[i, :, :h, w:] = 0
+
+
+def collate_teacher(samples: list[Sample], stores_meta: list[dict], padded: tuple[int, int]) -> tuple[list[dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
+    """Teacher maps of ``samples`` on a batch grid of ``padded`` (H, W) pixels, and the valid-cell masks."""
+    hp, wp = padded
     teacher: list[dict[str, torch.Tensor]] = []
     levels: set[int] = set()
     for k in range(len(samples[0].teacher)):
@@ -137,11 +178,9 @@ def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
             for j, lvl in enumerate(stores_meta[k][name]["levels"]):
                 levels.add(lvl)
                 gh, gw = -(-hp // 2**lvl), -(-wp // 2**lvl)
-                c = per_level[j].shape[0]
-                t = torch.zeros(len(samples), c, gh, gw)
+                t = _empty((len(samples), per_level[j].shape[0], gh, gw), channels_last=True)
                 for i, s in enumerate(samples):
-                    m = s.teacher[k][name][j]
-                    t[i, :, : m.shape[1], : m.shape[2]] = m
+                    _place(t, i, s.teacher[k][name][j])
                 out[f"{name}.p{lvl}"] = t
         teacher.append(out)
     masks = {}
@@ -152,15 +191,33 @@ def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
             h, w = s.meta.size
             m[i, :, : -(-h // 2**lvl), : -(-w // 2**lvl)] = 1
         masks[lvl] = m
+    return teacher, masks
+
+
+def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
+    """Pad views to the batch's size and place teacher maps on the batch grid (zeros + mask outside).
+
+    ``stores_meta``: each store's ``header.outputs`` (the levels of every output).
+    Teacher maps come out float32 in channels-last memory (see the module docstring).
+    """
+    hp = max(s.image.shape[1] for s in samples)
+    wp = max(s.image.shape[2] for s in samples)
+    images = _empty((len(samples), 3, hp, wp))
+    for i, s in enumerate(samples):
+        _place(images, i, s.image)
+    teacher, masks = collate_teacher(samples, stores_meta, (hp, wp))
     return Batch(images, [s.meta.size for s in samples], [s.meta for s in samples], [s.image_id for s in samples],
                  [s.boxes for s in samples], [s.labels for s in samples], teacher, masks)
 
 
 def _worker_init(_: int) -> None:
+    import numcodecs.blosc
     import zarr
 
-    # Each DataLoader worker reads one sample at a time: a small async pool is plenty.
-    zarr.config.set({"async.concurrency": 4})
+    # Each DataLoader worker reads one sample at a time on one core: a small async pool is
+    # plenty, and Blosc's own threads would only fight the other workers for cores.
+    zarr.config.set({"async.concurrency": 4, "threading.max_workers": 1})
+    numcodecs.blosc.set_nthreads(1)
     torch.set_num_threads(1)
 
 

@@ -1,0 +1,189 @@
+"""Cache-build throughput against teacher-only inference over the same images, batch size and device.
+
+    .venv/bin/python bench/build.py             # RetinaNet-R50, 800x1333, compact fpn+cls+box (minutes)
+    .venv/bin/python bench/build.py --quick     # tiny teacher and sizes (seconds; the CI smoke test)
+
+Both candidates run in a Ray actor with the same CPU/GPU share and torch threads:
+
+- teacher-only: ``ShardComputer.load`` and ``infer`` over every image (decode,
+  views, forward, outputs copied to the host), images of the next shard
+  decoded while the current one runs, outputs dropped: a plain inference loop;
+- build: ``mtpd.cache.build.build_store`` itself (one worker): the same, plus
+  flatten, quantise, compress, write whole shards and mark them done.
+
+The rounds alternate the two. Throughput is reported end to end (actor start,
+teacher construction and, for the build, store creation included, as a user
+waits for them) and in steady state: shards finished per second after the
+first ``SHARDS_IN_FLIGHT`` (once the build's pipeline is full), for both.
+Shards hold ``--batch`` images, so every forward sees a full batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/build.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import interleave, median, natural_images, ratio, report, table
+
+TITLE = "Build (bench/build.py)"
+
+
+class TeacherOnly:
+    """Ray actor: the teacher's part of a build and nothing else."""
+
+    def __init__(self, teacher, ann: str, images: str, views: dict, outputs: list[str], precision: str, batch_size: int,
+                 threads: int) -> None:
+        import torch
+
+        from mtpd.cache.compute import ShardComputer, plan_layout
+        from mtpd.cache.schema import get_precision
+        from mtpd.data import CocoDataset, ViewSpec
+
+        torch.set_num_threads(max(1, threads))
+        dataset = CocoDataset(ann, images)
+        model = teacher.build()
+        layout = plan_layout(dataset, ViewSpec.from_dict(views), model.output_specs(), outputs, get_precision(precision), batch_size,
+                             model.identity.to_dict())
+        self.computer = ShardComputer(model, dataset, layout.header, layout.grids, batch_size, teacher.device)
+        self.shards = layout.header.num_shards
+
+    def run(self) -> list[float]:
+        """Wall-clock time at which each image's outputs were on the host."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        done = []
+        with ThreadPoolExecutor(1) as pre:
+            nxt = pre.submit(self.computer.load, 0)
+            for s in range(self.shards):
+                views = nxt.result()
+                if s + 1 < self.shards:
+                    nxt = pre.submit(self.computer.load, s + 1)  # decode ahead, as a DataLoader would
+                raw = self.computer.infer(s, views)
+                del raw
+                done.append(time.time())
+        return done
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", default="512x853", help="view short x long side (teacher and writer costs both scale with pixels)")
+    p.add_argument("--images", type=int, default=6, help="images per run")
+    p.add_argument("--batch", type=int, default=1, help="views per teacher forward, both candidates")
+    p.add_argument("--teacher", default="retinanet_resnet50_fpn")
+    p.add_argument("--classes", type=int, default=80)
+    p.add_argument("--outputs", default="fpn,cls,box")
+    p.add_argument("--precision", default="compact", help="the preset with the most encoding work")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--budget-min", type=float, default=9.0)
+    p.add_argument("--work-dir", default=None)
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny teacher and sizes: a smoke test")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.size, a.images, a.teacher, a.classes, a.rounds = "64x96", 5, "retinanet_tiny", 10, 1
+    return a
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    t_start = time.monotonic()
+    short, long = (int(x) for x in a.size.lower().split("x"))
+    import ray
+
+    from mtpd.cache.build import build_store
+    from mtpd.data import ViewSpec
+    from mtpd.teachers.registry import TeacherSpec
+
+    views = ViewSpec(short=short, long=long)
+    spec = TeacherSpec(a.teacher, "none", a.classes, a.device)
+    outputs = a.outputs.split(",")
+    started = False
+    if TeacherOnly.__module__ != "__main__":
+        # Imported (the smoke test): ship the actor class by value, Ray workers need not import `bench`.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[TeacherOnly.__module__])
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+        started = True
+    # What build_store gives its single CPU worker: every core as torch threads (a GPU worker: the GPU).
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    opts = {"num_gpus": 1, "num_cpus": 1} if a.device.startswith("cuda") else {"num_cpus": 1}
+    results: dict[str, list[tuple[float, float]]] = {"teacher-only": [], "build": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="mtpd-bench-build-") as tmp:
+            work = Path(a.work_dir or tmp)
+            data = natural_images(work / "data", a.images, round(short * 0.6), round(long * 0.6), num_classes=a.classes)
+
+            def teacher_only() -> float:
+                t0 = time.time()
+                actor = ray.remote(TeacherOnly).options(**opts).remote(spec, data["ann"], data["images"], views.to_dict(), outputs,
+                                                                     a.precision, a.batch, threads)
+                done = ray.get(actor.run.remote())
+                ray.kill(actor)
+                return _record(results["teacher-only"], t0, done, a.images, a.batch)
+
+            def build() -> float:
+                out = work / "store"
+                shutil.rmtree(out, ignore_errors=True)
+                done: list[float] = []
+                t0 = time.time()
+                build_store(spec, data["ann"], data["images"], str(out), views=views, outputs=outputs, precision=a.precision,
+                            batch_size=a.batch, workers=1, images_per_shard=a.batch, progress=False,
+                            on_shard=lambda s, n: done.append(time.time()))
+                return _record(results["build"], t0, done, a.images, a.batch)
+
+            print(f"{a.teacher} over {a.images} image(s) at {short}x{long}, batch {a.batch}, {a.precision} {a.outputs}; "
+                  f"{a.rounds} round(s) ...", flush=True)
+            interleave({"teacher-only": teacher_only, "build": build}, a.rounds, deadline=t_start + 60 * a.budget_min)
+    finally:
+        if started:
+            ray.shutdown()
+    body = render(a, short, long, threads, results)
+    return report(TITLE, f"{a.teacher}, {short}x{long}, batch {a.batch}, {a.precision} {a.outputs}, {a.device}" + (" (quick)" if a.quick else ""),
+                  "build.py", argv, body, write=not a.no_write)
+
+
+def _record(sink: list, t0: float, done: list[float], images: int, per_shard: int) -> float:
+    """Append (end-to-end images/s, steady images/s); return the seconds of the run."""
+    from mtpd.cache.build import SHARDS_IN_FLIGHT
+
+    done = sorted(done)
+    total = done[-1] - t0
+    k = min(SHARDS_IN_FLIGHT, len(done) - 2)
+    steady = (len(done) - 1 - k) * per_shard / (done[-1] - done[k]) if k >= 0 and done[-1] > done[k] else float("nan")
+    sink.append((images / total, steady))
+    return total
+
+
+def render(a, short: int, long: int, threads: int, results: dict) -> str:
+    rows = []
+    for name, vals in results.items():
+        rows.append([name, median([v[0] for v in vals]), median([v[1] for v in vals])])
+    e2e = ratio([v[0] for v in results["build"]], [v[0] for v in results["teacher-only"]])
+    steady = ratio([v[1] for v in results["build"]], [v[1] for v in results["teacher-only"]])
+    lines = [
+        f"Teacher `{a.teacher}` (random init), {a.classes} classes, outputs {a.outputs} at `{a.precision}`; "
+        f"{a.images} natural-image-like image(s) at {short}x{long}, batch {a.batch}, device {a.device}, one Ray worker with "
+        f"{threads} torch thread(s) for both candidates. Medians of {len(results['build'])} interleaved round(s); ratios per round [range].",
+        "",
+        table(["candidate", "images/s end to end", "images/s steady"], rows),
+        "",
+        table(["ratio build / teacher-only", "measured", "target", "met"], [
+            ["steady state", str(steady), "≥ 0.9", "yes" if steady.median >= 0.9 else "no"],
+            ["end to end (incl. actor start, teacher build, store creation)", str(e2e), "–", "–"],
+        ]),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

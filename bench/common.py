@@ -1,0 +1,317 @@
+"""Shared helpers of the benchmarks: data, interleaved timing, memory, tables, RESULTS.md.
+
+Every benchmark prints ratios of runs interleaved in one process tree: this
+machine is shared (2 cores, other jobs training), so absolute times move from
+minute to minute while ratios of runs taken side by side hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "RESULTS.md"
+REPO = BENCH_DIR.parent
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def _write_coco(out: Path, name: str, images: list[dict], annotations: list[dict], categories: list[dict]) -> dict:
+    ann = out / "annotations" / f"instances_{name}.json"
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return {"ann": str(ann), "images": str(out / "images" / name), "num_images": len(images)}
+
+
+def natural_images(out: str | Path, n: int, height: int, width: int, seed: int = 0, num_classes: int = 10) -> dict:
+    """A COCO-format set of natural-image-like pictures ("dead leaves" model).
+
+    Occluding discs and rectangles with power-law sizes, smooth shading and
+    fine texture: the model reproduces natural images' scale invariance, edge
+    statistics and ~1/f spectrum, which plain noise or the digits set lack, so
+    teacher features on it are closer to what a store holds for COCO. The last
+    few shapes drawn are unoccluded and become the annotated objects.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    out = Path(out)
+    img_dir = out / "images" / "natural"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    r_min, r_max = 4.0, 0.35 * min(height, width)
+    for i in range(n):
+        canvas = Image.new("RGB", (width, height), tuple(int(c) for c in rng.uniform(0, 255, 3)))
+        draw = ImageDraw.Draw(canvas)
+        shapes = int(120 * height * width / 512**2) + 40
+        boxes = []
+        for k in range(shapes):
+            # Radii with density ∝ r^-3 (inverse CDF): many small leaves, few large ones.
+            u = rng.random()
+            r = 1.0 / math.sqrt(u / r_min**2 + (1 - u) / r_max**2)
+            cx, cy = rng.uniform(-r, width + r), rng.uniform(-r, height + r)
+            color = tuple(int(c) for c in np.clip(rng.normal(128, 60, 3), 0, 255))
+            box = (cx - r, cy - r * rng.uniform(0.5, 1.5), cx + r, cy + r * rng.uniform(0.5, 1.5))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+            if k >= shapes - 5 and r > 12:
+                x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
+                if x1 - x0 > 4 and y1 - y0 > 4:
+                    boxes.append((x0, y0, x1, y1))
+        canvas = canvas.filter(ImageFilter.GaussianBlur(0.8))
+        pix = np.asarray(canvas, dtype=np.float32)
+        # Low-frequency shading plus pixel texture, as lighting and surfaces add.
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        shade = 25 * np.sin(xx / width * rng.uniform(1, 4) + rng.uniform(0, 6)) * np.cos(yy / height * rng.uniform(1, 4))
+        pix = pix + shade[..., None] + rng.normal(0, 4, pix.shape).astype(np.float32)
+        Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)).save(img_dir / f"{i:06d}.png", compress_level=1)
+        images.append({"id": i + 1, "file_name": f"{i:06d}.png", "height": height, "width": width})
+        for x0, y0, x1, y1 in boxes or [(0.25 * width, 0.25 * height, 0.5 * width, 0.5 * height)]:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(rng.integers(num_classes)) + 1,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    cats = [{"id": c + 1, "name": f"c{c}"} for c in range(num_classes)]
+    return _write_coco(out, "natural", images, annotations, cats)
+
+
+def digits_images(out: str | Path, n: int, size: int, seed: int = 0) -> dict:
+    """The project's digits set (train split), ``n`` square images of ``size`` px."""
+    from mtpd.data.digits import make_digits
+
+    return make_digits(out, train=n, val=0, size=size, seed=seed)["train"]
+
+
+# --- timing and memory -------------------------------------------------------------------
+
+
+def interleave(runs: dict[str, Callable[[], float | None]], rounds: int, log: Callable[[str], None] = print,
+               deadline: float | None = None) -> dict[str, list[float]]:
+    """Run every candidate once per round, rotating the order each round.
+
+    A callable returns its own measured seconds (or None to be timed whole).
+    Rotation keeps any "runs right after X" effect from favouring one candidate.
+    ``deadline`` (a ``time.monotonic()`` value): no round starts that would,
+    at the pace of the rounds so far, end after it; at least one round always runs.
+    """
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    started = time.monotonic()
+    for r in range(rounds):
+        if r > 0 and deadline is not None and time.monotonic() + (time.monotonic() - started) / r > deadline:
+            log(f"  stopping after {r} round(s): another would pass the time budget")
+            break
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            got = runs[n]()
+            times[n].append(float(got) if got is not None else time.perf_counter() - t0)
+        log(f"  round {r + 1}/{rounds}: " + "  ".join(f"{n}={times[n][-1]:.3g}s" for n in names))
+    return times
+
+
+@dataclass
+class Ratio:
+    """Ratio of two candidates from per-round pairs (runs taken minutes apart do not mix)."""
+
+    median: float
+    low: float
+    high: float
+    per_round: list[float] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if len(self.per_round) <= 1 or self.low == self.high:
+            return f"{self.median:.3f}"
+        return f"{self.median:.3f} [{self.low:.3f}–{self.high:.3f}]"
+
+
+def ratio(num: Sequence[float], den: Sequence[float]) -> Ratio:
+    pairs = [a / b for a, b in zip(num, den) if b > 0]
+    if not pairs:
+        return Ratio(float("nan"), float("nan"), float("nan"))
+    return Ratio(statistics.median(pairs), min(pairs), max(pairs), pairs)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _status_kib(key: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """Peak resident memory (VmHWM) of a process, MiB."""
+    return _status_kib("VmHWM", pid) / 1024
+
+
+def rss_mib(pid: int | str = "self") -> float:
+    return _status_kib("VmRSS", pid) / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart VmHWM from the current RSS (Linux clear_refs 5), so a peak covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's and BLAS's intra-op threads: the same for every candidate of a run."""
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+# --- tables and RESULTS.md -----------------------------------------------------------------
+
+
+def fmt(x: object, digits: int = 3) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "–"
+        if x != 0 and (abs(x) >= 10**5 or abs(x) < 10 ** -(digits - 1)):
+            return f"{x:.{digits - 1}e}"
+        return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+    return str(x)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-markdown table; floats to 3 significant digits."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells])
+
+
+def machine() -> str:
+    import torch
+
+    load = os.getloadavg()
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared; load average {load[0]:.1f} at the end of the run), "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, no GPU")
+
+
+def command_line(script: str, argv: Sequence[str]) -> str:
+    return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(a) for a in argv])
+
+
+def write_section(title: str, body: str, key: str | None = None, path: Path = RESULTS) -> None:
+    """Replace section ``## title`` of RESULTS.md (or its ``### key`` block) and nothing else.
+
+    Other sections, including ones other people maintain, are kept byte for
+    byte; a missing section is appended, a missing block is appended to its section.
+    """
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    sections = re.split(r"(?m)^(?=## )", text)
+    head = f"## {title}"
+    idx = next((i for i, s in enumerate(sections) if s.splitlines()[0:1] == [head]), None)
+    if key is None:
+        new = f"{head}\n\n{body.strip()}\n\n"
+    else:
+        old = sections[idx] if idx is not None else f"{head}\n\n"
+        blocks = re.split(r"(?m)^(?=### )", old)
+        bhead = f"### {key}"
+        block = f"{bhead}\n\n{body.strip()}\n\n"
+        bidx = next((i for i, b in enumerate(blocks) if b.splitlines()[0:1] == [bhead]), None)
+        if bidx is None:
+            blocks.append(block)
+        else:
+            blocks[bidx] = block
+        new = "".join(blocks)
+    if idx is None:
+        if sections and not sections[-1].endswith("\n\n"):
+            sections[-1] = sections[-1].rstrip("\n") + "\n\n"
+        sections.append(new)
+    else:
+        sections[idx] = new
+    path.write_text("".join(sections).rstrip("\n") + "\n")
+
+
+def report(title: str, key: str | None, script: str, argv: Sequence[str], body: str, write: bool, log: Callable[[str], None] = print) -> str:
+    """Print a benchmark's result and (unless ``write`` is false) put it in RESULTS.md."""
+    full = f"Command: `{command_line(script, argv)}`  \nMachine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n\n{body}"
+    log("\n" + full)
+    if write:
+        write_section(title, full, key)
+        log(f"\n(written to {RESULTS.relative_to(REPO)}, section '{title}'{f' / {key}' if key else ''})")
+    return full
+
+
+# --- stores ----------------------------------------------------------------------------------
+
+
+def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tuple[str, list[str]]], views, num_classes: int,
+                 batch_size: int = 1, images_per_shard: int = 4, weights: str = "none", keep_raw: bool = False):
+    """Several stores from one teacher pass, in this process (no Ray), through the library's own
+    layout, encode and write path: ``stores`` maps an output path to (precision, outputs).
+
+    Returns (seconds of the teacher pass, seconds of encode + write per store, raw outputs per
+    shard if ``keep_raw``: shard -> [(sample, {"fpn.p3": [C, H, W] float32, ...})]).
+    """
+    from mtpd.cache.compute import ShardComputer, plan_layout
+    from mtpd.cache.schema import get_precision
+    from mtpd.cache.store import create_store, mark_done, write_shard
+    from mtpd.data import CocoDataset
+    from mtpd.teachers.registry import TeacherSpec
+
+    dataset = CocoDataset(ann, images)
+    teacher = TeacherSpec(teacher_name, weights, num_classes).build()
+    specs = teacher.output_specs()
+    recs = dataset.images
+    computers, roots = {}, {}
+    for out, (precision, outputs) in stores.items():
+        layout = plan_layout(dataset, views, specs, outputs, get_precision(precision), images_per_shard, teacher.identity.to_dict())
+        roots[out] = create_store(out, layout.header, np.array([r.image_id for r in recs], np.int64),
+                                  np.array([[r.height, r.width] for r in recs], np.int32), [r.file_name for r in recs],
+                                  layout.view_sizes, layout.grids)
+        computers[out] = ShardComputer(teacher, dataset, layout.header, layout.grids, batch_size)
+    # The teacher runs once, for the union of the outputs; every store encodes its own from that.
+    union = sorted({o for _, outs in stores.values() for o in outs})
+    first = next(iter(computers.values()))
+    first.names = union
+    t_infer, t_write = 0.0, dict.fromkeys(stores, 0.0)
+    raws = {}
+    try:
+        for shard in range(first.header.num_shards):
+            t0 = time.perf_counter()
+            raw = first.infer(shard, first.load(shard))
+            t_infer += time.perf_counter() - t0
+            for out, comp in computers.items():
+                t0 = time.perf_counter()
+                header = comp.header
+                nbytes, checksum = write_shard(roots[out], header, shard, comp.encode(shard, raw))
+                mark_done(roots[out], shard, nbytes, checksum)
+                t_write[out] += time.perf_counter() - t0
+            if keep_raw:
+                raws[shard] = raw
+    finally:
+        for comp in computers.values():
+            comp.close()
+    return t_infer, t_write, raws
+
+
+def build_store_local(teacher_name: str, ann: str, images: str, out: str, views, outputs: list[str], precision: str,
+                      batch_size: int = 1, images_per_shard: int = 4, weights: str = "none", num_classes: int | None = None) -> float:
+    """One store in this process (no Ray); returns the seconds spent."""
+    t0 = time.perf_counter()
+    build_stores(teacher_name, ann, images, {out: (precision, outputs)}, views, num_classes, batch_size, images_per_shard, weights)
+    return time.perf_counter() - t0

@@ -1,0 +1,392 @@
+"""Training step time and peak memory: what a cached teacher costs next to an online one.
+
+    .venv/bin/python bench/step.py              # 800x1333 views, R18 student, R50 teacher (minutes)
+    .venv/bin/python bench/step.py --quick      # tiny sizes and models (seconds; the CI smoke test)
+
+Three candidates train the same student on the same batches and views:
+
+(a) the undistilled student;
+(b) student + online teacher: the teacher's forward under no_grad inside the
+    step, as MTPD's and mmrazor's code do it, then the distillation loss;
+(c) student + cached targets: the same loss, its targets read from a store by
+    the trainer's own DataLoader (``mtpd.trainer.targets``) in worker processes.
+
+Each candidate lives in its own process (so its peak memory is its own, and (c)
+can prove that no teacher module exists in it); the driver asks them for one
+step at a time, round-robin with a rotating order, and reports per-round
+ratios. A step is timed from asking the loader for a batch to the end of the
+optimizer step, so data waiting is included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/step.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (build_store_local, interleave, median, natural_images, peak_rss_mib, ratio, report, reset_peak_rss,
+                    set_threads, table)
+
+TITLE = "Step (bench/step.py)"
+VARIANTS = {"a": "undistilled student", "b": "student + online teacher", "c": "student + cached targets"}
+PHASES = ("data", "teacher", "student", "distill", "backward")
+
+
+@dataclass
+class Config:
+    short: int
+    long: int
+    images: int
+    batch: int
+    student: str
+    teacher: str
+    classes: int
+    loss: str
+    loader_workers: int
+    threads: int
+    precision: str
+    ann: str = ""
+    image_dir: str = ""
+    store: str = ""
+    teacher_channels: int = 256
+    warmup: tuple[int, int] = (128, 192)
+
+
+class CycleSampler:
+    """Indices 0..n-1 over and over: one loader iterator lasts the whole benchmark
+    (a new epoch would respawn the workers, which is not a step cost)."""
+
+    def __init__(self, n: int, length: int) -> None:
+        self.n, self.length = n, length
+
+    def __iter__(self):
+        return (i % self.n for i in range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class Candidate:
+    """One candidate's student, loss, optional teacher and loader; ``step()`` runs one training step."""
+
+    def __init__(self, variant: str, cfg: Config, steps: int) -> None:
+        import torch
+
+        from mtpd.data import CocoDataset, ViewSpec
+        from mtpd.models import arch_info, build_arch, output_specs
+        from mtpd.trainer.losses import build_loss, loss_defaults
+        from mtpd.trainer.targets import DistillDataset, make_loader
+
+        set_threads(cfg.threads)
+        torch.manual_seed(0)
+        self.variant, self.cfg = variant, cfg
+        # The mmdet RetinaNet recipe for an ImageNet-initialised backbone: frozen BN, stem and stage 1 frozen.
+        accepted = arch_info(cfg.student).default_options()
+        recipe = {k: v for k, v in {"norm": "frozen_bn", "trainable_backbone_layers": 3}.items() if k in accepted}
+        self.student = build_arch(cfg.student, cfg.classes, **recipe).train()
+        specs = output_specs(self.student)
+        self.levels = tuple(specs["fpn"].levels)
+        self.anchors, self.k = specs["cls"].num_anchors, specs["cls"].num_classes
+        self.loss = None
+        if variant != "a":
+            self.loss = build_loss(cfg.loss, levels=self.levels, student_channels=specs["fpn"].channels,
+                                   teacher_channels=cfg.teacher_channels, num_anchors=self.anchors, num_classes=self.k)
+            self.weight = float(loss_defaults(cfg.loss)["weight"])
+        self.teacher = None
+        if variant == "b":
+            from mtpd.teachers.registry import build_teacher  # only here: (c) must never import a teacher
+
+            self.teacher = build_teacher(cfg.teacher, weights="none", num_classes=cfg.classes)
+        self.modules = [self.student] + ([self.loss] if self.loss is not None else [])
+        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=0.01 * cfg.batch / 16, momentum=0.9, weight_decay=1e-4)
+        spec = ViewSpec(short=cfg.short, long=cfg.long)
+        stores = [cfg.store] if variant == "c" else []
+        self.ds = DistillDataset(CocoDataset(cfg.ann, cfg.image_dir), spec, stores, outputs=[["fpn"]] if stores else None)
+        self.loader = make_loader(self.ds, cfg.batch, shuffle=False, workers=cfg.loader_workers, seed=0,
+                                  sampler=CycleSampler(len(self.ds), (steps + 2) * cfg.batch))
+        self.it = iter(self.loader)
+        self._warmup()
+        next(self.it)  # worker start-up is not a step cost
+        reset_peak_rss()
+
+    def _warmup(self) -> None:
+        """One step on small random inputs: lazy initialisation (level probes, allocator, kernels) off the clock."""
+        import torch
+
+        from mtpd.trainer.targets import Batch
+
+        h, w = self.cfg.warmup
+        b = self.cfg.batch
+        levels = {lvl: (-(-h // 2**lvl), -(-w // 2**lvl)) for lvl in self.levels}
+        teacher = [{f"fpn.p{lvl}": torch.randn(b, self.cfg.teacher_channels, *hw) for lvl, hw in levels.items()}] if self.variant == "c" else []
+        masks = {lvl: torch.ones(b, 1, *hw) for lvl, hw in levels.items()} if self.variant == "c" else {}
+        boxes = [torch.tensor([[4.0, 4.0, w / 2, h / 2]])] * b
+        self.step(Batch(torch.randn(b, 3, h, w), [(h, w)] * b, [None] * b, [0] * b, boxes, [torch.tensor([1])] * b, teacher, masks))
+
+    def step(self, batch=None) -> dict[str, float]:
+        import torch
+
+        from mtpd.models.detect import detector_forward
+        from mtpd.trainer.losses import DistillBatch
+
+        times = dict.fromkeys(PHASES, 0.0)
+        t = time.perf_counter()
+        if batch is None:
+            batch = next(self.it)
+        times["data"] = time.perf_counter() - t
+        t = time.perf_counter()
+        teacher_maps, masks = (batch.teacher[0], batch.masks) if batch.teacher else ({}, {})
+        if self.teacher is not None:
+            with torch.no_grad():  # MTPD / mmrazor: the teacher's forward inside the step, no graph kept
+                teacher_maps = self.teacher(batch.images, ["fpn"])
+            masks = valid_masks(batch.images.shape[-2:], batch.image_sizes, self.levels)
+        times["teacher"] = time.perf_counter() - t
+        t = time.perf_counter()
+        targets = [{"boxes": bx, "labels": lb} for bx, lb in zip(batch.boxes, batch.labels)]
+        out = detector_forward(self.student, batch.images, batch.image_sizes, targets, names=["fpn"], detect=False)
+        total = sum(out.losses.values())
+        times["student"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if self.loss is not None:
+            db = DistillBatch(out.outputs, teacher_maps, masks, batch.boxes, batch.labels, None, self.anchors, self.k, self.levels)
+            total = total + self.weight * self.loss(db)
+        times["distill"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 35.0)  # MTPD's max-norm
+        self.opt.step()
+        times["backward"] = time.perf_counter() - t
+        times["total"] = sum(times[p] for p in PHASES)
+        return times
+
+    def stats(self) -> dict:
+        workers = getattr(self.it, "_workers", [])
+        return {
+            "peak_rss_mib": peak_rss_mib(),
+            "loader_peak_mib": sum(peak_rss_mib(w.pid) for w in workers if w.is_alive()),
+            "teacher_params": foreign_params(self.modules),
+            "teacher_imported": "mtpd.teachers" in sys.modules,
+        }
+
+
+def valid_masks(padded: tuple[int, int], sizes: list[tuple[int, int]], levels: tuple[int, ...]) -> dict:
+    """1 on each view's valid cells per level, as ``collate`` makes them for cached targets."""
+    import torch
+
+    hp, wp = padded
+    out = {}
+    for lvl in levels:
+        m = torch.zeros(len(sizes), 1, -(-hp // 2**lvl), -(-wp // 2**lvl))
+        for i, (h, w) in enumerate(sizes):
+            m[i, :, : -(-h // 2**lvl), : -(-w // 2**lvl)] = 1
+        out[lvl] = m
+    return out
+
+
+def foreign_params(own: list) -> int:
+    """Parameters of every live nn.Module in this process that are not the student's or the loss's.
+
+    In (c) this must be 0: no teacher module was ever constructed. (b) shows the teacher's count.
+    """
+    import gc
+    import warnings
+
+    import torch
+
+    owned = {id(p) for m in own for p in m.parameters()}
+    seen: set[int] = set()
+    n = 0
+    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
+    for obj in modules:
+        for p in obj.parameters(recurse=False):
+            if id(p) not in owned and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
+
+
+def _serve(conn, variant: str, cfg: dict, steps: int) -> None:
+    """Candidate process: build, then answer 'step' / 'stats' / 'stop' from the driver."""
+    try:
+        cand = Candidate(variant, Config(**cfg), steps)
+        conn.send(("ready", None))
+        while True:
+            cmd = conn.recv()
+            if cmd == "step":
+                conn.send(("ok", cand.step()))
+            elif cmd == "stats":
+                conn.send(("ok", cand.stats()))
+            else:
+                break
+    except Exception as e:  # noqa: BLE001 - the driver reports it with the candidate's name
+        import traceback
+
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+class Remote:
+    """Driver-side handle of a candidate process."""
+
+    def __init__(self, variant: str, cfg: Config, steps: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.variant = variant
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, variant, asdict(cfg), steps), daemon=False)
+        self.proc.start()
+        self._expect()
+
+    def _expect(self):
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"candidate ({self.variant}) failed: {payload}")
+        return payload
+
+    def step(self) -> dict[str, float]:
+        self.conn.send("step")
+        return self._expect()
+
+    def stats(self) -> dict:
+        self.conn.send("stats")
+        return self._expect()
+
+    def close(self) -> None:
+        try:
+            self.conn.send("stop")
+        except OSError:
+            pass
+        self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
+class Local:
+    """The same interface in this process (``--quick``: no process start-up; memory columns not per candidate)."""
+
+    def __init__(self, variant: str, cfg: Config, steps: int) -> None:
+        self.cand = Candidate(variant, cfg, steps)
+
+    def step(self) -> dict[str, float]:
+        return self.cand.step()
+
+    def stats(self) -> dict:
+        s = self.cand.stats()
+        s["peak_rss_mib"] = s["loader_peak_mib"] = float("nan")
+        s["teacher_params"] = sum(p.numel() for p in self.cand.teacher.model.parameters()) if self.cand.teacher else 0
+        return s
+
+    def close(self) -> None:
+        pass
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", default="800x1333", help="view short x long side (mmdet 1x: 800x1333)")
+    p.add_argument("--images", type=int, default=2, help="distinct images (the loader cycles over them)")
+    p.add_argument("--batch", type=int, default=1, help="images per step")
+    p.add_argument("--student", default="retinanet_resnet18_fpn")
+    p.add_argument("--teacher", default="retinanet_resnet50_fpn")
+    p.add_argument("--classes", type=int, default=80, help="classes of student and teacher heads (COCO: 80)")
+    p.add_argument("--loss", default="mgd", help="distillation loss of (b) and (c) (MTPD: mgd on P3-P7)")
+    p.add_argument("--precision", default="compact", help="store preset of (c)")
+    p.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers of every candidate")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every candidate")
+    p.add_argument("--rounds", type=int, default=3, help="measured steps per candidate (fewer if the budget runs out)")
+    p.add_argument("--budget-min", type=float, default=9.0, help="stop starting rounds that would end after this")
+    p.add_argument("--work-dir", default=None, help="where data and the store go (default: a temporary folder)")
+    p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and models, in one process: a smoke test")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.size, a.images, a.rounds, a.student, a.teacher, a.classes = "64x96", 2, 1, "retinanet_tiny", "retinanet_tiny_wide", 10
+        a.loader_workers, a.threads = 0, 1
+    return a
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    t_start = time.monotonic()
+    short, long = (int(x) for x in a.size.lower().split("x"))
+    with tempfile.TemporaryDirectory(prefix="mtpd-bench-step-") as tmp:
+        work = Path(a.work_dir or tmp)
+        # Source images at 0.6x the view, so the loader resizes as it would for COCO.
+        data = natural_images(work / "data", a.images, round(short * 0.6), round(long * 0.6), num_classes=a.classes)
+        cfg = Config(short, long, a.images, a.batch, a.student, a.teacher, a.classes, a.loss, a.loader_workers, a.threads,
+                     a.precision, data["ann"], data["images"], str(work / "store"))
+        from mtpd.data import ViewSpec
+
+        print(f"building the {a.precision} store of {a.teacher} (fpn) for (c) ...", flush=True)
+        set_threads(a.threads)
+        t_store = build_store_local(a.teacher, cfg.ann, cfg.image_dir, cfg.store, ViewSpec(short=short, long=long), ["fpn"], a.precision,
+                                    num_classes=a.classes)
+        from mtpd.cache.store import StoreReader
+
+        cfg.teacher_channels = int(StoreReader(cfg.store).header.outputs["fpn"]["channels"])
+        kind = Local if a.quick else Remote
+        cands = {}
+        try:
+            for v in VARIANTS:
+                print(f"starting ({v}) {VARIANTS[v]} ...", flush=True)
+                cands[v] = kind(v, cfg, a.rounds)
+            phases: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+
+            def runner(v: str):
+                def run() -> float:
+                    phases[v].append(cands[v].step())
+                    return phases[v][-1]["total"]
+                return run
+
+            print(f"interleaving {a.rounds} round(s) ...", flush=True)
+            times = interleave({v: runner(v) for v in VARIANTS}, a.rounds, deadline=t_start + 60 * a.budget_min)
+            stats = {v: c.stats() for v, c in cands.items()}
+        finally:
+            for c in cands.values():
+                c.close()
+    body = render(a, cfg, times, phases, stats, t_store)
+    return report(TITLE, f"{short}x{long}, batch {a.batch}, {a.student} <- {a.teacher}, {a.loss}" + (" (quick)" if a.quick else ""),
+                  "step.py", argv, body, write=not a.no_write)
+
+
+def render(a: argparse.Namespace, cfg: Config, times: dict, phases: dict, stats: dict, t_store: float) -> str:
+    rows = []
+    for v, name in VARIANTS.items():
+        ph = {p: median([x[p] for x in phases[v]]) for p in PHASES}
+        s = stats[v]
+        rows.append([f"({v}) {name}", median(times[v]), ph["data"], ph["teacher"], ph["student"], ph["distill"], ph["backward"],
+                     s["peak_rss_mib"], s["loader_peak_mib"], f"{s['teacher_params']:,}"])
+    ca, bc = ratio(times["c"], times["a"]), ratio(times["b"], times["c"])
+    n = len(times["a"])
+    lines = [
+        f"Student `{cfg.student}` (frozen BN, stem + stage 1 frozen) trained with SGD; teacher `{cfg.teacher}`; both random-init "
+        f"(`--weights none`: no network here), {cfg.classes} classes. Views {cfg.short}x{cfg.long} (padded to /32), batch {cfg.batch}, "
+        f"{cfg.images} natural-image-like images cycled, {cfg.loader_workers} DataLoader worker(s) per candidate, {cfg.threads} torch threads. "
+        f"Loss `{cfg.loss}` on P3–P7 for (b) and (c); (c) reads a `{cfg.precision}` FPN store (built once in {t_store:.0f} s, not counted). "
+        f"Times are medians of {n} interleaved step(s) per candidate, in seconds; ratios are medians of per-round ratios [range].",
+        "",
+        table(["candidate", "step s", "data wait", "teacher fwd", "student fwd", "distill fwd", "backward+opt", "peak RSS MiB",
+               "loader RSS MiB", "teacher params in process"], rows),
+        "",
+        table(["ratio", "measured", "target", "met"], [
+            ["(c)/(a): cached vs undistilled", str(ca), "≤ 1.10", "yes" if ca.median <= 1.10 else "no"],
+            ["(b)/(c): online vs cached", str(bc), "≥ 1.5", "yes" if bc.median >= 1.5 else "no"],
+            ["teacher parameters in (c)", f"{stats['c']['teacher_params']:,}", "0", "yes" if stats["c"]["teacher_params"] == 0 else "no"],
+        ]),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The demo end to end: data → teachers → stores → baseline → order → direct and progressive → report.
+
+Three students train with the same total epochs (two stages of ``stage_epochs``):
+``baseline`` (detection loss only), ``direct`` (MGD from the stronger teacher in
+both stages) and ``progressive`` (MTPD: one stage per teacher, in the order
+``mtpd-plan order`` measures). Teachers, stores and finished stages are reused
+when the demo runs again into the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtpd.demo import recipes, steps
+from mtpd.demo.steps import Log, Paths
+
+
+@dataclass
+class Row:
+    """One line of the demo's table."""
+
+    model: str
+    arch: str
+    params: int
+    metrics: dict  # AP, AP50, AP75 (0-1)
+    train_seconds: float | None
+    store_bytes: int | None = None
+    stage_metrics: list[dict] = field(default_factory=list)  # per stage, for the plots
+    run_dir: str | None = None
+
+
+@dataclass
+class DemoResult:
+    rows: list[Row]
+    order: list[str]  # teacher keys in the measured order
+    seconds: float
+    scale: dict
+    steps_seconds: dict[str, float]
+
+
+def _student_plan(name: str, paths: Paths, scale: recipes.Scale, stage_specs: list[tuple[str, list[str]]]) -> Path:
+    """A two-stage student plan; each stage (name, stores) distills with MGD from its store, or trains plainly."""
+    ipe = -(-scale.train // 16)
+    stages = [recipes.stage(sname, scale.stage_epochs, ipe, stores, [recipes.mgd_loss()] if stores else [])
+              for sname, stores in stage_specs]
+    plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / name, stages, ipe)
+    return steps.write_plan(plan, paths.plans / f"{name}.yaml")
+
+
+def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, precision: str = "lossless",
+             log: Log = print, quiet_training: bool = False) -> DemoResult:
+    """Run every step; returns the table's rows (the report is written by ``mtpd.demo.report``)."""
+    import ray
+
+    scale = recipes.QUICK if quick else recipes.FULL
+    paths = Paths(Path(out) / ("quick" if quick else "full"))
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    def step(title: str) -> float:
+        log(f"\n== {title} ==")
+        return time.perf_counter()
+
+    t = step(f"1/7 data: digits, {scale.train} train / {scale.val} val images at {recipes.SIZE} px")
+    steps.ensure_data(paths, scale, log)
+    timing["data"] = time.perf_counter() - t
+
+    t = step("2/7 teachers")
+    teachers = steps.ensure_teachers(paths, scale, train_teachers, log)
+    teacher_eval = {k: steps.evaluate_checkpoint(ti.checkpoint, paths, log) for k, ti in teachers.items()}
+    for k, m in teacher_eval.items():
+        log(f"  teacher {k}: AP {100 * m['AP']:.1f} on val")
+    timing["teachers"] = time.perf_counter() - t
+
+    t = step(f"3/7 stores: each teacher runs once over the train split ({precision})")
+    need_ray = not all(steps.store_complete(paths.stores / f"{k}_{precision}") for k in teachers)
+    started_ray = False
+    if need_ray and not ray.is_initialized():
+        # One local Ray instance shared by both builds (each would otherwise start and stop its own).
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        started_ray = True
+    try:
+        stores = {k: steps.build_teacher_store(ti, paths, precision, log) for k, ti in teachers.items()}
+    finally:
+        if started_ray:
+            ray.shutdown()
+    store_paths = {k: v[0] for k, v in stores.items()}
+    timing["stores"] = time.perf_counter() - t
+
+    t = step(f"4/7 baseline student: {2 * scale.stage_epochs} epochs, detection loss only")
+    base_plan = _student_plan("baseline", paths, scale, [("plain_1", []), ("plain_2", [])])
+    base_metrics = steps.train(base_plan, log, quiet_training)
+    timing["baseline"] = time.perf_counter() - t
+
+    t = step("5/7 order the teachers by their distance to the student")
+    prog_unordered = _student_plan("progressive_unordered", paths, scale,
+                                   [(k, [str(store_paths[k])]) for k in ("weak", "strong")])
+    prog_plan = paths.plans / "progressive.yaml"
+    order_stores = steps.order_stores(paths.runs / "baseline" / "stage_2" / "final.pt", list(store_paths.values()),
+                                      prog_unordered, prog_plan, log, n_images=min(64, scale.train))
+    key_of = {str(Path(p).resolve()): k for k, p in store_paths.items()}
+    order = [key_of.get(str(Path(s).resolve()), s) for s in order_stores]
+    _retarget(prog_plan, paths.runs / "progressive")
+    log(f"  progressive order: {' -> '.join(order)}")
+    timing["order"] = time.perf_counter() - t
+
+    t = step(f"6/7 distill: direct (stronger teacher, 2 stages) and MTPD progressive ({' -> '.join(order)})")
+    strong = str(store_paths["strong"])
+    direct_plan = _student_plan("direct", paths, scale, [("strong_1", [strong]), ("strong_2", [strong])])
+    direct_metrics = steps.train(direct_plan, log, quiet_training)
+    prog_metrics = steps.train(prog_plan, log, quiet_training)
+    timing["distill"] = time.perf_counter() - t
+
+    t = step("7/7 evaluate")
+    rows = []
+    for k, ti in teachers.items():
+        rows.append(Row(f"teacher {k}", ti.arch, steps.count_params(ti.checkpoint), teacher_eval[k], ti.train_seconds,
+                        steps.store_size(store_paths[k])))
+    student_arch = f"{recipes.STUDENT['arch']}({', '.join(f'{a}={b}' for a, b in recipes.STUDENT['options'].items())})"
+    n_student = steps.count_params(paths.runs / "baseline" / "stage_2" / "final.pt")
+    for name, label, metrics in (("baseline", "student baseline", base_metrics), ("direct", "student direct (strong)", direct_metrics),
+                                 ("progressive", f"student MTPD ({' -> '.join(order)})", prog_metrics)):
+        rows.append(Row(label, student_arch, n_student, metrics[-1], sum(m["train_seconds"] for m in metrics),
+                        stage_metrics=metrics, run_dir=str(paths.runs / name)))
+    timing["evaluate"] = time.perf_counter() - t
+    scale_d = {"train": scale.train, "val": scale.val, "stage_epochs": scale.stage_epochs, "quick": quick, "precision": precision}
+    result = DemoResult(rows, order, time.perf_counter() - t_start, scale_d, timing)
+    (paths.root / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
+    return result
+
+
+def _retarget(plan_path: Path, output_dir: Path) -> None:
+    """The ordered plan was written from the unordered one: give it its own output folder."""
+    import yaml
+
+    plan = yaml.safe_load(plan_path.read_text())
+    plan["output_dir"] = str(output_dir)
+    plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+
+
+def _jsonable(r: DemoResult) -> dict:
+    from dataclasses import asdict
+
+    return asdict(r)

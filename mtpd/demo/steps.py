@@ -1,0 +1,273 @@
+"""The demo's steps, each reusing what an earlier run of the demo already finished.
+
+Every step calls the same library function as the matching CLI and prints
+that command first (``$ mtpd-cache build ...``), so the demo doubles as a
+walk-through of the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from mtpd.demo import recipes
+
+Log = Callable[[str], None]
+
+# Shipped teacher checkpoints live beside the package in a source checkout (pip install -e).
+SHIPPED_TEACHERS = Path(__file__).resolve().parents[2] / "demo" / "teachers"
+
+
+@dataclass
+class Paths:
+    """Where one demo run (full or quick) keeps its files."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "digits"
+
+    @property
+    def plans(self) -> Path:
+        return self.root / "plans"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def stores(self) -> Path:
+        return self.root / "stores"
+
+    @property
+    def teachers(self) -> Path:
+        return self.root / "teachers"
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval"
+
+    def ann(self, split: str) -> Path:
+        return self.data / "annotations" / f"instances_{split}.json"
+
+    def images(self, split: str) -> Path:
+        return self.data / "images" / split
+
+
+def show(cmd: list[str], log: Log) -> None:
+    """Print the CLI command a step corresponds to."""
+    log("$ " + " ".join(shlex.quote(str(c)) for c in cmd))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- data
+
+
+def ensure_data(paths: Paths, scale: recipes.Scale, log: Log) -> None:
+    """Write the digits set unless the same one is already there (the generator is deterministic)."""
+    show(["mtpd-data", "digits", "--out", paths.data, "--train", scale.train, "--val", scale.val,
+          "--size", recipes.SIZE, "--seed", recipes.SEED], log)
+    want = {"train": scale.train, "val": scale.val}
+    if all(_split_matches(paths.ann(s), n) for s, n in want.items()):
+        log(f"  reusing {paths.data}")
+        return
+    from mtpd.data.digits import make_digits
+
+    t0 = time.perf_counter()
+    res = make_digits(paths.data, scale.train, scale.val, recipes.SIZE, recipes.SEED)
+    log(f"  wrote {res['train']['num_images']} + {res['val']['num_images']} images in {time.perf_counter() - t0:.0f}s")
+
+
+def _split_matches(ann: Path, n: int) -> bool:
+    if not ann.is_file():
+        return False
+    info = json.loads(ann.read_text()).get("info", {})
+    return info.get("num_images") == n and info.get("size") == recipes.SIZE and info.get("seed") == recipes.SEED
+
+
+# ------------------------------------------------------------------ training
+
+
+def write_plan(plan: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def stage_done(out_dir: Path, k: int, plan_path: Path) -> bool:
+    """A stage counts as done when its metrics exist and it ran exactly this plan."""
+    d = out_dir / f"stage_{k}"
+    if not (d / "metrics.json").is_file() or not (d / "final.pt").is_file() or not (d / "plan.yaml").is_file():
+        return False
+    from mtpd.trainer.plan import load_plan, plan_to_dict
+
+    return yaml.safe_load((d / "plan.yaml").read_text()) == plan_to_dict(load_plan(plan_path))
+
+
+def train(plan_path: Path, log: Log, quiet: bool = False) -> list[dict]:
+    """``mtpd-train --plan PLAN --stage all``, skipping stages an earlier demo run finished."""
+    from mtpd.trainer.plan import load_plan
+    from mtpd.trainer.runner import run_plan
+
+    show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
+    plan = load_plan(plan_path)
+    out = Path(plan.output_dir)
+    todo = []
+    for k in range(1, len(plan.stages) + 1):
+        # A stage starts from the previous one: once one must rerun, so must every later one.
+        if todo or not stage_done(out, k, plan_path):
+            todo.append(k)
+    if len(todo) < len(plan.stages):
+        log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {out}")
+    if todo:
+        stage_log = (lambda s: log("  " + s) if _epoch_line(s) else None) if quiet else (lambda s: log("  " + s))
+        run_plan(plan, todo, device="cpu", log=stage_log)
+    return [json.loads((out / f"stage_{k}" / "metrics.json").read_text()) for k in range(1, len(plan.stages) + 1)]
+
+
+def _epoch_line(line: str) -> bool:
+    """The runner's end-of-epoch and end-of-stage lines: enough progress for the demo's console."""
+    m = re.search(r"iter (\d+)/(\d+)", line)
+    return (m is not None and m.group(1) == m.group(2)) or "done:" in line or "inherited" in line
+
+
+# ------------------------------------------------------------------ teachers
+
+
+@dataclass
+class TeacherInfo:
+    key: str  # weak | strong
+    arch: str
+    checkpoint: Path
+    train_seconds: float | None
+    epochs: int | None
+    source: str  # "shipped" or "trained"
+
+
+def ensure_teachers(paths: Paths, scale: recipes.Scale, train_teachers: bool, log: Log) -> dict[str, TeacherInfo]:
+    """Shipped checkpoints by default; ``train_teachers`` (or missing files) trains them with mtpd-train."""
+    manifest_path = SHIPPED_TEACHERS / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    out: dict[str, TeacherInfo] = {}
+    for key, model in recipes.TEACHERS.items():
+        shipped = SHIPPED_TEACHERS / f"{key}.pt"
+        entry = manifest.get(key, {})
+        if not train_teachers and shipped.is_file():
+            digest = sha256(shipped)
+            if entry.get("sha256") not in (None, digest):
+                log(f"  warning: {shipped} does not match demo/teachers/manifest.json (sha256 {digest[:12]})")
+            log(f"teacher {key}: shipped {shipped} ({model['arch']}, {entry.get('epochs', '?')} epochs, "
+                f"trained in {entry.get('train_seconds', 0) / 60:.0f} min; reproduce: see demo/README.md)")
+            out[key] = TeacherInfo(key, model["arch"], shipped, entry.get("train_seconds"), entry.get("epochs"), "shipped")
+            continue
+        if not train_teachers:
+            log(f"teacher {key}: no shipped checkpoint at {shipped}; training it (pass --train-teachers to do so on purpose)")
+        n_train = scale.train
+        plan_path = write_plan(recipes.teacher_plan(key, paths.data, paths.teachers / key, scale, n_train),
+                               paths.plans / f"teacher_{key}.yaml")
+        metrics = train(plan_path, log)
+        ckpt = paths.teachers / key / "stage_1" / "final.pt"
+        out[key] = TeacherInfo(key, model["arch"], ckpt, sum(m["train_seconds"] for m in metrics), scale.teacher_epochs[key], "trained")
+    return out
+
+
+def evaluate_checkpoint(ckpt: Path, paths: Paths, log: Log) -> dict:
+    """``mtpd-eval`` on the demo's val split, cached by checkpoint and val-set digest."""
+    from mtpd.data import CocoDataset, ViewSpec
+    from mtpd.trainer.evaluate import evaluate
+    from mtpd.trainer.student import load_student
+
+    show(["mtpd-eval", "--checkpoint", ckpt, "--ann", paths.ann("val"), "--images", paths.images("val"),
+          "--short", recipes.SIZE, "--long", recipes.SIZE], log)
+    key = sha256(ckpt)[:16] + "-" + sha256(paths.ann("val"))[:16]
+    cache = paths.evals / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model = load_student(ckpt)
+    stats = evaluate(model, CocoDataset(paths.ann("val"), paths.images("val")), ViewSpec(short=recipes.SIZE, long=recipes.SIZE), 32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def count_params(ckpt: Path) -> int:
+    from mtpd.trainer.student import load_student
+
+    return sum(p.numel() for p in load_student(ckpt).parameters())
+
+
+# -------------------------------------------------------------------- stores
+
+
+def store_complete(path: Path) -> bool:
+    from mtpd.cache.schema import StoreError
+    from mtpd.cache.store import StoreReader
+
+    try:
+        return bool(StoreReader(str(path)).status().done.all())
+    except (StoreError, FileNotFoundError, KeyError):
+        return False
+
+
+def build_teacher_store(t: TeacherInfo, paths: Paths, precision: str, log: Log) -> tuple[Path, float]:
+    """``mtpd-cache build`` of one teacher over the train split: FPN outputs, original and flipped views.
+
+    Returns the store and the seconds spent (0 when an earlier demo run built it).
+    """
+    from mtpd.cache.build import build_store
+    from mtpd.data import ViewSpec
+    from mtpd.teachers.registry import TeacherSpec
+
+    out = paths.stores / f"{t.key}_{precision}"
+    show(["mtpd-cache", "build", "--teacher", t.arch, "--weights", t.checkpoint, "--ann", paths.ann("train"),
+          "--images", paths.images("train"), "--out", out, "--views", "orig,hflip", "--short", recipes.SIZE,
+          "--long", recipes.SIZE, "--outputs", "fpn", "--precision", precision, "--workers", 1], log)
+    t0 = time.perf_counter()
+    rep = build_store(TeacherSpec(t.arch, str(t.checkpoint)), str(paths.ann("train")), str(paths.images("train")), str(out),
+                      views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")), outputs=["fpn"],
+                      precision=precision, batch_size=16, workers=1, images_per_shard=64, progress=False)
+    dt = time.perf_counter() - t0
+    if rep.shards_written:
+        log(f"  {rep.shards_written} shards, {rep.bytes_written / 2**20:.1f} MiB in {dt:.0f}s")
+        return out, dt
+    log(f"  reusing {out} (all {rep.shards_total} shards done)")
+    return out, 0.0
+
+
+def store_size(path: Path) -> int:
+    from mtpd.cache.inspect import store_info
+
+    return int(store_info(str(path))["bytes_on_disk"])
+
+
+# -------------------------------------------------------------------- order
+
+
+def order_stores(student_ckpt: Path, stores: list[Path], plan_path: Path, ordered_path: Path, log: Log, n_images: int = 64) -> list[str]:
+    """``mtpd-plan order``: stores nearest-first by 1 - CKA to the student; writes the reordered plan."""
+    from mtpd.cli.plan import main as plan_main
+
+    argv = ["order", "--student", str(student_ckpt), "--stores", *map(str, stores), "--plan", str(plan_path),
+            "--write", str(ordered_path), "--images", str(n_images)]
+    show(["mtpd-plan", *argv], log)
+    rc = plan_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"mtpd-plan order failed (exit {rc})")
+    plan = yaml.safe_load(ordered_path.read_text())
+    return [s["stores"][0] for s in plan["stages"]]

@@ -1,0 +1,36 @@
+"""Teachers that fail on purpose, for fault-injection tests (imported by Ray workers through PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mtpd.teachers.registry import build_teacher
+
+
+class CrashOnce:
+    """Delegates to a real teacher; the first forward anywhere kills its process (a lost Ray worker)."""
+
+    def __init__(self, inner, marker: Path) -> None:
+        self.inner, self.marker = inner, marker
+        self.identity = inner.identity
+
+    def output_specs(self):
+        return self.inner.output_specs()
+
+    def to(self, device):
+        self.inner.to(device)
+        return self
+
+    def __call__(self, images, outputs):
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL)  # only the first caller anywhere crashes
+        except FileExistsError:
+            return self.inner(images, outputs)
+        os.close(fd)
+        os._exit(1)
+
+
+def crash_once_teacher(weights: str = "none", num_classes: int | None = None) -> CrashOnce:
+    inner = build_teacher("retinanet_tiny", weights=weights, num_classes=num_classes)
+    return CrashOnce(inner, Path(os.environ["MTPD_TEST_CRASH_MARKER"]))

@@ -1,0 +1,51 @@
+"""`mtpd-demo --quick`: the whole pipeline runs and reports numbers (CI smoke test, not a quality check)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from mtpd.cli.demo import main
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_reports_metrics(tmp_path: Path, ray_session, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--out", str(tmp_path), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    root = tmp_path / "quick"
+
+    # Every step ran and said which command it stands for.
+    for cmd in ("$ mtpd-data digits", "$ mtpd-cache build", "$ mtpd-train --plan", "$ mtpd-plan order", "$ mtpd-eval"):
+        assert cmd in printed, cmd
+
+    metrics = json.loads((root / "metrics.json").read_text())
+    rows = {r["model"]: r for r in metrics["rows"]}
+    assert {"teacher weak", "teacher strong", "student baseline", "student direct (strong)"} <= set(rows)
+    assert any(m.startswith("student MTPD") for m in rows)
+    for r in rows.values():
+        for k in ("AP", "AP50", "AP75"):
+            assert 0.0 <= r["metrics"][k] <= 1.0 and math.isfinite(r["metrics"][k])
+        assert r["params"] > 0
+    # Teachers come with stores; students trained two stages each and were evaluated after both.
+    for key in ("weak", "strong"):
+        assert rows[f"teacher {key}"]["store_bytes"] > 0
+    students = [r for r in rows.values() if r["run_dir"]]
+    assert len(students) == 3 and all(len(r["stage_metrics"]) == 2 for r in students)
+    assert sorted(metrics["order"]) == ["strong", "weak"]
+
+    # The printed table and the report hold a numeric row per model.
+    for model in rows:
+        assert re.search(re.escape(model) + r".*\d+\.\d+M\s+\d+\.\d", printed), model
+    report = (root / "report.md").read_text()
+    assert "| teacher strong |" in report and "| student baseline |" in report
+    for png in ("ap_per_stage.png", "loss_curves.png"):
+        assert (root / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second run reuses everything: no stage retrains, no store rebuilds.
+    assert main(["--out", str(tmp_path), "--quick"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("reusing") >= 6 and "shards," not in again

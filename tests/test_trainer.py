@@ -1,0 +1,269 @@
+"""The student pass: plans, stages from stores, resume, refusals, cached-vs-online equivalence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mtpd.cache.schema import StoreError
+from mtpd.data import CocoDataset, ViewSpec
+from mtpd.trainer.plan import PlanError, load_plan
+from mtpd.trainer.runner import StageRunner, TrainError, run_plan
+from mtpd.trainer.student import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_plan(tmp_path: Path, digits: dict, stores: list[str], stages: list[dict] | None = None, **over) -> Path:
+    plan = {
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "log_every": 1,
+        "student": {"arch": "retinanet_tiny", "options": {"fpn_channels": 32, "width": 8}},
+        "data": {
+            "train_ann": digits["train"]["ann"], "train_images": digits["train"]["images"],
+            "val_ann": digits["val"]["ann"], "val_images": digits["val"]["images"],
+            "short": 64, "long": 64, "flip": True, "batch_size": 4, "workers": 0,
+        },
+        "stages": stages if stages is not None else [
+            {"name": "weak", "stores": stores, "losses": [{"name": "mgd", "weight": 2.0e-4}, {"name": "pfi"}], "epochs": 1,
+             "optimizer": {"type": "adamw", "lr": 0.002}, "schedule": {"warmup_iters": 2}},
+            {"name": "strong", "stores": stores, "losses": [{"name": "rm"}, {"name": "mse", "weight": 0.1}], "epochs": 1,
+             "optimizer": {"type": "adamw", "lr": 0.002}, "schedule": {"warmup_iters": 2}},
+        ],
+    }
+    for k, v in over.items():
+        plan[k] = v
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_two_stage_plan_end_to_end(tmp_path, digits, tiny_store):
+    from mtpd.cli.train import main
+
+    plan = write_plan(tmp_path, digits, [tiny_store])
+    assert main(["--plan", str(plan), "--stage", "all", "--device", "cpu"]) == 0
+    run = tmp_path / "run"
+    for k in (1, 2):
+        m = json.loads((run / f"stage_{k}" / "metrics.json").read_text())
+        assert set(m) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"} and 0.0 <= m["AP"] <= 1.0
+        assert (run / f"stage_{k}" / "final.pt").is_file() and (run / f"stage_{k}" / "plan.yaml").is_file()
+        log = [json.loads(x) for x in (run / f"stage_{k}" / "log.jsonl").read_text().splitlines()]
+        assert log and all(np.isfinite(r["loss"]) for r in log)
+    assert {"mgd", "pfi"} <= set(json.loads((run / "stage_1" / "log.jsonl").read_text().splitlines()[0]))
+    assert (run / "plan.resolved.yaml").is_file()
+    # Stage 2 started from stage 1's weights, not from scratch.
+    s1 = torch.load(run / "stage_1" / "final.pt", weights_only=False)["model"]
+    s2 = torch.load(run / "stage_2" / "final.pt", weights_only=False)["model"]
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if s1[k].is_floating_point())
+
+
+def test_cached_stage_never_imports_a_teacher(tmp_path, digits, tiny_store):
+    """Run a cached stage in a fresh interpreter: the teachers package is not even imported."""
+    plan = write_plan(tmp_path, digits, [tiny_store])
+    code = (
+        "import sys\n"
+        "from mtpd.trainer.plan import load_plan\nfrom mtpd.trainer.runner import run_plan\n"
+        f"run_plan(load_plan({str(plan)!r}), [1], log=lambda s: None)\n"
+        "bad = [m for m in sys.modules if m.startswith('mtpd.teachers') or m.startswith('mmdet')]\n"
+        "assert not bad, bad\nprint('NO_TEACHER_OK')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert "NO_TEACHER_OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_resume_after_interrupted_stage_matches_uninterrupted(tmp_path, digits, tiny_store):
+    stages = [{"name": "s", "stores": [tiny_store], "losses": [{"name": "mgd", "weight": 2.0e-4}], "epochs": 2,
+               "optimizer": {"type": "sgd", "lr": 0.01}, "schedule": {"warmup_iters": 2}}]
+    ref_plan = load_plan(write_plan(tmp_path / "a", digits, [], stages, checkpoint_every=1) if (tmp_path / "a").mkdir() is None else None)
+    run_plan(ref_plan, [1], log=lambda s: None)
+    ref = torch.load(Path(ref_plan.output_dir) / "stage_1" / "final.pt", weights_only=False)["model"]
+
+    (tmp_path / "b").mkdir()
+    plan = load_plan(write_plan(tmp_path / "b", digits, [], stages, checkpoint_every=1))
+    calls = []
+
+    def killer(msg: str) -> None:
+        calls.append(msg)
+        if len(calls) == 4:  # epoch 1 has 3 iterations: this stops in epoch 2, after its first step was checkpointed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        StageRunner(plan, 1, log=killer).run()
+    last = torch.load(Path(plan.output_dir) / "stage_1" / "last.pt", weights_only=False)
+    assert (last["epoch"], last["iteration"]) == (1, 0) or last["step"] >= 3
+    assert not (Path(plan.output_dir) / "stage_1" / "final.pt").exists()
+    StageRunner(plan, 1, resume=True, log=lambda s: None).run()
+    got = torch.load(Path(plan.output_dir) / "stage_1" / "final.pt", weights_only=False)["model"]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_plan_errors_name_the_key(tmp_path, digits, tiny_store):
+    good = yaml.safe_load(write_plan(tmp_path, digits, [tiny_store]).read_text())
+
+    def err(mutate) -> str:
+        d = json.loads(json.dumps(good))
+        mutate(d)
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump(d))
+        with pytest.raises(PlanError) as e:
+            plan = load_plan(p)
+            StageRunner(plan, 1).run()
+        return str(e.value)
+
+    assert "stages[0].losses[0].wieght: unknown key" in err(lambda d: d["stages"][0]["losses"][0].update(wieght=1))
+    assert "data.batch_size: expected an integer" in err(lambda d: d["data"].update(batch_size="four"))
+    assert "student.arch: required key is missing" in err(lambda d: d["student"].pop("arch"))
+    msg = err(lambda d: d["stages"][0]["losses"][0].update(name="fitnet2"))
+    assert "fitnet2" in msg and "mgd" in msg and "losses[0]" in msg
+    assert "losses[0].store: index 3" in err(lambda d: d["stages"][0]["losses"][0].update(store=3))
+
+
+def test_missing_stage_checkpoint(tmp_path, digits, tiny_store):
+    plan = load_plan(write_plan(tmp_path, digits, [tiny_store]))
+    with pytest.raises(CheckpointError, match=r"stage_1/final.pt: stage 1 checkpoint missing; run `mtpd-train --plan PLAN --stage 1`"):
+        StageRunner(plan, 2).run()
+
+
+def test_store_of_another_dataset_or_view_is_refused(tmp_path, digits, tiny_store):
+    plan = write_plan(tmp_path, digits, [tiny_store])
+    d = yaml.safe_load(plan.read_text())
+    d["data"]["train_ann"], d["data"]["train_images"] = digits["val"]["ann"], digits["val"]["images"]
+    plan.write_text(yaml.safe_dump(d))
+    with pytest.raises(StoreError, match="built on another dataset"):
+        run_plan(load_plan(plan), [1], log=lambda s: None)
+    d = yaml.safe_load(write_plan(tmp_path, digits, [tiny_store]).read_text())
+    d["data"]["short"] = d["data"]["long"] = 96
+    plan.write_text(yaml.safe_dump(d))
+    with pytest.raises(StoreError, match="view short is 64 in the store but 96 in the plan"):
+        run_plan(load_plan(plan), [1], log=lambda s: None)
+
+
+def test_level_mismatch_without_adapter_is_refused(tmp_path, digits, tiny_store):
+    plan = write_plan(tmp_path, digits, [tiny_store])
+    d = yaml.safe_load(plan.read_text())
+    d["student"]["options"]["levels"] = [3, 4, 5, 6, 7]
+    plan.write_text(yaml.safe_dump(d))
+    with pytest.raises(PlanError, match=r"lacks \[.P6., .P7.\]"):
+        run_plan(load_plan(plan), [1], log=lambda s: None)
+
+
+def test_non_finite_loss_stops_with_iteration(tmp_path, digits, tiny_store):
+    stages = [{"name": "s", "stores": [tiny_store], "losses": [{"name": "mse", "weight": float("nan")}],
+               "epochs": 1, "optimizer": {"type": "sgd", "lr": 0.01}}]
+    plan = load_plan(write_plan(tmp_path, digits, [], stages))
+    with pytest.raises(TrainError, match=r"non-finite loss at epoch 1 iteration 1 .*last good checkpoint: none yet"):
+        run_plan(plan, [1], log=lambda s: None)
+
+
+def test_inheritance_copies_neck_and_head(tmp_path, tiny_teacher_ckpt):
+    from mtpd.models import build_arch
+    from mtpd.trainer.student import inherit_from_teacher
+
+    student = build_arch("retinanet_tiny", num_classes=10, width=8)  # narrower backbone, same neck and head widths
+    copied = inherit_from_teacher(student, tiny_teacher_ckpt, ["neck", "head"])
+    teacher = torch.load(tiny_teacher_ckpt, weights_only=False)["model"]
+    assert copied and all(k.startswith(("backbone.fpn.", "head.")) for k in copied)
+    sd = student.state_dict()
+    for k in copied:
+        torch.testing.assert_close(sd[k], teacher[k])
+    assert not any(k.startswith("backbone.body.") for k in copied)
+
+
+def test_inheritance_from_mismatched_neck_is_an_error(tiny_teacher_ckpt):
+    from mtpd.models import build_arch
+    from mtpd.trainer.student import inherit_from_teacher
+
+    student = build_arch("retinanet_tiny", num_classes=10, fpn_channels=32)
+    with pytest.raises(CheckpointError, match="cannot inherit the neck"):
+        inherit_from_teacher(student, tiny_teacher_ckpt, ["neck"])
+
+
+def test_eval_cli(tmp_path, digits, tiny_teacher_ckpt, capsys):
+    from mtpd.cli.eval import main
+
+    args = ["--checkpoint", tiny_teacher_ckpt, "--ann", digits["val"]["ann"], "--images", digits["val"]["images"], "--short", "64", "--long", "64"]
+    assert main(args + ["--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert set(stats) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert main(args) == 0 and "AP50" in capsys.readouterr().out
+    assert main(["--checkpoint", str(tmp_path / "nope.pt")] + args[2:]) == 2
+
+
+def test_order_puts_the_identical_teacher_first(tmp_path, digits, tiny_store, tiny_teacher_ckpt, capsys):
+    """A student equal to teacher A has distance 0 to A's store; a random other teacher is farther."""
+    from mtpd.cache.build import build_store
+    from mtpd.cli.plan import main
+    from mtpd.teachers.registry import TeacherSpec
+
+    other = str(tmp_path / "other")
+    build_store(TeacherSpec("retinanet_tiny_wide", "none", 10), digits["train"]["ann"], digits["train"]["images"], other,
+                views=ViewSpec(short=64, long=64, views=("orig", "hflip")), outputs=["fpn"], workers=0, images_per_shard=5, progress=False)
+    plan = write_plan(tmp_path, digits, [tiny_store],
+                      stages=[{"name": "a", "stores": [other], "losses": [{"name": "mse"}]}, {"name": "b", "stores": [tiny_store], "losses": [{"name": "mse"}]}])
+    out_plan = tmp_path / "ordered.yaml"
+    assert main(["order", "--student", tiny_teacher_ckpt, "--stores", other, tiny_store, "--images", "6", "--plan", str(plan),
+                 "--write", str(out_plan)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert tiny_store in lines[1] and lines[1].split()[1] == "0.0000"
+    assert other in lines[2]
+    assert [s["stores"][0] for s in yaml.safe_load(out_plan.read_text())["stages"]] == [tiny_store, other]
+
+
+LOSS_CASES = [("mgd", {}), ("mse", {}), ("pkd", {}), ("cwd", {}), ("cwd", {"target": "cls"}), ("kd", {}), ("rm", {}), ("pfi", {})]
+
+
+def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_teacher_ckpt):
+    """For the same batch and views, each loss from the lossless store equals the loss with the teacher
+    run inside the step, within fp16 rounding, and so do the gradients w.r.t. the student."""
+    from mtpd.models import build_arch, model_anchors, output_specs
+    from mtpd.models.detect import detector_forward
+    from mtpd.teachers.registry import build_teacher
+    from mtpd.trainer.losses import DistillBatch, build_loss
+    from mtpd.trainer.runner import online_targets
+    from mtpd.trainer.targets import DistillDataset, make_loader
+
+    ds = DistillDataset(CocoDataset(digits["train"]["ann"], digits["train"]["images"]), ViewSpec(short=64, long=64, views=("orig", "hflip")),
+                        [tiny_store], flip=True, seed=3, outputs=[["fpn", "cls"]])
+    batch = next(iter(make_loader(ds, 4, shuffle=False, workers=0, seed=0)))
+    assert {m.view for m in batch.metas} == {"orig", "hflip"}  # both views exercised
+    teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
+    online = online_targets([lambda x, names: teacher(x, names)], [["fpn", "cls"]], batch)[0]
+    # The store's only change to the teacher's values is fp16 rounding: check that exactly first.
+    for key, t in online.items():
+        torch.testing.assert_close(batch.teacher[0][key], t.half().float(), rtol=0, atol=0, msg=key)
+    torch.manual_seed(0)
+    student = build_arch("retinanet_tiny", num_classes=10, fpn_channels=32, width=8)
+    specs = output_specs(student)
+    anchors = model_anchors(student, tuple(batch.images.shape[-2:]))
+    for name, params in LOSS_CASES:
+        torch.manual_seed(1)
+        loss = build_loss(name, levels=(3, 4, 5), student_channels=32, teacher_channels=64, num_anchors=9, num_classes=10, **params)
+        results = []
+        for targets in (batch.teacher[0], online):
+            student.zero_grad()
+            loss.zero_grad()
+            if name == "mgd":
+                loss.generator = torch.Generator().manual_seed(7)  # the same random mask both times
+            out = detector_forward(student, batch.images, batch.image_sizes, None, names=("fpn", "cls"), detect=False)
+            db = DistillBatch(out.outputs, targets, batch.masks, batch.boxes, batch.labels, anchors, specs["cls"].num_anchors, 10, (3, 4, 5))
+            value = loss(db)
+            value.backward()
+            grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+            results.append((value.detach(), grads))
+        (v_cached, g_cached), (v_online, g_online) = results
+        assert float(v_online) != 0.0, name
+        torch.testing.assert_close(v_cached, v_online, rtol=2e-3, atol=1e-7, msg=f"{name} {params}")
+        # Gradient vectors agree in direction and size up to fp16 rounding of the targets.
+        cos = torch.nn.functional.cosine_similarity(g_cached, g_online, dim=0)
+        assert cos > 0.9999, (name, params, float(cos))
+        torch.testing.assert_close(g_cached.norm(), g_online.norm(), rtol=2e-3, atol=1e-9)
