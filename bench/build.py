@@ -82,7 +82,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--outputs", default="fpn,cls,box")
     p.add_argument("--precision", default="compact", help="the preset with the most encoding work")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-min", type=float, default=9.0)
     p.add_argument("--work-dir", default=None)
     p.add_argument("--no-write", action="store_true")

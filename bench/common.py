@@ -264,8 +264,9 @@ def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tup
     """Several stores from one teacher pass, in this process (no Ray), through the library's own
     layout, encode and write path: ``stores`` maps an output path to (precision, outputs).
 
-    Returns (seconds of the teacher pass, seconds of encode + write per store, raw outputs per
-    shard if ``keep_raw``: shard -> [(sample, {"fpn.p3": [C, H, W] float32, ...})]).
+    Returns (seconds of the teacher pass, CPU-seconds of encode + write per store (all threads of
+    this process: what a build worker's host cores spend), raw outputs per shard if ``keep_raw``:
+    shard -> [(sample, {"fpn.p3": [C, H, W] float32, ...})]).
     """
     from mtpd.cache.compute import ShardComputer, plan_layout
     from mtpd.cache.schema import get_precision
@@ -296,11 +297,10 @@ def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tup
             raw = first.infer(shard, first.load(shard))
             t_infer += time.perf_counter() - t0
             for out, comp in computers.items():
-                t0 = time.perf_counter()
-                header = comp.header
-                nbytes, checksum = write_shard(roots[out], header, shard, comp.encode(shard, raw))
+                c0 = time.process_time()
+                nbytes, checksum = write_shard(roots[out], comp.header, shard, comp.encode(shard, raw))
                 mark_done(roots[out], shard, nbytes, checksum)
-                t_write[out] += time.perf_counter() - t0
+                t_write[out] += time.process_time() - c0
             if keep_raw:
                 raws[shard] = raw
     finally:

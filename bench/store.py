@@ -277,10 +277,10 @@ def render(a, results: dict, short: int, long: int) -> str:
         for p in r["presets"]:
             tot[p["preset"]] = tot.get(p["preset"], 0) + p["bytes_per_image"]
         for pr, b in tot.items():
-            rows.append([ds, pr, "all", f"encode + write {r['seconds'][pr]:.2f} s/image (teacher {r['seconds']['teacher']:.1f})",
+            rows.append([ds, pr, "all", f"encode + write: {r['seconds'][pr]:.2f} CPU-s / image",
                          b / kib, float("nan"), float("nan"), float("nan"), float("nan")])
     lines += [table(["dataset", "preset", "output", "encoding", "KiB / image", "x smaller than fp32", "rel. RMSE %",
-                     "max |Δp|", "max rel. Δp % (p>1e-3)"], rows), ""]
+                     "max abs Δp", "max rel. Δp % (p>1e-3)"], rows), ""]
     irows = []
     for ds, r in results.items():
         sp = r["spectrum"]

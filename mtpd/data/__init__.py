@@ -9,6 +9,7 @@ from mtpd.data.views import (
     boxes_from_view,
     boxes_to_view,
     grid_size,
+    masks_to_view,
     prepare_view,
     view_meta,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "boxes_from_view",
     "boxes_to_view",
     "grid_size",
+    "masks_to_view",
     "prepare_view",
     "view_meta",
 ]

@@ -119,6 +119,30 @@ class CocoDataset:
             labels.append(self.cat_to_label[a["category_id"]])
         return Annotations(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
 
+    def instance_masks(self, idx: int) -> np.ndarray:
+        """[n, H, W] uint8 masks, aligned with ``annotations(idx)`` (Mask R-CNN targets).
+
+        Polygons and RLE decode through pycocotools; an annotation without a
+        segmentation (e.g. the digits set) uses its filled box.
+        """
+        from pycocotools import mask as mask_utils
+
+        rec = self.images[idx]
+        masks = []
+        for a in self._anns[rec.image_id]:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if w <= 0 or h <= 0:
+                continue
+            seg = a.get("segmentation")
+            if seg:
+                rle = mask_utils.frPyObjects(seg, rec.height, rec.width) if isinstance(seg, list) or isinstance(seg.get("counts"), list) else seg
+                m = mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle)
+            else:
+                m = np.zeros((rec.height, rec.width), np.uint8)
+                m[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = 1
+            masks.append(m)
+        return np.stack(masks) if masks else np.zeros((0, rec.height, rec.width), np.uint8)
+
     def image_path(self, idx: int) -> Path:
         return self.image_dir / self.images[idx].file_name
 

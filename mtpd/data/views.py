@@ -149,3 +149,17 @@ def boxes_from_view(boxes: np.ndarray, meta: ViewMeta) -> np.ndarray:
     b[:, [0, 2]] /= sx
     b[:, [1, 3]] /= sy
     return b
+
+
+def masks_to_view(masks: np.ndarray, meta: ViewMeta) -> torch.Tensor:
+    """[n, H, W] source-image masks -> [n, Hp, Wp] uint8 masks on the padded view (nearest resize)."""
+    m = torch.as_tensor(np.asarray(masks, dtype=np.uint8)).unsqueeze(1).float()
+    if m.shape[0] and meta.size != meta.orig_size:
+        m = F.interpolate(m, size=meta.size, mode="nearest")
+    elif not m.shape[0]:
+        m = torch.zeros(0, 1, *meta.size)
+    if meta.flip:
+        m = m.flip(-1)
+    ph, pw = meta.padded[0] - meta.size[0], meta.padded[1] - meta.size[1]
+    m = F.pad(m, (0, pw, 0, ph))
+    return m[:, 0].to(torch.uint8)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mtpd.cache.schema import StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewSpec
-from mtpd.models import model_anchors, output_specs, unwrap
+from mtpd.models import arch_family, model_anchors, output_specs, unwrap
 from mtpd.models.detect import DetectorStep
 from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.losses import DistillBatch, DistillLoss, build_loss, loss_defaults
@@ -206,7 +206,8 @@ class StageRunner:
         losses = build_losses(stage, student, readers, where)
         needs = [sorted({n for b in losses if b.store == s for n in b.loss.needs}) for s in range(len(readers))]
         self._needs = needs
-        ds = DistillDataset(train, spec, [] if self.online is not None else stage.stores, flip=plan.data.flip, seed=plan.seed, outputs=needs)
+        ds = DistillDataset(train, spec, [] if self.online is not None else stage.stores, flip=plan.data.flip, seed=plan.seed, outputs=needs,
+                            with_masks=arch_family(student) == "maskrcnn")
         sampler = EpochSampler(len(ds), plan.seed, self.rank, self.world)
         loader = make_loader(ds, plan.data.batch_size, shuffle=False, workers=plan.data.workers, seed=plan.seed, sampler=sampler)
         iters = len(loader)
@@ -275,6 +276,9 @@ class StageRunner:
     # -- the step -------------------------------------------------------------------
     def _step(self, model: nn.Module, student: nn.Module, batch: Batch, losses: list[BoundLoss], offset: int) -> dict[str, Tensor]:
         targets = [{"boxes": b, "labels": l + offset} for b, l in zip(batch.boxes, batch.labels)]
+        if batch.instance_masks is not None:
+            for t, m in zip(targets, batch.instance_masks):
+                t["masks"] = m
         names = sorted({n for b in losses for n in b.loss.needs}) or ["fpn"]
         det_losses, outputs = model(batch.images, batch.image_sizes, targets, names)
         parts = {f"det_{k}": v for k, v in det_losses.items()}
@@ -316,6 +320,8 @@ class StageRunner:
                 metrics.update(evaluate(unwrap(student), CocoDataset(d.val_ann, d.val_images), spec, d.val_batch_size, self.device))
             (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             self.log(f"stage {self.k} ({self.stage.name}) done: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        if self.world > 1:
+            dist.barrier()  # the next stage on every rank starts from the checkpoint rank 0 just wrote
         return StageResult(self.k, final, metrics)
 
 

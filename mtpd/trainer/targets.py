@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtpd.cache.schema import StoreError, decode_values
 from mtpd.cache.store import StoreReader, level_views
-from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, prepare_view
+from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, masks_to_view, prepare_view
 
 
 @dataclass
@@ -48,12 +48,14 @@ class Batch:
     # (strides of [B, h, w, C]): use reshape / permute, not view, to flatten.
     teacher: list[dict[str, torch.Tensor]]
     masks: dict[int, torch.Tensor]  # level -> [B, 1, h_l, w_l], 1 on valid cells
+    instance_masks: list[torch.Tensor] | None = None  # per image [n, H, W] (Mask R-CNN)
 
     def to(self, device: torch.device | str) -> "Batch":
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(mv(self.images), self.image_sizes, self.metas, self.image_ids, [mv(b) for b in self.boxes],
                      [mv(l) for l in self.labels], [{k: mv(v) for k, v in t.items()} for t in self.teacher],
-                     {k: mv(v) for k, v in self.masks.items()})
+                     {k: mv(v) for k, v in self.masks.items()},
+                     None if self.instance_masks is None else [mv(m) for m in self.instance_masks])
 
 
 def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec, flip: bool) -> None:
@@ -78,8 +80,9 @@ class DistillDataset(Dataset):
     """Map-style dataset over a COCO set, with teacher outputs from zero or more stores."""
 
     def __init__(self, dataset: CocoDataset, spec: ViewSpec, stores: list[str] | None = None, flip: bool = False,
-                 seed: int = 0, outputs: list[list[str]] | None = None) -> None:
+                 seed: int = 0, outputs: list[list[str]] | None = None, with_masks: bool = False) -> None:
         self.dataset = dataset
+        self.with_masks = with_masks
         self.spec = spec
         self.store_paths = list(stores or [])
         self.flip = flip
@@ -206,8 +209,11 @@ def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
     for i, s in enumerate(samples):
         _place(images, i, s.image)
     teacher, masks = collate_teacher(samples, stores_meta, (hp, wp))
+    instance = None
+    if samples[0].masks is not None:
+        instance = [torch.nn.functional.pad(s.masks, (0, wp - s.masks.shape[2], 0, hp - s.masks.shape[1])) for s in samples]
     return Batch(images, [s.meta.size for s in samples], [s.meta for s in samples], [s.image_id for s in samples],
-                 [s.boxes for s in samples], [s.labels for s in samples], teacher, masks)
+                 [s.boxes for s in samples], [s.labels for s in samples], teacher, masks, instance)
 
 
 def _worker_init(_: int) -> None:
