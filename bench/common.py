@@ -274,7 +274,10 @@ def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tup
     from mtpd.data import CocoDataset
     from mtpd.teachers.registry import TeacherSpec
 
+    import torch
+
     dataset = CocoDataset(ann, images)
+    torch.manual_seed(0)  # a random-init teacher is the same one on every run
     teacher = TeacherSpec(teacher_name, weights, num_classes).build()
     specs = teacher.output_specs()
     recs = dataset.images

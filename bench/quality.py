@@ -15,7 +15,7 @@ Rows (every student trains the same two stages of --stage-epochs epochs, seed by
 Targets (issue #4): cached within ±0.3 AP of online (paired by seed); progressive >= direct;
 compact within 0.3 AP of lossless. Data (2000 train / 400 val, seed 0), models, recipes and
 seeds are those of `mtpd-demo`, fixed before any run. Every finished stage is kept under
---out: rerunning the command resumes, and --write-results puts the table into bench/RESULTS.md.
+--out: rerunning the command resumes, and --write puts the table into bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,15 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROWS = ("baseline", "direct", "mtpd_mgd", "mtpd_rmpfi", "mtpd_mgd_online", "mtpd_mgd_compact")
-SECTION = "## Quality (bench/quality.py)"
+if __package__ in (None, ""):  # run as `python bench/quality.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import command_line, machine, write_section
+
+TITLE = "Quality (bench/quality.py)"
+# Run in this order within a seed: the targets' rows first, RM+PFI last.
+ROWS = ("baseline", "direct", "mtpd_mgd", "mtpd_mgd_online", "mtpd_mgd_compact", "mtpd_rmpfi")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)}")
     p.add_argument("--stage-epochs", type=int, default=None, help="epochs per stage (default: the demo's)")
+    p.add_argument("--quick", action="store_true", help="the demo's quick scale (a few images, one epoch per stage): checks the script, not quality")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--write-results", default=None, metavar="RESULTS_MD", help="write the quality section of this file (bench/RESULTS.md)")
+    p.add_argument("--write", action="store_true", help="write the table into its section of bench/RESULTS.md")
     return p
 
 
@@ -161,18 +167,6 @@ def _summary(results: dict[str, dict[int, float]], seeds: list[int]) -> tuple[li
     return lines, checks
 
 
-def _write_section(path: Path, body: str) -> None:
-    """Replace (or append) the quality section; other sections of the file stay as they are."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mtpd.cli.demo: spinning threads stall on shared CPUs
@@ -186,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r not in ROWS:
             raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
-    scale = recipes.FULL if a.stage_epochs is None else replace(recipes.FULL, stage_epochs=a.stage_epochs)
+    scale = recipes.QUICK if a.quick else recipes.FULL
+    if a.stage_epochs is not None:
+        scale = replace(scale, stage_epochs=a.stage_epochs)
     paths = steps.Paths(Path(a.out))
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -208,23 +204,19 @@ def main(argv: list[str] | None = None) -> int:
             (paths.root / "results.json").write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=2))
     table, checks = _summary(results, seeds)
     print("\n" + "\n".join(table) + "\n\n" + "\n".join(checks))
-    if a.write_results:
-        cmd = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.write:
         body = "\n".join([
-            SECTION, "",
-            f"Command: `{cmd.strip()}`  ",
-            f"Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()} {platform.processor() or ''}, "
-            f"{len(os.sched_getaffinity(0))} CPU cores (shared with other jobs), torch {torch.__version__}; "
-            f"wall time {(time.perf_counter() - t0) / 3600:.1f} h  ",
+            f"Command: `{command_line('quality.py', argv if argv is not None else sys.argv[1:])}`  ",
+            f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time {(time.perf_counter() - t0) / 3600:.1f} h  ",
             f"Setup: digits {scale.train} train / {scale.val} val at 128 px; student {recipes.STUDENT['arch']} "
             f"{recipes.STUDENT['options']}; teachers shipped in demo/teachers (weak {recipes.TEACHERS['weak']['arch']}, "
             f"strong {recipes.TEACHERS['strong']['arch']}); two stages of {scale.stage_epochs} epochs per student; "
             f"MGD α={recipes.MGD_WEIGHT}, λ={recipes.MGD_LAMBDA}; RM 4, PFI 1.5; seeds {seeds}. "
             "AP is COCO box AP (×100) on val after the last stage.", "",
-            *table, "", *checks, "",
+            *table, "", *checks,
         ])
-        _write_section(Path(a.write_results), body)
-        print(f"wrote the quality section of {a.write_results}")
+        write_section(TITLE, body)
+        print("wrote its section of bench/RESULTS.md")
     return 0
 
 

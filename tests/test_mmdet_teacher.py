@@ -43,7 +43,6 @@ CAFFE_PREPROCESSOR = {
 
 @pytest.fixture(scope="module")
 def retina() -> Teacher:
-    torch.manual_seed(0)
     return build_mmdet_teacher(RETINA, num_classes=10, cfg_options=SMALL)
 
 
@@ -91,16 +90,40 @@ def test_identity(retina: Teacher) -> None:
     assert other.identity.config != ident.config
 
 
+def test_random_init_is_reproducible(retina: Teacher) -> None:
+    """`none` weights are seeded: Ray workers building the same teacher agree."""
+    again = build_mmdet_teacher(RETINA, num_classes=10, cfg_options=SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(again(x, ["cls"])["cls.p4"], retina(x, ["cls"])["cls.p4"], rtol=0, atol=0)
+    assert retina.identity.extra["init_seed"] == 0
+
+
 def test_checkpoint_round_trip(retina: Teacher, tmp_path) -> None:
+    # Perturbed weights, so that matching outputs prove the checkpoint was loaded, not re-seeded.
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in retina.model.state_dict().items()}
     path = tmp_path / "retina.pth"
-    torch.save({"state_dict": retina.model.state_dict(), "meta": {"classes": [str(i) for i in range(10)]}}, path)
+    torch.save({"state_dict": state, "meta": {"classes": [str(i) for i in range(10)]}}, path)
     loaded = build_mmdet_teacher(RETINA, weights=str(path), num_classes=10, cfg_options=SMALL)
+    again = build_mmdet_teacher(RETINA, weights=str(path), num_classes=10, cfg_options=SMALL)
     x = torch.randn(2, 3, 64, 96)
-    a, b = retina(x, ["fpn", "cls", "box"]), loaded(x, ["fpn", "cls", "box"])
+    a, b = again(x, ["fpn", "cls", "box"]), loaded(x, ["fpn", "cls", "box"])
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert not torch.equal(retina(x, ["box"])["box.p3"], b["box.p3"])
+    for k, v in loaded.model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
     assert loaded.identity.weights == str(path.resolve())
     assert len(loaded.identity.weights_sha256) == 64
+
+
+def test_training_checkpoint_with_pickled_meta_loads_with_warning(retina: Teacher, tmp_path) -> None:
+    """mmengine training checkpoints pickle numpy objects in `meta`; torch's safe loader refuses them."""
+    path = tmp_path / "epoch_12.pth"
+    torch.save({"state_dict": retina.model.state_dict(), "meta": {"seed": np.int64(0)}, "message_hub": np.zeros(2)}, path)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        loaded = build_mmdet_teacher(RETINA, weights=str(path), num_classes=10, cfg_options=SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(x, ["cls"])["cls.p3"], retina(x, ["cls"])["cls.p3"], rtol=0, atol=0)
 
 
 def test_wrong_checkpoint_is_one_line_error(retina: Teacher, tmp_path) -> None:
@@ -120,8 +143,10 @@ def test_weight_errors(tmp_path) -> None:
         build_mmdet_teacher(RETINA, weights="default")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(TeacherError, match="cannot read checkpoint"):
+    with pytest.raises(TeacherError, match="cannot read checkpoint .*bad.pth"):
         build_mmdet_teacher(RETINA, weights=str(bad), cfg_options=SMALL)
+    with pytest.raises(TeacherError, match="no head with num_classes|cannot build"):
+        build_mmdet_teacher(RETINA, cfg_options={**SMALL, "model.bbox_head": None}, num_classes=3)
 
 
 def test_unknown_config_suggests_close_names() -> None:
@@ -172,8 +197,9 @@ def test_fcos_offers_centerness() -> None:
     specs = teacher.output_specs()
     assert set(specs) == {"fpn", "cls", "box", "ctr"}
     assert (specs["cls"].channels, specs["box"].channels, specs["ctr"].channels) == (5, 4, 1)
-    out = teacher(torch.randn(1, 3, 64, 96), ["ctr"])
-    assert out["ctr.p7"].shape == (1, 1, 1, 1) and out["ctr.p3"].shape == (1, 1, 8, 12)
+    # Batch 2: GroupNorm over a 1x1 P7 map with one channel per group needs more than one value.
+    out = teacher(torch.randn(2, 3, 64, 96), ["ctr"])
+    assert out["ctr.p7"].shape == (2, 1, 1, 1) and out["ctr.p3"].shape == (2, 1, 8, 12)
 
 
 def test_two_stage_offers_fpn_and_rpn() -> None:
@@ -220,7 +246,6 @@ def test_store_from_mmdet_teacher(tmp_path, digits, ray_session) -> None:
     from mtpd.cache.store import StoreReader
     from mtpd.data import CocoDataset, ViewSpec, prepare_view
 
-    torch.manual_seed(0)
     cfg = _small_config_file(tmp_path, num_classes=10)
     ckpt = tmp_path / "retina_tiny.pth"
     teacher = build_teacher("mmdet:" + cfg)

@@ -5,8 +5,9 @@ mmdet's ``MODELS`` registry), never a data pipeline and never a download, and
 runs only the cacheable part of it on prepared views:
 
 - one-stage detectors (RetinaNet, ATSS, GFL, FCOS, ...): neck features
-  ``fpn``, dense head class logits ``cls`` and box regression ``box``, plus
-  centerness ``ctr`` for heads that predict it (FCOS, ATSS);
+  ``fpn``, dense head class logits ``cls`` and box regression ``box`` (as the
+  head emits it: deltas for RetinaNet/ATSS/FCOS, 4*(reg_max+1) distribution
+  logits for GFL), plus centerness ``ctr`` for heads that predict it (FCOS, ATSS);
 - two-stage detectors (Faster/Mask R-CNN, Cascade): neck features ``fpn`` and
   the RPN head's ``rpn_obj``/``rpn_box``; RoI-head outputs depend on proposals
   and are not cacheable.
@@ -18,15 +19,17 @@ an unusual set of outputs fails loudly instead of being mislabelled.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -40,9 +43,17 @@ Triple = tuple[float, float, float]
 # returning a third output without one of these (VFNet, PAA, DDOD) returns
 # something else, which is not offered.
 _CENTERNESS_CONVS = ("conv_centerness", "atss_centerness")
+# Seed of the random init behind weights="none" (recorded in the identity).
+NONE_SEED = 0
 
 
 # --------------------------------------------------------------------------- config
+
+
+def _one_line(exc: BaseException) -> str:
+    """mmengine and torch errors span lines; ours are one line, the traceback keeps the rest."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:400]}{'…' if len(text) > 400 else ''}"
 
 
 def configs_root() -> Path:
@@ -137,7 +148,7 @@ def load_model_config(path: Path, num_classes: int | None, cfg_options: dict | N
     try:
         cfg = Config.fromfile(str(path))
     except Exception as exc:  # mmengine raises many types for syntax/base errors
-        raise TeacherError(f"cannot read mmdet config {path}: {type(exc).__name__}: {exc}") from exc
+        raise TeacherError(f"cannot read mmdet config {path}: {_one_line(exc)}") from exc
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     if "model" not in cfg:
@@ -169,16 +180,19 @@ def file_sha256(path: Path) -> str:
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "Unsupported global" not in msg and "can still be loaded" not in msg:  # a corrupt file, not a refused object
+            raise TeacherError(f"cannot read checkpoint {path}: not a readable torch file (is it a .pth checkpoint?)") from exc
         # Full mmengine training checkpoints pickle numpy/mmengine objects in
         # `meta`/`message_hub`; the user named this file, so trust it, but say so.
         warnings.warn(f"{path} holds more than tensors; loading it with full unpickling (only for files you trust)")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise TeacherError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        except Exception as err:
+            raise TeacherError(f"cannot read checkpoint {path}: {_one_line(err)}") from err
     except Exception as exc:
-        raise TeacherError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc} (is it a torch .pth file?)") from exc
+        raise TeacherError(f"cannot read checkpoint {path}: {_one_line(exc)} (is it a torch .pth file?)") from exc
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -216,7 +230,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
 class InputConversion(nn.Module):
     """Maps a view normalised with (view_mean, view_std) on RGB 0-255 to what the
     model's data_preprocessor would have produced: per-channel affine plus an
-    optional RGB->BGR flip. Identity (and skipped) for ImageNet-RGB models."""
+    optional RGB->BGR flip. Identity (and skipped) for ImageNet-RGB models.
+    Padding (0 in view space, the view's mean pixel) maps to 0 in model space
+    exactly when the model's mean is the same pixel, as for Caffe configs."""
 
     def __init__(self, perm: Sequence[int], scale: Sequence[float], shift: Sequence[float]) -> None:
         super().__init__()
@@ -368,6 +384,20 @@ class MMDetTeacher:
         return specs
 
 
+@contextlib.contextmanager
+def _quiet_mmengine() -> Iterator[None]:
+    """mmengine logs every parameter's init at INFO; a cache build wants warnings only."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_mmdet_teacher(
     config: str,
     weights: str = "none",
@@ -382,7 +412,8 @@ def build_mmdet_teacher(
 
     ``config``: a config file, or the name of a config bundled with mmdet.
     ``weights``: a local mmdet checkpoint (``{"state_dict", "meta"}``) or ``none``
-    (mmdet's random init). ``num_classes`` overrides the config's class count.
+    (mmdet's random init, seeded with ``NONE_SEED`` so rebuilds agree).
+    ``num_classes`` overrides the config's class count (``bbox_head``, RoI heads).
     ``view_mean``/``view_std``: the normalisation of the views fed in (the view
     spec's); inputs are converted to the model's own data_preprocessor settings.
     ``cfg_options``: mmengine dotted-key overrides (``{"model.backbone.depth": 18}``),
@@ -393,7 +424,7 @@ def build_mmdet_teacher(
             "mmdet teachers have no 'default' weights here (mtpd never downloads): download the checkpoint "
             "from mmdet's model zoo yourself and pass its path as weights, or use 'none' for random weights"
         )
-    wpath = None if weights == "none" else Path(weights).expanduser()
+    wpath = None if weights == "none" else Path(weights).expanduser().resolve()
     if wpath is not None and not wpath.is_file():
         raise TeacherError(f"checkpoint {weights} not found: pass a local mmdet .pth file, or 'none' for random weights")
     try:
@@ -405,14 +436,18 @@ def build_mmdet_teacher(
     path = resolve_config(config)
     cfg = load_model_config(path, num_classes, cfg_options, config)
     register_all_modules(init_default_scope=True)
-    try:
-        model = MODELS.build(cfg.model)
-    except Exception as exc:  # registry errors wrap the real cause in a long chain
-        raise TeacherError(f"cannot build the model of mmdet config {path}: {type(exc).__name__}: {exc}") from exc
-    if wpath is None:
-        model.init_weights()  # mmdet's own init (e.g. focal-loss bias prior); pretrained entries were removed
-    else:
-        load_weights(model, wpath)
+    # `none` weights come from a fixed seed, so every Ray worker of one build holds
+    # the same random teacher; fork_rng keeps the caller's RNG stream untouched.
+    with _quiet_mmengine(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(NONE_SEED)
+        try:
+            model = MODELS.build(cfg.model)
+        except Exception as exc:  # registry errors wrap the real cause in a long chain
+            raise TeacherError(f"cannot build the model of mmdet config {path}: {_one_line(exc)}") from exc
+        if wpath is None:
+            model.init_weights()  # mmdet's own init (e.g. focal-loss bias prior); pretrained entries were removed
+        else:
+            load_weights(model, wpath)
 
     model_cfg = cfg.model.to_dict()
     conversion = input_conversion(model_cfg.get("data_preprocessor"), tuple(view_mean), tuple(view_std))
@@ -421,6 +456,7 @@ def build_mmdet_teacher(
         config=config_digest(model_cfg),
         weights=str(weights) if wpath is None else str(wpath),
         weights_sha256="" if wpath is None else file_sha256(wpath),
-        extra={"model": type(model).__name__, "input": conversion.describe()},
+        extra={"model": type(model).__name__, "input": conversion.describe(),
+               **({"init_seed": NONE_SEED} if wpath is None else {})},
     )
     return MMDetTeacher(model, identity, conversion, device=device)

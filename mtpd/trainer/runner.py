@@ -125,6 +125,7 @@ def online_targets(fns: list[OnlineTarget], needs: list[list[str]], batch: Batch
     """The online baseline: each teacher runs on each view padded on its own (as the store builder
     does, so results do not depend on batch padding), then its maps go on the batch grid like cached ones."""
     out = []
+    made: set[int] = set()
     for fn, names in zip(fns, needs):
         maps: dict[str, Tensor] = {}
         for i, meta in enumerate(batch.metas):
@@ -137,6 +138,10 @@ def online_targets(fns: list[OnlineTarget], needs: list[list[str]], batch: Batch
                 vh, vw = -(-meta.size[0] // 2**lvl), -(-meta.size[1] // 2**lvl)
                 dst = maps.setdefault(key, torch.zeros(len(batch.metas), t.shape[1], gh, gw, device=t.device))
                 dst[i, :, :vh, :vw] = t[0, :, :vh, :vw]
+                if lvl not in batch.masks or lvl in made:
+                    # Online runs read no store, so collate made no valid-cell masks: make them as it does.
+                    made.add(lvl)
+                    batch.masks.setdefault(lvl, torch.zeros(len(batch.metas), 1, gh, gw, device=t.device))[i, :, :vh, :vw] = 1
         out.append(maps)
     return out
 

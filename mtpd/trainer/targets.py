@@ -34,6 +34,7 @@ class Sample:
     boxes: torch.Tensor  # [n, 4] xyxy in view pixels
     labels: torch.Tensor  # [n]
     teacher: list[dict[str, list[torch.Tensor]]]  # per store: name -> per-level [C, h, w] (float16 for fp16 stores)
+    masks: torch.Tensor | None = None  # [n, Hp, Wp] uint8 instance masks on the padded view (Mask R-CNN), else None
 
 
 @dataclass
@@ -125,7 +126,8 @@ class DistillDataset(Dataset):
         ann = self.dataset.annotations(idx)
         image_id = self.dataset.images[idx].image_id
         boxes = torch.as_tensor(boxes_to_view(ann.boxes, meta), dtype=torch.float32)
-        return Sample(img, meta, image_id, boxes, torch.as_tensor(ann.labels), self.teacher_targets(image_id, view))
+        masks = masks_to_view(self.dataset.instance_masks(idx), meta) if self.with_masks else None
+        return Sample(img, meta, image_id, boxes, torch.as_tensor(ann.labels), self.teacher_targets(image_id, view), masks)
 
     def teacher_targets(self, image_id: int, view: str) -> list[dict[str, list[torch.Tensor]]]:
         """Per store: name -> per-level [C, h, w] maps of one view (views into the stored row, not copies)."""
