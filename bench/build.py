@@ -219,7 +219,19 @@ def render(a, short: int, long: int, threads: int, results: dict) -> str:
             ["steady state, wall clock (moves with other jobs' load)", str(steady), "≥ 0.9", "yes" if steady.median >= 0.9 else "no"],
             ["end to end, wall clock (incl. actor start, teacher build, store creation)", str(e2e), "–", "–"],
         ]),
+        "",
     ]
+    t_cpu = median([v[2] for v in results["teacher-only"]])
+    b_cpu = median([v[2] for v in results["build"]])
+    lines.append(
+        f"The build spends {b_cpu - t_cpu:.3g} CPU-s per image beyond the teacher's {t_cpu:.3g} (flatten, quantise, Blosc, checksum, "
+        "zarr write). Encoding and writing run outside the teacher lock, on other threads, while the next shard's forward runs "
+        "(`SHARDS_IN_FLIGHT` shards per worker); on this 2-core machine the teacher already keeps both cores busy, so the extra "
+        "CPU work can only fill the forward's idle gaps and the CPU-s ratio is the honest bound here. On a GPU worker the forward "
+        "runs on the GPU and the same work lands on host cores that are otherwise idle: the build keeps pace as long as the host "
+        "has about (teacher images/s x extra CPU-s per image) cores for it (see bench/SCALING.md). End to end, a few images "
+        "carry fixed costs (Ray actor start, a second teacher construction to validate outputs before Ray starts, store "
+        "creation) that COCO's 118k images amortise.")
     return "\n".join(lines)
 
 

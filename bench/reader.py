@@ -155,7 +155,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", default="800x1333", help="view short x long side")
     p.add_argument("--images", type=int, default=2, help="distinct images in the stores (the loader cycles over them)")
-    p.add_argument("--samples", type=int, default=96, help="samples per measurement")
+    p.add_argument("--samples", type=int, default=64, help="samples per measurement")
     p.add_argument("--batch", type=int, default=2, help="samples per batch (MTPD: 2 per GPU)")
     p.add_argument("--teacher", default="retinanet_resnet50_fpn")
     p.add_argument("--classes", type=int, default=80)
@@ -171,12 +171,57 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def recodec(src: str, dst: str, cname: str) -> None:
+    """A copy of store ``src`` whose outputs use Blosc ``cname`` (same values, same layout): a what-if
+    for the codec choice, made here without touching the library's CODEC."""
+    from numcodecs import Blosc  # noqa: F401 - zarr's BloscCodec wraps it
+    from zarr.codecs import BloscCodec
+
+    import mtpd.cache.store as store_mod
+    from mtpd.cache.store import StoreReader, create_store, mark_done, read_shard_blocks, write_shard
+
+    r = StoreReader(src)
+    idx = r.root["index"]
+    saved = store_mod._compressor
+    store_mod._compressor = lambda: BloscCodec(cname=cname, clevel=store_mod.CODEC["clevel"], shuffle=store_mod.CODEC["shuffle"])
+    try:
+        root = create_store(dst, r.header, r.image_ids, r.orig_size, r.file_names(), np.asarray(idx["view_size"][:]), r.grid)
+    finally:
+        store_mod._compressor = saved
+    for shard in range(r.header.num_shards):
+        nbytes, checksum = write_shard(root, r.header, shard, read_shard_blocks(r.root, r.header, shard))
+        mark_done(root, shard, nbytes, checksum)
+
+
+def breakdown(ds, samples: int) -> dict[str, float]:
+    """In-process CPU ms per sample of the two parts of the targets path: store read (zarr + Blosc) and collate."""
+    from mtpd.trainer.targets import collate_teacher
+
+    t = TargetsOnly(ds)
+    r = ds.readers()[0]
+    metas = [r.header.outputs]
+    read = coll = 0.0
+    for i in range(samples):
+        c0 = time.process_time()
+        r.read_rows(i % len(t))
+        c1 = time.process_time()
+        smp = t[i % len(t)]
+        c2 = time.process_time()
+        collate_teacher([smp], metas, smp.meta.padded)
+        c3 = time.process_time()
+        read += c1 - c0
+        coll += c3 - c2
+    return {"read": 1000 * read / samples, "collate": 1000 * coll / samples}
+
+
 def main(argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
     t_start = time.monotonic()
     short, long = (int(x) for x in a.size.lower().split("x"))
     workers = [int(w) for w in a.workers.split(",")]
+    one = workers[:1]
+    from mtpd.cache.store import StoreReader
     from mtpd.data import CocoDataset, ViewSpec
     from mtpd.trainer.targets import DistillDataset, _Collate
 
@@ -193,22 +238,26 @@ def main(argv: list[str] | None = None) -> str:
         paths = {k: str(work / k.replace(", ", "_").replace("+", "_")) for k in stores}
         print(f"building {len(stores)} stores from one pass of {a.teacher} over {a.images} image(s) at {short}x{long} ...", flush=True)
         t_infer, _, _ = build_stores(a.teacher, data["ann"], data["images"], {paths[k]: v for k, v in stores.items()}, views, a.classes)
+        lz4 = "compact, fpn, Blosc-lz4 (what-if)"
+        paths[lz4] = str(work / "compact_fpn_lz4")
+        recodec(paths["compact, fpn"], paths[lz4], "lz4")
         coco = CocoDataset(data["ann"], data["images"])
-        configs = {}
-        for k in stores:
-            ds = DistillDataset(coco, views, [paths[k]])
-            metas = [r.header.outputs for r in ds.readers()]
-            configs[f"targets | {k}"] = (TargetsOnly(ds), TargetsCollate(metas, legacy=False))
-        ds = DistillDataset(coco, views, [paths["compact, fpn"]])
-        metas = [r.header.outputs for r in ds.readers()]
-        configs["targets (before) | compact, fpn"] = (TargetsOnly(ds, legacy=True), TargetsCollate(metas, legacy=True))
-        configs["full | compact, fpn"] = (ds, _Collate(metas))
-        plain = DistillDataset(coco, views, [])
-        configs["images | no store"] = (plain, _Collate([]))
+        ds = {k: DistillDataset(coco, views, [p]) for k, p in paths.items()}
+        metas = {k: [r.header.outputs for r in d.readers()] for k, d in ds.items()}
+        configs = [  # (mode, store, dataset, collate, worker counts)
+            ("targets", "compact, fpn", TargetsOnly(ds["compact, fpn"]), TargetsCollate(metas["compact, fpn"], False), workers),
+            ("targets", lz4, TargetsOnly(ds[lz4]), TargetsCollate(metas[lz4], False), one),
+            ("targets", "high, fpn", TargetsOnly(ds["high, fpn"]), TargetsCollate(metas["high, fpn"], False), one),
+            ("targets", "lossless, fpn", TargetsOnly(ds["lossless, fpn"]), TargetsCollate(metas["lossless, fpn"], False), one),
+            ("targets", "compact, fpn+cls+box", TargetsOnly(ds["compact, fpn+cls+box"]), TargetsCollate(metas["compact, fpn+cls+box"], False), one),
+            ("targets (before)", "compact, fpn", TargetsOnly(ds["compact, fpn"], legacy=True), TargetsCollate(metas["compact, fpn"], True), one),
+            ("full", "compact, fpn", ds["compact, fpn"], _Collate(metas["compact, fpn"]), workers),
+            ("images", "no store", DistillDataset(coco, views, []), _Collate([]), one),
+        ]
         runs, results = {}, {}
-        for name, (dset, coll) in configs.items():
-            for w in workers:
-                key = f"{name} | {w}"
+        for mode, store, dset, coll, ws in configs:
+            for w in ws:
+                key = f"{mode} | {store} | {w}"
                 results[key] = []
 
                 def run(dset=dset, coll=coll, w=w, key=key) -> float:
@@ -217,40 +266,49 @@ def main(argv: list[str] | None = None) -> str:
                 runs[key] = run
         print(f"measuring {len(runs)} loader configurations, {a.rounds} round(s) ...", flush=True)
         cpu_per_sample = interleave(runs, a.rounds, deadline=t_start + 60 * a.budget_min, log=lambda s: print(s[:300], flush=True))
-        from mtpd.cache.store import StoreReader
-
+        parts = {k: breakdown(ds[k], max(4, a.samples // 8)) for k in ("compact, fpn", lz4)}
+        sizes = {k: _output_mib(Path(paths[k])) / a.images for k in ("compact, fpn", lz4)}
         fpn = StoreReader(paths["compact, fpn"]).header.outputs["fpn"]
         shape = (fpn["levels"], int(fpn["channels"]), int(fpn["l_max"]))
-    body = render(a, short, long, workers, results, cpu_per_sample, t_infer, shape)
+    body = render(a, short, long, workers, results, cpu_per_sample, t_infer, shape, parts, sizes, lz4)
     return report(TITLE, f"{short}x{long}, batch {a.batch}" + (" (quick)" if a.quick else ""), "reader.py", argv, body, write=not a.no_write)
 
 
+def _output_mib(store: Path) -> float:
+    return sum(f.stat().st_size for f in (store / "outputs").rglob("*") if f.is_file()) / 2**20
+
+
 def render(a, short: int, long: int, workers: list[int], results: dict, cpu_per_sample: dict, t_infer: float,
-           shape: tuple[list[int], int, int]) -> str:
+           shape: tuple[list[int], int, int], parts: dict, sizes: dict, lz4: str) -> str:
     rows = []
     for key, vals in results.items():
         mode, store, w = key.split(" | ")
         rows.append([mode, store, int(w), median([v[0] for v in vals]), median([v[1] for v in vals])])
     w1 = workers[0]
-    target_key = f"targets | compact, fpn | {w1}"
-    per_core = median([v[1] for v in results[target_key]])
-    speedup = ratio(cpu_per_sample[f"targets (before) | compact, fpn | {w1}"], cpu_per_sample[target_key])
+    per_core = median([v[1] for v in results[f"targets | compact, fpn | {w1}"]])
+    speedup = ratio(cpu_per_sample[f"targets (before) | compact, fpn | {w1}"], cpu_per_sample[f"targets | compact, fpn | {w1}"])
+    lz4_gain = ratio(cpu_per_sample[f"targets | compact, fpn | {w1}"], cpu_per_sample[f"targets | {lz4} | {w1}"])
     full = median([v[1] for v in results[f"full | compact, fpn | {w1}"]])
     plain = median([v[1] for v in results[f"images | no store | {w1}"]])
     levels, channels, cells = shape
+    pz, pl = parts["compact, fpn"], parts[lz4]
     lines = [
         f"Stores of `{a.teacher}` (random init, `--weights none`) on {a.images} natural-image-like image(s), views {short}x{long}: "
         f"P{levels[0]}–P{levels[-1]} x {channels} channels = {cells:,} cells x {channels} = {cells * channels / 1e6:.2f} M feature values per sample "
         f"(the teacher pass took {t_infer:.0f} s, not counted). Batch {a.batch}; files in the page cache (local disk, not object storage). "
         f"'per worker core' = samples per CPU-second used by the loader's worker processes ({w1 if w1 else 'in-process'} "
         f"being the single-worker row); wall samples/s moves with the machine's load, per-core rates much less. Medians of "
-        f"{len(next(iter(results.values())))} interleaved round(s).",
+        f"{len(next(iter(results.values())))} interleaved round(s). The Blosc-lz4 row is a what-if: the compact store's very "
+        f"values re-written with Blosc lz4 (bitshuffle) instead of zstd; the library's codec is unchanged.",
         "",
         table(["mode", "store", "workers", "samples/s (wall)", "samples/s per worker core"], rows),
         "",
         table(["check", "measured", "target", "met"], [
             ["compact FPN-only targets, samples/s per worker core", per_core, "≥ 60", "yes" if per_core >= 60 else "no"],
             ["reader before → after (CPU per sample, same run)", f"{speedup} x faster", "–", "–"],
+            ["in-process CPU ms per sample, zstd: store read / collate", f"{pz['read']:.1f} / {pz['collate']:.1f}", "–", "–"],
+            ["in-process CPU ms per sample, lz4: store read / collate", f"{pl['read']:.1f} / {pl['collate']:.1f}", "–", "–"],
+            ["what-if Blosc-lz4 vs zstd: speed / MiB per sample", f"{lz4_gain} x faster / {sizes[lz4]:.2f} vs {sizes['compact, fpn']:.2f}", "–", "–"],
             ["full samples per core: with compact store / without", f"{full:.3g} / {plain:.3g}", "–", "–"],
         ]),
     ]

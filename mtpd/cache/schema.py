@@ -238,11 +238,3 @@ def shard_checksum(blocks: dict[str, np.ndarray]) -> int:
         h.update(name.encode())
         h.update(np.ascontiguousarray(blocks[name]).tobytes())
     return int.from_bytes(h.digest(), "little")
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

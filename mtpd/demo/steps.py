@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,11 +238,12 @@ def build_teacher_store(t: TeacherInfo, paths: Paths, precision: str, log: Log) 
     out = paths.stores / f"{t.key}_{precision}"
     show(["mtpd-cache", "build", "--teacher", t.arch, "--weights", t.checkpoint, "--ann", paths.ann("train"),
           "--images", paths.images("train"), "--out", out, "--views", "orig,hflip", "--short", recipes.SIZE,
-          "--long", recipes.SIZE, "--outputs", "fpn", "--precision", precision, "--workers", 1], log)
+          "--long", recipes.SIZE, "--outputs", "fpn", "--precision", precision, "--workers", 1, "--batch-size", 16,
+          "--images-per-shard", 64], log)
     t0 = time.perf_counter()
     rep = build_store(TeacherSpec(t.arch, str(t.checkpoint)), str(paths.ann("train")), str(paths.images("train")), str(out),
                       views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")), outputs=["fpn"],
-                      precision=precision, batch_size=16, workers=1, images_per_shard=64, progress=False)
+                      precision=precision, batch_size=16, workers=1, images_per_shard=64, progress=sys.stderr.isatty())
     dt = time.perf_counter() - t0
     if rep.shards_written:
         log(f"  {rep.shards_written} shards, {rep.bytes_written / 2**20:.1f} MiB in {dt:.0f}s")

@@ -37,6 +37,7 @@ from torch import nn
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
 from mtpd.outputs import OutputSpec
 from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
+from mtpd.teachers.torchvision_adapter import sha256_file
 
 Triple = tuple[float, float, float]
 # Attribute names of the centerness conv in mmdet's FCOS and ATSS heads; a head
@@ -167,14 +168,6 @@ def config_digest(model_cfg: dict) -> str:
 
 
 # --------------------------------------------------------------------------- weights
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -455,7 +448,7 @@ def build_mmdet_teacher(
         name="mmdet:" + config,
         config=config_digest(model_cfg),
         weights=str(weights) if wpath is None else str(wpath),
-        weights_sha256="" if wpath is None else file_sha256(wpath),
+        weights_sha256="" if wpath is None else sha256_file(wpath),
         extra={"model": type(model).__name__, "input": conversion.describe(),
                **({"init_seed": NONE_SEED} if wpath is None else {})},
     )
