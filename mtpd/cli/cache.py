@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from mtpd.cli import HelpFormatter
+
 from mtpd.cache.schema import PRECISIONS, StoreError
 
 EPILOG = """examples:
@@ -26,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="run a teacher over a COCO-format dataset and write its outputs to a store",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--teacher", required=True, help="registered name (see --list-teachers), mmdet:CONFIG, or package.module:factory")
+                       formatter_class=HelpFormatter)
+    b.add_argument("--teacher", required=True, help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, or package.module:factory")
     b.add_argument("--weights", default="none", help="checkpoint path, 'default' (COCO weights from the local torch cache) or 'none' (random init)")
     b.add_argument("--num-classes", type=int, default=None, help="classes of a randomly initialised teacher (default: the dataset's)")
     b.add_argument("--ann", required=True, help="COCO instances JSON")

@@ -6,17 +6,19 @@ import argparse
 import json
 import sys
 
+from mtpd.cli import HelpFormatter
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mtpd-eval", description="COCO box AP, AP50, AP75, APs/m/l of a checkpoint (faster-coco-eval where installed, else pycocotools).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="student checkpoint written by mtpd-train (stage_K/final.pt)")
     p.add_argument("--ann", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--short", type=int, default=None, help="view short side (default: the plan's, saved beside the checkpoint, else 800)")
     p.add_argument("--long", type=int, default=None, help="view long side bound (default: the plan's, else 1333)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="views per forward")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     a = p.parse_args(argv)
 

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 
+from mtpd.cli import HelpFormatter
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpd-plan", description="Plan utilities.")
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("order", help="order teacher stores nearest-first by feature distance to a student (1 - linear CKA)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="Measures, on a calibration subset, how far the student's FPN features are from each cached teacher's "
                                    "(1 - linear CKA per level, averaged) and prints the stores nearest first. With --plan and --write, "
                                    "reorders that plan's single-store stages to match.")
@@ -22,8 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--image-dir", default=None, help="image folder (default: the plan's train_images)")
     o.add_argument("--plan", default=None, help="plan whose data to use, and to rewrite with --write")
     o.add_argument("--write", default=None, metavar="OUT_PLAN", help="write the plan with its stages in the measured order here")
-    o.add_argument("--device", default="cpu")
-    o.add_argument("--json", action="store_true")
+    o.add_argument("--device", default="cpu", help="cpu or cuda")
+    o.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
