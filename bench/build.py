@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> str:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
         started = True
-    # What build_store gives its single CPU worker: every core as torch threads (a GPU worker: the GPU).
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # What build_store gives its single worker: every core as torch threads on CPU, 2 threads beside a GPU.
+    threads = 2 if a.device.startswith("cuda") else max(1, int(ray.cluster_resources().get("CPU", 1)))
     opts = {"num_gpus": 1, "num_cpus": 1} if a.device.startswith("cuda") else {"num_cpus": 1}
     results: dict[str, list[tuple[float, float]]] = {"teacher-only": [], "build": []}
     try:
@@ -233,7 +233,7 @@ def render(a, short: int, long: int, threads: int, results: dict) -> str:
         "(`SHARDS_IN_FLIGHT` shards per worker); on this 2-core machine the teacher already keeps both cores busy, so the extra "
         "CPU work can only fill the forward's idle gaps and the CPU-s ratio is the honest bound here. On a GPU worker the forward "
         "runs on the GPU and the same work lands on host cores that are otherwise idle: the build keeps pace as long as the host "
-        "has about (teacher images/s x extra CPU-s per image) cores for it (see bench/SCALING.md). End to end, a few images "
+        "has about (teacher images/s x extra CPU-s per image) cores for it (see the README's Scaling to COCO section). End to end, a few images "
         "carry fixed costs (Ray actor start, a second teacher construction to validate outputs before Ray starts, store "
         "creation) that COCO's 118k images amortise.")
     return "\n".join(lines)

@@ -14,7 +14,6 @@ import platform
 import re
 import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -174,7 +174,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def recodec(src: str, dst: str, cname: str) -> None:
     """A copy of store ``src`` whose outputs use Blosc ``cname`` (same values, same layout): a what-if
     for the codec choice, made here without touching the library's CODEC."""
-    from numcodecs import Blosc  # noqa: F401 - zarr's BloscCodec wraps it
     from zarr.codecs import BloscCodec
 
     import mtpd.cache.store as store_mod
@@ -203,7 +202,8 @@ def breakdown(ds, samples: int) -> dict[str, float]:
 
     from mtpd.trainer.targets import _worker_init, collate_teacher
 
-    _worker_init(0)  # the bench measures nothing after this; the process keeps these settings
+    threads = torch.get_num_threads()
+    _worker_init(0)  # zarr and Blosc keep these settings: the bench reads nothing after this
 
     t = TargetsOnly(ds)
     r = ds.readers()[0]
@@ -219,6 +219,7 @@ def breakdown(ds, samples: int) -> dict[str, float]:
         c3 = time.process_time()
         read += c1 - c0
         coll += c3 - c2
+    torch.set_num_threads(threads)
     return {"read": 1000 * read / samples, "collate": 1000 * coll / samples}
 
 
@@ -327,10 +328,11 @@ def render(a, short: int, long: int, workers: list[int], results: dict, cpu_per_
             f"worker CPU: the store read ({pz['read']:.0f} ms, mostly Blosc-zstd decompressing {cells * channels * 2 / 2**20:.1f} MiB of "
             f"fp16), the collate ({pz['collate']:.1f} ms: cast and placement in one pass) and the DataLoader hand-off (the rest: "
             f"allocating {cells * channels * 4 / 2**20:.0f} MiB of float32 targets per sample in shared memory, pickling, the worker "
-            "loop). Decompression alone is near the budget at this size on these cores; lz4 instead of zstd does not change the "
-            "total measurably (row above). What would: handing fp16 targets to the training process and casting on the GPU (half "
-            "the shared-memory bytes), which changes the Batch contract and is left as a proposal. A training GPU needs only "
-            "about 10–50 samples/s (bench/SCALING.md), i.e. 1–2 worker cores for targets at this rate.")
+            "loop). Decompression alone is near the budget at this size on these cores. Blosc lz4 instead of zstd (the README's "
+            f"codec) reads {lz4_gain.median:.2f}x as fast in this run for {sizes[lz4] / sizes['compact, fpn'] - 1:+.0%} bytes (rows above; "
+            "a codec change is a format decision, left to the store's owners); handing fp16 targets to the training process and "
+            "casting on the GPU would halve the shared-memory bytes but changes the Batch contract (a proposal). A training GPU "
+            "needs about 10–50 samples/s (the README's Scaling to COCO section): 1–3 worker cores for targets at this rate.")
     return "\n".join(lines)
 
 

@@ -443,11 +443,14 @@ def render(a: argparse.Namespace, cfg: Config, times: dict, phases: dict, stats:
     a_t, c_t = median(times["a"]), median(times["c"])
     if judge.median > 1.10:
         lines.append(
-            f"(c)/(a) gap: (c) waits {ph['c']['data']:.3g} s for data against (a)'s {ph['a']['data']:.3g} s, so reading the store is not "
-            f"what costs; the `{cfg.loss}` loss is: its forward alone takes {ph['c']['distill']:.3g} s and its backward (MGD trains a "
+            f"(c)/(a) gap: (c) waits {ph['c']['data']:.3g} s for data against (a)'s {ph['a']['data']:.3g} s, and its loader workers "
+            f"spend {stats['c']['loader_cpu_per_step']:.3g} CPU-s per step against (a)'s {stats['a']['loader_cpu_per_step']:.3g} "
+            f"({(stats['c']['loader_cpu_per_step'] - stats['a']['loader_cpu_per_step']) / median(cpu['a']) * 100:.1f}% of a step), so "
+            f"reading the store is not what costs; the `{cfg.loss}` loss is: its forward alone takes {ph['c']['distill']:.3g} s and its backward (MGD trains a "
             f"3x3–ReLU–3x3 generator on 256 channels at every level) adds to backward+opt ({ph['c']['backward']:.3g} s vs "
             f"{ph['a']['backward']:.3g} s). The online candidate (b) pays the same loss; what caching removes is the teacher forward.")
     if judge_b.median < 1.5:
+        lines += [""] if lines[-1] else []
         lines.append(
             f"(b)/(c) gap (wall-clock medians): the teacher forward costs {ph['b']['teacher']:.3g} s against a {c_t:.3g} s cached step, so (b)/(c) is at most "
             f"about 1 + {ph['b']['teacher']:.3g}/{c_t:.3g} = {1 + ph['b']['teacher'] / c_t:.2f}. MTPD distils FPN maps only, so (b) runs "

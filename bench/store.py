@@ -313,6 +313,7 @@ def render(a, results: dict, short: int, long: int) -> str:
         best_abs = min((i for i in r["ideas"] if i["variant"].startswith("absolute") and i["rel_rmse"] <= 0.01),
                        key=lambda i: i["bytes_per_image"], default=None)
         pca_1pct = [i for i in r["ideas"] if i["variant"].startswith("PCA") and i["rel_rmse"] <= 0.01]
+        lines += [""] if lines[-1] else []
         lines.append(
             f"{ds}: compact stores {32 / comp['ratio']:.2f} bits per FPN value at {comp['rel_rmse'] * 100:.2f}% rel. RMSE; 1/8 is 4 bits. "
             f"The Gaussian bound of the measured spectrum is {sp['rd_bits_1pct']:.2f} bits/value at 1% for an ideal coder that codes "
