@@ -1,10 +1,10 @@
-"""The demo end to end: data → teachers → stores → baseline → order → direct and progressive → report.
+"""The demo end to end: data → teachers → stores → baseline → order → progressive (and direct) → report.
 
-Three students train with the same total epochs (two stages of ``stage_epochs``):
-``baseline`` (detection loss only), ``direct`` (MGD from the stronger teacher in
-both stages) and ``progressive`` (MTPD: one stage per teacher, in the order
-``mtpd-plan order`` measures). Teachers, stores and finished stages are reused
-when the demo runs again into the same folder.
+The students train with the same total epochs (two stages of ``stage_epochs``):
+``baseline`` (detection loss only), ``progressive`` (MTPD: one MGD stage per
+teacher, in the order ``mtpd-plan order`` measures) and, with ``direct=True``,
+``direct`` (MGD from the stronger teacher in both stages). Teachers, stores and
+finished stages are reused when the demo runs again into the same folder.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _student_plan(name: str, paths: Paths, scale: recipes.Scale, stage_specs: li
 
 
 def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, precision: str = "lossless",
-             log: Log = print, quiet_training: bool = False) -> DemoResult:
+             direct: bool = False, log: Log = print, quiet_training: bool = False) -> DemoResult:
     """Run every step; returns the table's rows (the report is written by ``mtpd.demo.report``)."""
     import ray
 
@@ -107,11 +107,13 @@ def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, preci
     log(f"  progressive order: {' -> '.join(order)}")
     timing["order"] = time.perf_counter() - t
 
-    t = step(f"6/7 distill: direct (stronger teacher, 2 stages) and MTPD progressive ({' -> '.join(order)})")
-    strong = str(store_paths["strong"])
-    direct_plan = _student_plan("direct", paths, scale, [("strong_1", [strong]), ("strong_2", [strong])])
-    direct_metrics = steps.train(direct_plan, log, quiet_training)
+    t = step(f"6/7 distill: MTPD progressive ({' -> '.join(order)})" + (" and direct (stronger teacher in both stages)" if direct else ""))
     prog_metrics = steps.train(prog_plan, log, quiet_training)
+    direct_metrics = None
+    if direct:
+        strong = str(store_paths["strong"])
+        direct_plan = _student_plan("direct", paths, scale, [("strong_1", [strong]), ("strong_2", [strong])])
+        direct_metrics = steps.train(direct_plan, log, quiet_training)
     timing["distill"] = time.perf_counter() - t
 
     t = step("7/7 evaluate")
@@ -123,10 +125,13 @@ def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, preci
     n_student = steps.count_params(paths.runs / "baseline" / "stage_2" / "final.pt")
     for name, label, metrics in (("baseline", "student baseline", base_metrics), ("direct", "student direct (strong)", direct_metrics),
                                  ("progressive", f"student MTPD ({' -> '.join(order)})", prog_metrics)):
+        if metrics is None:
+            continue
         rows.append(Row(label, student_arch, n_student, metrics[-1], sum(m["train_seconds"] for m in metrics),
                         stage_metrics=metrics, run_dir=str(paths.runs / name)))
     timing["evaluate"] = time.perf_counter() - t
-    scale_d = {"train": scale.train, "val": scale.val, "stage_epochs": scale.stage_epochs, "quick": quick, "precision": precision}
+    scale_d = {"train": scale.train, "val": scale.val, "stage_epochs": scale.stage_epochs, "quick": quick, "precision": precision,
+               "direct": direct}
     result = DemoResult(rows, order, time.perf_counter() - t_start, scale_d, timing)
     (paths.root / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
     return result
