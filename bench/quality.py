@@ -95,7 +95,7 @@ def _train_online(plan_path: Path, teachers: dict, log) -> list[dict]:
         if steps.stage_done(out, k, plan_path) and (k == 1 or steps.stage_done(out, 1, plan_path)):
             continue
         t = build_teacher(teachers[key].arch, weights=str(teachers[key].checkpoint))
-        run_plan(plan, [k], device="cpu", online=[lambda x, names, t=t: t(x, names)], log=lambda s: log("  " + s) if steps._epoch_line(s) else None)
+        run_plan(plan, [k], device="cpu", online=[lambda x, names, t=t: t(x, names)], log=lambda s: log("  " + s) if steps.epoch_line(s) else None)
     return [json.loads((out / f"stage_{k}" / "metrics.json").read_text()) for k in (1, 2)]
 
 

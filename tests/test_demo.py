@@ -13,10 +13,13 @@ from mtpd.cli.demo import main
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end_and_reports_metrics(tmp_path: Path, ray_session, capsys: pytest.CaptureFixture) -> None:
-    assert main(["--out", str(tmp_path), "--quick"]) == 0
+def test_quick_demo_runs_end_to_end_and_reports_metrics(tmp_path: Path, ray_session, capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A relative --out, as `make demo` passes: plans must still find the data from their own folder.
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", "demo_out", "--quick"]) == 0
     printed = capsys.readouterr().out
-    root = tmp_path / "quick"
+    root = tmp_path / "demo_out" / "quick"
 
     # Every step ran and said which command it stands for.
     for cmd in ("$ mtpd-data digits", "$ mtpd-cache build", "$ mtpd-train --plan", "$ mtpd-plan order", "$ mtpd-eval"):
@@ -46,6 +49,6 @@ def test_quick_demo_runs_end_to_end_and_reports_metrics(tmp_path: Path, ray_sess
         assert (root / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A second run reuses everything: no stage retrains, no store rebuilds.
-    assert main(["--out", str(tmp_path), "--quick"]) == 0
+    assert main(["--out", "demo_out", "--quick"]) == 0
     again = capsys.readouterr().out
     assert again.count("reusing") >= 6 and "shards," not in again

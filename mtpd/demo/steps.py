@@ -33,6 +33,10 @@ class Paths:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        # Plans resolve relative paths against the plan file's folder: write absolute ones.
+        self.root = Path(self.root).resolve()
+
     @property
     def data(self) -> Path:
         return self.root / "digits"
@@ -137,12 +141,12 @@ def train(plan_path: Path, log: Log, quiet: bool = False) -> list[dict]:
     if len(todo) < len(plan.stages):
         log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {out}")
     if todo:
-        stage_log = (lambda s: log("  " + s) if _epoch_line(s) else None) if quiet else (lambda s: log("  " + s))
+        stage_log = (lambda s: log("  " + s) if epoch_line(s) else None) if quiet else (lambda s: log("  " + s))
         run_plan(plan, todo, device="cpu", log=stage_log)
     return [json.loads((out / f"stage_{k}" / "metrics.json").read_text()) for k in range(1, len(plan.stages) + 1)]
 
 
-def _epoch_line(line: str) -> bool:
+def epoch_line(line: str) -> bool:
     """The runner's end-of-epoch and end-of-stage lines: enough progress for the demo's console."""
     m = re.search(r"iter (\d+)/(\d+)", line)
     return (m is not None and m.group(1) == m.group(2)) or "done:" in line or "inherited" in line
