@@ -34,3 +34,21 @@ class CrashOnce:
 def crash_once_teacher(weights: str = "none", num_classes: int | None = None) -> CrashOnce:
     inner = build_teacher("retinanet_tiny", weights=weights, num_classes=num_classes)
     return CrashOnce(inner, Path(os.environ["MTPD_TEST_CRASH_MARKER"]))
+
+
+class Slow(CrashOnce):
+    """Delegates to a real teacher, 0.3 s per forward: a build long enough to be killed mid-way."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.identity = inner.identity
+
+    def __call__(self, images, outputs):
+        import time
+
+        time.sleep(0.3)
+        return self.inner(images, outputs)
+
+
+def slow_teacher(weights: str = "none", num_classes: int | None = None) -> Slow:
+    return Slow(build_teacher("retinanet_tiny", weights=weights, num_classes=num_classes))
