@@ -130,20 +130,23 @@ def _build_stores(paths, teachers: dict, log) -> dict[str, str]:
     return out
 
 
-def _summary(results: dict[str, dict[int, float]], seeds: list[int]) -> tuple[list[str], list[str]]:
-    """Table lines (Markdown) and target checks from final AP per row and seed."""
+def _summary(results: dict[str, dict[int, float]], seeds: list[int],
+             seconds: dict[str, dict[int, float]] | None = None) -> tuple[list[str], list[str]]:
+    """Table lines (Markdown) and target checks from final AP per row and seed (and train seconds)."""
     def ms(vals: list[float]) -> str:
         if not vals:
             return "-"
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{100 * statistics.mean(vals):.1f} ± {100 * sd:.1f}"
 
-    lines = ["| row | seeds | AP (mean ± std) | per seed |", "|---|---:|---:|---|"]
+    lines = ["| row | seeds | AP (mean ± std) | per seed | train min per student |", "|---|---:|---:|---|---:|"]
     for row in ROWS:
         r = results.get(row, {})
         if r:
             per = ", ".join(f"{100 * r[s]:.1f}" for s in seeds if s in r)
-            lines.append(f"| {row} | {len(r)} | {ms([r[s] for s in seeds if s in r])} | {per} |")
+            secs = [v for s, v in (seconds or {}).get(row, {}).items() if s in r]
+            minutes = f"{statistics.mean(secs) / 60:.1f}" if secs else "-"
+            lines.append(f"| {row} | {len(r)} | {ms([r[s] for s in seeds if s in r])} | {per} | {minutes} |")
 
     def paired(a: str, b: str) -> tuple[float, int] | None:
         common = [s for s in seeds if s in results.get(a, {}) and s in results.get(b, {})]
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     teachers = steps.ensure_teachers(paths, scale, False, log)
     stores = _build_stores(paths, teachers, log)
     results: dict[str, dict[int, float]] = {}
-    seconds: dict[str, float] = {}
+    seconds: dict[str, dict[int, float]] = {}
     # Seed-major: a run stopped early still has paired rows for the seeds it finished.
     for seed in seeds:
         for row in rows:
@@ -198,16 +201,17 @@ def main(argv: list[str] | None = None) -> int:
             plan = _plan(row, seed, paths, scale, stores)
             metrics = _train_online(plan, teachers, log) if row == "mtpd_mgd_online" else steps.train(plan, log, quiet=True)
             results.setdefault(row, {})[seed] = metrics[-1]["AP"]
-            seconds[row] = seconds.get(row, 0.0) + sum(m["train_seconds"] for m in metrics)
+            seconds.setdefault(row, {})[seed] = sum(m["train_seconds"] for m in metrics)
             log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.1f} (stage APs: "
                 + ", ".join(f"{100 * m['AP']:.1f}" for m in metrics) + ")")
             (paths.root / "results.json").write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=2))
-    table, checks = _summary(results, seeds)
+    table, checks = _summary(results, seeds, seconds)
     print("\n" + "\n".join(table) + "\n\n" + "\n".join(checks))
     if a.write:
         body = "\n".join([
             f"Command: `{command_line('quality.py', argv if argv is not None else sys.argv[1:])}`  ",
-            f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time {(time.perf_counter() - t0) / 3600:.1f} h  ",
+            f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time of this invocation {(time.perf_counter() - t0) / 3600:.1f} h "
+            "(a rerun reuses finished stages; per-student train times are in the table)  ",
             f"Setup: digits {scale.train} train / {scale.val} val at 128 px; student {recipes.STUDENT['arch']} "
             f"{recipes.STUDENT['options']}; teachers shipped in demo/teachers (weak {recipes.TEACHERS['weak']['arch']}, "
             f"strong {recipes.TEACHERS['strong']['arch']}); two stages of {scale.stage_epochs} epochs per student; "

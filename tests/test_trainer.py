@@ -291,3 +291,50 @@ def test_torchrun_two_processes(tmp_path, digits, tiny_store):
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     # 10 images over 2 ranks x 2 per batch: 3 steps per epoch on each rank, logged by rank 0 only.
     assert [r["iter"] for r in log] == [1, 2, 3]
+
+
+def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny_teacher_ckpt):
+    """With images of different shapes in one batch, the online path (no store read) makes the same
+    valid-cell masks and the same maps on the batch grid as the cached path: zeros and mask 0 on padding."""
+    from PIL import Image
+
+    from mtpd.cache.build import build_store
+    from mtpd.teachers.registry import TeacherSpec, build_teacher
+    from mtpd.trainer.runner import online_targets
+    from mtpd.trainer.targets import DistillDataset, make_loader
+
+    # Three crops of real digit images: landscape, portrait and square, so padding differs per image.
+    src = json.loads(Path(digits["train"]["ann"]).read_text())
+    shapes = [(40, 64), (64, 24), (64, 64)]  # (h, w)
+    images, anns = [], []
+    (tmp_path / "images").mkdir()
+    for i, (h, w) in enumerate(shapes):
+        info = src["images"][i]
+        Image.open(Path(digits["train"]["images"]) / info["file_name"]).crop((0, 0, w, h)).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": src["categories"][0]["id"], "bbox": [2, 2, 12, 12], "area": 144, "iscrowd": 0})
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": src["categories"]}))
+    spec = ViewSpec(short=64, long=64, views=("orig", "hflip"))
+    store = str(tmp_path / "store")
+    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), str(ann), str(tmp_path / "images"), store, views=spec,
+                outputs=["fpn"], precision="lossless", workers=0, images_per_shard=4, progress=False)
+
+    data = CocoDataset(str(ann), str(tmp_path / "images"))
+    cached = next(iter(make_loader(DistillDataset(data, spec, [store], flip=True, seed=1, outputs=[["fpn"]]), 3, shuffle=False, workers=0, seed=0)))
+    live = next(iter(make_loader(DistillDataset(data, spec, [], flip=True, seed=1, outputs=[["fpn"]]), 3, shuffle=False, workers=0, seed=0)))
+    assert [m.view for m in live.metas] == [m.view for m in cached.metas]
+    assert len({m.size for m in live.metas}) == 3  # three different view sizes in the batch
+    assert live.masks == {}  # nothing read from a store: the online path must make the masks
+    teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
+    maps = online_targets([lambda x, names: teacher(x, names)], [["fpn"]], live)[0]
+
+    assert sorted(live.masks) == sorted(cached.masks) and cached.masks
+    for lvl, m in cached.masks.items():
+        torch.testing.assert_close(live.masks[lvl], m, msg=f"mask level {lvl}")
+        assert 0 < float(m.mean()) < 1, lvl  # some cells are padding at every level
+    assert sorted(maps) == sorted(cached.teacher[0])
+    for key, t in maps.items():
+        torch.testing.assert_close(cached.teacher[0][key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
+        lvl = int(key.split(".p")[1])
+        assert float((t * (1 - live.masks[lvl])).abs().max()) == 0.0, key  # padding cells hold zeros
