@@ -19,7 +19,8 @@ pytest.importorskip("mmdet", reason="needs the mmdet extra: `make install-mmdet`
 
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mtpd.teachers.base import Teacher, TeacherError  # noqa: E402
-from mtpd.teachers.mmdet_adapter import build_mmdet_teacher, configs_root, resolve_config  # noqa: E402
+from mtpd.teachers.mmdet_adapter import build_mmdet_teacher  # noqa: E402
+from mtpd.teachers.mmdet_config import configs_root, resolve_config  # noqa: E402
 from mtpd.teachers.registry import TeacherSpec, build_teacher  # noqa: E402
 
 pytestmark = pytest.mark.mmdet
