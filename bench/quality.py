@@ -80,50 +80,27 @@ def _plan(row: str, seed: int, paths, scale, stores: dict[str, str]) -> Path:
     return steps.write_plan(plan, paths.plans / f"{row}_s{seed}.yaml")
 
 
-def _train_online(plan_path: Path, teachers: dict, log) -> list[dict]:
-    """The online baseline: stage k runs its teacher inside every step (weak, then strong)."""
-    from mtpd.demo import steps
-    from mtpd.teachers.registry import build_teacher
-    from mtpd.trainer.plan import load_plan
-    from mtpd.trainer.runner import run_plan
-
-    steps.show(["mtpd-train", "--plan", plan_path, "--stage", "1", "--online-teacher", f"{teachers['weak'].arch}={teachers['weak'].checkpoint}"], log)
-    steps.show(["mtpd-train", "--plan", plan_path, "--stage", "2", "--online-teacher", f"{teachers['strong'].arch}={teachers['strong'].checkpoint}"], log)
-    plan = load_plan(plan_path)
-    out = Path(plan.output_dir)
-    for k, key in ((1, "weak"), (2, "strong")):
-        if steps.stage_done(out, k, plan_path) and (k == 1 or steps.stage_done(out, 1, plan_path)):
-            continue
-        t = build_teacher(teachers[key].arch, weights=str(teachers[key].checkpoint))
-        run_plan(plan, [k], device="cpu", online=[lambda x, names, t=t: t(x, names)], log=lambda s: log("  " + s) if steps.epoch_line(s) else None)
-    return [json.loads((out / f"stage_{k}" / "metrics.json").read_text()) for k in (1, 2)]
+def _online_teachers(teachers: dict) -> dict[int, tuple[str, object]]:
+    """The online baseline's teacher per stage: weak, then strong (as the cached MTPD rows)."""
+    return {k: (teachers[key].arch, teachers[key].checkpoint) for k, key in ((1, "weak"), (2, "strong"))}
 
 
 def _build_stores(paths, teachers: dict, log) -> dict[str, str]:
     """Lossless stores with FPN and class logits (RM/PFI need them) and compact FPN-only stores."""
     import ray
 
-    from mtpd.cache.build import build_store
-    from mtpd.data import ViewSpec
-    from mtpd.demo import recipes, steps
-    from mtpd.teachers.registry import TeacherSpec
+    from mtpd.demo import steps
 
-    specs = {f"{k}_{p}": (t, p, ["fpn", "cls"] if p == "lossless" else ["fpn"]) for k, t in teachers.items() for p in ("lossless", "compact")}
-    out = {name: str(paths.stores / name) for name in specs}
+    specs = {f"{k}_{p}": (t, p, ("fpn", "cls") if p == "lossless" else ("fpn",)) for k, t in teachers.items() for p in ("lossless", "compact")}
+    out = {name: str(paths.stores / name) for name in specs}  # build_teacher_store names them {teacher}_{precision}
     if all(steps.store_complete(Path(p)) for p in out.values()):
         return out
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        for name, (t, prec, outputs) in specs.items():
-            steps.show(["mtpd-cache", "build", "--teacher", t.arch, "--weights", t.checkpoint, "--ann", paths.ann("train"),
-                        "--images", paths.images("train"), "--out", out[name], "--views", "orig,hflip", "--short", recipes.SIZE,
-                        "--long", recipes.SIZE, "--outputs", ",".join(outputs), "--precision", prec], log)
-            rep = build_store(TeacherSpec(t.arch, str(t.checkpoint)), str(paths.ann("train")), str(paths.images("train")), out[name],
-                              views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")), outputs=outputs,
-                              precision=prec, batch_size=16, workers=1, images_per_shard=64, progress=False)
-            log(f"  {out[name]}: {rep.shards_written} shards written, {rep.shards_skipped} reused, {rep.seconds:.0f}s")
+        for t, prec, outputs in specs.values():
+            steps.build_teacher_store(t, paths, prec, log, outputs=outputs)
     finally:
         if started:
             ray.shutdown()
@@ -199,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             log(f"\n== {row}, seed {seed} ==")
             plan = _plan(row, seed, paths, scale, stores)
-            metrics = _train_online(plan, teachers, log) if row == "mtpd_mgd_online" else steps.train(plan, log, quiet=True)
+            online = _online_teachers(teachers) if row == "mtpd_mgd_online" else None
+            metrics = steps.train(plan, log, quiet=True, online=online)
             results.setdefault(row, {})[seed] = metrics[-1]["AP"]
             seconds.setdefault(row, {})[seed] = sum(m["train_seconds"] for m in metrics)
             log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.1f} (stage APs: "

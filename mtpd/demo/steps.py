@@ -125,12 +125,20 @@ def stage_done(out_dir: Path, k: int, plan_path: Path) -> bool:
     return yaml.safe_load((d / "plan.yaml").read_text()) == plan_to_dict(load_plan(plan_path))
 
 
-def train(plan_path: Path, log: Log, quiet: bool = False) -> list[dict]:
-    """``mtpd-train --plan PLAN --stage all``, skipping stages an earlier demo run finished."""
+def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tuple[str, Path]] | None = None) -> list[dict]:
+    """``mtpd-train --plan PLAN --stage all``, skipping stages an earlier demo run finished.
+
+    ``online``: stage -> (teacher arch, checkpoint) runs each stage with that teacher inside every
+    step (``mtpd-train --stage K --online-teacher ARCH=CKPT``) instead of reading the stage's stores.
+    """
     from mtpd.trainer.plan import load_plan
     from mtpd.trainer.runner import run_plan
 
-    show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
+    if online is None:
+        show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
+    else:
+        for k, (arch, ckpt) in online.items():
+            show(["mtpd-train", "--plan", plan_path, "--stage", k, "--online-teacher", f"{arch}={ckpt}"], log)
     plan = load_plan(plan_path)
     out = Path(plan.output_dir)
     todo = []
@@ -140,9 +148,16 @@ def train(plan_path: Path, log: Log, quiet: bool = False) -> list[dict]:
             todo.append(k)
     if len(todo) < len(plan.stages):
         log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {out}")
-    if todo:
-        stage_log = (lambda s: log("  " + s) if epoch_line(s) else None) if quiet else (lambda s: log("  " + s))
-        run_plan(plan, todo, device="cpu", log=stage_log)
+    stage_log = (lambda s: log("  " + s) if epoch_line(s) else None) if quiet else (lambda s: log("  " + s))
+    if online is None:
+        if todo:
+            run_plan(plan, todo, device="cpu", log=stage_log)
+    else:
+        from mtpd.teachers.registry import build_teacher
+
+        for k in todo:  # one teacher per stage, so one stage per run
+            t = build_teacher(online[k][0], weights=str(online[k][1]))
+            run_plan(plan, [k], device="cpu", online=[lambda x, names, t=t: t(x, names)], log=stage_log)
     return [json.loads((out / f"stage_{k}" / "metrics.json").read_text()) for k in range(1, len(plan.stages) + 1)]
 
 
@@ -230,8 +245,9 @@ def store_complete(path: Path) -> bool:
         return False
 
 
-def build_teacher_store(t: TeacherInfo, paths: Paths, precision: str, log: Log) -> tuple[Path, float]:
-    """``mtpd-cache build`` of one teacher over the train split: FPN outputs, original and flipped views.
+def build_teacher_store(t: TeacherInfo, paths: Paths, precision: str, log: Log,
+                        outputs: tuple[str, ...] = ("fpn",)) -> tuple[Path, float]:
+    """``mtpd-cache build`` of one teacher over the train split (FPN outputs by default), original and flipped views.
 
     Returns the store and the seconds spent (0 when an earlier demo run built it).
     """
@@ -242,11 +258,11 @@ def build_teacher_store(t: TeacherInfo, paths: Paths, precision: str, log: Log) 
     out = paths.stores / f"{t.key}_{precision}"
     show(["mtpd-cache", "build", "--teacher", t.arch, "--weights", t.checkpoint, "--ann", paths.ann("train"),
           "--images", paths.images("train"), "--out", out, "--views", "orig,hflip", "--short", recipes.SIZE,
-          "--long", recipes.SIZE, "--outputs", "fpn", "--precision", precision, "--workers", 1, "--batch-size", 16,
+          "--long", recipes.SIZE, "--outputs", ",".join(outputs), "--precision", precision, "--workers", 1, "--batch-size", 16,
           "--images-per-shard", 64], log)
     t0 = time.perf_counter()
     rep = build_store(TeacherSpec(t.arch, str(t.checkpoint)), str(paths.ann("train")), str(paths.images("train")), str(out),
-                      views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")), outputs=["fpn"],
+                      views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")), outputs=list(outputs),
                       precision=precision, batch_size=16, workers=1, images_per_shard=64, progress=sys.stderr.isatty())
     dt = time.perf_counter() - t0
     if rep.shards_written:
