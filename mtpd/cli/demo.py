@@ -17,16 +17,19 @@ Runs the whole mtpd pipeline on the digits benchmark and prints a table
 (model, params, AP, AP50, AP75, train time, store size):
 
   1. mtpd-data digits        write the data set (real handwritten digits, 10 classes)
-  2. teachers                 two teachers of different strength: the checkpoints shipped
+  2. mtpd-train               a baseline student (detection loss only), in its own process
+                              while the next steps run (it reads no store)
+  3. teachers                 two teachers of different strength: the checkpoints shipped
                               in demo/teachers, or trained with mtpd-train (--train-teachers)
-  3. mtpd-cache build         each teacher runs once over the train split into a Zarr store
-  4. mtpd-train               a baseline student (detection loss only)
+  4. mtpd-cache build         each teacher runs once over the train split into a Zarr store
   5. mtpd-plan order          rank the teachers by their feature distance to the student
+                              (the baseline after its first stage)
   6. mtpd-train               the student distilled progressively (MTPD: one MGD stage per
                               teacher, in that order); with --direct also from the stronger
                               teacher alone for the same epochs
   7. mtpd-eval                COCO AP of everything on the val split
 
+Students train side by side, each in its own process with half the threads.
 Each step prints the command it corresponds to. Everything lands in
 OUT/full (or OUT/quick): data, plans, stores, runs, report.md and plots/.
 Teachers, stores and finished stages are reused when the demo runs again.
@@ -41,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train the student distilled from the stronger teacher in both stages (adds ~40%% to the full demo; always on with --quick)")
     p.add_argument("--train-teachers", action="store_true", help="train the two teachers with mtpd-train instead of using demo/teachers/*.pt")
     p.add_argument("--precision", default="lossless", choices=("lossless", "high", "compact"), help="store precision (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPU cores available to this process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the teachers; each student process gets half (default: the CPU cores available to this process)")
     p.add_argument("--verbose", action="store_true", help="print every training log line (default: one line per epoch)")
     return p
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         result = run_demo(a.out, quick=a.quick, train_teachers=a.train_teachers, precision=a.precision,
-                          direct=a.direct or a.quick, quiet_training=not a.verbose)
+                          direct=a.direct or a.quick, quiet_training=not a.verbose, threads=_threads(a.threads))
     except KeyboardInterrupt:
         print("mtpd-demo: interrupted; rerun the same command to continue (finished teachers, stores and stages are kept)", file=sys.stderr)
         return 130

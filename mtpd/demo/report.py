@@ -129,12 +129,13 @@ def write_report(result: DemoResult, root: Path, command: str) -> Path:
         f"students train {2 * s['stage_epochs']} epochs in 2 stages of {s['stage_epochs']}; stores: {s['precision']}.  ",
         f"Total demo time: {result.seconds / 60:.1f} min ("
         + ", ".join(f"{k} {v:.0f}s" for k, v in result.steps_seconds.items())
-        + "; steps an earlier run finished are reused and take ~0s). Train times are those of the runs that trained each model.",
+        + "; steps an earlier run finished are reused and take ~0s). Train times are those of the runs that trained each model; "
+        + f"the students trained side by side, {s.get('threads_per_student', '?')} torch thread(s) each.",
         "",
         table(result.rows, markdown=True),
         "",
         *[f"- {g}" for g in gains(result)],
-        f"- teacher order measured by `mtpd-plan order` (1 - CKA to the baseline student): {' -> '.join(result.order)}",
+        f"- teacher order measured by `mtpd-plan order` (1 - CKA to the baseline student after its first stage): {' -> '.join(result.order)}",
         "",
         "## AP per stage",
         "",

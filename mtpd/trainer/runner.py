@@ -14,6 +14,7 @@ baseline that benchmarks and the equivalence test compare against.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -323,7 +324,10 @@ class StageRunner:
             if self.stage.eval and d.val_ann and d.val_images:
                 spec = ViewSpec(short=d.short, long=d.long)
                 metrics.update(evaluate(unwrap(student), CocoDataset(d.val_ann, d.val_images), spec, d.val_batch_size, self.device))
-            (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            # metrics.json marks the stage done (other processes poll for it): write it whole or not at all.
+            tmp = self.dir / "metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2))
+            os.replace(tmp, self.dir / "metrics.json")
             self.log(f"stage {self.k} ({self.stage.name}) done: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         if self.world > 1:
             dist.barrier()  # the next stage on every rank starts from the checkpoint rank 0 just wrote
