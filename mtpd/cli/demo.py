@@ -1,7 +1,7 @@
 """`mtpd-demo`: distill a student progressively on the digits benchmark and show the gain.
 
-    mtpd-demo --out demo_out            # the full demo (14–15 min on 2 CPU cores)
-    mtpd-demo --out demo_out --direct   # add the direct-distillation student (~20 min)
+    mtpd-demo --out demo_out            # the full demo (~9 min on 2 CPU cores)
+    mtpd-demo --out demo_out --direct   # add the direct-distillation student (~12 min)
     mtpd-demo --out demo_out --quick    # a smoke test of the same pipeline (~2 min)
 """
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few images and one epoch per stage: checks the pipeline (CI), not the gain")
     p.add_argument("--direct", action="store_true",
-                   help="also train the student distilled from the stronger teacher in both stages (adds ~40%% to the full demo; always on with --quick)")
+                   help="also train the student distilled from the stronger teacher in both stages (the full demo then takes ~12 min; always on with --quick)")
     p.add_argument("--train-teachers", action="store_true", help="train the two teachers with mtpd-train instead of using demo/teachers/*.pt")
     p.add_argument("--precision", default="lossless", choices=("lossless", "high", "compact"), help="store precision (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
@@ -59,6 +59,8 @@ def _threads(requested: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines show up at once under `| tee` or in CI logs
     # On a shared CPU, OpenMP threads that spin while waiting slow training ~10x when
     # another process holds a core; passive waiting costs little when the cores are free.
     # Only effective before torch loads (the CLI imports it below).

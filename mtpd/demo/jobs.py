@@ -1,11 +1,11 @@
 """Students trained side by side, each in its own ``mtpd-train`` process.
 
-One small student's training step keeps about one CPU core busy however many
-threads torch is given (measured: 15.9 CPU-min over 15.3 min wall for the demo
-run one student after the other on 2 cores), so on a 2-core machine two
-students trained at once, one thread each, take about as long as one.
-Each process gets a fixed thread count for its whole run: a thread count that
-changed with what else is running would make the weights depend on timing.
+A small student's training step cannot keep two CPU cores busy: trained one
+after the other with 2 torch threads each, the demo's two students used 15.9
+CPU-min in 15.3 min wall on 2 cores. Trained side by side with one thread each,
+the whole demo takes 8.4–9.2 min instead of 15.2 (same recipes). Each
+process keeps one thread count for its whole run: a count that followed what
+else is running would make the weights depend on timing.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ def wait(jobs: list[Job], log: Log, quiet: bool, until: Callable[[], bool] | Non
 
 def metrics(job: Job) -> list[dict]:
     """Every stage's metrics.json of a finished job."""
-    import json
+    from mtpd.trainer.plan import load_plan
 
-    plan, _ = steps.stages_todo(job.plan)
-    return [json.loads((job.out_dir / f"stage_{k}" / "metrics.json").read_text()) for k in range(1, len(plan.stages) + 1)]
+    return steps.stage_metrics(load_plan(job.plan))

@@ -165,6 +165,12 @@ def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tupl
         for k in todo:  # one teacher per stage, so one stage per run
             t = build_teacher(online[k][0], weights=str(online[k][1]))
             run_plan(plan, [k], device="cpu", online=[lambda x, names, t=t: t(x, names)], log=stage_log)
+    return stage_metrics(plan)
+
+
+def stage_metrics(plan) -> list[dict]:
+    """Every stage's metrics.json of a finished plan, in stage order."""
+    out = Path(plan.output_dir)
     return [json.loads((out / f"stage_{k}" / "metrics.json").read_text()) for k in range(1, len(plan.stages) + 1)]
 
 
