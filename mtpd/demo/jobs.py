@@ -76,12 +76,10 @@ class Job:
 
 def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
     """Start training the stages of ``plan_path`` an earlier demo run did not finish, in a child process."""
-    plan, todo = steps.stages_todo(plan_path)
+    steps.show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
+    plan, todo = steps.stages_todo(plan_path, log)
     out = Path(plan.output_dir)
     log_path = out / "train.log"
-    steps.show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
-    if len(todo) < len(plan.stages):
-        log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {out}")
     if not todo:
         return Job(name, Path(plan_path), out, log_path, None)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,13 +93,14 @@ def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
 
 def wait(jobs: list[Job], log: Log, quiet: bool, until: Callable[[], bool] | None = None, poll_s: float = 1.0) -> None:
     """Relay the jobs' logs until ``until()`` holds (default: every job has exited); raise if one fails."""
+    done = until or (lambda: not any(j.running() for j in jobs))
     while True:
         for j in jobs:
             j.relay(log, quiet)
             j.check()
-        if until() if until is not None else not any(j.running() for j in jobs):
+        if done():
             return
-        if until is not None and not any(j.running() for j in jobs):
+        if not any(j.running() for j in jobs):  # all exited cleanly, yet ``until`` never came
             raise RuntimeError("the students' training processes exited before the demo could go on; logs: "
                                + ", ".join(str(j.log_path) for j in jobs))
         time.sleep(poll_s)

@@ -121,7 +121,6 @@ def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, preci
     finally:
         for j in students.values():
             j.stop()
-    student_metrics = {name: jobs.metrics(j) for name, j in students.items()}
 
     t = step("7/7 evaluate")
     rows = []
@@ -129,14 +128,14 @@ def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, preci
         rows.append(Row(f"teacher {k}", ti.arch, steps.count_params(ti.checkpoint), teacher_eval[k], ti.train_seconds,
                         steps.store_size(store_paths[k])))
     student_arch = f"{recipes.STUDENT['arch']}({', '.join(f'{a}={b}' for a, b in recipes.STUDENT['options'].items())})"
-    n_student = steps.count_params(paths.runs / "baseline" / "stage_2" / "final.pt")
+    n_student = steps.count_params(students["baseline"].out_dir / "stage_2" / "final.pt")
     for name, label in (("baseline", "student baseline"), ("direct", "student direct (strong)"),
                         ("progressive", f"student MTPD ({' -> '.join(order)})")):
-        if name not in student_metrics:
+        if name not in students:
             continue
-        metrics = student_metrics[name]
+        metrics = jobs.metrics(students[name])
         rows.append(Row(label, student_arch, n_student, metrics[-1], sum(m["train_seconds"] for m in metrics),
-                        stage_metrics=metrics, run_dir=str(paths.runs / name)))
+                        stage_metrics=metrics, run_dir=str(students[name].out_dir)))
     timing["evaluate"] = time.perf_counter() - t
     scale_d = {"train": scale.train, "val": scale.val, "stage_epochs": scale.stage_epochs, "quick": quick, "precision": precision,
                "direct": direct, "threads_per_student": per_job}

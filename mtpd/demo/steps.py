@@ -125,16 +125,19 @@ def stage_done(out_dir: Path, k: int, plan_path: Path) -> bool:
     return yaml.safe_load((d / "plan.yaml").read_text()) == plan_to_dict(load_plan(plan_path))
 
 
-def stages_todo(plan_path: Path):
+def stages_todo(plan_path: Path, log: Log):
     """The plan and the stages an earlier demo run did not finish (a suffix: each stage starts from the one before)."""
     from mtpd.trainer.plan import load_plan
 
     plan = load_plan(plan_path)
+    out = Path(plan.output_dir)
     todo: list[int] = []
     for k in range(1, len(plan.stages) + 1):
         # A stage starts from the previous one: once one must rerun, so must every later one.
-        if todo or not stage_done(Path(plan.output_dir), k, plan_path):
+        if todo or not stage_done(out, k, plan_path):
             todo.append(k)
+    if len(todo) < len(plan.stages):
+        log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {out}")
     return plan, todo
 
 
@@ -151,10 +154,7 @@ def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tupl
     else:
         for k, (arch, ckpt) in online.items():
             show(["mtpd-train", "--plan", plan_path, "--stage", k, "--online-teacher", f"{arch}={ckpt}"], log)
-    plan, todo = stages_todo(plan_path)
-    out = Path(plan.output_dir)
-    if len(todo) < len(plan.stages):
-        log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {out}")
+    plan, todo = stages_todo(plan_path, log)
     stage_log = (lambda s: log("  " + s) if epoch_line(s) else None) if quiet else (lambda s: log("  " + s))
     if online is None:
         if todo:
