@@ -1,0 +1,47 @@
+"""The training engine's refactor changed no arithmetic: a two-stage plan's final weights are bitwise
+those the stage runner of commit e8d9fde produced (one torch thread, CPU).
+
+The golden digest below was computed by running this very test against e8d9fde's trainer. Should
+a machine's CPU kernels round differently (another instruction set), regenerate it there from that
+commit (``git worktree add /tmp/ref e8d9fde``) with ``MTPD_PRINT_GOLDEN=1``, never from the code
+under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from test_trainer import write_plan
+
+GOLDEN_SHA256 = "3c26560c2ce0008f12c1d585e5c96dc2bea2415a6aeefa735167c27f9654ab8b"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_two_stage_plan_weights_equal_the_pre_engine_trainer(tmp_path, digits, tiny_store):
+    from mtpd.trainer.plan import load_plan
+    from mtpd.trainer.runner import run_plan
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plan = load_plan(write_plan(tmp_path, digits, [tiny_store], checkpoint_every=2))
+        for s in plan.stages:
+            s.eval = False  # evaluation reads the weights, never writes them
+        run_plan(plan, [1, 2], device="cpu", log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    final = torch.load(tmp_path / "run" / "stage_2" / "final.pt", map_location="cpu", weights_only=True)["model"]
+    digest = weights_digest(final)
+    if os.environ.get("MTPD_PRINT_GOLDEN"):
+        print(f"GOLDEN {digest}")
+    assert digest == GOLDEN_SHA256
