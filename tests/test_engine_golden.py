@@ -29,7 +29,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 def test_two_stage_plan_weights_equal_the_pre_engine_trainer(tmp_path, digits, tiny_store):
     from mtpd.trainer.plan import load_plan
-    from mtpd.trainer.runner import run_plan
+    from mtpd.trainer.stage import run_plan
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

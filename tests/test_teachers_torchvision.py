@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mtpd.models import arch_checkpoint, build_arch, dense_outputs
-from mtpd.outputs import OutputSpec
+from mtpd.output_spec import OutputSpec
 from mtpd.teachers import Teacher, TeacherError, TeacherIdentity, available, build_teacher
 from mtpd.teachers.torchvision_adapter import TorchvisionTeacher
 

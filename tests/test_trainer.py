@@ -15,8 +15,9 @@ import yaml
 from mtpd.cache.schema import StoreError
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.trainer.plan import PlanError, load_plan
-from mtpd.trainer.runner import StageRunner, TrainError, run_plan
-from mtpd.trainer.student import CheckpointError
+from mtpd.checkpoint import CheckpointError
+from mtpd.trainer.engine import TrainError
+from mtpd.trainer.stage import Stage, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_cached_stage_never_imports_a_teacher(tmp_path, digits, tiny_store):
     plan = write_plan(tmp_path, digits, [tiny_store])
     code = (
         "import sys\n"
-        "from mtpd.trainer.plan import load_plan\nfrom mtpd.trainer.runner import run_plan\n"
+        "from mtpd.trainer.plan import load_plan\nfrom mtpd.trainer.stage import run_plan\n"
         f"run_plan(load_plan({str(plan)!r}), [1], log=lambda s: None)\n"
         "bad = [m for m in sys.modules if m.startswith('mtpd.teachers') or m.startswith('mmdet')]\n"
         "assert not bad, bad\nprint('NO_TEACHER_OK')\n"
@@ -97,11 +98,11 @@ def test_resume_after_interrupted_stage_matches_uninterrupted(tmp_path, digits, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        StageRunner(plan, 1, log=killer).run()
+        Stage(plan, 1, log=killer).run()
     last = torch.load(Path(plan.output_dir) / "stage_1" / "last.pt", weights_only=False)
     assert (last["epoch"], last["iteration"]) == (1, 0) or last["step"] >= 3
     assert not (Path(plan.output_dir) / "stage_1" / "final.pt").exists()
-    StageRunner(plan, 1, resume=True, log=lambda s: None).run()
+    Stage(plan, 1, resume=True, log=lambda s: None).run()
     got = torch.load(Path(plan.output_dir) / "stage_1" / "final.pt", weights_only=False)["model"]
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -117,7 +118,7 @@ def test_plan_errors_name_the_key(tmp_path, digits, tiny_store):
         p.write_text(yaml.safe_dump(d))
         with pytest.raises(PlanError) as e:
             plan = load_plan(p)
-            StageRunner(plan, 1).run()
+            Stage(plan, 1).run()
         return str(e.value)
 
     assert "stages[0].losses[0].wieght: unknown key" in err(lambda d: d["stages"][0]["losses"][0].update(wieght=1))
@@ -131,7 +132,7 @@ def test_plan_errors_name_the_key(tmp_path, digits, tiny_store):
 def test_missing_stage_checkpoint(tmp_path, digits, tiny_store):
     plan = load_plan(write_plan(tmp_path, digits, [tiny_store]))
     with pytest.raises(CheckpointError, match=r"stage_1/final.pt: stage 1 checkpoint missing; run `mtpd-train --plan PLAN --stage 1`"):
-        StageRunner(plan, 2).run()
+        Stage(plan, 2).run()
 
 
 def test_store_of_another_dataset_or_view_is_refused(tmp_path, digits, tiny_store):
@@ -229,7 +230,7 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     from mtpd.models.detect import detector_forward
     from mtpd.teachers.registry import build_teacher
     from mtpd.trainer.losses import DistillBatch, build_loss
-    from mtpd.trainer.runner import online_targets
+    from mtpd.trainer.sources import OnlineTargets
     from mtpd.trainer.targets import DistillDataset, make_loader
 
     ds = DistillDataset(CocoDataset(digits["train"]["ann"], digits["train"]["images"]), ViewSpec(short=64, long=64, views=("orig", "hflip")),
@@ -237,7 +238,7 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     batch = next(iter(make_loader(ds, 4, shuffle=False, workers=0, seed=0)))
     assert {m.view for m in batch.metas} == {"orig", "hflip"}  # both views exercised
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
-    online = online_targets([lambda x, names: teacher(x, names)], [["fpn", "cls"]], batch)[0]
+    online = OnlineTargets([teacher], [["fpn", "cls"]])(batch)[0][0]
     # The store's only change to the teacher's values is fp16 rounding (relative 2^-11; fp16
     # subnormals below 6e-5 keep 2^-25 absolute), whatever thread count each side ran with.
     for key, t in online.items():
@@ -300,7 +301,7 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
 
     from mtpd.cache.build import build_store
     from mtpd.teachers.registry import TeacherSpec, build_teacher
-    from mtpd.trainer.runner import online_targets
+    from mtpd.trainer.sources import OnlineTargets
     from mtpd.trainer.targets import DistillDataset, make_loader
 
     # Three crops of real digit images: landscape, portrait and square, so padding differs per image.
@@ -327,14 +328,15 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
     assert len({m.size for m in live.metas}) == 3  # three different view sizes in the batch
     assert live.masks == {}  # nothing read from a store: the online path must make the masks
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
-    maps = online_targets([lambda x, names: teacher(x, names)], [["fpn"]], live)[0]
+    maps, live_masks = OnlineTargets([teacher], [["fpn"]])(live)
+    maps = maps[0]
 
-    assert sorted(live.masks) == sorted(cached.masks) and cached.masks
+    assert sorted(live_masks) == sorted(cached.masks) and cached.masks
     for lvl, m in cached.masks.items():
-        torch.testing.assert_close(live.masks[lvl], m, msg=f"mask level {lvl}")
+        torch.testing.assert_close(live_masks[lvl], m, msg=f"mask level {lvl}")
         assert 0 < float(m.mean()) < 1, lvl  # some cells are padding at every level
     assert sorted(maps) == sorted(cached.teacher[0])
     for key, t in maps.items():
         torch.testing.assert_close(cached.teacher[0][key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
         lvl = int(key.split(".p")[1])
-        assert float((t * (1 - live.masks[lvl])).abs().max()) == 0.0, key  # padding cells hold zeros
+        assert float((t * (1 - live_masks[lvl])).abs().max()) == 0.0, key  # padding cells hold zeros

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from mtpd.errors import MtpdError
 from mtpd.cache.compute import Layout, ShardComputer, plan_layout
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
 from mtpd.cache.store import create_store, mark_done, open_root, read_header, shard_status, write_shard
@@ -28,7 +29,7 @@ from mtpd.teachers.base import check_outputs
 from mtpd.teachers.registry import TeacherSpec
 
 
-class BuildError(RuntimeError):
+class BuildError(MtpdError, RuntimeError):
     """A build that stopped; finished shards stay in the store, marked done."""
 
 

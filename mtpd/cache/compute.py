@@ -15,7 +15,7 @@ import torch
 from mtpd.cache.schema import Precision, StoreHeader, encode_values, flat_length
 from mtpd.cache.store import CODEC
 from mtpd.data import CocoDataset, ViewSpec, grid_size, prepare_view, view_meta
-from mtpd.outputs import OutputSpec
+from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import Teacher
 
 

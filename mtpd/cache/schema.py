@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mtpd.errors import MtpdError
+
 FORMAT_VERSION = 1
 # log(p) of the smallest probability the uint8 encoding keeps; code 0 means p <= 1e-4.
 LOGPROB_MIN = math.log(1e-4)
 FP16_MAX = 65504.0
 
 
-class StoreError(ValueError):
+class StoreError(MtpdError, ValueError):
     """A store that cannot be opened, resumed or read as asked; the message says what to do."""
 
 

@@ -8,7 +8,7 @@ import sys
 
 from mtpd.cli import HelpFormatter
 
-from mtpd.cache.schema import PRECISIONS, StoreError
+from mtpd.cache.schema import PRECISIONS
 
 EPILOG = """examples:
   mtpd-cache build --teacher retinanet_resnet50_fpn --weights default \\
@@ -99,9 +99,7 @@ def _verify(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    from mtpd.cache.build import BuildError
-    from mtpd.data import DatasetError, ViewSpecError
-    from mtpd.teachers.base import TeacherError
+    from mtpd.errors import MtpdError
 
     try:
         if a.cmd == "build":
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(available()))
         return 0
-    except (StoreError, DatasetError, ViewSpecError, TeacherError, BuildError) as e:
+    except MtpdError as e:
         print(f"mtpd-cache: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,15 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     a = p.parse_args(argv)
 
-    from mtpd.data import CocoDataset, DatasetError, ViewSpec, ViewSpecError
+    from mtpd.data import CocoDataset, ViewSpec
+    from mtpd.errors import MtpdError
     from mtpd.trainer.evaluate import evaluate
-    from mtpd.trainer.student import CheckpointError, load_student
+    from mtpd.trainer.student import load_student
 
     try:
         short, long = _view_sizes(a.checkpoint, a.short, a.long)
         model = load_student(a.checkpoint, a.device)
         stats = evaluate(model, CocoDataset(a.ann, a.images), ViewSpec(short=short, long=long), a.batch_size, a.device, progress=sys.stderr.isatty())
-    except (CheckpointError, DatasetError, ViewSpecError) as e:
+    except MtpdError as e:
         print(f"mtpd-eval: error: {e}", file=sys.stderr)
         return 2
     if a.json:

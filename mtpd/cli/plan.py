@@ -29,34 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _reorder(plan, order: list[str]):
-    """Stages whose single store is ranked move into the ranked order; others keep their place."""
-    from mtpd.trainer.plan import PlanError
-
-    ranked = [s for s in plan.stages if len(s.stores) == 1 and s.stores[0] in order]
-    if len(ranked) != len(order):
-        raise PlanError("--write: every ranked store must be the only store of exactly one stage of the plan")
-    ranked_sorted = sorted(ranked, key=lambda s: order.index(s.stores[0]))
-    it = iter(ranked_sorted)
-    stages = [next(it) if s in ranked else s for s in plan.stages]
-    # Inheritance belongs to the first stage: move it with the order.
-    inherit = next((s.inherit for s in plan.stages if s.inherit is not None), None)
-    for s in stages:
-        s.inherit = None
-    stages[0].inherit = inherit
-    plan.stages = stages
-    return plan
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     from pathlib import Path
 
-    from mtpd.cache.schema import StoreError
-    from mtpd.data import CocoDataset, DatasetError
-    from mtpd.trainer.order import measure
+    from mtpd.data import CocoDataset
+    from mtpd.errors import MtpdError
+    from mtpd.trainer.order import measure, reorder_plan
     from mtpd.trainer.plan import PlanError, load_plan, save_plan
-    from mtpd.trainer.student import CheckpointError, load_student
+    from mtpd.trainer.student import load_student
 
     try:
         plan = load_plan(a.plan) if a.plan else None
@@ -69,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.write:
             if plan is None:
                 raise PlanError("--write needs --plan")
-            save_plan(_reorder(plan, [r.store for r in res]), a.write)
-    except (PlanError, StoreError, DatasetError, CheckpointError) as e:
+            save_plan(reorder_plan(plan, [r.store for r in res]), a.write)
+    except MtpdError as e:
         print(f"mtpd-plan: error: {e}", file=sys.stderr)
         return 2
     if a.json:

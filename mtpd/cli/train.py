@@ -51,12 +51,11 @@ def _online(specs: list[str], device: str):
     # The one place a training command constructs teachers: the online baseline.
     from mtpd.teachers.registry import build_teacher
 
-    fns = []
+    teachers = []
     for s in specs:
         name, _, weights = s.partition("=")
-        t = build_teacher(name, weights=weights or "none", device=device)
-        fns.append(lambda x, names, t=t: t(x, names))
-    return fns
+        teachers.append(build_teacher(name, weights=weights or "none", device=device))
+    return teachers
 
 
 def _init_distributed(device: str) -> None:
@@ -74,11 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     import torch
 
-    from mtpd.cache.schema import StoreError
-    from mtpd.data import DatasetError, ViewSpecError
-    from mtpd.trainer.plan import PlanError, load_plan
-    from mtpd.trainer.runner import TrainError, run_plan
-    from mtpd.trainer.student import CheckpointError
+    from mtpd.errors import MtpdError
+    from mtpd.trainer.plan import load_plan
+    from mtpd.trainer.stage import run_plan
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -89,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             device = f"cuda:{torch.cuda.current_device()}"
         online = _online(a.online_teacher, device) if a.online_teacher else None
         results = run_plan(plan, stages, device=device, resume=a.resume, online=online)
-    except (PlanError, StoreError, DatasetError, ViewSpecError, CheckpointError, TrainError) as e:
+    except MtpdError as e:
         print(f"mtpd-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

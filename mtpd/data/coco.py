@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mtpd.errors import MtpdError
 
-class DatasetError(ValueError):
+
+class DatasetError(MtpdError, ValueError):
     """Bad dataset input: the message names the file and what to do."""
 
 

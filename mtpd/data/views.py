@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtpd.errors import MtpdError
+
 VIEW_NAMES = ("orig", "hflip")
 # ImageNet statistics on 0-255 RGB, as torchvision and mmdet's RetinaNet configs use.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -23,7 +25,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 MAX_SIDE = 8192
 
 
-class ViewSpecError(ValueError):
+class ViewSpecError(MtpdError, ValueError):
     """A view size or name that cannot be used."""
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
 from mtpd.models.registry import arch_family, unwrap
-from mtpd.outputs import OutputSpec
+from mtpd.output_spec import OutputSpec
 
 # Probe input: tall and thin, so it is cheap yet long enough that every level up to
 # stride 256 has a distinct size along H (sizes round up: ceil(H / stride)).

@@ -16,6 +16,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from mtpd.checkpoint import CheckpointError, load_state_dict
+
 NORMS = ("auto", "bn", "frozen_bn")
 # Backbone stages left trainable over pretrained weights by default (torchvision's choice).
 PRETRAINED_TRAINABLE_LAYERS = 3
@@ -104,44 +106,6 @@ def rpn_anchors(levels: Sequence[int], base: float = 8.0, aspect_ratios: Sequenc
     return AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
 
 
-def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load a local file safely (tensors only), memory-mapped when the format allows it."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} does not exist")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        # Legacy (pre-zipfile) checkpoints cannot be memory-mapped; read them whole.
-        if "mmap" not in str(e):
-            raise
-        return torch.load(p, map_location="cpu", weights_only=True)
-
-
-def unwrap_state_dict(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state_dict, metadata) from a raw state dict or a dict with ``model``/``state_dict``.
-    A ``module.`` prefix left by DistributedDataParallel is removed."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict or a dict with 'model'/'state_dict', got {type(obj).__name__}")
-    meta: dict[str, Any] = {}
-    sd: Any = obj
-    for key in ("model", "state_dict"):
-        if key in obj and isinstance(obj[key], Mapping):
-            sd = obj[key]
-            meta = {k: v for k, v in obj.items() if k != key}
-            break
-    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
-    if not tensors:
-        raise ValueError("no tensors found: expected a state dict or a dict with 'model'/'state_dict'")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
-    out: OrderedDict[str, Tensor] = OrderedDict(tensors)
-    # Keep torch's per-module version metadata: old torchvision heads rename keys on load by it.
-    if hasattr(sd, "_metadata"):
-        out._metadata = sd._metadata  # type: ignore[attr-defined]
-    return out, meta
-
-
 def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor]) -> str:
     """Load ``state_dict`` into ``module``; return "" on a full fit, else a one-line summary
     of mis-shaped / missing / unexpected keys (the module is then partly loaded: discard it).
@@ -194,9 +158,9 @@ def load_backbone_weights(module: nn.Module, weights: str, imagenet_enum: Any, a
     else:
         path = Path(weights)
     try:
-        sd, _ = unwrap_state_dict(load_state(path))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{arch}: cannot read backbone weights {path}: {e}") from e
+        sd, _ = load_state_dict(path, mmap=True)
+    except CheckpointError as e:
+        raise ValueError(f"{arch}: cannot read backbone weights: {e}") from e
     problem = load_checked(module, sd)
     if problem:
         raise ValueError(f"{arch}: backbone weights {path} do not fit the {type(module).__name__} backbone: {problem}")

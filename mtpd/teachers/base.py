@@ -7,10 +7,11 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from mtpd.outputs import OutputSpec
+from mtpd.errors import MtpdError
+from mtpd.output_spec import OutputSpec
 
 
-class TeacherError(ValueError):
+class TeacherError(MtpdError, ValueError):
     """A teacher that cannot be built or asked for what was requested; the message says what to do."""
 
 

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
-from mtpd.outputs import OutputSpec
+from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
 from mtpd.teachers.mmdet_config import one_line, config_digest, load_model_config, load_weights, resolve_config
-from mtpd.teachers.torchvision_adapter import sha256_file
+from mtpd.checkpoint import sha256_file
 
 Triple = tuple[float, float, float]
 # Attribute names of the centerness conv in mmdet's FCOS and ATSS heads; a head

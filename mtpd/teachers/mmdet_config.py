@@ -12,14 +12,13 @@ import difflib
 import hashlib
 import importlib.util
 import json
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mtpd import checkpoint
 from mtpd.teachers.base import TeacherError
 
 
@@ -143,21 +142,9 @@ def config_digest(model_cfg: dict) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        if "Unsupported global" not in msg and "can still be loaded" not in msg:  # a corrupt file, not a refused object
-            raise TeacherError(f"cannot read checkpoint {path}: not a readable torch file (is it a .pth checkpoint?)") from exc
-        # Full mmengine training checkpoints pickle numpy/mmengine objects in
-        # `meta`/`message_hub`; the user named this file, so trust it, but say so.
-        warnings.warn(f"{path} holds more than tensors; loading it with full unpickling (only for files you trust)")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise TeacherError(f"cannot read checkpoint {path}: {one_line(err)}") from err
-    except Exception as exc:
-        raise TeacherError(f"cannot read checkpoint {path}: {one_line(exc)} (is it a torch .pth file?)") from exc
+    # Full mmengine training checkpoints pickle numpy/mmengine objects in `meta`/`message_hub`;
+    # the user named this file, so it may be unpickled, with a warning.
+    ckpt = checkpoint.load(path, allow_pickle=True)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):

@@ -22,7 +22,8 @@ from torch import nn
 
 from mtpd.models import arch_family, unwrap
 from mtpd.teachers.base import Teacher, TeacherError, TeacherIdentity
-from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, infer_num_classes, load_weights, read_checkpoint, sha256_file
+from mtpd.checkpoint import sha256_file
+from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, infer_num_classes, load_weights, read_checkpoint
 
 
 def _resolve(spec: str) -> Callable[..., Any]:

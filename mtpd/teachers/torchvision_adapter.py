@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from mtpd.models import arch_family, arch_info, build_arch, dense_outputs, list_archs, output_specs, unwrap
-from mtpd.models.parts import hub_checkpoint_path, load_checked, load_state, set_frozen_bn_eps, unwrap_state_dict
-from mtpd.outputs import OutputSpec
+from mtpd.checkpoint import load_state_dict, sha256_file
+from mtpd.models.parts import hub_checkpoint_path, load_checked, set_frozen_bn_eps
+from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
 from mtpd.teachers.registry import register_teacher
 
@@ -63,26 +64,9 @@ class TorchvisionTeacher:
         return f"TorchvisionTeacher({self.identity.name!r}, weights={self.identity.weights!r}, device={str(self.device)!r})"
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(state_dict, metadata) of a local checkpoint; TeacherError naming the file otherwise."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise TeacherError(f"weights file {p.resolve()} does not exist; pass an existing checkpoint path, 'default' or 'none'")
-    try:
-        return unwrap_state_dict(load_state(p))
-    except Exception as e:  # pickle/zip errors come in many types; all mean the same to the user
-        raise TeacherError(
-            f"cannot read weights {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "(expected a torch.save'd state dict, or a dict with 'model'/'state_dict', loadable with weights_only=True)"
-        ) from e
+    """(state_dict, metadata) of a local checkpoint; CheckpointError naming the file otherwise."""
+    return load_state_dict(path, mmap=True)
 
 
 def infer_num_classes(state_dict: dict[str, Tensor]) -> int | None:

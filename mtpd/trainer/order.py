@@ -18,6 +18,7 @@ from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.models import output_specs
 from mtpd.models.detect import detector_forward
+from mtpd.trainer.plan import Plan, PlanError
 from mtpd.trainer.targets import DistillDataset, check_store, make_loader
 
 
@@ -73,3 +74,28 @@ def measure(student: nn.Module, stores: list[str], dataset: CocoDataset, n_image
         dist = 1.0 - sum(cka.values()) / max(len(cka), 1)
         results.append(TeacherDistance(path, reader.header.teacher.get("name", "?"), dist, cka))
     return sorted(results, key=lambda r: r.distance)
+
+
+def reorder_plan(plan: Plan, order: list[str]) -> Plan:
+    """``plan`` with its single-store stages in ``order`` (store paths, nearest first); other stages keep
+    their place. Weight inheritance belongs to the first stage: it moves with the order."""
+    ranked = [s for s in plan.stages if len(s.stores) == 1 and s.stores[0] in order]
+    if len(ranked) != len(order):
+        raise PlanError("every ranked store must be the only store of exactly one stage of the plan")
+    it = iter(sorted(ranked, key=lambda s: order.index(s.stores[0])))
+    stages = [next(it) if s in ranked else s for s in plan.stages]
+    inherit = next((s.inherit for s in plan.stages if s.inherit is not None), None)
+    for s in stages:
+        s.inherit = None
+    stages[0].inherit = inherit
+    plan.stages = stages
+    return plan
+
+
+def order_plan(plan: Plan, student: nn.Module, n_images: int = 64, device: str = "cpu") -> tuple[Plan, list[TeacherDistance]]:
+    """Measure ``student`` against every single-store stage's teacher on the plan's train data and
+    return the plan with those stages nearest-first (MTPD's weak-to-strong order, measured)."""
+    stores = [s.stores[0] for s in plan.stages if len(s.stores) == 1]
+    dataset = CocoDataset(plan.data.train_ann, plan.data.train_images)
+    res = measure(student, stores, dataset, n_images, device=device)
+    return reorder_plan(plan, [r.store for r in res]), res

@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from mtpd.errors import MtpdError
 
-class PlanError(ValueError):
+
+class PlanError(MtpdError, ValueError):
     """A plan that cannot be run; the message names the key and what to do."""
 
 

@@ -6,19 +6,16 @@ checkpoint file at stage start; no teacher module is ever built here.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mtpd import checkpoint
+from mtpd.checkpoint import CheckpointError
 from mtpd.models import arch_checkpoint, arch_family, build_arch
 from mtpd.trainer.plan import PlanError, StudentConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing or does not fit; the message says what to do."""
 
 
 def label_offset(arch_or_model: str | nn.Module) -> int:
@@ -40,26 +37,15 @@ def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
 def save_student(model: nn.Module, path: str | Path, **extra) -> None:
     """A checkpoint that both ``mtpd-eval`` and teacher loading (``--weights PATH``) accept."""
     ckpt = arch_checkpoint(model, **extra)
-    _atomic_save(ckpt, path)
-
-
-def _atomic_save(obj: dict, path: str | Path) -> None:
-    # Write then rename: a kill mid-save never leaves a truncated checkpoint behind.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    checkpoint.save(ckpt, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: checkpoint not found")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); re-save it or pass another file") from None
+    """A checkpoint mtpd-train wrote (final.pt or last.pt), read safely."""
+    ckpt = checkpoint.load(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}; save students with mtpd-train")
+    return ckpt
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -181,9 +181,26 @@ def _place(dst: torch.Tensor, i: int, src: torch.Tensor) -> None:
     dst[i, :, :h, w:] = 0
 
 
+def grid_size(hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """Cells of level ``level`` (stride 2**level) over ``hw`` pixels: a partial cell counts."""
+    return -(-hw[0] // 2**level), -(-hw[1] // 2**level)
+
+
+def valid_masks(padded: tuple[int, int], sizes: list[tuple[int, int]], levels: list[int],
+                device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+    """level -> [B, 1, h, w] float, 1 on each view's valid (unpadded) cells of the batch grid ``padded``."""
+    masks = {}
+    for lvl in levels:
+        m = torch.zeros(len(sizes), 1, *grid_size(padded, lvl), device=device)
+        for i, hw in enumerate(sizes):
+            vh, vw = grid_size(hw, lvl)
+            m[i, :, :vh, :vw] = 1
+        masks[lvl] = m
+    return masks
+
+
 def collate_teacher(samples: list[Sample], stores_meta: list[dict], padded: tuple[int, int]) -> tuple[list[dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
     """Teacher maps of ``samples`` on a batch grid of ``padded`` (H, W) pixels, and the valid-cell masks."""
-    hp, wp = padded
     teacher: list[dict[str, torch.Tensor]] = []
     levels: set[int] = set()
     for k in range(len(samples[0].teacher)):
@@ -191,21 +208,12 @@ def collate_teacher(samples: list[Sample], stores_meta: list[dict], padded: tupl
         for name, per_level in samples[0].teacher[k].items():
             for j, lvl in enumerate(stores_meta[k][name]["levels"]):
                 levels.add(lvl)
-                gh, gw = -(-hp // 2**lvl), -(-wp // 2**lvl)
-                t = _empty((len(samples), per_level[j].shape[0], gh, gw), channels_last=True)
+                t = _empty((len(samples), per_level[j].shape[0], *grid_size(padded, lvl)), channels_last=True)
                 for i, s in enumerate(samples):
                     _place(t, i, s.teacher[k][name][j])
                 out[f"{name}.p{lvl}"] = t
         teacher.append(out)
-    masks = {}
-    for lvl in sorted(levels):
-        gh, gw = -(-hp // 2**lvl), -(-wp // 2**lvl)
-        m = torch.zeros(len(samples), 1, gh, gw)
-        for i, s in enumerate(samples):
-            h, w = s.meta.size
-            m[i, :, : -(-h // 2**lvl), : -(-w // 2**lvl)] = 1
-        masks[lvl] = m
-    return teacher, masks
+    return teacher, valid_masks(padded, [s.meta.size for s in samples], sorted(levels))
 
 
 def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
@@ -227,7 +235,7 @@ def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
                  [s.boxes for s in samples], [s.labels for s in samples], teacher, masks, instance)
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
     import numcodecs.blosc
     import zarr
 
@@ -249,11 +257,11 @@ def make_loader(ds: DistillDataset, batch_size: int, shuffle: bool, workers: int
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
-                      collate_fn=_Collate(metas), multiprocessing_context=ctx, worker_init_fn=_worker_init if workers else None,
+                      collate_fn=Collate(metas), multiprocessing_context=ctx, worker_init_fn=worker_init if workers else None,
                       persistent_workers=False, generator=g, drop_last=False)
 
 
-class _Collate:
+class Collate:
     """Picklable collate carrying each store's output metadata (levels per output)."""
 
     def __init__(self, metas: list[dict]) -> None:

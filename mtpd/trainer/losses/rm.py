@@ -46,6 +46,7 @@ def flatten_masks(batch: DistillBatch, levels: tuple[int, ...]) -> Tensor:
 class RankMimickingLoss(DistillLoss):
     name = "rm"
     needs = ("cls",)
+    needs_anchors = True
     default_weight = 4.0
 
     def __init__(self, *, levels: tuple[int, ...], iou_threshold: float = 0.5) -> None:

@@ -1,0 +1,115 @@
+"""Reading and writing checkpoint files: the one place mtpd calls ``torch.load`` and ``torch.save``.
+
+Files are read with ``weights_only=True``: tensors, numbers, strings and plain
+containers, never pickled code, so a downloaded checkpoint cannot run anything.
+Writes go to a temporary file renamed over the target, so a kill mid-save never
+leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtpd.errors import MtpdError
+
+
+class CheckpointError(MtpdError, ValueError):
+    """A checkpoint that is missing, unreadable or does not fit; the message says what to do."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def load(path: str | os.PathLike, *, mmap: bool = False, allow_pickle: bool = False) -> Any:
+    """The object saved in ``path``, tensors on the CPU; CheckpointError naming the file otherwise.
+
+    ``mmap``: map tensor storage instead of reading it (large weight files read in part);
+    legacy pre-zipfile files cannot be mapped and are read whole. ``allow_pickle``: only for
+    files the user named as trusted (mmengine training checkpoints pickle their logs): when
+    the safe read refuses the file, warn and unpickle it whole.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p.resolve()} does not exist; pass the path of an existing file")
+    try:
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types; all mean the same to the user
+        refused = "Unsupported global" in str(e) or "weights_only" in str(e)
+        if refused and allow_pickle:
+            return _load_pickled(p)
+        why = ("it holds pickled objects besides tensors, which mtpd never unpickles; re-save only its state dict"
+               if refused else "not a readable torch checkpoint")
+        raise CheckpointError(f"cannot read checkpoint {p}: {why} ({_first_line(e)})") from None
+
+
+def _load_pickled(p: Path) -> Any:
+    warnings.warn(f"{p} holds more than tensors; loading it with full unpickling (only for files you trust)", stacklevel=3)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - same advice for every unreadable file
+        raise CheckpointError(f"cannot read checkpoint {p}: {_first_line(e)}") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (checkpoint identities in stores and manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename (atomic on one file system)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, p)
+
+
+def split_state_dict(obj: Any, source: str | os.PathLike = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state_dict, metadata) from a raw state dict or a dict holding ``model`` / ``state_dict``.
+
+    A ``module.`` prefix left by DistributedDataParallel is removed; torch's per-module
+    version metadata is kept (old torchvision heads rename keys on load by it).
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict or a dict with 'model'/'state_dict', got {type(obj).__name__}")
+    meta: dict[str, Any] = {}
+    sd: Any = obj
+    for key in ("model", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            sd = obj[key]
+            meta = {k: v for k, v in obj.items() if k != key}
+            break
+    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source}: no tensors found; expected a state dict or a dict with 'model'/'state_dict'")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    out: OrderedDict[str, Tensor] = OrderedDict(tensors)
+    if hasattr(sd, "_metadata"):
+        out._metadata = sd._metadata  # type: ignore[attr-defined]
+    return out, meta
+
+
+def load_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``split_state_dict(load(path))``: the weights in a file and whatever travels beside them."""
+    return split_state_dict(load(path, mmap=mmap), path)

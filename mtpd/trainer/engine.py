@@ -1,0 +1,239 @@
+"""The training engine: one step and one epoch loop that read top to bottom; hooks do the rest.
+
+    for each epoch:                          hooks: before_epoch
+        for each batch:                      hooks: before_step
+            teacher targets  <- target source (stores, or online teachers)
+            student forward  -> detection losses (torchvision's)
+            + Σ weight · distillation loss (each loss declares what it needs)
+            backward, clip, optimiser and schedule step
+                                             hooks: after_step (logging, checkpoints, timing)
+                                             hooks: after_epoch
+                                             hooks: after_train (evaluation)
+
+As in detectron2's ``SimpleTrainer`` the loop stays small: logging, checkpoints,
+evaluation and timing are hooks (``mtpd.trainer.hooks``), and components (model,
+loader, optimiser, losses, target source) come into the constructor built.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mtpd.errors import MtpdError
+from mtpd.models import model_anchors, output_specs
+from mtpd.models.detect import DetectorStep
+from mtpd.trainer.losses import DistillBatch, DistillLoss
+from mtpd.trainer.targets import Batch
+
+PHASES = ("data", "teacher", "student", "distill", "backward")
+
+
+class TrainError(MtpdError, RuntimeError):
+    """A stage that stopped; the message says where and what was kept."""
+
+
+class NonFiniteLoss(TrainError):
+    """The step's loss was NaN or infinite; the stage adds which checkpoint is kept."""
+
+
+@dataclass
+class BoundLoss:
+    """A distillation loss with its weight, the store that feeds it and its key in the logs."""
+
+    loss: DistillLoss
+    weight: float
+    store: int
+    name: str
+
+
+@dataclass(frozen=True)
+class StudentInfo:
+    """What every loss needs to know of the student, derived once: levels, anchors and classes per cell."""
+
+    levels: tuple[int, ...]
+    num_anchors: int
+    num_classes: int
+
+    @classmethod
+    def of(cls, student: nn.Module) -> StudentInfo:
+        specs = output_specs(student)
+        cls_spec = specs.get("cls")
+        return cls(tuple(specs["fpn"].levels), cls_spec.num_anchors if cls_spec else 1, cls_spec.num_classes if cls_spec else 0)
+
+
+class TargetSource(Protocol):
+    """Teacher targets of a batch: per store ``{"fpn.p3": [B, C, h, w], ...}`` on the batch grid, and the
+    valid-cell masks (level -> [B, 1, h, w]). ``mtpd.trainer.sources`` has the two kinds."""
+
+    def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]: ...
+
+
+@dataclass
+class EngineState:
+    """Where the loop is and what the last step measured; hooks read it."""
+
+    epochs: int
+    iters_per_epoch: int
+    epoch: int = 0  # epochs finished
+    iter: int = 0  # iterations finished in the current epoch
+    step: int = 0  # optimiser steps taken in this stage
+    total: float = float("nan")  # the last step's total loss
+    losses: dict[str, float] = field(default_factory=dict)  # the last step's loss parts, weighted
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the last step
+    train_seconds: float = 0.0  # wall time inside train(), set when it returns
+
+    @property
+    def epoch_done(self) -> bool:
+        return self.iter == self.iters_per_epoch
+
+
+class HookBase:
+    """Override what you need; every method gets the engine (its ``state``, model, optimiser ...)."""
+
+    def before_train(self, engine: Engine) -> None: ...
+    def before_epoch(self, engine: Engine) -> None: ...
+    def before_step(self, engine: Engine) -> None: ...
+    def after_step(self, engine: Engine) -> None: ...
+    def after_epoch(self, engine: Engine) -> None: ...
+    def after_train(self, engine: Engine) -> None: ...
+
+
+class Engine:
+    """Trains ``student`` on ``loader`` with ``losses`` whose teacher maps come from ``targets``.
+
+    ``model``: the module the step calls (``DetectorStep(student)``, or that wrapped in
+    DistributedDataParallel); ``sync``: called before each phase boundary is timed (CUDA
+    synchronisation when timing on a GPU).
+    """
+
+    def __init__(self, student: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, *, epochs: int, losses: list[BoundLoss] = (),
+                 targets: TargetSource | None = None, model: nn.Module | None = None, device: str | torch.device = "cpu",
+                 grad_clip: float | None = None, label_offset: int = 0, hooks: list[HookBase] = ()) -> None:
+        self.student, self.loader, self.optimizer, self.scheduler = student, loader, optimizer, scheduler
+        self.losses = list(losses)
+        self.loss_modules = nn.ModuleList([b.loss for b in self.losses])
+        self.targets = targets
+        self.model = model if model is not None else DetectorStep(student)
+        self.device = torch.device(device)
+        self.grad_clip = grad_clip
+        self.label_offset = label_offset
+        self.hooks = list(hooks)
+        self.info = StudentInfo.of(student)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # The student computes the outputs the losses compare (FPN maps alone when no loss reads more).
+        self.student_outputs = sorted({n for b in self.losses for n in b.loss.needs}) or ["fpn"]
+        self.needs_anchors = any(b.loss.needs_anchors for b in self.losses)
+        self.state = EngineState(epochs, len(loader))
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        self._batches: Iterator[Batch] | None = None
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self) -> EngineState:
+        """Epochs from ``state.epoch`` (iteration ``state.iter``) to ``state.epochs``."""
+        t0 = time.perf_counter()
+        self._call("before_train")
+        while self.state.epoch < self.state.epochs:
+            self.train_epoch()
+        self.state.train_seconds = time.perf_counter() - t0
+        self._call("after_train")
+        return self.state
+
+    def train_epoch(self) -> None:
+        self._call("before_epoch")  # samplers and datasets learn the epoch here, before the loader starts
+        self.student.train()
+        self.loss_modules.train()
+        self._batches = iter(self.loader)
+        while self.state.iter < self.state.iters_per_epoch:
+            self.step()
+        self._call("after_epoch")
+        self.state.epoch, self.state.iter = self.state.epoch + 1, 0
+
+    def step(self) -> None:
+        """One step with its hooks; the next batch comes from the current epoch's loader iterator."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        self._call("before_step")
+        self.run_step()
+        self.state.iter += 1
+        self.state.step += 1
+        self._call("after_step")
+
+    # -- the step ---------------------------------------------------------------------------
+    def run_step(self) -> None:
+        """Data, teacher targets, student forward, losses, backward and update; phases timed."""
+        clock = _PhaseClock(self.sync)
+        batch = next(self._batches).to(self.device)
+        clock.lap("data")
+        teacher, masks = self.targets(batch) if self.targets is not None else ([], batch.masks)
+        clock.lap("teacher")
+        det_losses, outputs = self.model(batch.images, batch.image_sizes, self.ground_truth(batch), self.student_outputs)
+        parts = {f"det_{k}": v for k, v in det_losses.items()}
+        clock.lap("student")
+        parts.update(self.distill(batch, outputs, teacher, masks))
+        total = sum(parts.values())
+        clock.lap("distill")
+        if not torch.isfinite(total):
+            self._non_finite(parts)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        clock.lap("backward")
+        self.state.total = float(total.detach())
+        self.state.losses = {n: float(v.detach()) for n, v in parts.items()}
+        self.state.phases = clock.phases
+
+    def ground_truth(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """torchvision's training targets; R-CNN labels shift by one (class 0 is background)."""
+        targets = [{"boxes": b, "labels": lb + self.label_offset} for b, lb in zip(batch.boxes, batch.labels)]
+        for t, m in zip(targets, batch.instance_masks or []):
+            t["masks"] = m
+        return targets
+
+    def distill(self, batch: Batch, outputs: dict[str, Tensor], teacher: list[dict[str, Tensor]],
+                masks: dict[int, Tensor]) -> dict[str, Tensor]:
+        """Each bound loss on the student's outputs and its store's targets, weighted."""
+        if not self.losses:
+            return {}
+        anchors = model_anchors(self.student, tuple(batch.images.shape[-2:])) if self.needs_anchors else None
+        info = self.info
+        out = {}
+        for b in self.losses:
+            db = DistillBatch(outputs, teacher[b.store], masks, batch.boxes, batch.labels, anchors, info.num_anchors,
+                              info.num_classes, info.levels)
+            out[b.name] = b.weight * b.loss(db)
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _non_finite(self, parts: dict[str, Tensor]) -> None:
+        s = self.state
+        comp = ", ".join(f"{n}={float(v.detach()):.4g}" for n, v in parts.items())
+        raise NonFiniteLoss(f"non-finite loss at epoch {s.epoch + 1} iteration {s.iter + 1} (step {s.step + 1}): {comp}")
+
+    def _call(self, event: str) -> None:
+        for h in self.hooks:
+            getattr(h, event)(self)
+
+
+class _PhaseClock:
+    """Seconds between successive laps (synchronising the device first, when given a sync)."""
+
+    def __init__(self, sync) -> None:
+        self.sync = sync
+        self.phases: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        self.phases[phase] = now - self._t
+        self._t = now

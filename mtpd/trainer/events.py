@@ -1,0 +1,43 @@
+"""Structured progress of a training run, and its one-line text form.
+
+A run reports dicts with an ``"event"`` key to ``on_event`` callbacks: a program
+(the demo, a notebook, a job scheduler) reads fields, never log text.
+
+- ``stage_start``: stage, name, epochs, iters_per_epoch
+- ``inherited``: stage, tensors, parts, weights
+- ``resumed``: stage, checkpoint, epoch, iter (or checkpoint None: nothing to resume)
+- ``step``: a step record (stage, epoch, iter, step, lr, loss, loss parts, time) and ``epoch_end``
+- ``stage_end``: stage, name, checkpoint, metrics
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+Event = dict
+OnEvent = Callable[[Event], None]
+
+
+def format_event(ev: Event, epochs: int | None = None, iters: int | None = None) -> str | None:
+    """The console line of an event (None for events that print nothing)."""
+    k = ev.get("stage")
+    kind = ev["event"]
+    if kind == "inherited":
+        return f"stage {k}: inherited {ev['tensors']} tensors ({', '.join(ev['parts'])}) from {ev['weights']}"
+    if kind == "resumed":
+        if ev["checkpoint"] is None:
+            return f"stage {k}: --resume but no {ev['wanted']}; starting the stage from the beginning"
+        return f"stage {k}: resumed from {ev['checkpoint']} at epoch {ev['epoch'] + 1}, iteration {ev['iter']}"
+    if kind == "step":
+        skip = ("stage", "epoch", "iter", "step", "lr", "loss", "time", "event", "epoch_end", "epochs", "iters")
+        parts = " ".join(f"{n}={v:.3f}" for n, v in ev.items() if n not in skip)
+        return f"stage {k} epoch {ev['epoch']}/{ev['epochs']} iter {ev['iter']}/{ev['iters']} loss {ev['loss']:.4f} {parts}"
+    if kind == "stage_end":
+        shown = ", ".join(f"{n}={v:.4f}" for n, v in ev["metrics"].items() if isinstance(v, float))
+        return f"stage {k} ({ev['name']}) done: {shown}"
+    return None
+
+
+def is_progress(ev: Event) -> bool:
+    """Events worth a line on a quiet console: epoch ends, stage ends, inheritance."""
+    return ev["event"] in ("stage_end", "inherited") or (ev["event"] == "step" and ev.get("epoch_end", False))

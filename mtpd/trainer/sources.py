@@ -1,0 +1,79 @@
+"""Where a step's teacher targets come from: stores (the product) or teachers run live (the baseline).
+
+Both hand the engine the same thing: per store, ``{"fpn.p3": [B, C, h, w], ...}``
+on the batch's padded grid (zeros on padding), and the valid-cell masks.
+``outputs()`` says what each source can give (levels, channels, anchors, classes)
+so the stage checks its losses against it before training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from mtpd.cache.store import StoreReader
+from mtpd.output_spec import OutputSpec
+from mtpd.trainer.targets import Batch, grid_size, valid_masks
+
+
+class StoreTargets:
+    """Teacher maps the DataLoader already read from stores (``DistillDataset``) and placed on the batch."""
+
+    def __init__(self, readers: list[StoreReader]) -> None:
+        self.readers = readers
+
+    def outputs(self) -> list[dict[str, OutputSpec]]:
+        return [{n: OutputSpec.from_dict(d) for n, d in r.header.outputs.items()} for r in self.readers]
+
+    def names(self) -> list[str]:
+        return [f"store {r.location}" for r in self.readers]
+
+    def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]:
+        return batch.teacher, batch.masks
+
+
+class OnlineTeacher(Protocol):
+    """What the online baseline needs of a teacher (``mtpd.teachers.Teacher`` follows it)."""
+
+    def output_specs(self) -> dict[str, OutputSpec]: ...
+
+    def __call__(self, images: Tensor, outputs: Sequence[str]) -> dict[str, Tensor]: ...
+
+
+class OnlineTargets:
+    """The online baseline (teachers inside every step, as MTPD's and mmrazor's code do).
+
+    Each teacher runs on each view padded on its own, as the store builder does, so
+    results do not depend on the batch's padding; its maps then go on the batch grid
+    like cached ones. ``needs[k]``: the output names teacher ``k`` must produce.
+    """
+
+    def __init__(self, teachers: list[OnlineTeacher], needs: list[list[str]] | None = None) -> None:
+        self.teachers = list(teachers)
+        self.needs = needs if needs is not None else [list(t.output_specs()) for t in self.teachers]
+
+    def outputs(self) -> list[dict[str, OutputSpec]]:
+        return [t.output_specs() for t in self.teachers]
+
+    def names(self) -> list[str]:
+        return [f"online teacher {getattr(getattr(t, 'identity', None), 'name', type(t).__name__)}" for t in self.teachers]
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]:
+        padded = tuple(batch.images.shape[-2:])
+        out: list[dict[str, Tensor]] = []
+        levels: set[int] = set()
+        for teacher, names in zip(self.teachers, self.needs):
+            maps: dict[str, Tensor] = {}
+            for i, meta in enumerate(batch.metas):
+                x = batch.images[i : i + 1, :, : meta.padded[0], : meta.padded[1]]
+                for key, t in teacher(x, names).items():
+                    lvl = int(key.split(".p")[1])
+                    levels.add(lvl)
+                    vh, vw = grid_size(meta.size, lvl)
+                    dst = maps.setdefault(key, t.new_zeros(len(batch.metas), t.shape[1], *grid_size(padded, lvl)))
+                    dst[i, :, :vh, :vw] = t[0, :, :vh, :vw]
+            out.append(maps)
+        return out, valid_masks(padded, batch.image_sizes, sorted(levels), batch.images.device)

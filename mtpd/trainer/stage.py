@@ -1,0 +1,265 @@
+"""A distillation stage of a plan: the engine plus its hooks and a target source.
+
+    Stage(plan, k).run()                        # stage k (1-based), from stores
+    run_plan(plan, [1, 2], on_event=print)      # several stages; structured progress
+
+The stage builds the parts from the plan (student, losses checked against the
+teachers' outputs, loader, optimiser, schedule), hands them to ``Engine``, and
+adds hooks: data epochs, logging (``log.jsonl``; TensorBoard event files when
+``tensorboard`` is installed), checkpoints, evaluation. Teacher targets come
+from stores, or with ``online`` from teachers run inside each step (the baseline
+benchmarks compare against); no teacher module is ever built here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtpd.cache.schema import StoreError
+from mtpd.cache.store import StoreReader
+from mtpd.checkpoint import CheckpointError
+from mtpd.data import CocoDataset, ViewSpec
+from mtpd.models import arch_family, output_specs, unwrap
+from mtpd.output_spec import OutputSpec
+from mtpd.trainer import hooks
+from mtpd.trainer.engine import BoundLoss, Engine, NonFiniteLoss, TrainError
+from mtpd.trainer.evaluate import evaluate
+from mtpd.trainer.events import Event, OnEvent, format_event
+from mtpd.trainer.losses import build_loss, loss_defaults
+from mtpd.trainer.optim import make_optimizer, make_schedule
+from mtpd.trainer.plan import Plan, PlanError, StageConfig, load_plan, plan_to_dict, save_plan
+from mtpd.trainer.sampler import EpochSampler
+from mtpd.trainer.sources import OnlineTargets, OnlineTeacher, StoreTargets
+from mtpd.trainer.student import build_student, inherit_from_teacher, label_offset, load_checkpoint, save_student
+from mtpd.trainer.targets import DistillDataset, make_loader
+
+
+@dataclass
+class StageResult:
+    stage: int
+    checkpoint: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def stage_dir(plan: Plan, k: int) -> Path:
+    return Path(plan.output_dir) / f"stage_{k}"
+
+
+def stage_done(plan: Plan, k: int) -> bool:
+    """Stage ``k`` finished (metrics and final checkpoint written) with exactly this plan."""
+    d = stage_dir(plan, k)
+    if not all((d / f).is_file() for f in ("metrics.json", "final.pt", "plan.yaml")):
+        return False
+    # Saved plans hold absolute paths: loading resolves nothing, so equal plans compare equal.
+    return plan_to_dict(load_plan(d / "plan.yaml")) == plan_to_dict(plan)
+
+
+def build_losses(stage: StageConfig, student: nn.Module, teachers: list[dict[str, OutputSpec]], sources: list[str],
+                 where: str) -> list[BoundLoss]:
+    """Losses of a stage, checked against the student's and each teacher's levels, channels and classes."""
+    specs = output_specs(student)
+    levels = tuple(specs["fpn"].levels)
+    a = specs["cls"].num_anchors if "cls" in specs else 1
+    k = specs["cls"].num_classes if "cls" in specs else 0
+    out: list[BoundLoss] = []
+    for j, lc in enumerate(stage.losses):
+        at = f"{where}.losses[{j}] ({lc.name})"
+        try:
+            defaults = loss_defaults(lc.name)
+        except ValueError as e:
+            raise PlanError(f"{where}.losses[{j}].name: {e}") from None
+        have, src = teachers[lc.store], sources[lc.store]
+        t_fpn = have.get("fpn")
+        missing = [lvl for lvl in levels if t_fpn is None or lvl not in t_fpn.levels]
+        if missing:
+            raise PlanError(f"{at}: the student has levels {['P%d' % x for x in levels]} but {src} lacks "
+                            f"{['P%d' % x for x in missing]}; no adapter bridges missing levels: use a teacher with those "
+                            "levels or a student without them")
+        try:
+            loss = build_loss(lc.name, levels=levels, student_channels=specs["fpn"].channels,
+                              teacher_channels=t_fpn.channels, num_anchors=a, num_classes=k, **lc.params)
+        except ValueError as e:
+            raise PlanError(f"{at}: {e}") from None
+        for name in loss.needs:
+            if name not in have:
+                raise PlanError(f"{at} needs teacher output {name!r} but {src} has {list(have)}; "
+                                f"rebuild it with --outputs {','.join(sorted(set(have) | {name}))}")
+        t_cls = have.get("cls")
+        if "cls" in loss.needs and t_cls and (t_cls.num_anchors, t_cls.num_classes) != (a, k):
+            raise PlanError(f"{at}: teacher has {t_cls.num_anchors} anchors x {t_cls.num_classes} classes per cell, the "
+                            f"student {a} x {k}; class-output losses need the same anchors and classes")
+        weight = defaults["weight"] if lc.weight is None else lc.weight
+        key = lc.name if all(b.name != lc.name for b in out) else f"{lc.name}_{lc.store}"
+        out.append(BoundLoss(loss, float(weight), lc.store, key))
+    return out
+
+
+class Stage:
+    """Stage ``k`` (1-based) of ``plan``. ``online``: teachers (one per store) run inside each step instead."""
+
+    def __init__(self, plan: Plan, k: int, device: str = "cpu", resume: bool = False,
+                 online: list[OnlineTeacher] | None = None, log: Callable[[str], None] | None = print,
+                 on_event: OnEvent | None = None) -> None:
+        if not 1 <= k <= len(plan.stages):
+            raise PlanError(f"--stage {k}: the plan has stages 1..{len(plan.stages)}")
+        self.plan, self.k, self.cfg = plan, k, plan.stages[k - 1]
+        self.device = torch.device(device)
+        self.resume, self.online = resume, online
+        self.log, self.on_event = log, on_event
+        self.dir = stage_dir(plan, k)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def emit(self, ev: Event) -> None:
+        ev = {"event": ev.pop("event"), "stage": self.k, **ev}
+        if self.on_event is not None:
+            self.on_event(ev)
+        line = format_event(ev)
+        if self.log is not None and line is not None:
+            self.log(line)
+
+    def run(self) -> StageResult:
+        _seed_all(self.plan.seed + self.k)
+        engine, checkpointer, evaluator = self.build()
+        if self.resume:
+            found = checkpointer.last.is_file()
+            if found:
+                checkpointer.restore(engine)
+            s = engine.state
+            self.emit({"event": "resumed", "checkpoint": str(checkpointer.last) if found else None,
+                       "wanted": str(checkpointer.last), "epoch": s.epoch, "iter": s.iter})
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_plan(self.plan, self.dir / "plan.yaml")
+        self.emit({"event": "stage_start", "name": self.cfg.name, "epochs": self.cfg.epochs,
+                   "iters_per_epoch": engine.state.iters_per_epoch})
+        try:
+            engine.train()
+        except NonFiniteLoss as e:
+            kept = checkpointer.last if checkpointer.last.is_file() else "none yet"
+            raise TrainError(f"stage {self.k}: {e}; stopped, last good checkpoint: {kept}; "
+                             "lower the lr or the distillation weight") from None
+        return self.finish(engine, evaluator)
+
+    # -- building the parts --------------------------------------------------------------
+    def build(self) -> tuple[Engine, hooks.Checkpointer, hooks.Evaluator]:
+        plan, cfg, where = self.plan, self.cfg, f"stages[{self.k - 1}] ({self.cfg.name})"
+        data = plan.data
+        train = CocoDataset(data.train_ann, data.train_images)
+        spec = ViewSpec(short=data.short, long=data.long, views=("orig", "hflip") if data.flip else ("orig",))
+        student = self.init_student(train.num_classes)
+        source = self.target_source(where)
+        losses = build_losses(cfg, student, source.outputs(), source.names(), where)
+        needs = [sorted({n for b in losses if b.store == s for n in b.loss.needs}) for s in range(len(cfg.stores))]
+        if isinstance(source, OnlineTargets):
+            source.needs = needs
+        ds = DistillDataset(train, spec, [] if self.online is not None else cfg.stores, flip=data.flip, seed=plan.seed,
+                            outputs=needs, with_masks=arch_family(student) == "maskrcnn")
+        sampler = EpochSampler(len(ds), plan.seed, self.rank, self.world)
+        loader = make_loader(ds, data.batch_size, shuffle=False, workers=data.workers, seed=plan.seed, sampler=sampler)
+        loss_mods = nn.ModuleList([b.loss for b in losses]).to(self.device)
+        params = [p for p in list(student.parameters()) + list(loss_mods.parameters()) if p.requires_grad]
+        opt = make_optimizer(cfg, params, data.batch_size * self.world)
+        sched = make_schedule(opt, cfg, len(loader))
+        checkpointer = hooks.Checkpointer(self.dir / "last.pt", plan.checkpoint_every, self.save_final)
+        evaluator = hooks.Evaluator(self.evaluate)
+        engine = Engine(student, loader, opt, sched, epochs=cfg.epochs, losses=losses, targets=source,
+                        model=self.wrap(student), device=self.device, grad_clip=cfg.grad_clip,
+                        label_offset=label_offset(student),
+                        hooks=[hooks.EpochData(ds, sampler, data.batch_size)] + self.logging(len(loader))
+                        + ([checkpointer, evaluator] if self.rank == 0 else []))
+        return engine, checkpointer, evaluator
+
+    def init_student(self, num_classes: int) -> nn.Module:
+        student = build_student(self.plan.student, num_classes)
+        if self.k > 1:
+            prev = stage_dir(self.plan, self.k - 1) / "final.pt"
+            if not prev.is_file():
+                raise CheckpointError(f"{prev}: stage {self.k - 1} checkpoint missing; "
+                                      f"run `mtpd-train --plan PLAN --stage {self.k - 1}` first")
+            student.load_state_dict(load_checkpoint(prev)["model"])
+        inherit = self.cfg.inherit
+        if inherit is not None:
+            copied = inherit_from_teacher(student, inherit.weights, inherit.parts)
+            self.emit({"event": "inherited", "tensors": len(copied), "parts": list(inherit.parts), "weights": inherit.weights})
+        return student.to(self.device)
+
+    def target_source(self, where: str) -> StoreTargets | OnlineTargets:
+        """Stores (opened for their headers; the loader reads them), or the online teachers."""
+        if self.online is None:
+            return StoreTargets([StoreReader(p) for p in self.cfg.stores])
+        if len(self.online) != len(self.cfg.stores):
+            raise PlanError(f"{where}: {len(self.online)} online teacher(s) for {len(self.cfg.stores)} store(s); "
+                            "give one per store")
+        return OnlineTargets(self.online)
+
+    def wrap(self, student: nn.Module) -> nn.Module:
+        from mtpd.models.detect import DetectorStep
+
+        model: nn.Module = DetectorStep(student)
+        if self.world > 1:
+            # Unused: e.g. the box head of a student distilled on features only in some steps.
+            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        return model
+
+    def logging(self, iters: int) -> list[hooks.HookBase]:
+        """Rank 0 logs each record to log.jsonl, TensorBoard (when installed) and the events."""
+        if self.rank != 0:
+            return []
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sinks: list[hooks.Sink] = [hooks.JsonLines(self.dir / "log.jsonl")]
+        if hooks.TensorBoard.available():
+            sinks.append(hooks.TensorBoard(self.dir / "tb"))
+        epochs = self.cfg.epochs
+        sinks.append(lambda rec: self.emit({"event": "step", **rec, "epochs": epochs, "iters": iters,
+                                            "epoch_end": rec["iter"] == iters}))
+        return [hooks.MetricsLogger(self.k, self.plan.log_every, sinks)]
+
+    # -- the end of a stage --------------------------------------------------------------
+    def save_final(self, student: nn.Module) -> None:
+        save_student(student, self.dir / "final.pt", stage=self.k, stage_name=self.cfg.name)
+
+    def evaluate(self, student: nn.Module) -> dict:
+        d = self.plan.data
+        if not (self.cfg.eval and d.val_ann and d.val_images):
+            return {}
+        spec = ViewSpec(short=d.short, long=d.long)
+        return evaluate(unwrap(student), CocoDataset(d.val_ann, d.val_images), spec, d.val_batch_size, self.device)
+
+    def finish(self, engine: Engine, evaluator: hooks.Evaluator) -> StageResult:
+        final = self.dir / "final.pt"
+        metrics: dict = {"stage": self.k, "name": self.cfg.name, "train_seconds": engine.state.train_seconds}
+        if self.rank == 0:
+            metrics.update(evaluator.metrics)
+            (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self.emit({"event": "stage_end", "name": self.cfg.name, "checkpoint": str(final), "metrics": metrics})
+        if self.world > 1:
+            dist.barrier()  # the next stage on every rank starts from the checkpoint rank 0 just wrote
+        return StageResult(self.k, final, metrics)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_plan(plan: Plan, stages: list[int], device: str = "cpu", resume: bool = False,
+             online: list[OnlineTeacher] | None = None, log: Callable[[str], None] | None = print,
+             on_event: OnEvent | None = None) -> list[StageResult]:
+    """Run ``stages`` of ``plan`` in order; progress goes to ``on_event`` (dicts) and ``log`` (lines)."""
+    Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
+    save_plan(plan, Path(plan.output_dir) / "plan.resolved.yaml")
+    return [Stage(plan, k, device, resume, online, log, on_event).run() for k in stages]
+
+
+__all__ = ["Stage", "StageResult", "StoreError", "TrainError", "build_losses", "run_plan", "stage_dir", "stage_done"]
