@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; students trained for {sum(v for r in seconds.values() for v in r.values()) / 3600:.1f} h "
             f"in all (this invocation's wall time {(time.perf_counter() - t0) / 3600:.1f} h: a rerun reuses finished stages)  ",
             f"Setup: digits {scale.train} train / {scale.val} val at 128 px; student {recipes.STUDENT['arch']} "
-            f"{recipes.STUDENT['options']}; teachers shipped in demo/teachers (weak {recipes.TEACHERS['weak']['arch']}, "
+            f"{recipes.STUDENT['options']}; teachers shipped in mtpd/demo/teachers (weak {recipes.TEACHERS['weak']['arch']}, "
             f"strong {recipes.TEACHERS['strong']['arch']}); two stages of {scale.stage_epochs} epochs per student; "
             f"MGD α={recipes.MGD_WEIGHT}, λ={recipes.MGD_LAMBDA}; RM 4, PFI 1.5; seeds {seeds}. "
             "AP is COCO box AP (×100) on val after the last stage.", "",

@@ -60,7 +60,7 @@ def test_failed_child_names_its_log_and_error(tmp_path: Path, digits: dict) -> N
     with pytest.raises(RuntimeError) as e:
         jobs.wait([job], lambda s: None, quiet=True, until=lambda: job.stage_done(1), poll_s=0.2)
     msg = str(e.value)
-    assert "training broken failed (mtpd-train exit 2)" in msg and str(job.log_path) in msg
+    assert "training broken failed (exit 2)" in msg and str(job.log_path) in msg
     assert "nowhere" in msg  # the child's own one-line error, naming the missing file
 
 
@@ -68,5 +68,5 @@ def test_stop_ends_a_running_child(tmp_path: Path, digits: dict) -> None:
     job = jobs.start("long", _plan(tmp_path, digits, "long", stages=3), lambda s: None, threads=1)
     assert job.running()
     job.stop()
-    assert not job.running() and job.proc.returncode != 0
+    assert not job.running() and job.returncode != 0
     assert not (tmp_path / "long" / "stage_3" / "metrics.json").exists()

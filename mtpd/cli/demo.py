@@ -20,7 +20,7 @@ Runs the whole mtpd pipeline on the digits benchmark and prints a table
   2. mtpd-train               a baseline student (detection loss only), in its own process
                               while the next steps run (it reads no store)
   3. teachers                 two teachers of different strength: the checkpoints shipped
-                              in demo/teachers, or trained with mtpd-train (--train-teachers)
+                              in the package (mtpd/demo/teachers), or trained with mtpd-train (--train-teachers)
   4. mtpd-cache build         each teacher runs once over the train split into a Zarr store
   5. mtpd-plan order          rank the teachers by their feature distance to the student
                               (the baseline after its first stage)
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few images and one epoch per stage: checks the pipeline (CI), not the gain")
     p.add_argument("--direct", action="store_true",
                    help="also train the student distilled from the stronger teacher in both stages (the full demo then takes ~12 min; always on with --quick)")
-    p.add_argument("--train-teachers", action="store_true", help="train the two teachers with mtpd-train instead of using demo/teachers/*.pt")
+    p.add_argument("--train-teachers", action="store_true", help="train the two teachers with mtpd-train instead of using the shipped mtpd/demo/teachers/*.pt")
     p.add_argument("--precision", default="lossless", choices=("lossless", "high", "compact"), help="store precision (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the teachers; each student process gets half (default: the CPU cores available to this process)")

@@ -1,4 +1,4 @@
-"""Students trained side by side, each in its own ``mtpd-train`` process.
+"""Students trained side by side, each in its own process running the trainer's ``run_plan``.
 
 A small student's training step cannot keep two CPU cores busy: trained one
 after the other with 2 torch threads each, the demo's two students used 15.9
@@ -6,13 +6,16 @@ CPU-min in 15.3 min wall on 2 cores. Trained side by side with one thread each,
 the whole demo takes 8.4–9.2 min instead of 15.2 (same recipes). Each
 process keeps one thread count for its whole run: a count that followed what
 else is running would make the weights depend on timing.
+
+A child reports the trainer's structured events (``mtpd.trainer.events``) over
+a queue; its text log goes to ``train.log`` for people to read.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
-import subprocess
-import sys
+import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,56 +25,87 @@ from mtpd.demo import steps
 from mtpd.demo.steps import Log
 
 
+def _train_child(plan_path: str, stages: list[int], threads: int, events: mp.Queue, log_path: str) -> None:
+    """Child process: train ``stages`` of the plan, events to the queue, text to ``log_path``."""
+    import sys
+    import traceback
+
+    import torch
+
+    from mtpd.errors import MtpdError
+    from mtpd.trainer.plan import load_plan
+    from mtpd.trainer.stage import run_plan
+
+    torch.set_num_threads(threads)
+    with open(log_path, "w", encoding="utf-8", buffering=1) as f:
+        try:
+            run_plan(load_plan(plan_path), stages, device="cpu", log=lambda s: print(s, file=f), on_event=events.put)
+        except MtpdError as e:
+            print(f"error: {e}", file=f)
+            events.put({"event": "error", "message": str(e)})
+            sys.exit(2)
+        except BaseException as e:  # noqa: BLE001 - anything else: the traceback goes to the log
+            traceback.print_exc(file=f)
+            events.put({"event": "error", "message": f"{type(e).__name__}: {e}"})
+            sys.exit(1)
+
+
 @dataclass
 class Job:
-    """``mtpd-train --plan PLAN --stage ...`` in a child process; its output goes to ``log_path``."""
+    """Training of the stages of ``plan`` that an earlier demo run did not finish, in a child process."""
 
     name: str
     plan: Path
     out_dir: Path
     log_path: Path
-    proc: subprocess.Popen | None  # None when an earlier demo run finished every stage
-    _pos: int = 0
-    _partial: str = field(default="", repr=False)
+    proc: mp.process.BaseProcess | None  # None when an earlier demo run finished every stage
+    events: mp.Queue | None = None
+    done: set[int] = field(default_factory=set)  # stages finished (before or by this job)
+    error: str | None = None
 
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.is_alive()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.exitcode
 
     def relay(self, log: Log, quiet: bool) -> None:
-        """Print the child's new log lines (end-of-epoch and end-of-stage lines only when ``quiet``)."""
-        if self.proc is None or not self.log_path.is_file():
+        """Take the child's new events: print them, note finished stages and errors."""
+        if self.events is None:
             return
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            f.seek(self._pos)
-            chunk = f.read()
-            self._pos = f.tell()
-        lines = (self._partial + chunk).split("\n")
-        self._partial = lines.pop()  # an incomplete last line waits for the rest
-        for line in lines:
-            if line.strip() and (not quiet or steps.epoch_line(line)):
-                log(f"  [{self.name}] {line.rstrip()}")
+        show = steps.progress_printer(log, quiet, prefix=f"  [{self.name}] ")
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if ev["event"] == "stage_end":
+                self.done.add(ev["stage"])
+            elif ev["event"] == "error":
+                self.error = ev["message"]
+            show(ev)
 
     def check(self) -> None:
-        """Raise when the child exited with an error, naming its log."""
-        if self.proc is None or self.proc.poll() in (None, 0):
+        """Raise when the child exited with an error, naming its log and its own message."""
+        if self.proc is None or self.returncode in (None, 0):
             return
         tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:] if self.log_path.is_file() else []
-        raise RuntimeError(f"training {self.name} failed (mtpd-train exit {self.proc.returncode}); log: {self.log_path}\n"
-                           + "\n".join(tail))
+        raise RuntimeError(f"training {self.name} failed (exit {self.returncode}): {self.error or 'no message'}; "
+                           f"log: {self.log_path}\n" + "\n".join(tail))
 
     def stage_done(self, k: int) -> bool:
-        return steps.stage_done(self.out_dir, k, self.plan)
+        return k in self.done
 
     def stop(self) -> None:
         """Stop the child (on an error or Ctrl-C in the demo); a rerun retrains its unfinished stages."""
         if not self.running():
             return
         self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        self.proc.join(timeout=20)
+        if self.proc.is_alive():
             self.proc.kill()
-            self.proc.wait()
+            self.proc.join()
 
 
 def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
@@ -79,26 +113,39 @@ def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
     steps.show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
     plan, todo = steps.stages_todo(plan_path, log)
     out = Path(plan.output_dir)
+    done = set(range(1, len(plan.stages) + 1)) - set(todo)
     log_path = out / "train.log"
     if not todo:
-        return Job(name, Path(plan_path), out, log_path, None)
+        return Job(name, Path(plan_path), out, log_path, None, done=done)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "mtpd.cli.train", "--plan", str(plan_path), "--stage", ",".join(map(str, todo)), "--device", "cpu"]
-    with open(log_path, "w", encoding="utf-8") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited torch threads or zarr event loop
+    events = ctx.Queue()
+    proc = ctx.Process(target=_train_child, args=(str(plan_path), todo, threads, events, str(log_path)), name=f"mtpd-{name}")
+    # OpenMP reads its thread count when torch loads in the child: set it for the child's start only.
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        proc.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     log(f"  training {name} in its own process ({threads} thread{'s' if threads > 1 else ''}, pid {proc.pid}; log: {log_path})")
-    return Job(name, Path(plan_path), out, log_path, proc)
+    return Job(name, Path(plan_path), out, log_path, proc, events, done)
 
 
 def wait(jobs: list[Job], log: Log, quiet: bool, until: Callable[[], bool] | None = None, poll_s: float = 1.0) -> None:
-    """Relay the jobs' logs until ``until()`` holds (default: every job has exited); raise if one fails."""
+    """Relay the jobs' events until ``until()`` holds (default: every job has exited); raise if one fails."""
     done = until or (lambda: not any(j.running() for j in jobs))
     while True:
         for j in jobs:
             j.relay(log, quiet)
             j.check()
         if done():
+            for j in jobs:  # what a child sent just before it exited
+                j.relay(log, quiet)
+                j.check()
             return
         if not any(j.running() for j in jobs):  # all exited cleanly, yet ``until`` never came
             raise RuntimeError("the students' training processes exited before the demo could go on; logs: "

@@ -65,83 +65,102 @@ def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, preci
     """
     import torch
 
-    scale = recipes.QUICK if quick else recipes.FULL
-    paths = Paths(Path(out) / ("quick" if quick else "full"))
-    per_job = max(1, (threads or torch.get_num_threads()) // 2)
+    demo = _Demo(recipes.QUICK if quick else recipes.FULL, Paths(Path(out) / ("quick" if quick else "full")), log,
+                 quiet_training, max(1, (threads or torch.get_num_threads()) // 2))
     t_start = time.perf_counter()
-    timing: dict[str, float] = {}
-
-    def step(title: str) -> float:
-        log(f"\n== {title} ==")
-        return time.perf_counter()
-
-    t = step(f"1/7 data: digits, {scale.train} train / {scale.val} val images at {recipes.SIZE} px")
-    steps.ensure_data(paths, scale, log)
-    timing["data"] = time.perf_counter() - t
-
-    students: dict[str, jobs.Job] = {}
+    demo.step("data", f"1/7 data: digits, {demo.scale.train} train / {demo.scale.val} val images at {recipes.SIZE} px")
+    steps.ensure_data(demo.paths, demo.scale, log)
     try:
-        step(f"2/7 baseline student: {2 * scale.stage_epochs} epochs, detection loss only (trains while the teachers run)")
-        base_plan = _student_plan("baseline", paths, scale, [("plain_1", []), ("plain_2", [])])
-        students["baseline"] = jobs.start("baseline", base_plan, log, per_job)
-
-        t = step("3/7 teachers")
-        teachers = steps.ensure_teachers(paths, scale, train_teachers, log)
-        teacher_eval = {k: steps.evaluate_checkpoint(ti.checkpoint, paths, log) for k, ti in teachers.items()}
-        for k, m in teacher_eval.items():
-            log(f"  teacher {k}: AP {100 * m['AP']:.1f} on val")
-        timing["teachers"] = time.perf_counter() - t
-
-        t = step(f"4/7 stores: each teacher runs once over the train split ({precision})")
-        store_paths = _build_stores(teachers, paths, precision, log)
-        if direct:  # the direct student needs no order: start it as soon as its store exists
-            strong = str(store_paths["strong"])
-            direct_plan = _student_plan("direct", paths, scale, [("strong_1", [strong]), ("strong_2", [strong])])
-            students["direct"] = jobs.start("direct", direct_plan, log, per_job)
-        timing["stores"] = time.perf_counter() - t
-
-        t = step("5/7 order the teachers by their distance to the student (the baseline after its first stage)")
-        base = students["baseline"]
-        jobs.wait(list(students.values()), log, quiet_training, until=lambda: base.stage_done(1))
-        prog_unordered = _student_plan("progressive_unordered", paths, scale,
-                                       [(k, [str(store_paths[k])]) for k in ("weak", "strong")])
-        prog_plan = paths.plans / "progressive.yaml"
-        order_stores = steps.order_stores(base.out_dir / "stage_1" / "final.pt", list(store_paths.values()),
-                                          prog_unordered, prog_plan, log, n_images=min(64, scale.train))
-        key_of = {str(Path(p).resolve()): k for k, p in store_paths.items()}
-        order = [key_of.get(str(Path(s).resolve()), s) for s in order_stores]
-        _retarget(prog_plan, paths.runs / "progressive")
-        log(f"  progressive order: {' -> '.join(order)}")
-        timing["order"] = time.perf_counter() - t
-
-        t = step(f"6/7 distill: MTPD progressive ({' -> '.join(order)})" + (" and direct (stronger teacher in both stages)" if direct else ""))
-        students["progressive"] = jobs.start("progressive", prog_plan, log, per_job)
-        jobs.wait(list(students.values()), log, quiet_training)
-        timing["students"] = time.perf_counter() - t
+        demo.train_students(train_teachers, precision, direct)
     finally:
-        for j in students.values():
+        for j in demo.students.values():
             j.stop()
-
-    t = step("7/7 evaluate")
-    rows = []
-    for k, ti in teachers.items():
-        rows.append(Row(f"teacher {k}", ti.arch, steps.count_params(ti.checkpoint), teacher_eval[k], ti.train_seconds,
-                        steps.store_size(store_paths[k])))
-    student_arch = f"{recipes.STUDENT['arch']}({', '.join(f'{a}={b}' for a, b in recipes.STUDENT['options'].items())})"
-    n_student = steps.count_params(students["baseline"].out_dir / "stage_2" / "final.pt")
-    for name, label in (("baseline", "student baseline"), ("direct", "student direct (strong)"),
-                        ("progressive", f"student MTPD ({' -> '.join(order)})")):
-        if name not in students:
-            continue
-        metrics = jobs.metrics(students[name])
-        rows.append(Row(label, student_arch, n_student, metrics[-1], sum(m["train_seconds"] for m in metrics),
-                        stage_metrics=metrics, run_dir=str(students[name].out_dir)))
-    timing["evaluate"] = time.perf_counter() - t
+    demo.step("evaluate", "7/7 evaluate")
+    rows = demo.rows()
+    scale = demo.scale
     scale_d = {"train": scale.train, "val": scale.val, "stage_epochs": scale.stage_epochs, "quick": quick, "precision": precision,
-               "direct": direct, "threads_per_student": per_job}
-    result = DemoResult(rows, order, time.perf_counter() - t_start, scale_d, timing)
-    (paths.root / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
+               "direct": direct, "threads_per_student": demo.per_job}
+    demo.step(None, None)
+    result = DemoResult(rows, demo.order, time.perf_counter() - t_start, scale_d, demo.timing)
+    (demo.paths.root / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
     return result
+
+
+class _Demo:
+    """The state one demo run carries from step to step."""
+
+    def __init__(self, scale: recipes.Scale, paths: Paths, log: Log, quiet: bool, per_job: int) -> None:
+        self.scale, self.paths, self.log, self.quiet, self.per_job = scale, paths, log, quiet, per_job
+        self.timing: dict[str, float] = {}
+        self.students: dict[str, jobs.Job] = {}
+        self.order: list[str] = []
+        self._current: tuple[str, float] | None = None
+
+    def step(self, key: str | None, title: str | None) -> None:
+        """Close the timing of the step running now, and start the next one (``key`` None: none)."""
+        now = time.perf_counter()
+        if self._current is not None:
+            self.timing[self._current[0]] = self.timing.get(self._current[0], 0.0) + now - self._current[1]
+        self._current = (key, now) if key else None
+        if title:
+            self.log(f"\n== {title} ==")
+
+    def train_students(self, train_teachers: bool, precision: str, direct: bool) -> None:
+        scale, paths, log = self.scale, self.paths, self.log
+        self.step(None, f"2/7 baseline student: {2 * scale.stage_epochs} epochs, detection loss only (trains while the teachers run)")
+        base_plan = _student_plan("baseline", paths, scale, [("plain_1", []), ("plain_2", [])])
+        self.students["baseline"] = jobs.start("baseline", base_plan, log, self.per_job)
+
+        self.step("teachers", "3/7 teachers")
+        self.teachers = steps.ensure_teachers(paths, scale, train_teachers, log)
+        self.teacher_eval = {k: steps.evaluate_checkpoint(ti.checkpoint, paths, log) for k, ti in self.teachers.items()}
+        for k, m in self.teacher_eval.items():
+            log(f"  teacher {k}: AP {100 * m['AP']:.1f} on val")
+
+        self.step("stores", f"4/7 stores: each teacher runs once over the train split ({precision})")
+        self.store_paths = _build_stores(self.teachers, paths, precision, log)
+        if direct:  # the direct student needs no order: start it as soon as its store exists
+            strong = str(self.store_paths["strong"])
+            direct_plan = _student_plan("direct", paths, scale, [("strong_1", [strong]), ("strong_2", [strong])])
+            self.students["direct"] = jobs.start("direct", direct_plan, log, self.per_job)
+
+        self.step("order", "5/7 order the teachers by their distance to the student (the baseline after its first stage)")
+        prog_plan = self.ordered_plan()
+
+        self.step("students", f"6/7 distill: MTPD progressive ({' -> '.join(self.order)})"
+                  + (" and direct (stronger teacher in both stages)" if direct else ""))
+        self.students["progressive"] = jobs.start("progressive", prog_plan, log, self.per_job)
+        jobs.wait(list(self.students.values()), log, self.quiet)
+
+    def ordered_plan(self) -> Path:
+        """Wait for the baseline's first stage, measure the teachers against it, write the ordered plan."""
+        base = self.students["baseline"]
+        jobs.wait(list(self.students.values()), self.log, self.quiet, until=lambda: base.stage_done(1))
+        unordered = _student_plan("progressive_unordered", self.paths, self.scale,
+                                  [(k, [str(self.store_paths[k])]) for k in ("weak", "strong")])
+        prog_plan = self.paths.plans / "progressive.yaml"
+        ordered = steps.order_stores(base.out_dir / "stage_1" / "final.pt", unordered, prog_plan,
+                                     self.paths.runs / "progressive", self.log, n_images=min(64, self.scale.train))
+        key_of = {str(Path(p).resolve()): k for k, p in self.store_paths.items()}
+        self.order = [key_of.get(str(Path(s).resolve()), s) for s in ordered]
+        self.log(f"  progressive order: {' -> '.join(self.order)}")
+        return prog_plan
+
+    def rows(self) -> list[Row]:
+        rows = []
+        for k, ti in self.teachers.items():
+            rows.append(Row(f"teacher {k}", ti.arch, steps.count_params(ti.checkpoint), self.teacher_eval[k], ti.train_seconds,
+                            steps.store_size(self.store_paths[k])))
+        student_arch = f"{recipes.STUDENT['arch']}({', '.join(f'{a}={b}' for a, b in recipes.STUDENT['options'].items())})"
+        n_student = steps.count_params(self.students["baseline"].out_dir / "stage_2" / "final.pt")
+        for name, label in (("baseline", "student baseline"), ("direct", "student direct (strong)"),
+                            ("progressive", f"student MTPD ({' -> '.join(self.order)})")):
+            if name not in self.students:
+                continue
+            metrics = jobs.metrics(self.students[name])
+            rows.append(Row(label, student_arch, n_student, metrics[-1], sum(m["train_seconds"] for m in metrics),
+                            stage_metrics=metrics, run_dir=str(self.students[name].out_dir)))
+        return rows
 
 
 def _build_stores(teachers: dict[str, steps.TeacherInfo], paths: Paths, precision: str, log: Log) -> dict[str, Path]:
@@ -158,15 +177,6 @@ def _build_stores(teachers: dict[str, steps.TeacherInfo], paths: Paths, precisio
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def _retarget(plan_path: Path, output_dir: Path) -> None:
-    """The ordered plan was written from the unordered one: give it its own output folder."""
-    import yaml
-
-    plan = yaml.safe_load(plan_path.read_text())
-    plan["output_dir"] = str(output_dir)
-    plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
 
 
 def _jsonable(r: DemoResult) -> dict:

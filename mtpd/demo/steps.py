@@ -7,9 +7,8 @@ walk-through of the command line.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.resources
 import json
-import re
 import shlex
 import sys
 import time
@@ -19,12 +18,15 @@ from typing import Callable
 
 import yaml
 
+from mtpd.checkpoint import sha256_file
 from mtpd.demo import recipes
 
 Log = Callable[[str], None]
 
-# Shipped teacher checkpoints live beside the package in a source checkout (pip install -e).
-SHIPPED_TEACHERS = Path(__file__).resolve().parents[2] / "demo" / "teachers"
+
+def shipped_teachers() -> Path:
+    """The folder of the shipped teacher checkpoints: package data, in a source checkout and in a wheel alike."""
+    return Path(str(importlib.resources.files("mtpd.demo").joinpath("teachers")))
 
 
 @dataclass
@@ -73,14 +75,6 @@ def show(cmd: list[str], log: Log) -> None:
     log("$ " + " ".join(shlex.quote(str(c)) for c in cmd))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------- data
 
 
@@ -115,30 +109,32 @@ def write_plan(plan: dict, path: Path) -> Path:
     return path
 
 
-def stage_done(out_dir: Path, k: int, plan_path: Path) -> bool:
-    """A stage counts as done when its metrics exist and it ran exactly this plan."""
-    d = out_dir / f"stage_{k}"
-    if not (d / "metrics.json").is_file() or not (d / "final.pt").is_file() or not (d / "plan.yaml").is_file():
-        return False
-    from mtpd.trainer.plan import load_plan, plan_to_dict
-
-    return yaml.safe_load((d / "plan.yaml").read_text()) == plan_to_dict(load_plan(plan_path))
-
-
 def stages_todo(plan_path: Path, log: Log):
     """The plan and the stages an earlier demo run did not finish (a suffix: each stage starts from the one before)."""
     from mtpd.trainer.plan import load_plan
+    from mtpd.trainer.stage import stage_done
 
     plan = load_plan(plan_path)
-    out = Path(plan.output_dir)
     todo: list[int] = []
     for k in range(1, len(plan.stages) + 1):
         # A stage starts from the previous one: once one must rerun, so must every later one.
-        if todo or not stage_done(out, k, plan_path):
+        if todo or not stage_done(plan, k):
             todo.append(k)
     if len(todo) < len(plan.stages):
-        log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {out}")
+        log(f"  reusing stage(s) {[k for k in range(1, len(plan.stages) + 1) if k not in todo]} of {plan.output_dir}")
     return plan, todo
+
+
+def progress_printer(log: Log, quiet: bool, prefix: str = "  "):
+    """An ``on_event`` callback printing training events (epoch and stage ends only when ``quiet``)."""
+    from mtpd.trainer.events import format_event, is_progress
+
+    def on_event(ev: dict) -> None:
+        line = format_event(ev)
+        if line is not None and (not quiet or is_progress(ev)):
+            log(prefix + line)
+
+    return on_event
 
 
 def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tuple[str, Path]] | None = None) -> list[dict]:
@@ -147,7 +143,7 @@ def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tupl
     ``online``: stage -> (teacher arch, checkpoint) runs each stage with that teacher inside every
     step (``mtpd-train --stage K --online-teacher ARCH=CKPT``) instead of reading the stage's stores.
     """
-    from mtpd.trainer.runner import run_plan
+    from mtpd.trainer.stage import run_plan
 
     if online is None:
         show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
@@ -155,16 +151,16 @@ def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tupl
         for k, (arch, ckpt) in online.items():
             show(["mtpd-train", "--plan", plan_path, "--stage", k, "--online-teacher", f"{arch}={ckpt}"], log)
     plan, todo = stages_todo(plan_path, log)
-    stage_log = (lambda s: log("  " + s) if epoch_line(s) else None) if quiet else (lambda s: log("  " + s))
+    on_event = progress_printer(log, quiet)
     if online is None:
         if todo:
-            run_plan(plan, todo, device="cpu", log=stage_log)
+            run_plan(plan, todo, device="cpu", log=None, on_event=on_event)
     else:
         from mtpd.teachers.registry import build_teacher
 
         for k in todo:  # one teacher per stage, so one stage per run
-            t = build_teacher(online[k][0], weights=str(online[k][1]))
-            run_plan(plan, [k], device="cpu", online=[lambda x, names, t=t: t(x, names)], log=stage_log)
+            teacher = build_teacher(online[k][0], weights=str(online[k][1]))
+            run_plan(plan, [k], device="cpu", online=[teacher], log=None, on_event=on_event)
     return stage_metrics(plan)
 
 
@@ -172,12 +168,6 @@ def stage_metrics(plan) -> list[dict]:
     """Every stage's metrics.json of a finished plan, in stage order."""
     out = Path(plan.output_dir)
     return [json.loads((out / f"stage_{k}" / "metrics.json").read_text()) for k in range(1, len(plan.stages) + 1)]
-
-
-def epoch_line(line: str) -> bool:
-    """The runner's end-of-epoch and end-of-stage lines: enough progress for the demo's console."""
-    m = re.search(r"iter (\d+)/(\d+)", line)
-    return (m is not None and m.group(1) == m.group(2)) or "done:" in line or "inherited" in line
 
 
 # ------------------------------------------------------------------ teachers
@@ -195,18 +185,19 @@ class TeacherInfo:
 
 def ensure_teachers(paths: Paths, scale: recipes.Scale, train_teachers: bool, log: Log) -> dict[str, TeacherInfo]:
     """Shipped checkpoints by default; ``train_teachers`` (or missing files) trains them with mtpd-train."""
-    manifest_path = SHIPPED_TEACHERS / "manifest.json"
+    folder = shipped_teachers()
+    manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     out: dict[str, TeacherInfo] = {}
     for key, model in recipes.TEACHERS.items():
-        shipped = SHIPPED_TEACHERS / f"{key}.pt"
+        shipped = folder / f"{key}.pt"
         entry = manifest.get(key, {})
         if not train_teachers and shipped.is_file():
-            digest = sha256(shipped)
+            digest = sha256_file(shipped)
             if entry.get("sha256") not in (None, digest):
-                log(f"  warning: {shipped} does not match demo/teachers/manifest.json (sha256 {digest[:12]})")
+                log(f"  warning: {shipped} does not match {manifest_path} (sha256 {digest[:12]})")
             log(f"teacher {key}: shipped {shipped} ({model['arch']}, {entry.get('epochs', '?')} epochs, "
-                f"trained in {entry.get('train_seconds', 0) / 60:.0f} min; reproduce: see demo/README.md)")
+                f"trained in {entry.get('train_seconds', 0) / 60:.0f} min; reproduce: see {folder / 'README.md'})")
             out[key] = TeacherInfo(key, model["arch"], shipped, entry.get("train_seconds"), entry.get("epochs"), "shipped")
             continue
         if not train_teachers:
@@ -228,7 +219,7 @@ def evaluate_checkpoint(ckpt: Path, paths: Paths, log: Log) -> dict:
 
     show(["mtpd-eval", "--checkpoint", ckpt, "--ann", paths.ann("val"), "--images", paths.images("val"),
           "--short", recipes.SIZE, "--long", recipes.SIZE], log)
-    key = sha256(ckpt)[:16] + "-" + sha256(paths.ann("val"))[:16]
+    key = sha256_file(ckpt)[:16] + "-" + sha256_file(paths.ann("val"))[:16]
     cache = paths.evals / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -294,15 +285,21 @@ def store_size(path: Path) -> int:
 # -------------------------------------------------------------------- order
 
 
-def order_stores(student_ckpt: Path, stores: list[Path], plan_path: Path, ordered_path: Path, log: Log, n_images: int = 64) -> list[str]:
-    """``mtpd-plan order``: stores nearest-first by 1 - CKA to the student; writes the reordered plan."""
-    from mtpd.cli.plan import main as plan_main
+def order_stores(student_ckpt: Path, plan_path: Path, ordered_path: Path, output_dir: Path, log: Log,
+                 n_images: int = 64) -> list[str]:
+    """``mtpd-plan order``: the plan's stages nearest-first by 1 - CKA of their teacher to the student;
+    writes the reordered plan (with its own ``output_dir``) and returns its stores in order."""
+    from mtpd.trainer.order import order_plan
+    from mtpd.trainer.plan import load_plan, save_plan
+    from mtpd.trainer.student import load_student
 
-    argv = ["order", "--student", str(student_ckpt), "--stores", *map(str, stores), "--plan", str(plan_path),
-            "--write", str(ordered_path), "--images", str(n_images)]
-    show(["mtpd-plan", *argv], log)
-    rc = plan_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"mtpd-plan order failed (exit {rc})")
-    plan = yaml.safe_load(ordered_path.read_text())
-    return [s["stores"][0] for s in plan["stages"]]
+    plan = load_plan(plan_path)
+    stores = [s.stores[0] for s in plan.stages if len(s.stores) == 1]
+    show(["mtpd-plan", "order", "--student", student_ckpt, "--stores", *stores, "--plan", plan_path,
+          "--write", ordered_path, "--images", n_images], log)
+    plan, ranked = order_plan(plan, load_student(student_ckpt), n_images)
+    for i, r in enumerate(ranked, 1):
+        log(f"  {i}. distance {r.distance:.4f}  {r.store} ({r.teacher})")
+    plan.output_dir = str(output_dir)
+    save_plan(plan, ordered_path)
+    return [s.stores[0] for s in plan.stages]
