@@ -126,7 +126,7 @@ def measure(dataset, collate_fn, batch: int, workers: int, samples: int) -> tupl
 
     from torch.utils.data import DataLoader
 
-    from mtpd.trainer.targets import _worker_init
+    from mtpd.trainer.targets import worker_init
 
     n_batches = max(2, samples // batch) + 1
     ctx = None
@@ -135,7 +135,7 @@ def measure(dataset, collate_fn, batch: int, workers: int, samples: int) -> tupl
         ctx = multiprocessing.get_context(method)
     # The trainer's loader settings (make_loader): spawn-safe context, one thread per worker.
     loader = DataLoader(dataset, batch_size=batch, sampler=CycleSampler(len(dataset), n_batches * batch), num_workers=workers,
-                        collate_fn=collate_fn, multiprocessing_context=ctx, worker_init_fn=_worker_init if workers else None)
+                        collate_fn=collate_fn, multiprocessing_context=ctx, worker_init_fn=worker_init if workers else None)
     it = iter(loader)
     next(it)  # worker start-up excluded
     pids = [w.pid for w in getattr(it, "_workers", [])]
@@ -174,19 +174,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def recodec(src: str, dst: str, cname: str) -> None:
     """A copy of store ``src`` whose outputs use Blosc ``cname`` (same values, same layout): a what-if
     for the codec choice, made here without touching the library's CODEC."""
-    from zarr.codecs import BloscCodec
-
-    import mtpd.cache.store as store_mod
-    from mtpd.cache.store import StoreReader, create_store, mark_done, read_shard_blocks, write_shard
+    from mtpd.cache.store import StoreReader, create_store, mark_done, output_codec, read_shard_blocks, write_shard
 
     r = StoreReader(src)
     idx = r.root["index"]
-    saved = store_mod._compressor
-    store_mod._compressor = lambda: BloscCodec(cname=cname, clevel=store_mod.CODEC["clevel"], shuffle=store_mod.CODEC["shuffle"])
-    try:
-        root = create_store(dst, r.header, r.image_ids, r.orig_size, r.file_names(), np.asarray(idx["view_size"][:]), r.grid)
-    finally:
-        store_mod._compressor = saved
+    root = create_store(dst, r.header, r.image_ids, r.orig_size, r.file_names(), np.asarray(idx["view_size"][:]), r.grid,
+                        codec=output_codec(cname))
     for shard in range(r.header.num_shards):
         nbytes, checksum = write_shard(root, r.header, shard, read_shard_blocks(r.root, r.header, shard))
         mark_done(root, shard, nbytes, checksum)
@@ -200,10 +193,10 @@ def breakdown(ds, samples: int) -> dict[str, float]:
     """
     import torch
 
-    from mtpd.trainer.targets import _worker_init, collate_teacher
+    from mtpd.trainer.targets import worker_init, collate_teacher
 
     threads = torch.get_num_threads()
-    _worker_init(0)  # zarr and Blosc keep these settings: the bench reads nothing after this
+    worker_init(0)  # zarr and Blosc keep these settings: the bench reads nothing after this
 
     t = TargetsOnly(ds)
     r = ds.readers()[0]
@@ -232,7 +225,7 @@ def main(argv: list[str] | None = None) -> str:
     one = workers[:1]
     from mtpd.cache.store import StoreReader
     from mtpd.data import CocoDataset, ViewSpec
-    from mtpd.trainer.targets import DistillDataset, _Collate
+    from mtpd.trainer.targets import DistillDataset, Collate
 
     with tempfile.TemporaryDirectory(prefix="mtpd-bench-reader-") as tmp:
         work = Path(a.work_dir or tmp)
@@ -260,8 +253,8 @@ def main(argv: list[str] | None = None) -> str:
             ("targets", "lossless, fpn", TargetsOnly(ds["lossless, fpn"]), TargetsCollate(metas["lossless, fpn"], False), one),
             ("targets", "compact, fpn+cls+box", TargetsOnly(ds["compact, fpn+cls+box"]), TargetsCollate(metas["compact, fpn+cls+box"], False), one),
             ("targets (before)", "compact, fpn", TargetsOnly(ds["compact, fpn"], legacy=True), TargetsCollate(metas["compact, fpn"], True), one),
-            ("full", "compact, fpn", ds["compact, fpn"], _Collate(metas["compact, fpn"]), workers),
-            ("images", "no store", DistillDataset(coco, views, []), _Collate([]), one),
+            ("full", "compact, fpn", ds["compact, fpn"], Collate(metas["compact, fpn"]), workers),
+            ("images", "no store", DistillDataset(coco, views, []), Collate([]), one),
         ]
         runs, results = {}, {}
         for mode, store, dset, coll, ws in configs:

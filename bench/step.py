@@ -32,12 +32,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/step.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtpd.trainer.engine import PHASES  # noqa: E402  (after the sys.path line above)
 from bench.common import (build_store_local, interleave, median, natural_images, peak_rss_mib, ratio, report, reset_peak_rss,
                     set_threads, table)
 
 TITLE = "Step (bench/step.py)"
 VARIANTS = {"a": "undistilled student", "b": "student + online teacher", "c": "student + cached targets"}
-PHASES = ("data", "teacher", "student", "distill", "backward")
 
 
 @dataclass
@@ -76,14 +76,19 @@ class CycleSampler:
 
 
 class Candidate:
-    """One candidate's student, loss, optional teacher and loader; ``step()`` runs one training step."""
+    """One candidate: the trainer's ``Engine`` with its student, loss and target source; ``step()`` runs
+    one engine step and returns what the engine's ``StepTimer`` hook measured."""
 
     def __init__(self, variant: str, cfg: Config, steps: int) -> None:
         import torch
 
+        from mtpd.cache.store import StoreReader
         from mtpd.data import CocoDataset, ViewSpec
         from mtpd.models import arch_info, build_arch, output_specs
+        from mtpd.trainer.engine import BoundLoss, Engine
+        from mtpd.trainer.hooks import StepTimer
         from mtpd.trainer.losses import build_loss, loss_defaults
+        from mtpd.trainer.sources import OnlineTargets, StoreTargets
         from mtpd.trainer.targets import DistillDataset, make_loader
 
         set_threads(cfg.threads)
@@ -96,28 +101,36 @@ class Candidate:
         self.student = build_arch(cfg.student, cfg.classes, **recipe).train().to(self.device)
         specs = output_specs(self.student)
         self.levels = tuple(specs["fpn"].levels)
-        self.anchors, self.k = specs["cls"].num_anchors, specs["cls"].num_classes
-        self.loss = None
+        losses = []
         if variant != "a":
-            self.loss = build_loss(cfg.loss, levels=self.levels, student_channels=specs["fpn"].channels,
-                                   teacher_channels=cfg.teacher_channels, num_anchors=self.anchors, num_classes=self.k).to(self.device)
-            self.weight = float(loss_defaults(cfg.loss)["weight"])
+            loss = build_loss(cfg.loss, levels=self.levels, student_channels=specs["fpn"].channels,
+                              teacher_channels=cfg.teacher_channels, num_anchors=specs["cls"].num_anchors,
+                              num_classes=specs["cls"].num_classes).to(self.device)
+            losses = [BoundLoss(loss, float(loss_defaults(cfg.loss)["weight"]), 0, cfg.loss)]
         self.teacher = None
+        targets = None
         if variant == "b":
             from mtpd.teachers.registry import build_teacher  # only here: (c) must never import a teacher
 
             self.teacher = build_teacher(cfg.teacher, weights="none", num_classes=cfg.classes, device=cfg.device)
-        self.modules = [self.student] + ([self.loss] if self.loss is not None else [])
-        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(self.params, lr=0.01 * cfg.batch / 16, momentum=0.9, weight_decay=1e-4)
-        spec = ViewSpec(short=cfg.short, long=cfg.long)
+            targets = OnlineTargets([self.teacher], [["fpn"]])
         stores = [cfg.store] if variant == "c" else []
+        if stores:
+            targets = StoreTargets([StoreReader(cfg.store)])
+        self.modules = [self.student] + [b.loss for b in losses]
+        params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.01 * cfg.batch / 16, momentum=0.9, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+        spec = ViewSpec(short=cfg.short, long=cfg.long)
         self.ds = DistillDataset(CocoDataset(cfg.ann, cfg.image_dir), spec, stores, outputs=[["fpn"]] if stores else None)
-        self.loader = make_loader(self.ds, cfg.batch, shuffle=False, workers=cfg.loader_workers, seed=0,
-                                  sampler=CycleSampler(len(self.ds), (steps + 2) * cfg.batch))
-        self.it = iter(self.loader)
+        loader = make_loader(self.ds, cfg.batch, shuffle=False, workers=cfg.loader_workers, seed=0,
+                             sampler=CycleSampler(len(self.ds), (steps + 2) * cfg.batch))
+        self.timer = StepTimer()
+        self.engine = Engine(self.student, loader, opt, sched, epochs=1, losses=losses, targets=targets,
+                             device=self.device, grad_clip=35.0, hooks=[self.timer])  # 35: MTPD's max-norm
         self._warmup()
-        next(self.it)  # worker start-up is not a step cost
+        self.engine.batches = iter(loader)  # one iterator for the whole benchmark
+        next(self.engine.batches)  # worker start-up is not a step cost
         reset_peak_rss()
         self.steps = 0
         self.loader_cpu0 = self.loader_cpu()
@@ -125,75 +138,35 @@ class Candidate:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _warmup(self) -> None:
-        """One step on small random inputs: lazy initialisation (level probes, allocator, kernels) off the clock."""
+        """One engine step on a small random batch: lazy initialisation (level probes, allocator,
+        kernels) off the clock."""
         import torch
 
-        from mtpd.trainer.targets import Batch
+        from mtpd.data import ViewSpec, view_meta
+        from mtpd.trainer.targets import Batch, grid_size, valid_masks
 
         h, w = self.cfg.warmup
         b = self.cfg.batch
-        levels = {lvl: (-(-h // 2**lvl), -(-w // 2**lvl)) for lvl in self.levels}
-        teacher = [{f"fpn.p{lvl}": torch.randn(b, self.cfg.teacher_channels, *hw) for lvl, hw in levels.items()}] if self.variant == "c" else []
-        masks = {lvl: torch.ones(b, 1, *hw) for lvl, hw in levels.items()} if self.variant == "c" else {}
+        meta = view_meta(ViewSpec(short=min(h, w), long=max(h, w)), (h, w), "orig")
+        cached = self.variant == "c"
+        teacher = [{f"fpn.p{lvl}": torch.randn(b, self.cfg.teacher_channels, *grid_size((h, w), lvl)) for lvl in self.levels}]
         boxes = [torch.tensor([[4.0, 4.0, w / 2, h / 2]])] * b
-        self.step(Batch(torch.randn(b, 3, h, w), [(h, w)] * b, [None] * b, [0] * b, boxes, [torch.tensor([1])] * b, teacher, masks))
+        self.engine.step(Batch(torch.randn(b, 3, h, w), [(h, w)] * b, [meta] * b, [0] * b, boxes, [torch.tensor([1])] * b,
+                               teacher if cached else [], valid_masks((h, w), [(h, w)] * b, list(self.levels)) if cached else {}))
 
-    def step(self, batch=None) -> dict[str, float]:
-        import torch
-
-        from mtpd.models.detect import detector_forward
-        from mtpd.trainer.losses import DistillBatch
-
-        times = dict.fromkeys(PHASES, 0.0)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        cpu0 = time.process_time()
-        t = time.perf_counter()
-        if batch is None:
-            batch = next(self.it)
-        batch = batch.to(self.device)
-        sync()
-        times["data"] = time.perf_counter() - t
-        t = time.perf_counter()
-        teacher_maps, masks = (batch.teacher[0], batch.masks) if batch.teacher else ({}, {})
-        if self.teacher is not None:
-            with torch.no_grad():  # MTPD / mmrazor: the teacher's forward inside the step, no graph kept
-                teacher_maps = self.teacher(batch.images, ["fpn"])
-            masks = {k: m.to(self.device) for k, m in valid_masks(batch.images.shape[-2:], batch.image_sizes, self.levels).items()}
-        sync()
-        times["teacher"] = time.perf_counter() - t
-        t = time.perf_counter()
-        targets = [{"boxes": bx, "labels": lb} for bx, lb in zip(batch.boxes, batch.labels)]
-        out = detector_forward(self.student, batch.images, batch.image_sizes, targets, names=["fpn"], detect=False)
-        total = sum(out.losses.values())
-        sync()
-        times["student"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if self.loss is not None:
-            db = DistillBatch(out.outputs, teacher_maps, masks, batch.boxes, batch.labels, None, self.anchors, self.k, self.levels)
-            total = total + self.weight * self.loss(db)
-        sync()
-        times["distill"] = time.perf_counter() - t
-        t = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 35.0)  # MTPD's max-norm
-        self.opt.step()
-        sync()
-        times["backward"] = time.perf_counter() - t
-        times["total"] = sum(times[p] for p in PHASES)
-        # CPU-seconds of this process's threads: moves far less than wall time with other jobs' load.
-        times["cpu"] = time.process_time() - cpu0
-        self.steps = getattr(self, "steps", 0) + 1
-        return times
+    def step(self) -> dict[str, float]:
+        self.engine.step()
+        self.steps += 1
+        return self.timer.steps[-1]
 
     def loader_cpu(self) -> float:
         """CPU-seconds used so far by this candidate's DataLoader worker processes."""
-        return sum(cpu_seconds(w.pid) for w in getattr(self.it, "_workers", []) if w.is_alive())
+        return sum(cpu_seconds(w.pid) for w in getattr(self.engine.batches, "_workers", []) if w.is_alive())
 
     def stats(self) -> dict:
         import torch
 
-        workers = getattr(self.it, "_workers", [])
+        workers = getattr(self.engine.batches, "_workers", [])
         gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else float("nan")
         return {
             "loader_cpu_per_step": (self.loader_cpu() - self.loader_cpu0) / max(self.steps, 1),
@@ -212,20 +185,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def valid_masks(padded: tuple[int, int], sizes: list[tuple[int, int]], levels: tuple[int, ...]) -> dict:
-    """1 on each view's valid cells per level, as ``collate`` makes them for cached targets."""
-    import torch
-
-    hp, wp = padded
-    out = {}
-    for lvl in levels:
-        m = torch.zeros(len(sizes), 1, -(-hp // 2**lvl), -(-wp // 2**lvl))
-        for i, (h, w) in enumerate(sizes):
-            m[i, :, : -(-h // 2**lvl), : -(-w // 2**lvl)] = 1
-        out[lvl] = m
-    return out
 
 
 def foreign_params(own: list) -> int:

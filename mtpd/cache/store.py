@@ -22,8 +22,9 @@ from mtpd.cache.schema import StoreError, StoreHeader, decode_values, flat_lengt
 CODEC = {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname=CODEC["cname"], clevel=CODEC["clevel"], shuffle=CODEC["shuffle"])
+def output_codec(cname: str = CODEC["cname"]) -> BloscCodec:
+    """The Blosc codec of output arrays (``cname``: another Blosc compressor, for what-if benchmarks)."""
+    return BloscCodec(cname=cname, clevel=CODEC["clevel"], shuffle=CODEC["shuffle"])
 
 
 def is_url(location: str) -> bool:
@@ -51,8 +52,10 @@ def read_header(root: zarr.Group, where: str) -> StoreHeader:
 
 
 def create_store(location: str, header: StoreHeader, image_ids: np.ndarray, orig_sizes: np.ndarray, file_names: list[str],
-                 view_sizes: np.ndarray, grids: np.ndarray, storage_options: dict | None = None) -> zarr.Group:
-    """Create every array of a new store (driver only) and write the index."""
+                 view_sizes: np.ndarray, grids: np.ndarray, storage_options: dict | None = None,
+                 codec: BloscCodec | None = None) -> zarr.Group:
+    """Create every array of a new store (driver only) and write the index (outputs compressed by ``codec``,
+    default ``output_codec()``)."""
     root = open_root(location, "w", storage_options)
     n, v = header.num_images, header.num_views
     spi = header.samples_per_shard
@@ -77,7 +80,7 @@ def create_store(location: str, header: StoreHeader, image_ids: np.ndarray, orig
             dtype=o["dtype"],
             chunks=(1, lmax, c),
             shards=(spi, lmax, c),
-            compressors=_compressor(),
+            compressors=codec or output_codec(),
             fill_value=0,
         )
     # Attributes last: a store without them is recognisably unfinished and gets recreated.

@@ -131,7 +131,7 @@ class Engine:
         self.needs_anchors = any(b.loss.needs_anchors for b in self.losses)
         self.state = EngineState(epochs, len(loader))
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else None
-        self._batches: Iterator[Batch] | None = None
+        self.batches: Iterator[Batch] | None = None  # the current epoch's loader iterator
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> EngineState:
@@ -148,27 +148,27 @@ class Engine:
         self._call("before_epoch")  # samplers and datasets learn the epoch here, before the loader starts
         self.student.train()
         self.loss_modules.train()
-        self._batches = iter(self.loader)
+        self.batches = iter(self.loader)
         while self.state.iter < self.state.iters_per_epoch:
             self.step()
         self._call("after_epoch")
         self.state.epoch, self.state.iter = self.state.epoch + 1, 0
 
-    def step(self) -> None:
-        """One step with its hooks; the next batch comes from the current epoch's loader iterator."""
-        if self._batches is None:
-            self._batches = iter(self.loader)
+    def step(self, batch: Batch | None = None) -> None:
+        """One step with its hooks, on ``batch`` or else the next of the current epoch's loader iterator."""
+        if batch is None and self.batches is None:
+            self.batches = iter(self.loader)
         self._call("before_step")
-        self.run_step()
+        self.run_step(batch)
         self.state.iter += 1
         self.state.step += 1
         self._call("after_step")
 
     # -- the step ---------------------------------------------------------------------------
-    def run_step(self) -> None:
+    def run_step(self, batch: Batch | None = None) -> None:
         """Data, teacher targets, student forward, losses, backward and update; phases timed."""
         clock = _PhaseClock(self.sync)
-        batch = next(self._batches).to(self.device)
+        batch = (next(self.batches) if batch is None else batch).to(self.device)
         clock.lap("data")
         teacher, masks = self.targets(batch) if self.targets is not None else ([], batch.masks)
         clock.lap("teacher")
