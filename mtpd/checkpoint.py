@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -50,12 +51,15 @@ def load(path: str | os.PathLike, *, mmap: bool = False, allow_pickle: bool = Fa
                 raise
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types; all mean the same to the user
-        refused = "Unsupported global" in str(e) or "weights_only" in str(e)
+        # A refused object (not a corrupt file): torch's message offers the unsafe load instead.
+        refused = isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or "can still be loaded" in str(e))
         if refused and allow_pickle:
             return _load_pickled(p)
-        why = ("it holds pickled objects besides tensors, which mtpd never unpickles; re-save only its state dict"
-               if refused else "not a readable torch checkpoint")
-        raise CheckpointError(f"cannot read checkpoint {p}: {why} ({_first_line(e)})") from None
+        if refused:
+            why = "it holds pickled objects besides tensors, which mtpd never unpickles; re-save only its state dict"
+        else:  # torch's own text for a corrupt file only talks about weights_only: keep the type alone
+            why = f"not a readable torch checkpoint ({type(e).__name__}); is it a file written by torch.save?"
+        raise CheckpointError(f"cannot read checkpoint {p}: {why}") from None
 
 
 def _load_pickled(p: Path) -> Any:

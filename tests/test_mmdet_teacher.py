@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("mmdet", reason="needs the mmdet extra: `make install-mmdet` (mmcv 2.1 with compiled ops)")
 
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mtpd.checkpoint import CheckpointError  # noqa: E402
 from mtpd.teachers.base import Teacher, TeacherError  # noqa: E402
 from mtpd.teachers.mmdet_adapter import build_mmdet_teacher  # noqa: E402
 from mtpd.teachers.mmdet_config import configs_root, resolve_config  # noqa: E402
@@ -144,7 +145,7 @@ def test_weight_errors(tmp_path) -> None:
         build_mmdet_teacher(RETINA, weights="default")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(TeacherError, match="cannot read checkpoint .*bad.pth"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*bad.pth"):
         build_mmdet_teacher(RETINA, weights=str(bad), cfg_options=SMALL)
     with pytest.raises(TeacherError, match="no head with num_classes|cannot build"):
         build_mmdet_teacher(RETINA, cfg_options={**SMALL, "model.bbox_head": None}, num_classes=3)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtpd.models import arch_checkpoint, build_arch, dense_outputs
+from mtpd.checkpoint import CheckpointError
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers import Teacher, TeacherError, TeacherIdentity, available, build_teacher
 from mtpd.teachers.torchvision_adapter import TorchvisionTeacher
@@ -107,11 +108,11 @@ def test_misfit_weights_raise_one_line(tmp_path):
 
 
 def test_missing_and_unreadable_files_name_the_path(tmp_path):
-    with pytest.raises(TeacherError, match="nope.pth does not exist"):
+    with pytest.raises(CheckpointError, match="nope.pth does not exist"):
         build_teacher("retinanet_tiny", weights=str(tmp_path / "nope.pth"))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(TeacherError, match="cannot read weights .*junk.pth"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*junk.pth"):
         build_teacher("retinanet_tiny", weights=str(junk))
 
 

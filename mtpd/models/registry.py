@@ -3,8 +3,9 @@
 Every detector mtpd builds, whether it runs as a teacher or trains as a
 student, comes from ``build_arch(name, num_classes, **options)``: a plain
 torchvision detection model (RetinaNet, FCOS, Faster/Mask R-CNN), never
-downloading anything. Names are registered at import by
-``mtpd.models.torchvision_archs`` and ``mtpd.models.tiny``.
+downloading anything. The built-in names come from the
+lists ``mtpd.models.torchvision_archs.ARCHS`` and ``mtpd.models.tiny.ARCHS``, read here explicitly;
+``register_arch`` adds more.
 
 Each model built here remembers how it was built (``model.mtpd_arch_spec``) so
 a checkpoint can carry its architecture (``arch_checkpoint``) and a teacher can
@@ -13,50 +14,26 @@ rebuild it from the file alone.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
+from mtpd.models import tiny, torchvision_archs
+from mtpd.models.arch_info import FAMILIES, ArchFactory, ArchInfo
 from mtpd.models.parts import PRETRAINED_TRAINABLE_LAYERS
 
-FAMILIES = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
-
-# factory(num_classes, **options) -> torchvision detection model
-ArchFactory = Callable[..., nn.Module]
-
-
-@dataclass(frozen=True)
-class ArchInfo:
-    """One registered architecture.
-
-    ``coco_weights``: the torchvision weights enum member with published COCO
-    weights for exactly this architecture at its default options (None when
-    torchvision publishes none). ``coco_bn_eps``: the FrozenBatchNorm eps those
-    weights were trained with, where it differs from the default (torchvision's
-    legacy v1 weights use 0.0).
-    """
-
-    name: str
-    family: str
-    factory: ArchFactory
-    coco_weights: Any = None
-    coco_bn_eps: float | None = None
-    description: str = ""
-
-    def default_options(self) -> dict[str, Any]:
-        """Options ``build_arch`` accepts for this name, with their defaults."""
-        sig = inspect.signature(self.factory)
-        return {
-            k: p.default
-            for k, p in sig.parameters.items()
-            if k != "num_classes" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
+def _builtin() -> dict[str, ArchInfo]:
+    table: dict[str, ArchInfo] = {}
+    for info in [*tiny.ARCHS, *torchvision_archs.ARCHS]:
+        if info.name in table:
+            raise ValueError(f"arch {info.name!r} is registered twice")
+        table[info.name] = info
+    return table
 
 
-_REGISTRY: dict[str, ArchInfo] = {}
+# Filled here, explicitly, from the lists the arch modules define; register_arch adds the user's own.
+_REGISTRY: dict[str, ArchInfo] = _builtin()
 
 
 def register_arch(
@@ -80,21 +57,13 @@ def register_arch(
     return deco
 
 
-def _load_builtin() -> None:
-    # Importing these modules fills the registry; they import this module, so import lazily.
-    import mtpd.models.tiny  # noqa: F401
-    import mtpd.models.torchvision_archs  # noqa: F401
-
-
 def list_archs(family: str | None = None) -> list[str]:
     """Registered architecture names, sorted; only those of ``family`` when given."""
-    _load_builtin()
     return sorted(n for n, info in _REGISTRY.items() if family is None or info.family == family)
 
 
 def arch_info(name: str) -> ArchInfo:
     """The registry entry of ``name``; a ValueError listing the registered names if unknown."""
-    _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown architecture {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

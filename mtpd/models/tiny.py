@@ -21,7 +21,11 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.misc import Conv2dNormActivation
 
 from mtpd.models.parts import check_levels, extra_block, load_backbone_weights, point_anchors, resolve_norm, retinanet_anchors
-from mtpd.models.registry import build_arch, register_arch
+from mtpd.models.arch_info import ArchInfo, arch_table
+
+# This module's architectures, read by mtpd.models.registry (this module never imports the registry).
+ARCHS: list[ArchInfo] = []
+register_arch = arch_table(ARCHS)
 
 # Stage widths as multiples of ``width``, and convs per stage; stage k has stride 2^k.
 _WIDTH_MULT = (1, 2, 4, 6, 8)
@@ -146,6 +150,7 @@ def fcos_tiny(
     min_size: int = 128,
     max_size: int = 128,
 ) -> FCOS:
+
     """Tiny FCOS (GroupNorm head). Point sizes are half the stride (4, 8, 16 px) so FCOS's
     scale ranges (4–8× the size) send objects up to ~32 px to P3, 32–64 px to P4, larger to
     P5; torchvision's size=stride would put every object under 64 px on P3."""
@@ -164,4 +169,4 @@ def example_detector(num_classes: int = 3) -> nn.Module:
     ``--teacher mtpd.models.tiny:example_detector`` builds a seeded retinanet_tiny."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return build_arch("retinanet_tiny", num_classes)
+        return retinanet_tiny(num_classes)

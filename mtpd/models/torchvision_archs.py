@@ -31,7 +31,11 @@ from mtpd.models.parts import (
     retinanet_anchors,
     rpn_anchors,
 )
-from mtpd.models.registry import register_arch
+from mtpd.models.arch_info import ArchInfo, arch_table
+
+# This module's architectures, read by mtpd.models.registry (this module never imports the registry).
+ARCHS: list[ArchInfo] = []
+register_arch = arch_table(ARCHS)
 
 # backbone name -> (constructor, torchvision ImageNet weights used by its detection builders)
 _RESNETS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
@@ -162,6 +166,7 @@ def fcos_resnet50_fpn(
     min_size: int = 800,
     max_size: int = 1333,
 ) -> FCOS:
+
     """FCOS, ResNet-50 FPN backbone (GroupNorm head)."""
     name = "fcos_resnet50_fpn"
     lv = check_levels(levels, 2, 7, name)

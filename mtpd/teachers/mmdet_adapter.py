@@ -217,6 +217,19 @@ def _quiet_mmengine() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _weights_path(weights: str) -> Path | None:
+    """The checkpoint file ``weights`` names (None for ``none``); TeacherError for ``default`` or a missing file."""
+    if weights == "default":
+        raise TeacherError(
+            "mmdet teachers have no 'default' weights here (mtpd never downloads): download the checkpoint "
+            "from mmdet's model zoo yourself and pass its path as weights, or use 'none' for random weights"
+        )
+    wpath = None if weights == "none" else Path(weights).expanduser().resolve()
+    if wpath is not None and not wpath.is_file():
+        raise TeacherError(f"checkpoint {weights} not found: pass a local mmdet .pth file, or 'none' for random weights")
+    return wpath
+
+
 def build_mmdet_teacher(
     config: str,
     weights: str = "none",
@@ -238,14 +251,7 @@ def build_mmdet_teacher(
     ``cfg_options``: mmengine dotted-key overrides (``{"model.backbone.depth": 18}``),
     part of the teacher's identity through the resolved config digest.
     """
-    if weights == "default":
-        raise TeacherError(
-            "mmdet teachers have no 'default' weights here (mtpd never downloads): download the checkpoint "
-            "from mmdet's model zoo yourself and pass its path as weights, or use 'none' for random weights"
-        )
-    wpath = None if weights == "none" else Path(weights).expanduser().resolve()
-    if wpath is not None and not wpath.is_file():
-        raise TeacherError(f"checkpoint {weights} not found: pass a local mmdet .pth file, or 'none' for random weights")
+    wpath = _weights_path(weights)
     try:
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules

@@ -1,4 +1,4 @@
-"""Flat teacher registry: names to factories, filled at import.
+"""Flat teacher registry: names to factories, filled explicitly from the torchvision adapter's table.
 
 Three ways to name a teacher:
 - a registered name (``retinanet_resnet50_fpn``, ``retinanet_tiny`` …): see ``available()``;
@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from mtpd.teachers.base import Teacher, TeacherError
+from mtpd.teachers.torchvision_adapter import torchvision_teachers
 
 # factory(weights=..., num_classes=..., device=..., **options) -> Teacher
 TeacherFactory = Callable[..., Teacher]
-_REGISTRY: dict[str, TeacherFactory] = {}
+# Every registered architecture, explicitly; register_teacher adds the user's own.
+_REGISTRY: dict[str, TeacherFactory] = dict(torchvision_teachers())
 
 
 def register_teacher(name: str) -> Callable[[TeacherFactory], TeacherFactory]:
@@ -31,13 +33,7 @@ def register_teacher(name: str) -> Callable[[TeacherFactory], TeacherFactory]:
 
 
 def available() -> list[str]:
-    _load_builtin()
     return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    # Importing the adapter module registers the torchvision names.
-    import mtpd.teachers.torchvision_adapter  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,6 @@ def build_teacher(name: str, weights: str = "none", num_classes: int | None = No
         from mtpd.teachers.module_adapter import build_module_teacher
 
         return build_module_teacher(name, weights=weights, num_classes=num_classes, device=device)
-    _load_builtin()
     if name not in _REGISTRY:
         raise TeacherError(
             f"unknown teacher {name!r}; registered: {', '.join(sorted(_REGISTRY))}; "

@@ -16,7 +16,7 @@ import json
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,6 @@ from mtpd.checkpoint import load_state_dict, sha256_file
 from mtpd.models.parts import hub_checkpoint_path, load_checked, set_frozen_bn_eps
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
-from mtpd.teachers.registry import register_teacher
 
 
 class TorchvisionTeacher:
@@ -161,5 +160,6 @@ def build_torchvision_teacher(name: str, weights: str = "none", num_classes: int
     return TorchvisionTeacher(model, identity, device)
 
 
-for _name in list_archs():
-    register_teacher(_name)(partial(build_torchvision_teacher, _name))
+def torchvision_teachers() -> dict[str, Callable[..., TorchvisionTeacher]]:
+    """Every registered architecture as a teacher factory, for the teacher registry."""
+    return {name: partial(build_torchvision_teacher, name) for name in list_archs()}

@@ -1,0 +1,61 @@
+"""What the architecture registry holds about one architecture (a leaf module: the arch modules
+and the registry both import it, and nothing here imports them)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+FAMILIES = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+
+# factory(num_classes, **options) -> torchvision detection model
+ArchFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """One registered architecture.
+
+    ``coco_weights``: the torchvision weights enum member with published COCO
+    weights for exactly this architecture at its default options (None when
+    torchvision publishes none). ``coco_bn_eps``: the FrozenBatchNorm eps those
+    weights were trained with, where it differs from the default (torchvision's
+    legacy v1 weights use 0.0).
+    """
+
+    name: str
+    family: str
+    factory: ArchFactory
+    coco_weights: Any = None
+    coco_bn_eps: float | None = None
+    description: str = ""
+
+    def default_options(self) -> dict[str, Any]:
+        """Options ``build_arch`` accepts for this name, with their defaults."""
+        sig = inspect.signature(self.factory)
+        return {
+            k: p.default
+            for k, p in sig.parameters.items()
+            if k != "num_classes" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+
+
+def arch_table(archs: list[ArchInfo]) -> Callable[..., Callable[[ArchFactory], ArchFactory]]:
+    """A decorator that appends ``ArchInfo(name, family, factory, ...)`` to ``archs``: each arch module
+    lists its own architectures, and the registry imports those lists explicitly."""
+
+    def arch(name: str, *, family: str, coco_weights: Any = None, coco_bn_eps: float | None = None,
+             description: str = "") -> Callable[[ArchFactory], ArchFactory]:
+        if family not in FAMILIES:
+            raise ValueError(f"arch {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
+
+        def deco(fn: ArchFactory) -> ArchFactory:
+            archs.append(ArchInfo(name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip()))
+            return fn
+
+        return deco
+
+    return arch
