@@ -30,6 +30,8 @@ install: $(VENV)/.base-done
 install-mmdet: $(VENV)/.mmdet-done
 
 test: $(VENV)/.mmdet-done
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.base-done

@@ -66,8 +66,17 @@ def _pid_of(title: str) -> int | None:
 class TeacherOnly:
     """Ray actor: the teacher's part of a build and nothing else."""
 
-    def __init__(self, teacher, ann: str, images: str, views: dict, outputs: list[str], precision: str, batch_size: int,
-                 threads: int) -> None:
+    def __init__(
+        self,
+        teacher,
+        ann: str,
+        images: str,
+        views: dict,
+        outputs: list[str],
+        precision: str,
+        batch_size: int,
+        threads: int,
+    ) -> None:
         import torch
 
         from mtpd.cache.compute import ShardComputer, plan_layout
@@ -77,8 +86,15 @@ class TeacherOnly:
         torch.set_num_threads(max(1, threads))
         dataset = CocoDataset(ann, images)
         model = teacher.build()
-        layout = plan_layout(dataset, ViewSpec.from_dict(views), model.output_specs(), outputs, get_precision(precision), batch_size,
-                             model.identity.to_dict())
+        layout = plan_layout(
+            dataset,
+            ViewSpec.from_dict(views),
+            model.output_specs(),
+            outputs,
+            get_precision(precision),
+            batch_size,
+            model.identity.to_dict(),
+        )
         self.computer = ShardComputer(model, dataset, layout.header, layout.grids, batch_size, teacher.device)
         self.shards = layout.header.num_shards
 
@@ -100,8 +116,12 @@ class TeacherOnly:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", default="512x853", help="view short x long side (teacher and writer costs both scale with pixels)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--size", default="512x853", help="view short x long side (teacher and writer costs both scale with pixels)"
+    )
     p.add_argument("--images", type=int, default=6, help="images per run")
     p.add_argument("--batch", type=int, default=1, help="views per teacher forward, both candidates")
     p.add_argument("--teacher", default="retinanet_resnet50_fpn")
@@ -140,8 +160,13 @@ def main(argv: list[str] | None = None) -> str:
         ray.cloudpickle.register_pickle_by_value(sys.modules[TeacherOnly.__module__])
     if not ray.is_initialized():
         # Idle OpenMP threads sleep instead of spinning, so worker CPU-seconds count work, not waiting.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+        )
         started = True
     # What build_store gives its single worker: every core as torch threads on CPU, 2 threads beside a GPU.
     threads = 2 if a.device.startswith("cuda") else max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -154,8 +179,11 @@ def main(argv: list[str] | None = None) -> str:
 
             def teacher_only() -> float:
                 t0 = time.time()
-                actor = ray.remote(TeacherOnly).options(**opts).remote(spec, data["ann"], data["images"], views.to_dict(), outputs,
-                                                                     a.precision, a.batch, threads)
+                actor = (
+                    ray.remote(TeacherOnly)
+                    .options(**opts)
+                    .remote(spec, data["ann"], data["images"], views.to_dict(), outputs, a.precision, a.batch, threads)
+                )
                 done = ray.get(actor.run.remote())
                 ray.kill(actor)
                 return _record(results["teacher-only"], t0, done, a.images, a.batch)
@@ -172,19 +200,41 @@ def main(argv: list[str] | None = None) -> str:
                     done.append((time.time(), _cpu_seconds(pid[0]) if pid[0] else float("nan")))
 
                 t0 = time.time()
-                build_store(spec, data["ann"], data["images"], str(out), views=views, outputs=outputs, precision=a.precision,
-                            batch_size=a.batch, workers=1, images_per_shard=a.batch, progress=False, on_shard=landed)
+                build_store(
+                    spec,
+                    data["ann"],
+                    data["images"],
+                    str(out),
+                    views=views,
+                    outputs=outputs,
+                    precision=a.precision,
+                    batch_size=a.batch,
+                    workers=1,
+                    images_per_shard=a.batch,
+                    progress=False,
+                    on_shard=landed,
+                )
                 return _record(results["build"], t0, done, a.images, a.batch)
 
-            print(f"{a.teacher} over {a.images} image(s) at {short}x{long}, batch {a.batch}, {a.precision} {a.outputs}; "
-                  f"{a.rounds} round(s) ...", flush=True)
+            print(
+                f"{a.teacher} over {a.images} image(s) at {short}x{long}, batch {a.batch}, {a.precision} {a.outputs}; "
+                f"{a.rounds} round(s) ...",
+                flush=True,
+            )
             interleave({"teacher-only": teacher_only, "build": build}, a.rounds, deadline=t_start + 60 * a.budget_min)
     finally:
         if started:
             ray.shutdown()
     body = render(a, short, long, threads, results)
-    return report(TITLE, f"{a.teacher}, {short}x{long}, batch {a.batch}, {a.precision} {a.outputs}, {a.device}" + (" (quick)" if a.quick else ""),
-                  "build.py", argv, body, write=not a.no_write)
+    return report(
+        TITLE,
+        f"{a.teacher}, {short}x{long}, batch {a.batch}, {a.precision} {a.outputs}, {a.device}"
+        + (" (quick)" if a.quick else ""),
+        "build.py",
+        argv,
+        body,
+        write=not a.no_write,
+    )
 
 
 def _record(sink: list, t0: float, done: list[tuple[float, float]], images: int, per_shard: int) -> float:
@@ -211,31 +261,57 @@ def render(a, short: int, long: int, threads: int, results: dict) -> str:
     cpu = ratio([v[2] for v in results["teacher-only"]], [v[2] for v in results["build"]])
     lines = [
         f"Teacher `{a.teacher}` (random init), {a.classes} classes, outputs {a.outputs} at `{a.precision}`; "
-        f"{a.images} natural-image-like image(s) at {short}x{long}, batch {a.batch}, device {a.device}, one Ray worker with "
-        f"{threads} torch thread(s) for both candidates. Medians of {len(results['build'])} interleaved round(s); ratios per round [range].",
+        f"{a.images} natural-image-like image(s) at {short}x{long}, batch {a.batch}, device {a.device}, one Ray "
+        "worker with "
+        f"{threads} torch thread(s) for both candidates. Medians of {len(results['build'])} interleaved round(s); "
+        "ratios per round [range].",
         "",
         table(["candidate", "images/s end to end", "images/s steady", "worker CPU-s / image, steady"], rows),
         "",
-        table(["throughput ratio build / teacher-only", "measured", "target", "met"], [
-            ["steady state, from worker CPU-s per image (load-independent)", str(cpu), "≥ 0.9", "yes" if cpu.median >= 0.9 else "no"],
-            ["steady state, wall clock (moves with other jobs' load)", str(steady), "≥ 0.9", "yes" if steady.median >= 0.9 else "no"],
-            ["end to end, wall clock (incl. actor start, teacher build, store creation)", str(e2e), "–", "–"],
-        ]),
+        table(
+            ["throughput ratio build / teacher-only", "measured", "target", "met"],
+            [
+                [
+                    "steady state, from worker CPU-s per image (load-independent)",
+                    str(cpu),
+                    "≥ 0.9",
+                    "yes" if cpu.median >= 0.9 else "no",
+                ],
+                [
+                    "steady state, wall clock (moves with other jobs' load)",
+                    str(steady),
+                    "≥ 0.9",
+                    "yes" if steady.median >= 0.9 else "no",
+                ],
+                ["end to end, wall clock (incl. actor start, teacher build, store creation)", str(e2e), "–", "–"],
+            ],
+        ),
         "",
     ]
     t_cpu = median([v[2] for v in results["teacher-only"]])
     b_cpu = median([v[2] for v in results["build"]])
-    extra = (f"The build spent {b_cpu - t_cpu:.3g} CPU-s per image beyond the teacher's {t_cpu:.3g}" if b_cpu - t_cpu > 0.02 * t_cpu
-             else f"The build's extra CPU (flatten, quantise, Blosc, checksum, zarr write) is within this run's noise of the "
-                  f"teacher's {t_cpu:.3g} CPU-s per image (bench/store.py measures it alone)")
+    extra = (
+        f"The build spent {b_cpu - t_cpu:.3g} CPU-s per image beyond the teacher's {t_cpu:.3g}"
+        if b_cpu - t_cpu > 0.02 * t_cpu
+        else "The build's extra CPU (flatten, quantise, Blosc, checksum, zarr write) is within this run's "
+        "noise of the "
+        f"teacher's {t_cpu:.3g} CPU-s per image (bench/store.py measures it alone)"
+    )
     lines.append(
-        f"{extra}. Encoding and writing run outside the teacher lock, on other threads, while the next shard's forward runs "
-        "(`SHARDS_IN_FLIGHT` shards per worker); on this 2-core machine the teacher already keeps both cores busy, so the extra "
-        "CPU work can only fill the forward's idle gaps and the CPU-s ratio is the honest bound here. On a GPU worker the forward "
-        "runs on the GPU and the same work lands on host cores that are otherwise idle: the build keeps pace as long as the host "
-        "has about (teacher images/s x extra CPU-s per image) cores for it (see the README's Scaling to COCO section). End to end, a few images "
-        "carry fixed costs (Ray actor start, a second teacher construction to validate outputs before Ray starts, store "
-        "creation) that COCO's 118k images amortise.")
+        f"{extra}. Encoding and writing run outside the teacher lock, on other threads, while the next shard's "
+        "forward runs "
+        "(`SHARDS_IN_FLIGHT` shards per worker); on this 2-core machine the teacher already keeps both cores busy, "
+        "so the extra "
+        "CPU work can only fill the forward's idle gaps and the CPU-s ratio is the honest bound here. On a GPU worker "
+        "the forward "
+        "runs on the GPU and the same work lands on host cores that are otherwise idle: the build keeps pace as long "
+        "as the host "
+        "has about (teacher images/s x extra CPU-s per image) cores for it (see the README's Scaling to COCO section). "
+        "End to end, a few images "
+        "carry fixed costs (Ray actor start, a second teacher construction to validate outputs before Ray "
+        "starts, store "
+        "creation) that COCO's 118k images amortise."
+    )
     return "\n".join(lines)
 
 

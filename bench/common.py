@@ -74,13 +74,23 @@ def natural_images(out: str | Path, n: int, height: int, width: int, seed: int =
         pix = np.asarray(canvas, dtype=np.float32)
         # Low-frequency shading plus pixel texture, as lighting and surfaces add.
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-        shade = 25 * np.sin(xx / width * rng.uniform(1, 4) + rng.uniform(0, 6)) * np.cos(yy / height * rng.uniform(1, 4))
+        shade = (
+            25 * np.sin(xx / width * rng.uniform(1, 4) + rng.uniform(0, 6)) * np.cos(yy / height * rng.uniform(1, 4))
+        )
         pix = pix + shade[..., None] + rng.normal(0, 4, pix.shape).astype(np.float32)
         Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8)).save(img_dir / f"{i:06d}.png", compress_level=1)
         images.append({"id": i + 1, "file_name": f"{i:06d}.png", "height": height, "width": width})
         for x0, y0, x1, y1 in boxes or [(0.25 * width, 0.25 * height, 0.5 * width, 0.5 * height)]:
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(rng.integers(num_classes)) + 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(rng.integers(num_classes)) + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": c + 1, "name": f"c{c}"} for c in range(num_classes)]
     return _write_coco(out, "natural", images, annotations, cats)
 
@@ -95,8 +105,12 @@ def digits_images(out: str | Path, n: int, size: int, seed: int = 0) -> dict:
 # --- timing and memory -------------------------------------------------------------------
 
 
-def interleave(runs: dict[str, Callable[[], float | None]], rounds: int, log: Callable[[str], None] = print,
-               deadline: float | None = None) -> dict[str, list[float]]:
+def interleave(
+    runs: dict[str, Callable[[], float | None]],
+    rounds: int,
+    log: Callable[[str], None] = print,
+    deadline: float | None = None,
+) -> dict[str, list[float]]:
     """Run every candidate once per round, rotating the order each round.
 
     A callable returns its own measured seconds (or None to be timed whole).
@@ -111,7 +125,7 @@ def interleave(runs: dict[str, Callable[[], float | None]], rounds: int, log: Ca
         if r > 0 and deadline is not None and time.monotonic() + (time.monotonic() - started) / r > deadline:
             log(f"  stopping after {r} round(s): another would pass the time budget")
             break
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t0 = time.perf_counter()
             got = runs[n]()
@@ -205,8 +219,10 @@ def machine() -> str:
     import torch
 
     load = os.getloadavg()
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared; load average {load[0]:.1f} at the end of the run), "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads, no GPU")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores (shared; load average {load[0]:.1f} at the end of the run), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, no GPU"
+    )
 
 
 def command_line(script: str, argv: Sequence[str]) -> str:
@@ -245,9 +261,19 @@ def write_section(title: str, body: str, key: str | None = None, path: Path = RE
     path.write_text("".join(sections).rstrip("\n") + "\n")
 
 
-def report(title: str, key: str | None, script: str, argv: Sequence[str], body: str, write: bool, log: Callable[[str], None] = print) -> str:
+def report(
+    title: str,
+    key: str | None,
+    script: str,
+    argv: Sequence[str],
+    body: str,
+    write: bool,
+    log: Callable[[str], None] = print,
+) -> str:
     """Print a benchmark's result and (unless ``write`` is false) put it in RESULTS.md."""
-    full = f"Command: `{command_line(script, argv)}`  \nMachine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n\n{body}"
+    full = (
+        f"Command: `{command_line(script, argv)}`  \nMachine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n\n{body}"
+    )
     log("\n" + full)
     if write:
         write_section(title, full, key)
@@ -258,8 +284,18 @@ def report(title: str, key: str | None, script: str, argv: Sequence[str], body: 
 # --- stores ----------------------------------------------------------------------------------
 
 
-def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tuple[str, list[str]]], views, num_classes: int,
-                 batch_size: int = 1, images_per_shard: int = 4, weights: str = "none", keep_raw: bool = False):
+def build_stores(
+    teacher_name: str,
+    ann: str,
+    images: str,
+    stores: dict[str, tuple[str, list[str]]],
+    views,
+    num_classes: int,
+    batch_size: int = 1,
+    images_per_shard: int = 4,
+    weights: str = "none",
+    keep_raw: bool = False,
+):
     """Several stores from one teacher pass, in this process (no Ray), through the library's own
     layout, encode and write path: ``stores`` maps an output path to (precision, outputs).
 
@@ -267,13 +303,13 @@ def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tup
     this process: what a build worker's host cores spend), raw outputs per shard if ``keep_raw``:
     shard -> [(sample, {"fpn.p3": [C, H, W] float32, ...})]).
     """
+    import torch
+
     from mtpd.cache.compute import ShardComputer, plan_layout
     from mtpd.cache.schema import get_precision
     from mtpd.cache.store import create_store, mark_done, write_shard
     from mtpd.data import CocoDataset
     from mtpd.teachers.registry import TeacherSpec
-
-    import torch
 
     dataset = CocoDataset(ann, images)
     torch.manual_seed(0)  # a random-init teacher is the same one on every run
@@ -282,10 +318,18 @@ def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tup
     recs = dataset.images
     computers, roots = {}, {}
     for out, (precision, outputs) in stores.items():
-        layout = plan_layout(dataset, views, specs, outputs, get_precision(precision), images_per_shard, teacher.identity.to_dict())
-        roots[out] = create_store(out, layout.header, np.array([r.image_id for r in recs], np.int64),
-                                  np.array([[r.height, r.width] for r in recs], np.int32), [r.file_name for r in recs],
-                                  layout.view_sizes, layout.grids)
+        layout = plan_layout(
+            dataset, views, specs, outputs, get_precision(precision), images_per_shard, teacher.identity.to_dict()
+        )
+        roots[out] = create_store(
+            out,
+            layout.header,
+            np.array([r.image_id for r in recs], np.int64),
+            np.array([[r.height, r.width] for r in recs], np.int32),
+            [r.file_name for r in recs],
+            layout.view_sizes,
+            layout.grids,
+        )
         computers[out] = ShardComputer(teacher, dataset, layout.header, layout.grids, batch_size)
     # The teacher runs once, for the union of the outputs; every store encodes its own from that.
     union = sorted({o for _, outs in stores.values() for o in outs})
@@ -311,9 +355,30 @@ def build_stores(teacher_name: str, ann: str, images: str, stores: dict[str, tup
     return t_infer, t_write, raws
 
 
-def build_store_local(teacher_name: str, ann: str, images: str, out: str, views, outputs: list[str], precision: str,
-                      batch_size: int = 1, images_per_shard: int = 4, weights: str = "none", num_classes: int | None = None) -> float:
+def build_store_local(
+    teacher_name: str,
+    ann: str,
+    images: str,
+    out: str,
+    views,
+    outputs: list[str],
+    precision: str,
+    batch_size: int = 1,
+    images_per_shard: int = 4,
+    weights: str = "none",
+    num_classes: int | None = None,
+) -> float:
     """One store in this process (no Ray); returns the seconds spent."""
     t0 = time.perf_counter()
-    build_stores(teacher_name, ann, images, {out: (precision, outputs)}, views, num_classes, batch_size, images_per_shard, weights)
+    build_stores(
+        teacher_name,
+        ann,
+        images,
+        {out: (precision, outputs)},
+        views,
+        num_classes,
+        batch_size,
+        images_per_shard,
+        weights,
+    )
     return time.perf_counter() - t0

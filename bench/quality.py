@@ -41,11 +41,17 @@ ROWS = ("baseline", "direct", "mtpd_mgd", "mtpd_mgd_online", "mtpd_mgd_compact",
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench_out/quality", help="working folder (data, stores, runs); default: %(default)s")
+    p.add_argument(
+        "--out", default="bench_out/quality", help="working folder (data, stores, runs); default: %(default)s"
+    )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)}")
     p.add_argument("--stage-epochs", type=int, default=None, help="epochs per stage (default: the demo's)")
-    p.add_argument("--quick", action="store_true", help="the demo's quick scale (a few images, one epoch per stage): checks the script, not quality")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the demo's quick scale (a few images, one epoch per stage): checks the script, not quality",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write", action="store_true", help="write the table into its section of bench/RESULTS.md")
     return p
@@ -74,8 +80,10 @@ def _plan(row: str, seed: int, paths, scale, stores: dict[str, str]) -> Path:
     from mtpd.demo import recipes, steps
 
     ipe = -(-scale.train // 16)
-    stages = [recipes.stage(name, scale.stage_epochs, ipe, [store] if store else [], losses)
-              for name, store, losses in _stage_specs(row, stores)]
+    stages = [
+        recipes.stage(name, scale.stage_epochs, ipe, [store] if store else [], losses)
+        for name, store, losses in _stage_specs(row, stores)
+    ]
     plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / f"{row}_s{seed}", stages, ipe, seed=seed)
     return steps.write_plan(plan, paths.plans / f"{row}_s{seed}.yaml")
 
@@ -91,7 +99,11 @@ def _build_stores(paths, teachers: dict, log) -> dict[str, str]:
 
     from mtpd.demo import steps
 
-    specs = {f"{k}_{p}": (t, p, ("fpn", "cls") if p == "lossless" else ("fpn",)) for k, t in teachers.items() for p in ("lossless", "compact")}
+    specs = {
+        f"{k}_{p}": (t, p, ("fpn", "cls") if p == "lossless" else ("fpn",))
+        for k, t in teachers.items()
+        for p in ("lossless", "compact")
+    }
     out = {name: str(paths.stores / name) for name in specs}  # build_teacher_store names them {teacher}_{precision}
     if all(steps.store_complete(Path(p)) for p in out.values()):
         return out
@@ -107,9 +119,11 @@ def _build_stores(paths, teachers: dict, log) -> dict[str, str]:
     return out
 
 
-def _summary(results: dict[str, dict[int, float]], seeds: list[int],
-             seconds: dict[str, dict[int, float]] | None = None) -> tuple[list[str], list[str]]:
+def _summary(
+    results: dict[str, dict[int, float]], seeds: list[int], seconds: dict[str, dict[int, float]] | None = None
+) -> tuple[list[str], list[str]]:
     """Table lines (Markdown) and target checks from final AP per row and seed (and train seconds)."""
+
     def ms(vals: list[float]) -> str:
         if not vals:
             return "-"
@@ -132,12 +146,14 @@ def _summary(results: dict[str, dict[int, float]], seeds: list[int],
         return 100 * statistics.mean(results[a][s] - results[b][s] for s in common), len(common)
 
     checks = []
-    for a, b, label, ok in (("mtpd_mgd", "mtpd_mgd_online", "cached - online (target within ±0.3 AP)", lambda d: abs(d) <= 0.3),
-                            ("mtpd_mgd", "direct", "progressive - direct (target >= 0)", lambda d: d >= 0),
-                            ("mtpd_mgd_compact", "mtpd_mgd", "compact - lossless (target within ±0.3 AP)", lambda d: abs(d) <= 0.3),
-                            ("mtpd_mgd", "baseline", "progressive - baseline (target >= +3 AP)", lambda d: d >= 3),
-                            ("direct", "baseline", "direct - baseline", None),
-                            ("mtpd_rmpfi", "baseline", "progressive RM+PFI - baseline", None)):
+    for a, b, label, ok in (
+        ("mtpd_mgd", "mtpd_mgd_online", "cached - online (target within ±0.3 AP)", lambda d: abs(d) <= 0.3),
+        ("mtpd_mgd", "direct", "progressive - direct (target >= 0)", lambda d: d >= 0),
+        ("mtpd_mgd_compact", "mtpd_mgd", "compact - lossless (target within ±0.3 AP)", lambda d: abs(d) <= 0.3),
+        ("mtpd_mgd", "baseline", "progressive - baseline (target >= +3 AP)", lambda d: d >= 3),
+        ("direct", "baseline", "direct - baseline", None),
+        ("mtpd_rmpfi", "baseline", "progressive RM+PFI - baseline", None),
+    ):
         p = paired(a, b)
         if p is None:
             continue
@@ -180,23 +196,36 @@ def main(argv: list[str] | None = None) -> int:
             metrics = steps.train(plan, log, quiet=True, online=online)
             results.setdefault(row, {})[seed] = metrics[-1]["AP"]
             seconds.setdefault(row, {})[seed] = sum(m["train_seconds"] for m in metrics)
-            log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.1f} (stage APs: "
-                + ", ".join(f"{100 * m['AP']:.1f}" for m in metrics) + ")")
-            (paths.root / "results.json").write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=2))
+            log(
+                f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.1f} (stage APs: "
+                + ", ".join(f"{100 * m['AP']:.1f}" for m in metrics)
+                + ")"
+            )
+            (paths.root / "results.json").write_text(
+                json.dumps({"results": results, "train_seconds": seconds}, indent=2)
+            )
     table, checks = _summary(results, seeds, seconds)
     print("\n" + "\n".join(table) + "\n\n" + "\n".join(checks))
     if a.write:
-        body = "\n".join([
-            f"Command: `{command_line('quality.py', argv if argv is not None else sys.argv[1:])}`  ",
-            f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; students trained for {sum(v for r in seconds.values() for v in r.values()) / 3600:.1f} h "
-            f"in all (this invocation's wall time {(time.perf_counter() - t0) / 3600:.1f} h: a rerun reuses finished stages)  ",
-            f"Setup: digits {scale.train} train / {scale.val} val at 128 px; student {recipes.STUDENT['arch']} "
-            f"{recipes.STUDENT['options']}; teachers shipped in mtpd/demo/teachers (weak {recipes.TEACHERS['weak']['arch']}, "
-            f"strong {recipes.TEACHERS['strong']['arch']}); two stages of {scale.stage_epochs} epochs per student; "
-            f"MGD α={recipes.MGD_WEIGHT}, λ={recipes.MGD_LAMBDA}; RM 4, PFI 1.5; seeds {seeds}. "
-            "AP is COCO box AP (×100) on val after the last stage.", "",
-            *table, "", *checks,
-        ])
+        body = "\n".join(
+            [
+                f"Command: `{command_line('quality.py', argv if argv is not None else sys.argv[1:])}`  ",
+                f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; students trained for "
+                f"{sum(v for r in seconds.values() for v in r.values()) / 3600:.1f} h "
+                f"in all (this invocation's wall time {(time.perf_counter() - t0) / 3600:.1f} h: a rerun reuses "
+                "finished stages)  ",
+                f"Setup: digits {scale.train} train / {scale.val} val at 128 px; student {recipes.STUDENT['arch']} "
+                f"{recipes.STUDENT['options']}; teachers shipped in mtpd/demo/teachers (weak "
+                f"{recipes.TEACHERS['weak']['arch']}, "
+                f"strong {recipes.TEACHERS['strong']['arch']}); two stages of {scale.stage_epochs} epochs per student; "
+                f"MGD α={recipes.MGD_WEIGHT}, λ={recipes.MGD_LAMBDA}; RM 4, PFI 1.5; seeds {seeds}. "
+                "AP is COCO box AP (×100) on val after the last stage.",
+                "",
+                *table,
+                "",
+                *checks,
+            ]
+        )
         write_section(TITLE, body)
         print("wrote its section of bench/RESULTS.md")
     return 0

@@ -134,8 +134,15 @@ def measure(dataset, collate_fn, batch: int, workers: int, samples: int) -> tupl
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         ctx = multiprocessing.get_context(method)
     # The trainer's loader settings (make_loader): spawn-safe context, one thread per worker.
-    loader = DataLoader(dataset, batch_size=batch, sampler=CycleSampler(len(dataset), n_batches * batch), num_workers=workers,
-                        collate_fn=collate_fn, multiprocessing_context=ctx, worker_init_fn=worker_init if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=CycleSampler(len(dataset), n_batches * batch),
+        num_workers=workers,
+        collate_fn=collate_fn,
+        multiprocessing_context=ctx,
+        worker_init_fn=worker_init if workers else None,
+    )
     it = iter(loader)
     next(it)  # worker start-up excluded
     pids = [w.pid for w in getattr(it, "_workers", [])]
@@ -152,7 +159,9 @@ def measure(dataset, collate_fn, batch: int, workers: int, samples: int) -> tupl
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--size", default="800x1333", help="view short x long side")
     p.add_argument("--images", type=int, default=2, help="distinct images in the stores (the loader cycles over them)")
     p.add_argument("--samples", type=int, default=64, help="samples per measurement")
@@ -167,7 +176,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one worker count, few samples: a smoke test")
     a = p.parse_args(argv)
     if a.quick:
-        a.size, a.images, a.samples, a.teacher, a.classes, a.workers, a.rounds = "64x96", 2, 8, "retinanet_tiny", 10, "0", 1
+        a.size, a.images, a.samples, a.teacher, a.classes, a.workers, a.rounds = (
+            "64x96",
+            2,
+            8,
+            "retinanet_tiny",
+            10,
+            "0",
+            1,
+        )
     return a
 
 
@@ -178,8 +195,16 @@ def recodec(src: str, dst: str, cname: str) -> None:
 
     r = StoreReader(src)
     idx = r.root["index"]
-    root = create_store(dst, r.header, r.image_ids, r.orig_size, r.file_names(), np.asarray(idx["view_size"][:]), r.grid,
-                        codec=output_codec(cname))
+    root = create_store(
+        dst,
+        r.header,
+        r.image_ids,
+        r.orig_size,
+        r.file_names(),
+        np.asarray(idx["view_size"][:]),
+        r.grid,
+        codec=output_codec(cname),
+    )
     for shard in range(r.header.num_shards):
         nbytes, checksum = write_shard(root, r.header, shard, read_shard_blocks(r.root, r.header, shard))
         mark_done(root, shard, nbytes, checksum)
@@ -193,7 +218,7 @@ def breakdown(ds, samples: int) -> dict[str, float]:
     """
     import torch
 
-    from mtpd.trainer.targets import worker_init, collate_teacher
+    from mtpd.trainer.targets import collate_teacher, worker_init
 
     threads = torch.get_num_threads()
     worker_init(0)  # zarr and Blosc keep these settings: the bench reads nothing after this
@@ -225,7 +250,7 @@ def main(argv: list[str] | None = None) -> str:
     one = workers[:1]
     from mtpd.cache.store import StoreReader
     from mtpd.data import CocoDataset, ViewSpec
-    from mtpd.trainer.targets import DistillDataset, Collate
+    from mtpd.trainer.targets import Collate, DistillDataset
 
     with tempfile.TemporaryDirectory(prefix="mtpd-bench-reader-") as tmp:
         work = Path(a.work_dir or tmp)
@@ -238,8 +263,14 @@ def main(argv: list[str] | None = None) -> str:
             "compact, fpn+cls+box": ("compact", ["fpn", "cls", "box"]),
         }
         paths = {k: str(work / k.replace(", ", "_").replace("+", "_")) for k in stores}
-        print(f"building {len(stores)} stores from one pass of {a.teacher} over {a.images} image(s) at {short}x{long} ...", flush=True)
-        t_infer, _, _ = build_stores(a.teacher, data["ann"], data["images"], {paths[k]: v for k, v in stores.items()}, views, a.classes)
+        print(
+            f"building {len(stores)} stores from one pass of {a.teacher} "
+            f"over {a.images} image(s) at {short}x{long} ...",
+            flush=True,
+        )
+        t_infer, _, _ = build_stores(
+            a.teacher, data["ann"], data["images"], {paths[k]: v for k, v in stores.items()}, views, a.classes
+        )
         lz4 = "compact, fpn, Blosc-lz4 (what-if)"
         paths[lz4] = str(work / "compact_fpn_lz4")
         recodec(paths["compact, fpn"], paths[lz4], "lz4")
@@ -247,12 +278,36 @@ def main(argv: list[str] | None = None) -> str:
         ds = {k: DistillDataset(coco, views, [p]) for k, p in paths.items()}
         metas = {k: [r.header.outputs for r in d.readers()] for k, d in ds.items()}
         configs = [  # (mode, store, dataset, collate, worker counts)
-            ("targets", "compact, fpn", TargetsOnly(ds["compact, fpn"]), TargetsCollate(metas["compact, fpn"], False), workers),
+            (
+                "targets",
+                "compact, fpn",
+                TargetsOnly(ds["compact, fpn"]),
+                TargetsCollate(metas["compact, fpn"], False),
+                workers,
+            ),
             ("targets", lz4, TargetsOnly(ds[lz4]), TargetsCollate(metas[lz4], False), one),
             ("targets", "high, fpn", TargetsOnly(ds["high, fpn"]), TargetsCollate(metas["high, fpn"], False), one),
-            ("targets", "lossless, fpn", TargetsOnly(ds["lossless, fpn"]), TargetsCollate(metas["lossless, fpn"], False), one),
-            ("targets", "compact, fpn+cls+box", TargetsOnly(ds["compact, fpn+cls+box"]), TargetsCollate(metas["compact, fpn+cls+box"], False), one),
-            ("targets (before)", "compact, fpn", TargetsOnly(ds["compact, fpn"], legacy=True), TargetsCollate(metas["compact, fpn"], True), one),
+            (
+                "targets",
+                "lossless, fpn",
+                TargetsOnly(ds["lossless, fpn"]),
+                TargetsCollate(metas["lossless, fpn"], False),
+                one,
+            ),
+            (
+                "targets",
+                "compact, fpn+cls+box",
+                TargetsOnly(ds["compact, fpn+cls+box"]),
+                TargetsCollate(metas["compact, fpn+cls+box"], False),
+                one,
+            ),
+            (
+                "targets (before)",
+                "compact, fpn",
+                TargetsOnly(ds["compact, fpn"], legacy=True),
+                TargetsCollate(metas["compact, fpn"], True),
+                one,
+            ),
             ("full", "compact, fpn", ds["compact, fpn"], Collate(metas["compact, fpn"]), workers),
             ("images", "no store", DistillDataset(coco, views, []), Collate([]), one),
         ]
@@ -265,67 +320,130 @@ def main(argv: list[str] | None = None) -> str:
                 def run(dset=dset, coll=coll, w=w, key=key) -> float:
                     results[key].append(measure(dset, coll, a.batch, w, a.samples))
                     return 1.0 / results[key][-1][1]  # CPU-seconds per sample: what the ratios compare
+
                 runs[key] = run
         print(f"measuring {len(runs)} loader configurations, {a.rounds} round(s) ...", flush=True)
-        cpu_per_sample = interleave(runs, a.rounds, deadline=t_start + 60 * a.budget_min, log=lambda s: print(s[:300], flush=True))
+        cpu_per_sample = interleave(
+            runs, a.rounds, deadline=t_start + 60 * a.budget_min, log=lambda s: print(s[:300], flush=True)
+        )
         parts = {k: breakdown(ds[k], max(4, a.samples // 8)) for k in ("compact, fpn", lz4)}
         sizes = {k: _output_mib(Path(paths[k])) / a.images for k in ("compact, fpn", lz4)}
         fpn = StoreReader(paths["compact, fpn"]).header.outputs["fpn"]
         shape = (fpn["levels"], int(fpn["channels"]), int(fpn["l_max"]))
     body = render(a, short, long, workers, results, cpu_per_sample, t_infer, shape, parts, sizes, lz4)
-    return report(TITLE, f"{short}x{long}, batch {a.batch}" + (" (quick)" if a.quick else ""), "reader.py", argv, body, write=not a.no_write)
+    return report(
+        TITLE,
+        f"{short}x{long}, batch {a.batch}" + (" (quick)" if a.quick else ""),
+        "reader.py",
+        argv,
+        body,
+        write=not a.no_write,
+    )
 
 
 def _output_mib(store: Path) -> float:
     return sum(f.stat().st_size for f in (store / "outputs").rglob("*") if f.is_file()) / 2**20
 
 
-def render(a, short: int, long: int, workers: list[int], results: dict, cpu_per_sample: dict, t_infer: float,
-           shape: tuple[list[int], int, int], parts: dict, sizes: dict, lz4: str) -> str:
+def render(
+    a,
+    short: int,
+    long: int,
+    workers: list[int],
+    results: dict,
+    cpu_per_sample: dict,
+    t_infer: float,
+    shape: tuple[list[int], int, int],
+    parts: dict,
+    sizes: dict,
+    lz4: str,
+) -> str:
     rows = []
     for key, vals in results.items():
         mode, store, w = key.split(" | ")
         rows.append([mode, store, int(w), median([v[0] for v in vals]), median([v[1] for v in vals])])
     w1 = workers[0]
     per_core = median([v[1] for v in results[f"targets | compact, fpn | {w1}"]])
-    speedup = ratio(cpu_per_sample[f"targets (before) | compact, fpn | {w1}"], cpu_per_sample[f"targets | compact, fpn | {w1}"])
+    speedup = ratio(
+        cpu_per_sample[f"targets (before) | compact, fpn | {w1}"], cpu_per_sample[f"targets | compact, fpn | {w1}"]
+    )
     lz4_gain = ratio(cpu_per_sample[f"targets | compact, fpn | {w1}"], cpu_per_sample[f"targets | {lz4} | {w1}"])
     full = median([v[1] for v in results[f"full | compact, fpn | {w1}"]])
     plain = median([v[1] for v in results[f"images | no store | {w1}"]])
     levels, channels, cells = shape
     pz, pl = parts["compact, fpn"], parts[lz4]
     lines = [
-        f"Stores of `{a.teacher}` (random init, `--weights none`) on {a.images} natural-image-like image(s), views {short}x{long}: "
-        f"P{levels[0]}–P{levels[-1]} x {channels} channels = {cells:,} cells x {channels} = {cells * channels / 1e6:.2f} M feature values per sample "
-        f"(the teacher pass took {t_infer:.0f} s, not counted). Batch {a.batch}; files in the page cache (local disk, not object storage). "
-        f"'per worker core' = samples per CPU-second used by the loader's worker processes ({w1 if w1 else 'in-process'} "
-        f"being the single-worker row); wall samples/s moves with the machine's load, per-core rates much less. Medians of "
-        f"{len(next(iter(results.values())))} interleaved round(s). The Blosc-lz4 row is a what-if: the compact store's very "
+        f"Stores of `{a.teacher}` (random init, `--weights none`) on {a.images} natural-image-like image(s), views "
+        f"{short}x{long}: "
+        f"P{levels[0]}–P{levels[-1]} x {channels} channels = {cells:,} cells x {channels} = "
+        f"{cells * channels / 1e6:.2f} M feature values per sample "
+        f"(the teacher pass took {t_infer:.0f} s, not counted). Batch {a.batch}; files in the page cache (local disk, "
+        "not object storage). "
+        "'per worker core' = samples per CPU-second used by the loader's worker processes "
+        f"({w1 if w1 else 'in-process'} "
+        "being the single-worker row); wall samples/s moves with the machine's load, per-core rates much less. "
+        "Medians of "
+        f"{len(next(iter(results.values())))} interleaved round(s). The Blosc-lz4 row is a what-if: the compact "
+        "store's very "
         f"values re-written with Blosc lz4 (bitshuffle) instead of zstd; the library's codec is unchanged.",
         "",
         table(["mode", "store", "workers", "samples/s (wall)", "samples/s per worker core"], rows),
         "",
-        table(["check", "measured", "target", "met"], [
-            ["compact FPN-only targets, samples/s per worker core", per_core, "≥ 60", "yes" if per_core >= 60 else "no"],
-            ["reader before → after (CPU per sample, same run)", f"{speedup} x faster", "–", "–"],
-            ["in-process CPU ms per sample, zstd: store read / collate", f"{pz['read']:.1f} / {pz['collate']:.1f}", "–", "–"],
-            ["in-process CPU ms per sample, lz4: store read / collate", f"{pl['read']:.1f} / {pl['collate']:.1f}", "–", "–"],
-            ["what-if Blosc-lz4 vs zstd: speed / MiB per sample", f"{lz4_gain} x faster / {sizes[lz4]:.2f} vs {sizes['compact, fpn']:.2f}", "–", "–"],
-            ["full samples per core: with compact store / without", f"{full:.3g} / {plain:.3g}", "–", "–"],
-        ]),
+        table(
+            ["check", "measured", "target", "met"],
+            [
+                [
+                    "compact FPN-only targets, samples/s per worker core",
+                    per_core,
+                    "≥ 60",
+                    "yes" if per_core >= 60 else "no",
+                ],
+                ["reader before → after (CPU per sample, same run)", f"{speedup} x faster", "–", "–"],
+                [
+                    "in-process CPU ms per sample, zstd: store read / collate",
+                    f"{pz['read']:.1f} / {pz['collate']:.1f}",
+                    "–",
+                    "–",
+                ],
+                [
+                    "in-process CPU ms per sample, lz4: store read / collate",
+                    f"{pl['read']:.1f} / {pl['collate']:.1f}",
+                    "–",
+                    "–",
+                ],
+                [
+                    "what-if Blosc-lz4 vs zstd: speed / MiB per sample",
+                    f"{lz4_gain} x faster / {sizes[lz4]:.2f} vs {sizes['compact, fpn']:.2f}",
+                    "–",
+                    "–",
+                ],
+                ["full samples per core: with compact store / without", f"{full:.3g} / {plain:.3g}", "–", "–"],
+            ],
+        ),
         "",
     ]
     if per_core < 60:
         lines.append(
-            f"Gap: 60 samples/s per core is {1000 / 60:.1f} ms per sample; a compact FPN sample here costs {1000 / per_core:.0f} ms of "
-            f"worker CPU: the store read ({pz['read']:.0f} ms, mostly Blosc-zstd decompressing {cells * channels * 2 / 2**20:.1f} MiB of "
-            f"fp16), the collate ({pz['collate']:.1f} ms: cast and placement in one pass) and the DataLoader hand-off (the rest: "
-            f"allocating {cells * channels * 4 / 2**20:.0f} MiB of float32 targets per sample in shared memory, pickling, the worker "
-            "loop). Decompression alone is near the budget at this size on these cores. Blosc lz4 instead of zstd (the README's "
-            f"codec) reads {lz4_gain.median:.2f}x as fast in this run for {sizes[lz4] / sizes['compact, fpn'] - 1:+.0%} bytes (rows above; "
-            "a codec change is a format decision, left to the store's owners); handing fp16 targets to the training process and "
-            "casting on the GPU would halve the shared-memory bytes but changes the Batch contract (a proposal). A training GPU "
-            "needs about 10–50 samples/s (the README's Scaling to COCO section): 1–3 worker cores for targets at this rate.")
+            f"Gap: 60 samples/s per core is {1000 / 60:.1f} ms per sample; a compact FPN sample here costs "
+            f"{1000 / per_core:.0f} ms of "
+            f"worker CPU: the store read ({pz['read']:.0f} ms, mostly Blosc-zstd decompressing "
+            f"{cells * channels * 2 / 2**20:.1f} MiB of "
+            f"fp16), the collate ({pz['collate']:.1f} ms: cast and placement in one pass) and the DataLoader hand-off "
+            "(the rest: "
+            f"allocating {cells * channels * 4 / 2**20:.0f} MiB of float32 targets per sample in shared memory, "
+            "pickling, the worker "
+            "loop). Decompression alone is near the budget at this size on these cores. Blosc lz4 instead of zstd "
+            "(the README's "
+            f"codec) reads {lz4_gain.median:.2f}x as fast in this run for "
+            f"{sizes[lz4] / sizes['compact, fpn'] - 1:+.0%} "
+            "bytes (rows above; "
+            "a codec change is a format decision, left to the store's owners); handing fp16 targets to the training "
+            "process and "
+            "casting on the GPU would halve the shared-memory bytes but changes the Batch contract (a proposal). A "
+            "training GPU "
+            "needs about 10–50 samples/s (the README's Scaling to COCO section): 1–3 worker cores for targets "
+            "at this rate."
+        )
     return "\n".join(lines)
 
 

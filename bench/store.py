@@ -91,7 +91,9 @@ def abs_step_round(x: np.ndarray, factor: float, keepbits: int) -> np.ndarray:
     return bitround_fp16((np.round(x / step) * step).astype(np.float16), keepbits)
 
 
-def analyse(name: str, stores: dict[str, Path], raws: dict, fit_images: int, pca_ks: list[int], confident: float) -> dict:
+def analyse(
+    name: str, stores: dict[str, Path], raws: dict, fit_images: int, pca_ks: list[int], confident: float
+) -> dict:
     """Sizes and errors of every preset, then the bench-only ideas, on one dataset."""
     from mtpd.cache.schema import bitround_fp16, encode_values
     from mtpd.cache.store import StoreReader
@@ -104,8 +106,13 @@ def analyse(name: str, stores: dict[str, Path], raws: dict, fit_images: int, pca
     n_images = header.num_images
     out: dict = {"presets": [], "ideas": [], "n": n_images}
     # --- presets: bytes on disk and decoded error, per output ---
-    raw_rows = {s: {o: valid_rows(r, o, header.outputs[o]["levels"], readers["lossless"].grid[s], levels) for o in header.outputs}
-                for s, r in samples}
+    raw_rows = {
+        s: {
+            o: valid_rows(r, o, header.outputs[o]["levels"], readers["lossless"].grid[s], levels)
+            for o in header.outputs
+        }
+        for s, r in samples
+    }
     for preset in PRESETS:
         rd = readers[preset]
         for o, meta in rd.header.outputs.items():
@@ -136,11 +143,20 @@ def analyse(name: str, stores: dict[str, Path], raws: dict, fit_images: int, pca
                     d = got.astype(np.float64) - ref
                     err2 += float((d * d).sum())
                     ref2 += float((ref * ref).sum())
-            out["presets"].append({"preset": preset, "output": o, "kind": meta["kind"], "encoding": meta["encoding"],
-                                   "bytes_per_image": nbytes / n_images, "ratio": raw_bytes / nbytes, "encode_cpu": enc_cpu / n_images,
-                                   "rel_rmse": rel_rmse(err2, ref2) if meta["kind"] != "logits" else float("nan"),
-                                   "p_abs": pmax if meta["kind"] == "logits" else float("nan"),
-                                   "p_rel": prel if meta["kind"] == "logits" else float("nan")})
+            out["presets"].append(
+                {
+                    "preset": preset,
+                    "output": o,
+                    "kind": meta["kind"],
+                    "encoding": meta["encoding"],
+                    "bytes_per_image": nbytes / n_images,
+                    "ratio": raw_bytes / nbytes,
+                    "encode_cpu": enc_cpu / n_images,
+                    "rel_rmse": rel_rmse(err2, ref2) if meta["kind"] != "logits" else float("nan"),
+                    "p_abs": pmax if meta["kind"] == "logits" else float("nan"),
+                    "p_rel": prel if meta["kind"] == "logits" else float("nan"),
+                }
+            )
     # --- ideas on the FPN features: fit on the first images, evaluate on the rest ---
     v = header.num_views
     fit = [s for s, _ in samples if s // v < fit_images]
@@ -154,10 +170,13 @@ def analyse(name: str, stores: dict[str, Path], raws: dict, fit_images: int, pca
     c = x_fit.shape[1]
     held_raw_bytes = sum(raw_rows[s]["fpn"].size * 4 for s in held)
     kurt = float(((x_fit - mu) ** 4).mean() / (((x_fit - mu) ** 2).mean() ** 2))
-    out["spectrum"] = {"channels": c, "kurtosis": kurt,
-                       "k99": int(np.searchsorted(np.cumsum(eig) / eig.sum(), 0.99)) + 1,
-                       "k9999": int(np.searchsorted(np.cumsum(eig) / eig.sum(), 0.9999)) + 1,
-                       "rd_bits_1pct": gaussian_rate_bits(eig, 0.01)}
+    out["spectrum"] = {
+        "channels": c,
+        "kurtosis": kurt,
+        "k99": int(np.searchsorted(np.cumsum(eig) / eig.sum(), 0.99)) + 1,
+        "k9999": int(np.searchsorted(np.cumsum(eig) / eig.sum(), 0.9999)) + 1,
+        "rd_bits_1pct": gaussian_rate_bits(eig, 0.01),
+    }
 
     def idea(label: str, encode) -> None:
         """``encode(rows) -> (stored array, decoded float64)``; bytes via the store's Blosc codec."""
@@ -173,22 +192,37 @@ def analyse(name: str, stores: dict[str, Path], raws: dict, fit_images: int, pca
             den = np.linalg.norm(dec, axis=1) * np.linalg.norm(ref, axis=1) + 1e-30
             cos_sum += float((num / den).sum())
             cells += ref.shape[0]
-        out["ideas"].append({"variant": label, "bytes_per_image": nbytes / (len(held) / v), "ratio": held_raw_bytes / nbytes,
-                             "rel_rmse": rel_rmse(err2, ref2), "cosine": cos_sum / cells})
+        out["ideas"].append(
+            {
+                "variant": label,
+                "bytes_per_image": nbytes / (len(held) / v),
+                "ratio": held_raw_bytes / nbytes,
+                "rel_rmse": rel_rmse(err2, ref2),
+                "cosine": cos_sum / cells,
+            }
+        )
 
     enc5 = lambda x: encode_values(x.astype(np.float32), "fp16-bitround5")  # noqa: E731
     idea("compact (fp16, 5 mantissa bits): reference, same path", lambda x: (enc5(x), enc5(x).astype(np.float64)))
     for kb in (4, 3):
-        idea(f"BitRound {kb} bits", lambda x, kb=kb: (q := bitround_fp16(x.astype(np.float16), kb), q.astype(np.float64)))
+        idea(
+            f"BitRound {kb} bits", lambda x, kb=kb: (q := bitround_fp16(x.astype(np.float16), kb), q.astype(np.float64))
+        )
     for f in (0.03, 0.06):
-        idea(f"absolute step 2^⌊log2({f}·RMS)⌋ + 5 bits", lambda x, f=f: (q := abs_step_round(x, f, 5), q.astype(np.float64)))
+        idea(
+            f"absolute step 2^⌊log2({f}·RMS)⌋ + 5 bits",
+            lambda x, f=f: (q := abs_step_round(x, f, 5), q.astype(np.float64)),
+        )
     # The listed sizes, and the one that keeps 99.99% of the fit set's energy (1% RMSE were the spectrum to hold).
-    for k in sorted({k for k in pca_ks if k < c} | ({out["spectrum"]["k9999"]} if out["spectrum"]["k9999"] < c else set())):
+    for k in sorted(
+        {k for k in pca_ks if k < c} | ({out["spectrum"]["k9999"]} if out["spectrum"]["k9999"] < c else set())
+    ):
         basis = vec[:, :k]
 
         def pca(x, basis=basis):
             coef = enc5((x - mu) @ basis)
             return coef, coef.astype(np.float64) @ basis.T + mu
+
         idea(f"PCA {k}/{c} channels + 5 bits (basis {c * k * 4 / 1024:.0f} KiB per store)", pca)
     # --- confident-only box deltas (compact encoding), on every image ---
     comp = readers["compact"]
@@ -209,13 +243,17 @@ def analyse(name: str, stores: dict[str, Path], raws: dict, fit_images: int, pca
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--size", default="800x1333", help="view short x long side")
     p.add_argument("--images", type=int, default=3, help="images per dataset")
     p.add_argument("--fit-images", type=int, default=2, help="images the PCA is fitted on (evaluated on the others)")
     p.add_argument("--teacher", default="retinanet_resnet50_fpn")
     p.add_argument("--weights", default="none", help="teacher weights: none (random init) or a checkpoint path")
-    p.add_argument("--classes", type=int, default=80, help="teacher classes (COCO: 80; sets the cls output's A·K channels)")
+    p.add_argument(
+        "--classes", type=int, default=80, help="teacher classes (COCO: 80; sets the cls output's A·K channels)"
+    )
     p.add_argument("--pca", default="32,64,128", help="PCA component counts to try")
     p.add_argument("--confident", type=float, default=0.1, help="fraction of cells whose box deltas are kept")
     p.add_argument("--datasets", default="digits,natural")
@@ -242,95 +280,210 @@ def main(argv: list[str] | None = None) -> str:
             if name == "digits":
                 data = digits_images(work / "digits", a.images, max(32, round(short * 0.64)))
             else:
-                data = natural_images(work / "natural", a.images, round(short * 0.6), round(long * 0.6), num_classes=a.classes)
+                data = natural_images(
+                    work / "natural", a.images, round(short * 0.6), round(long * 0.6), num_classes=a.classes
+                )
             stores = {p: work / f"{name}_{p}" for p in PRESETS}
-            print(f"{name}: {a.teacher} over {a.images} image(s) at {short}x{long}, writing {', '.join(PRESETS)} ...", flush=True)
+            print(
+                f"{name}: {a.teacher} over {a.images} image(s) at {short}x{long}, writing {', '.join(PRESETS)} ...",
+                flush=True,
+            )
             t0 = time.perf_counter()
-            t_teacher, t_write, raws = build_stores(a.teacher, data["ann"], data["images"], {str(s): (p, ["fpn", "cls", "box"]) for p, s in stores.items()},
-                                      views, a.classes, weights=a.weights, keep_raw=True)
+            t_teacher, t_write, raws = build_stores(
+                a.teacher,
+                data["ann"],
+                data["images"],
+                {str(s): (p, ["fpn", "cls", "box"]) for p, s in stores.items()},
+                views,
+                a.classes,
+                weights=a.weights,
+                keep_raw=True,
+            )
             timings[name] = time.perf_counter() - t0
             results[name] = analyse(name, stores, raws, a.fit_images, [int(k) for k in a.pca.split(",")], a.confident)
-            results[name]["seconds"] = {"teacher": t_teacher / a.images, **{p: t_write[str(stores[p])] / a.images for p in PRESETS}}
+            results[name]["seconds"] = {
+                "teacher": t_teacher / a.images,
+                **{p: t_write[str(stores[p])] / a.images for p in PRESETS},
+            }
             del raws
     body = render(a, results, short, long)
-    return report(TITLE, f"{a.teacher} ({'random init' if a.weights == 'none' else a.weights}), {short}x{long}" + (" (quick)" if a.quick else ""),
-                  "store.py", argv, body, write=not a.no_write)
+    return report(
+        TITLE,
+        f"{a.teacher} ({'random init' if a.weights == 'none' else a.weights}), {short}x{long}"
+        + (" (quick)" if a.quick else ""),
+        "store.py",
+        argv,
+        body,
+        write=not a.no_write,
+    )
 
 
 def render(a, results: dict, short: int, long: int) -> str:
     kib = 1024
     lines = [
         f"Teacher `{a.teacher}` with `--weights {a.weights}`"
-        + (" (random init: no network here; random-init features are near-Gaussian and nearly full-rank, trained FPN features are "
-           "heavy-tailed and low-rank, so trained stores compress better than these and PCA pays more)" if a.weights == "none" else "")
+        + (
+            " (random init: no network here; random-init features are near-Gaussian and nearly full-rank, trained FPN "
+            "features are "
+            "heavy-tailed and low-rank, so trained stores compress better than these and PCA pays more)"
+            if a.weights == "none"
+            else ""
+        )
         + f", {a.classes} classes (cls output: A·K = {9 * a.classes} channels). Views {short}x{long} (digits: square), "
-        f"{a.images} image(s) per dataset. Bytes are the store's output arrays on disk per image (Blosc-zstd level 3, bitshuffle); "
-        "ratio = raw float32 of the valid cells / stored bytes; errors compare `StoreReader` output with the teacher's float32 output. "
-        "Encode CPU-s / image: per output, quantise + Blosc; on the 'all' rows, the library's whole encode + write path (flatten, "
-        "quantise, Blosc, checksum, zarr write) as `ShardComputer.encode` + `write_shard` run it (CPU time of all threads).",
+        f"{a.images} image(s) per dataset. Bytes are the store's output arrays on disk per image (Blosc-zstd level 3, "
+        "bitshuffle); "
+        "ratio = raw float32 of the valid cells / stored bytes; errors compare `StoreReader` output with the teacher's "
+        "float32 output. "
+        "Encode CPU-s / image: per output, quantise + Blosc; on the 'all' rows, the library's whole encode + write "
+        "path (flatten, "
+        "quantise, Blosc, checksum, zarr write) as `ShardComputer.encode` + `write_shard` run it (CPU time of "
+        "all threads).",
         "",
     ]
     rows, checks = [], []
     for ds, r in results.items():
         for p in r["presets"]:
-            rows.append([ds, p["preset"], p["output"], p["encoding"], p["bytes_per_image"] / kib, p["ratio"], p["encode_cpu"],
-                         p["rel_rmse"] * 100 if not math.isnan(p["rel_rmse"]) else float("nan"), p["p_abs"], p["p_rel"] * 100])
+            rows.append(
+                [
+                    ds,
+                    p["preset"],
+                    p["output"],
+                    p["encoding"],
+                    p["bytes_per_image"] / kib,
+                    p["ratio"],
+                    p["encode_cpu"],
+                    p["rel_rmse"] * 100 if not math.isnan(p["rel_rmse"]) else float("nan"),
+                    p["p_abs"],
+                    p["p_rel"] * 100,
+                ]
+            )
             if p["preset"] == "compact" and p["output"] == "fpn":
                 ok = p["ratio"] >= 8 and p["rel_rmse"] <= 0.01
-                checks.append([f"{ds}: compact FPN ≤ 1/8 of fp32 with rel. RMSE ≤ 1%", f"1/{p['ratio']:.2f}, {p['rel_rmse'] * 100:.2f}%",
-                               "yes" if ok else "no"])
+                checks.append(
+                    [
+                        f"{ds}: compact FPN ≤ 1/8 of fp32 with rel. RMSE ≤ 1%",
+                        f"1/{p['ratio']:.2f}, {p['rel_rmse'] * 100:.2f}%",
+                        "yes" if ok else "no",
+                    ]
+                )
         tot = {}
         for p in r["presets"]:
             tot[p["preset"]] = tot.get(p["preset"], 0) + p["bytes_per_image"]
         for pr, b in tot.items():
-            rows.append([ds, pr, "all", "–", b / kib, float("nan"), r["seconds"][pr], float("nan"), float("nan"), float("nan")])
-    lines += [table(["dataset", "preset", "output", "encoding", "KiB / image", "x smaller than fp32", "encode CPU-s / image", "rel. RMSE %",
-                     "max abs Δp", "max rel. Δp % (p>1e-3)"], rows), ""]
+            rows.append(
+                [ds, pr, "all", "–", b / kib, float("nan"), r["seconds"][pr], float("nan"), float("nan"), float("nan")]
+            )
+    lines += [
+        table(
+            [
+                "dataset",
+                "preset",
+                "output",
+                "encoding",
+                "KiB / image",
+                "x smaller than fp32",
+                "encode CPU-s / image",
+                "rel. RMSE %",
+                "max abs Δp",
+                "max rel. Δp % (p>1e-3)",
+            ],
+            rows,
+        ),
+        "",
+    ]
     irows = []
     for ds, r in results.items():
         sp = r["spectrum"]
         for i in r["ideas"]:
             irows.append([ds, i["variant"], i["bytes_per_image"] / kib, i["ratio"], i["rel_rmse"] * 100, i["cosine"]])
-        lines_note = (f"{ds}: FPN kurtosis {sp['kurtosis']:.2f} (Gaussian: 3); PCA components for 99% / 99.99% of the energy: "
-                      f"{sp['k99']} / {sp['k9999']} of {sp['channels']}; Gaussian rate–distortion bound at 1% rel. RMSE: "
-                      f"{sp['rd_bits_1pct']:.2f} bits/value, i.e. at best 1/{32 / max(sp['rd_bits_1pct'], 1e-9):.1f} of fp32 for any codec "
-                      "that codes cells independently.")
+        lines_note = (
+            f"{ds}: FPN kurtosis {sp['kurtosis']:.2f} (Gaussian: 3); PCA components for 99% / 99.99% of the energy: "
+            f"{sp['k99']} / {sp['k9999']} of {sp['channels']}; Gaussian rate–distortion bound at 1% rel. RMSE: "
+            f"{sp['rd_bits_1pct']:.2f} bits/value, i.e. at best 1/{32 / max(sp['rd_bits_1pct'], 1e-9):.1f} of fp32 "
+            "for any codec "
+            "that codes cells independently."
+        )
         irows.append([ds, "*" + lines_note, float("nan"), float("nan"), float("nan"), float("nan")])
         if "boxes" in r:
             b = r["boxes"]
-            irows.append([ds, f"box deltas only at the {b['fraction']:.0%} most confident cells (compact)", b["sparse"] / kib,
-                          float("nan"), float("nan"), float("nan")])
-            irows.append([ds, "box deltas everywhere (compact), for comparison", b["full"] / kib, float("nan"), float("nan"), float("nan")])
+            irows.append(
+                [
+                    ds,
+                    f"box deltas only at the {b['fraction']:.0%} most confident cells (compact)",
+                    b["sparse"] / kib,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                ]
+            )
+            irows.append(
+                [
+                    ds,
+                    "box deltas everywhere (compact), for comparison",
+                    b["full"] / kib,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                ]
+            )
     notes = [r[1][1:] for r in irows if r[1].startswith("*")]
     irows = [r for r in irows if not r[1].startswith("*")]
-    lines += ["Beyond per-value codecs (FPN features of the held-out images; bench-only, the store format is unchanged):", "",
-              table(["dataset", "variant", "KiB / image", "x smaller than fp32", "rel. RMSE %", "mean cell cosine"], irows), ""]
+    lines += [
+        "Beyond per-value codecs (FPN features of the held-out images; bench-only, the store format is unchanged):",
+        "",
+        table(["dataset", "variant", "KiB / image", "x smaller than fp32", "rel. RMSE %", "mean cell cosine"], irows),
+        "",
+    ]
     lines += [f"- {n}" for n in notes] + [""]
     lines += [table(["target", "measured", "met"], checks), ""]
     for ds, r in results.items():
         comp = next(p for p in r["presets"] if p["preset"] == "compact" and p["output"] == "fpn")
         sp = r["spectrum"]
-        best_abs = min((i for i in r["ideas"] if i["variant"].startswith("absolute") and i["rel_rmse"] <= 0.01),
-                       key=lambda i: i["bytes_per_image"], default=None)
+        best_abs = min(
+            (i for i in r["ideas"] if i["variant"].startswith("absolute") and i["rel_rmse"] <= 0.01),
+            key=lambda i: i["bytes_per_image"],
+            default=None,
+        )
         pca_1pct = [i for i in r["ideas"] if i["variant"].startswith("PCA") and i["rel_rmse"] <= 0.01]
         lines += [""] if lines[-1] else []
         lines.append(
-            f"{ds}: compact stores {32 / comp['ratio']:.2f} bits per FPN value at {comp['rel_rmse'] * 100:.2f}% rel. RMSE; 1/8 is 4 bits. "
-            f"The Gaussian bound of the measured spectrum is {sp['rd_bits_1pct']:.2f} bits/value at 1% for an ideal coder that codes "
+            f"{ds}: compact stores {32 / comp['ratio']:.2f} bits per FPN value at {comp['rel_rmse'] * 100:.2f}% rel. "
+            "RMSE; 1/8 is 4 bits. "
+            f"The Gaussian bound of the measured spectrum is {sp['rd_bits_1pct']:.2f} bits/value at 1% for an ideal "
+            "coder that codes "
             "cells independently; a quantiser with a real entropy coder pays ~0.25 bit more (at best 1/"
-            f"{32 / (sp['rd_bits_1pct'] + 0.25):.1f}), and bitshuffle + zstd on per-value codes more still. So for these random-init "
-            f"features 1/8 at ≤ 1% is {'beyond' if 32 / (sp['rd_bits_1pct'] + 0.25) < 8 else 'at'} the limit of any code that treats "
+            f"{32 / (sp['rd_bits_1pct'] + 0.25):.1f}), and bitshuffle + zstd on per-value codes more still. So for "
+            "these random-init "
+            f"features 1/8 at ≤ 1% is {'beyond' if 32 / (sp['rd_bits_1pct'] + 0.25) < 8 else 'at'} the limit of any "
+            "code that treats "
             "cells independently, and far beyond what a per-value quantiser with a general-purpose compressor reaches. "
-            + (f"Best per-value option here: {best_abs['variant']}, 1/{best_abs['ratio']:.2f} at {best_abs['rel_rmse'] * 100:.2f}%. " if best_abs else "")
-            + ("PCA pays only with a large error budget: 1% needs "
-               + (f"{pca_1pct[0]['variant'].split()[1]} components (no saving)" if pca_1pct else f"≥ {sp['k9999']} of {sp['channels']} components")
-               + "; fewer components give 1/6–1/26 at 5–11% rel. RMSE (cell cosine ≥ 0.99), a trade only a distillation run can "
-               "judge (not measured here). "))
+            + (
+                f"Best per-value option here: {best_abs['variant']}, 1/{best_abs['ratio']:.2f} at "
+                f"{best_abs['rel_rmse'] * 100:.2f}%. "
+                if best_abs
+                else ""
+            )
+            + (
+                "PCA pays only with a large error budget: 1% needs "
+                + (
+                    f"{pca_1pct[0]['variant'].split()[1]} components (no saving)"
+                    if pca_1pct
+                    else f"≥ {sp['k9999']} of {sp['channels']} components"
+                )
+                + "; fewer components give 1/6–1/26 at 5–11% rel. RMSE (cell cosine ≥ 0.99), a trade only a "
+                "distillation run can "
+                "judge (not measured here). "
+            )
+        )
     lines.append(
-        "\nWhat does pay: storing only the outputs the losses read (MTPD's MGD reads `fpn` only: `--outputs fpn` drops the cls and "
-        "box arrays, which are over half of a compact store), and box deltas only where the teacher is confident (~9x fewer "
-        "box bytes; no current loss reads box outputs). Trained teachers' cls probabilities are mostly below the 1e-4 floor "
-        "(code 0), so their cls arrays compress far better than these random-init ones.")
+        "\nWhat does pay: storing only the outputs the losses read (MTPD's MGD reads `fpn` only: `--outputs fpn` drops "
+        "the cls and "
+        "box arrays, which are over half of a compact store), and box deltas only where the teacher is confident "
+        "(~9x fewer "
+        "box bytes; no current loss reads box outputs). Trained teachers' cls probabilities are mostly below the "
+        "1e-4 floor "
+        "(code 0), so their cls arrays compress far better than these random-init ones."
+    )
     return "\n".join(lines)
 
 

@@ -52,7 +52,9 @@ def load(path: str | os.PathLike, *, mmap: bool = False, allow_pickle: bool = Fa
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types; all mean the same to the user
         # A refused object (not a corrupt file): torch's message offers the unsafe load instead.
-        refused = isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or "can still be loaded" in str(e))
+        refused = isinstance(e, pickle.UnpicklingError) and (
+            "Unsupported global" in str(e) or "can still be loaded" in str(e)
+        )
         if refused and allow_pickle:
             return _load_pickled(p)
         if refused:
@@ -63,7 +65,9 @@ def load(path: str | os.PathLike, *, mmap: bool = False, allow_pickle: bool = Fa
 
 
 def _load_pickled(p: Path) -> Any:
-    warnings.warn(f"{p} holds more than tensors; loading it with full unpickling (only for files you trust)", stacklevel=3)
+    warnings.warn(
+        f"{p} holds more than tensors; loading it with full unpickling (only for files you trust)", stacklevel=3
+    )
     try:
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - same advice for every unreadable file
@@ -95,7 +99,9 @@ def split_state_dict(obj: Any, source: str | os.PathLike = "checkpoint") -> tupl
     version metadata is kept (old torchvision heads rename keys on load by it).
     """
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: expected a state dict or a dict with 'model'/'state_dict', got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{source}: expected a state dict or a dict with 'model'/'state_dict', got {type(obj).__name__}"
+        )
     meta: dict[str, Any] = {}
     sd: Any = obj
     for key in ("model", "state_dict"):

@@ -38,5 +38,11 @@ class OutputSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OutputSpec":
-        return cls(name=d["name"], kind=d["kind"], levels=tuple(d["levels"]), channels=int(d["channels"]),
-                   num_anchors=int(d.get("num_anchors", 1)), num_classes=int(d.get("num_classes", 0)))
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            levels=tuple(d["levels"]),
+            channels=int(d["channels"]),
+            num_anchors=int(d.get("num_anchors", 1)),
+            num_classes=int(d.get("num_classes", 0)),
+        )

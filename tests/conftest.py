@@ -32,7 +32,13 @@ def ray_session(crash_marker):
     if not ray.is_initialized():
         # Workers import tests/faults.py for fault injection; mtpd itself is installed in the venv.
         env = {"PYTHONPATH": str(TESTS), "MTPD_TEST_CRASH_MARKER": str(crash_marker), "OMP_NUM_THREADS": "1"}
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False, runtime_env={"env_vars": env})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env},
+        )
     yield ray
     ray.shutdown()
 
@@ -72,7 +78,15 @@ def tiny_store(tmp_path_factory, digits, tiny_teacher_ckpt, ray_session) -> str:
     from mtpd.teachers.registry import TeacherSpec
 
     out = str(Path(tmp_path_factory.mktemp("stores")) / "tiny_lossless")
-    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["train"]["ann"], digits["train"]["images"], out,
-                views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="lossless", workers=2, images_per_shard=4,
-                progress=False)
+    build_store(
+        TeacherSpec("retinanet_tiny", tiny_teacher_ckpt),
+        digits["train"]["ann"],
+        digits["train"]["images"],
+        out,
+        views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW),
+        precision="lossless",
+        workers=2,
+        images_per_shard=4,
+        progress=False,
+    )
     return out

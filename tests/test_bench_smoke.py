@@ -91,7 +91,12 @@ def test_quality_quick_mode_trains_every_kind_of_row(tmp_path, ray_session, caps
         assert (tmp_path / "runs" / f"{row}_s0" / "stage_2" / "final.pt").is_file(), row
         assert f"| {row} | 1 |" in printed, row
     # The four stores the rows read, each complete.
-    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["strong_compact", "strong_lossless", "weak_compact", "weak_lossless"]
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == [
+        "strong_compact",
+        "strong_lossless",
+        "weak_compact",
+        "weak_lossless",
+    ]
     assert "cached - online (target within ±0.3 AP)" in printed
     assert (results.read_bytes() if results.exists() else None) == before
 
@@ -99,8 +104,13 @@ def test_quality_quick_mode_trains_every_kind_of_row(tmp_path, ray_session, caps
 def test_quality_summary_pairs_rows_by_seed_and_judges_targets():
     from bench.quality import _summary
 
-    r = {"baseline": {0: 0.070, 1: 0.060}, "mtpd_mgd": {0: 0.100, 1: 0.092, 2: 0.5}, "mtpd_mgd_online": {0: 0.102, 1: 0.094},
-         "mtpd_mgd_compact": {0: 0.106, 1: 0.098}, "direct": {1: 0.090}}
+    r = {
+        "baseline": {0: 0.070, 1: 0.060},
+        "mtpd_mgd": {0: 0.100, 1: 0.092, 2: 0.5},
+        "mtpd_mgd_online": {0: 0.102, 1: 0.094},
+        "mtpd_mgd_compact": {0: 0.106, 1: 0.098},
+        "direct": {1: 0.090},
+    }
     table, checks = _summary(r, [0, 1, 2], {"baseline": {0: 60.0, 1: 120.0}})
     text = "\n".join(checks)
     # Seed 2 has no partner in any other row, so it enters no paired difference.

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIEW
 
 from mtpd.cache.build import BuildError, build_store
 from mtpd.cache.inspect import store_info, verify_store
@@ -17,8 +18,6 @@ from mtpd.cache.store import StoreReader
 from mtpd.cli.cache import main as cache_main
 from mtpd.data import CocoDataset, ViewSpec, prepare_view
 from mtpd.teachers.registry import TeacherSpec, build_teacher
-
-from conftest import TINY_VIEW
 
 
 def _arrays(store: str) -> dict[str, np.ndarray]:
@@ -64,8 +63,17 @@ def test_two_worker_build_is_complete_and_verifies(tiny_store, digits):
 
 def test_rerun_of_a_finished_build_writes_nothing(tiny_store, digits, tiny_teacher_ckpt):
     before = _arrays(tiny_store)
-    rep = build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["train"]["ann"], digits["train"]["images"], tiny_store,
-                      views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="lossless", workers=2, images_per_shard=4, progress=False)
+    rep = build_store(
+        TeacherSpec("retinanet_tiny", tiny_teacher_ckpt),
+        digits["train"]["ann"],
+        digits["train"]["images"],
+        tiny_store,
+        views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW),
+        precision="lossless",
+        workers=2,
+        images_per_shard=4,
+        progress=False,
+    )
     assert rep.shards_written == 0 and rep.shards_skipped == 3
     after = _arrays(tiny_store)
     for k in before:
@@ -75,13 +83,22 @@ def test_rerun_of_a_finished_build_writes_nothing(tiny_store, digits, tiny_teach
 @pytest.mark.parametrize("precision", ["lossless", "high", "compact"])
 def test_store_round_trip_within_precision_error(precision, tmp_path, digits, tiny_teacher_ckpt):
     out = str(tmp_path / precision)
-    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["val"]["ann"], digits["val"]["images"], out,
-                views=ViewSpec(**TINY_VIEW), precision=precision, workers=0, images_per_shard=3, progress=False)
+    build_store(
+        TeacherSpec("retinanet_tiny", tiny_teacher_ckpt),
+        digits["val"]["ann"],
+        digits["val"]["images"],
+        out,
+        views=ViewSpec(**TINY_VIEW),
+        precision=precision,
+        workers=0,
+        images_per_shard=3,
+        progress=False,
+    )
     reader = StoreReader(out)
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
     ds = CocoDataset(digits["val"]["ann"], digits["val"]["images"])
     prec = get_precision(precision)
-    rel_bound = 2.0 ** -11 if prec.keepbits is None else 2.0 ** -(prec.keepbits + 1) + 2.0**-11
+    rel_bound = 2.0**-11 if prec.keepbits is None else 2.0 ** -(prec.keepbits + 1) + 2.0**-11
     for idx in range(len(ds)):
         x, _ = prepare_view(ds.load_image(idx), ViewSpec(**TINY_VIEW))
         direct = teacher(x[None], ["fpn", "cls", "box"])
@@ -112,7 +129,13 @@ def test_resume_after_failure_gives_identical_store(tmp_path, digits, tiny_teach
     bad.write_bytes(good_bytes[: len(good_bytes) // 3])
     out = str(tmp_path / "store")
     # The same command as tiny_store's: CPU convolutions may differ in the last bit across thread counts.
-    args = dict(views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="lossless", workers=2, images_per_shard=4, progress=False)
+    args = dict(
+        views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW),
+        precision="lossless",
+        workers=2,
+        images_per_shard=4,
+        progress=False,
+    )
     spec = TeacherSpec("retinanet_tiny", tiny_teacher_ckpt)
     with pytest.raises(BuildError, match=bad.name):
         build_store(spec, digits["train"]["ann"], str(images), out, **args)
@@ -157,14 +180,32 @@ def test_info_cli_json(tiny_store, capsys):
 
 def test_store_with_other_settings_is_refused(tiny_store, digits, tiny_teacher_ckpt):
     with pytest.raises(StoreError, match=r"precision: 'lossless' \(store\) vs 'compact'"):
-        build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["train"]["ann"], digits["train"]["images"], tiny_store,
-                    views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="compact", workers=2, images_per_shard=4, progress=False)
+        build_store(
+            TeacherSpec("retinanet_tiny", tiny_teacher_ckpt),
+            digits["train"]["ann"],
+            digits["train"]["images"],
+            tiny_store,
+            views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW),
+            precision="compact",
+            workers=2,
+            images_per_shard=4,
+            progress=False,
+        )
 
 
 def test_fsspec_url_store(tmp_path, digits, tiny_teacher_ckpt):
     url = "file://" + str(tmp_path / "url_store")
-    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), digits["val"]["ann"], digits["val"]["images"], url,
-                views=ViewSpec(**TINY_VIEW), precision="high", workers=0, images_per_shard=2, progress=False)
+    build_store(
+        TeacherSpec("retinanet_tiny", tiny_teacher_ckpt),
+        digits["val"]["ann"],
+        digits["val"]["images"],
+        url,
+        views=ViewSpec(**TINY_VIEW),
+        precision="high",
+        workers=0,
+        images_per_shard=2,
+        progress=False,
+    )
     assert verify_store(url).ok
     assert store_info(url)["images_done"] == 4
 
@@ -173,8 +214,25 @@ def test_fsspec_url_store(tmp_path, digits, tiny_teacher_ckpt):
 
 
 def _build_cli(digits, out, *extra, teacher="retinanet_tiny", ann=None, images=None):
-    return cache_main(["build", "--teacher", teacher, "--ann", ann or digits["val"]["ann"], "--images", images or digits["val"]["images"],
-                       "--out", str(out), "--short", "64", "--long", "64", "--no-progress", *extra])
+    return cache_main(
+        [
+            "build",
+            "--teacher",
+            teacher,
+            "--ann",
+            ann or digits["val"]["ann"],
+            "--images",
+            images or digits["val"]["images"],
+            "--out",
+            str(out),
+            "--short",
+            "64",
+            "--long",
+            "64",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _error_line(capsys) -> str:
@@ -226,8 +284,24 @@ def test_output_the_teacher_cannot_produce(tmp_path, digits, capsys):
 
 
 def test_out_of_range_view_size(tmp_path, digits, capsys):
-    assert cache_main(["build", "--teacher", "retinanet_tiny", "--ann", digits["val"]["ann"], "--images", digits["val"]["images"],
-                       "--out", str(tmp_path / "s"), "--short", "4"]) == 2
+    assert (
+        cache_main(
+            [
+                "build",
+                "--teacher",
+                "retinanet_tiny",
+                "--ann",
+                digits["val"]["ann"],
+                "--images",
+                digits["val"]["images"],
+                "--out",
+                str(tmp_path / "s"),
+                "--short",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert "short side 4" in _error_line(capsys)
 
 
@@ -238,12 +312,23 @@ def test_unknown_precision_is_rejected_by_argparse(tmp_path, digits):
 
 
 @pytest.mark.slow
-def test_lost_ray_worker_is_retried_and_store_is_identical(tmp_path, digits, tiny_teacher_ckpt, tiny_store, ray_session, crash_marker):
+def test_lost_ray_worker_is_retried_and_store_is_identical(
+    tmp_path, digits, tiny_teacher_ckpt, tiny_store, ray_session, crash_marker
+):
     """A worker process dying mid-shard is restarted by Ray and its shard retried; writes are
     idempotent, so the store equals one built without the fault."""
     out = str(tmp_path / "store")
-    rep = build_store(TeacherSpec("faults:crash_once_teacher", tiny_teacher_ckpt), digits["train"]["ann"], digits["train"]["images"], out,
-                      views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW), precision="lossless", workers=2, images_per_shard=4, progress=False)
+    rep = build_store(
+        TeacherSpec("faults:crash_once_teacher", tiny_teacher_ckpt),
+        digits["train"]["ann"],
+        digits["train"]["images"],
+        out,
+        views=ViewSpec(views=("orig", "hflip"), **TINY_VIEW),
+        precision="lossless",
+        workers=2,
+        images_per_shard=4,
+        progress=False,
+    )
     assert crash_marker.exists()  # the fault really happened
     assert rep.shards_written == 3 and verify_store(out).ok
     a, b = _arrays(out), _arrays(tiny_store)
@@ -263,9 +348,31 @@ def test_killed_build_resumes_to_identical_store(tmp_path, digits, tiny_teacher_
 
     def cmd(out):
         # A teacher that takes 0.3 s per forward, so the kill lands mid-build however loaded the machine is.
-        return [sys.executable, "-m", "mtpd.cli.cache", "build", "--teacher", "faults:slow_teacher", "--weights", tiny_teacher_ckpt,
-                "--ann", digits["train"]["ann"], "--images", digits["train"]["images"], "--out", str(out), "--short", "64", "--long", "64",
-                "--workers", "0", "--images-per-shard", "1", "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "mtpd.cli.cache",
+            "build",
+            "--teacher",
+            "faults:slow_teacher",
+            "--weights",
+            tiny_teacher_ckpt,
+            "--ann",
+            digits["train"]["ann"],
+            "--images",
+            digits["train"]["images"],
+            "--out",
+            str(out),
+            "--short",
+            "64",
+            "--long",
+            "64",
+            "--workers",
+            "0",
+            "--images-per-shard",
+            "1",
+            "--no-progress",
+        ]
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
     ref = tmp_path / "ref"

@@ -13,8 +13,9 @@ from mtpd.cli.demo import main
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end_and_reports_metrics(tmp_path: Path, ray_session, capsys: pytest.CaptureFixture,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_demo_runs_end_to_end_and_reports_metrics(
+    tmp_path: Path, ray_session, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A relative --out, as `make demo` passes: plans must still find the data from their own folder.
     monkeypatch.chdir(tmp_path)
     assert main(["--out", "demo_out", "--quick"]) == 0

@@ -17,10 +17,24 @@ def _plan(tmp_path: Path, digits: dict, name: str, stages: int = 2, train_ann: s
         "seed": 0,
         "log_every": 1,
         "student": {"arch": "retinanet_tiny", "options": {"fpn_channels": 32, "width": 8}},
-        "data": {"train_ann": train_ann or digits["train"]["ann"], "train_images": digits["train"]["images"],
-                 "short": 64, "long": 64, "flip": True, "batch_size": 4, "workers": 0},
-        "stages": [{"name": f"plain_{k}", "epochs": 1, "optimizer": {"type": "adamw", "lr": 0.002},
-                    "schedule": {"warmup_iters": 2}} for k in range(1, stages + 1)],
+        "data": {
+            "train_ann": train_ann or digits["train"]["ann"],
+            "train_images": digits["train"]["images"],
+            "short": 64,
+            "long": 64,
+            "flip": True,
+            "batch_size": 4,
+            "workers": 0,
+        },
+        "stages": [
+            {
+                "name": f"plain_{k}",
+                "epochs": 1,
+                "optimizer": {"type": "adamw", "lr": 0.002},
+                "schedule": {"warmup_iters": 2},
+            }
+            for k in range(1, stages + 1)
+        ],
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(plan))

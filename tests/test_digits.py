@@ -93,7 +93,9 @@ def test_boxes_contain_ink(digits: dict) -> None:
     for split in ("train", "val"):
         data = _coco(digits[split]["ann"])
         for im in data["images"]:
-            grey = np.asarray(Image.open(Path(digits[split]["images"]) / im["file_name"]).convert("L"), dtype=np.float32)
+            grey = np.asarray(
+                Image.open(Path(digits[split]["images"]) / im["file_name"]).convert("L"), dtype=np.float32
+            )
             anns = [a for a in data["annotations"] if a["image_id"] == im["id"]]
             in_any_box = np.zeros_like(grey, dtype=bool)
             for a in anns:
@@ -171,8 +173,14 @@ def test_cli_writes_the_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["digits"], ["digits", "--out", "X", "--size", "10"], ["digits", "--out", "X", "--train", "-1"],
-     ["digits", "--out", "X", "--val", "many"], ["mnist", "--out", "X"]],
+    [
+        [],
+        ["digits"],
+        ["digits", "--out", "X", "--size", "10"],
+        ["digits", "--out", "X", "--train", "-1"],
+        ["digits", "--out", "X", "--val", "many"],
+        ["mnist", "--out", "X"],
+    ],
 )
 def test_cli_rejects_bad_arguments(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [str(tmp_path / "o") if a == "X" else a for a in argv]

@@ -13,7 +13,6 @@ import hashlib
 import os
 
 import torch
-
 from test_trainer import write_plan
 
 GOLDEN_SHA256 = "3c26560c2ce0008f12c1d585e5c96dc2bea2415a6aeefa735167c27f9654ab8b"

@@ -78,14 +78,24 @@ def make_batch(cs: int = 4, ct: int = 6, seed: int = 0, same: bool = False) -> D
         rows = torch.randint(0, anchors.shape[0], (3,), generator=g)
         gt_boxes.append(anchors[rows] + torch.randn(3, 4, generator=g) * 2)
         gt_labels.append(torch.randint(0, K, (3,), generator=g))
-    return DistillBatch(student=student, teacher=teacher, masks=m, gt_boxes=gt_boxes, gt_labels=gt_labels,
-                        anchors=anchors, num_anchors=A, num_classes=K, levels=LEVELS)
+    return DistillBatch(
+        student=student,
+        teacher=teacher,
+        masks=m,
+        gt_boxes=gt_boxes,
+        gt_labels=gt_labels,
+        anchors=anchors,
+        num_anchors=A,
+        num_classes=K,
+        levels=LEVELS,
+    )
 
 
 def build(name: str, cs: int = 4, ct: int = 6, **params):
     torch.manual_seed(0)
-    return build_loss(name, levels=LEVELS, student_channels=cs, teacher_channels=ct, num_anchors=A,
-                      num_classes=K, **params)
+    return build_loss(
+        name, levels=LEVELS, student_channels=cs, teacher_channels=ct, num_anchors=A, num_classes=K, **params
+    )
 
 
 def conv1x1(x: torch.Tensor, conv) -> torch.Tensor:
@@ -390,15 +400,19 @@ def test_student_padding_does_not_matter(name: str) -> None:
 def test_identical_student_and_teacher_give_zero(name: str) -> None:
     batch, _, _ = hand_batch(same=True)  # hand_batch guarantees rm has positives
     loss = build(name, 6, 6)
-    assert all(isinstance(m, torch.nn.Identity) for m in loss.modules() if m is not loss
-               and not isinstance(m, torch.nn.ModuleDict))
+    assert all(
+        isinstance(m, torch.nn.Identity)
+        for m in loss.modules()
+        if m is not loss and not isinstance(m, torch.nn.ModuleDict)
+    )
     assert abs(loss(batch).item()) < 1e-6
 
 
 def test_mgd_mask_rate_and_determinism() -> None:
     x = torch.ones(64, 1, 32, 32)
-    masks_drawn = [build("mgd", lambda_mask=0.65, generator=torch.Generator().manual_seed(0)).random_mask(x)
-                   for _ in range(2)]
+    masks_drawn = [
+        build("mgd", lambda_mask=0.65, generator=torch.Generator().manual_seed(0)).random_mask(x) for _ in range(2)
+    ]
     assert torch.equal(masks_drawn[0], masks_drawn[1])  # same seed, same masks
     assert abs(masks_drawn[0].mean().item() - 0.35) < 0.01  # a location is dropped with probability λ
 

@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("mmdet", reason="needs the mmdet extra: `make install-mmdet` (mmcv 2.1 with compiled ops)")
 
-from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mtpd.checkpoint import CheckpointError  # noqa: E402
+from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mtpd.teachers.base import Teacher, TeacherError  # noqa: E402
 from mtpd.teachers.mmdet_adapter import build_mmdet_teacher  # noqa: E402
 from mtpd.teachers.mmdet_config import configs_root, resolve_config  # noqa: E402
@@ -63,7 +63,12 @@ def test_retinanet_outputs_match_specs_and_strides(retina: Teacher) -> None:
         assert spec.levels == (3, 4, 5, 6, 7)
     assert (specs["fpn"].kind, specs["fpn"].channels) == ("feature", 32)
     # mmdet RetinaNet: 9 anchors, sigmoid classification so K = num_classes.
-    assert (specs["cls"].kind, specs["cls"].channels, specs["cls"].num_anchors, specs["cls"].num_classes) == ("logits", 90, 9, 10)
+    assert (specs["cls"].kind, specs["cls"].channels, specs["cls"].num_anchors, specs["cls"].num_classes) == (
+        "logits",
+        90,
+        9,
+        10,
+    )
     assert (specs["box"].kind, specs["box"].channels, specs["box"].num_anchors) == ("deltas", 36, 9)
 
     out = retina(torch.randn(2, 3, 64, 96), ["fpn", "cls", "box"])
@@ -102,7 +107,9 @@ def test_random_init_is_reproducible(retina: Teacher) -> None:
 
 def test_checkpoint_round_trip(retina: Teacher, tmp_path) -> None:
     # Perturbed weights, so that matching outputs prove the checkpoint was loaded, not re-seeded.
-    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in retina.model.state_dict().items()}
+    state = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in retina.model.state_dict().items()
+    }
     path = tmp_path / "retina.pth"
     torch.save({"state_dict": state, "meta": {"classes": [str(i) for i in range(10)]}}, path)
     loaded = build_mmdet_teacher(RETINA, weights=str(path), num_classes=10, cfg_options=SMALL)
@@ -121,7 +128,9 @@ def test_checkpoint_round_trip(retina: Teacher, tmp_path) -> None:
 def test_training_checkpoint_with_pickled_meta_loads_with_warning(retina: Teacher, tmp_path) -> None:
     """mmengine training checkpoints pickle numpy objects in `meta`; torch's safe loader refuses them."""
     path = tmp_path / "epoch_12.pth"
-    torch.save({"state_dict": retina.model.state_dict(), "meta": {"seed": np.int64(0)}, "message_hub": np.zeros(2)}, path)
+    torch.save(
+        {"state_dict": retina.model.state_dict(), "meta": {"seed": np.int64(0)}, "message_hub": np.zeros(2)}, path
+    )
     with pytest.warns(UserWarning, match="full unpickling"):
         loaded = build_mmdet_teacher(RETINA, weights=str(path), num_classes=10, cfg_options=SMALL)
     x = torch.randn(1, 3, 64, 64)
@@ -135,7 +144,9 @@ def test_wrong_checkpoint_is_one_line_error(retina: Teacher, tmp_path) -> None:
         build_mmdet_teacher(RETINA, weights=str(path), num_classes=3, cfg_options=SMALL)
     assert "\n" not in str(err.value)
     with pytest.raises(TeacherError, match="missing from the checkpoint"):
-        build_mmdet_teacher(RETINA, weights=str(path), num_classes=10, cfg_options={**SMALL, "model.bbox_head.stacked_convs": 2})
+        build_mmdet_teacher(
+            RETINA, weights=str(path), num_classes=10, cfg_options={**SMALL, "model.bbox_head.stacked_convs": 2}
+        )
 
 
 def test_weight_errors(tmp_path) -> None:
@@ -227,8 +238,12 @@ def test_two_stage_offers_fpn_and_rpn() -> None:
 def _small_config_file(tmp_path, num_classes: int = 3) -> str:
     """A user's config that inherits the bundled RetinaNet and shrinks it: the CLI-facing way to override."""
     lines = [f"_base_ = [{str(resolve_config(RETINA))!r}]", "model = dict("]
-    lines += ["    backbone=dict(depth=18),", "    neck=dict(in_channels=[64, 128, 256, 512], out_channels=32),",
-              f"    bbox_head=dict(num_classes={num_classes}, in_channels=32, feat_channels=32, stacked_convs=1),", ")"]
+    lines += [
+        "    backbone=dict(depth=18),",
+        "    neck=dict(in_channels=[64, 128, 256, 512], out_channels=32),",
+        f"    bbox_head=dict(num_classes={num_classes}, in_channels=32, feat_channels=32, stacked_convs=1),",
+        ")",
+    ]
     path = tmp_path / "retina_tiny.py"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -255,8 +270,18 @@ def test_store_from_mmdet_teacher(tmp_path, digits, ray_session) -> None:
     spec = TeacherSpec("mmdet:" + cfg, weights=str(ckpt))
     views = ViewSpec(short=64, long=64)
     ann, images = digits["val"]["ann"], digits["val"]["images"]
-    report = build.build_store(spec, ann, images, str(tmp_path / "store"), views=views, precision="lossless",
-                               batch_size=2, workers=1, images_per_shard=2, progress=False)
+    report = build.build_store(
+        spec,
+        ann,
+        images,
+        str(tmp_path / "store"),
+        views=views,
+        precision="lossless",
+        batch_size=2,
+        workers=1,
+        images_per_shard=2,
+        progress=False,
+    )
     assert report.shards_written == report.shards_total == 2
 
     reader = StoreReader(str(tmp_path / "store"))

@@ -26,9 +26,17 @@ from mtpd.models import (
 TINY = ["retinanet_tiny", "retinanet_tiny_wide", "fcos_tiny"]
 HEAVY = [n for n in list_archs() if n not in TINY]
 EXPECTED = {
-    "retinanet_resnet18_fpn", "retinanet_resnet34_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2",
-    "retinanet_mobilenet_v3_fpn", "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn",
-    "retinanet_resnet101_fpn", "retinanet_resnext101_fpn", *TINY,
+    "retinanet_resnet18_fpn",
+    "retinanet_resnet34_fpn",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "retinanet_mobilenet_v3_fpn",
+    "fcos_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+    "retinanet_resnet101_fpn",
+    "retinanet_resnext101_fpn",
+    *TINY,
 }
 
 
@@ -103,7 +111,10 @@ def test_norm_follows_pretraining_and_backbone_weights_load(tmp_path):
     assert ckpt["arch_options"] == {"norm": "frozen_bn", "trainable_backbone_layers": 3}
     again = build_arch(ckpt["arch"], ckpt["num_classes"], **ckpt["arch_options"])
     again.load_state_dict(ckpt["model"])
-    assert isinstance(again.backbone.body.bn1, FrozenBatchNorm2d) and not again.backbone.body.layer1[0].conv1.weight.requires_grad
+    assert (
+        isinstance(again.backbone.body.bn1, FrozenBatchNorm2d)
+        and not again.backbone.body.layer1[0].conv1.weight.requires_grad
+    )
     hub = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
@@ -186,7 +197,10 @@ def test_model_anchors_match_anchor_generator(name):
     ref = model.anchor_generator(ImageList(x, [(128, 96)]), feats)[0]
     assert torch.equal(model_anchors(model, (128, 96)), ref)
     specs = output_specs(model)
-    assert ref.shape[0] == sum(h * w for h, w in level_grid_sizes((128, 96), specs["cls"].levels)) * specs["cls"].num_anchors
+    assert (
+        ref.shape[0]
+        == sum(h * w for h, w in level_grid_sizes((128, 96), specs["cls"].levels)) * specs["cls"].num_anchors
+    )
 
 
 def test_arch_checkpoint_carries_the_architecture():

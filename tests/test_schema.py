@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from mtpd.cache.schema import PRECISIONS, bitround_fp16, decode_values, describe_differences, encode_values, probability_error_bound
+from mtpd.cache.schema import (
+    PRECISIONS,
+    bitround_fp16,
+    decode_values,
+    describe_differences,
+    encode_values,
+    probability_error_bound,
+)
 
 
 @pytest.mark.parametrize("keepbits", [5, 7])

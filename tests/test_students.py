@@ -12,8 +12,17 @@ from mtpd.trainer.plan import StudentConfig
 from mtpd.trainer.student import build_student, label_offset
 from mtpd.trainer.targets import DistillDataset, make_loader
 
-ARCHS = ["retinanet_resnet18_fpn", "retinanet_resnet34_fpn", "retinanet_resnet50_fpn", "retinanet_mobilenet_v3_fpn",
-         "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "fcos_tiny", "retinanet_tiny"]
+ARCHS = [
+    "retinanet_resnet18_fpn",
+    "retinanet_resnet34_fpn",
+    "retinanet_resnet50_fpn",
+    "retinanet_mobilenet_v3_fpn",
+    "fcos_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+    "fcos_tiny",
+    "retinanet_tiny",
+]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -21,8 +30,13 @@ def test_student_trains_one_step_and_predicts(arch, digits):
     torch.manual_seed(0)
     student = build_student(StudentConfig(arch=arch), num_classes=10)
     family = arch_family(student)
-    ds = DistillDataset(CocoDataset(digits["train"]["ann"], digits["train"]["images"]), ViewSpec(short=64, long=64, views=("orig", "hflip")),
-                        flip=True, seed=0, with_masks=family == "maskrcnn")
+    ds = DistillDataset(
+        CocoDataset(digits["train"]["ann"], digits["train"]["images"]),
+        ViewSpec(short=64, long=64, views=("orig", "hflip")),
+        flip=True,
+        seed=0,
+        with_masks=family == "maskrcnn",
+    )
     batch = next(iter(make_loader(ds, 2, shuffle=False, workers=0, seed=0)))
     targets = [{"boxes": b, "labels": l + label_offset(student)} for b, l in zip(batch.boxes, batch.labels)]
     if family == "maskrcnn":

@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
-from mtpd.models import arch_checkpoint, build_arch, dense_outputs
 from mtpd.checkpoint import CheckpointError
+from mtpd.models import arch_checkpoint, build_arch, dense_outputs
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers import Teacher, TeacherError, TeacherIdentity, available, build_teacher
 from mtpd.teachers.torchvision_adapter import TorchvisionTeacher
@@ -142,7 +142,9 @@ def test_module_teacher_wraps_a_torchvision_factory(tmp_path, images):
     torch.save(src.state_dict(), path)
     t2 = build_teacher("mtpd.models.tiny:example_detector", weights=str(path))
     with torch.no_grad():
-        torch.testing.assert_close(t2(images, ["cls"])["cls.p4"], dense_outputs(src, images, ["cls"])["cls.p4"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            t2(images, ["cls"])["cls.p4"], dense_outputs(src, images, ["cls"])["cls.p4"], rtol=0, atol=1e-6
+        )
     with pytest.raises(TeacherError, match="cannot import module 'mtpd_no_such_pkg.mod'"):
         build_teacher("mtpd_no_such_pkg.mod:factory")
     with pytest.raises(TeacherError, match="has no 'nothing_here'"):

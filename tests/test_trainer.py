@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from mtpd.cache.schema import StoreError
-from mtpd.data import CocoDataset, ViewSpec
-from mtpd.trainer.plan import PlanError, load_plan
 from mtpd.checkpoint import CheckpointError
+from mtpd.data import CocoDataset, ViewSpec
 from mtpd.trainer.engine import TrainError
+from mtpd.trainer.plan import PlanError, load_plan
 from mtpd.trainer.stage import Stage, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +29,35 @@ def write_plan(tmp_path: Path, digits: dict, stores: list[str], stages: list[dic
         "log_every": 1,
         "student": {"arch": "retinanet_tiny", "options": {"fpn_channels": 32, "width": 8}},
         "data": {
-            "train_ann": digits["train"]["ann"], "train_images": digits["train"]["images"],
-            "val_ann": digits["val"]["ann"], "val_images": digits["val"]["images"],
-            "short": 64, "long": 64, "flip": True, "batch_size": 4, "workers": 0,
+            "train_ann": digits["train"]["ann"],
+            "train_images": digits["train"]["images"],
+            "val_ann": digits["val"]["ann"],
+            "val_images": digits["val"]["images"],
+            "short": 64,
+            "long": 64,
+            "flip": True,
+            "batch_size": 4,
+            "workers": 0,
         },
-        "stages": stages if stages is not None else [
-            {"name": "weak", "stores": stores, "losses": [{"name": "mgd", "weight": 2.0e-4}, {"name": "pfi"}], "epochs": 1,
-             "optimizer": {"type": "adamw", "lr": 0.002}, "schedule": {"warmup_iters": 2}},
-            {"name": "strong", "stores": stores, "losses": [{"name": "rm"}, {"name": "mse", "weight": 0.1}], "epochs": 1,
-             "optimizer": {"type": "adamw", "lr": 0.002}, "schedule": {"warmup_iters": 2}},
+        "stages": stages
+        if stages is not None
+        else [
+            {
+                "name": "weak",
+                "stores": stores,
+                "losses": [{"name": "mgd", "weight": 2.0e-4}, {"name": "pfi"}],
+                "epochs": 1,
+                "optimizer": {"type": "adamw", "lr": 0.002},
+                "schedule": {"warmup_iters": 2},
+            },
+            {
+                "name": "strong",
+                "stores": stores,
+                "losses": [{"name": "rm"}, {"name": "mse", "weight": 0.1}],
+                "epochs": 1,
+                "optimizer": {"type": "adamw", "lr": 0.002},
+                "schedule": {"warmup_iters": 2},
+            },
         ],
     }
     for k, v in over.items():
@@ -82,9 +102,19 @@ def test_cached_stage_never_imports_a_teacher(tmp_path, digits, tiny_store):
 
 
 def test_resume_after_interrupted_stage_matches_uninterrupted(tmp_path, digits, tiny_store):
-    stages = [{"name": "s", "stores": [tiny_store], "losses": [{"name": "mgd", "weight": 2.0e-4}], "epochs": 2,
-               "optimizer": {"type": "sgd", "lr": 0.01}, "schedule": {"warmup_iters": 2}}]
-    ref_plan = load_plan(write_plan(tmp_path / "a", digits, [], stages, checkpoint_every=1) if (tmp_path / "a").mkdir() is None else None)
+    stages = [
+        {
+            "name": "s",
+            "stores": [tiny_store],
+            "losses": [{"name": "mgd", "weight": 2.0e-4}],
+            "epochs": 2,
+            "optimizer": {"type": "sgd", "lr": 0.01},
+            "schedule": {"warmup_iters": 2},
+        }
+    ]
+    ref_plan = load_plan(
+        write_plan(tmp_path / "a", digits, [], stages, checkpoint_every=1) if (tmp_path / "a").mkdir() is None else None
+    )
     run_plan(ref_plan, [1], log=lambda s: None)
     ref = torch.load(Path(ref_plan.output_dir) / "stage_1" / "final.pt", weights_only=False)["model"]
 
@@ -131,7 +161,9 @@ def test_plan_errors_name_the_key(tmp_path, digits, tiny_store):
 
 def test_missing_stage_checkpoint(tmp_path, digits, tiny_store):
     plan = load_plan(write_plan(tmp_path, digits, [tiny_store]))
-    with pytest.raises(CheckpointError, match=r"stage_1/final.pt: stage 1 checkpoint missing; run `mtpd-train --plan PLAN --stage 1`"):
+    with pytest.raises(
+        CheckpointError, match=r"stage_1/final.pt: stage 1 checkpoint missing; run `mtpd-train --plan PLAN --stage 1`"
+    ):
         Stage(plan, 2).run()
 
 
@@ -159,8 +191,15 @@ def test_level_mismatch_without_adapter_is_refused(tmp_path, digits, tiny_store)
 
 
 def test_non_finite_loss_stops_with_iteration(tmp_path, digits, tiny_store):
-    stages = [{"name": "s", "stores": [tiny_store], "losses": [{"name": "mse", "weight": float("nan")}],
-               "epochs": 1, "optimizer": {"type": "sgd", "lr": 0.01}}]
+    stages = [
+        {
+            "name": "s",
+            "stores": [tiny_store],
+            "losses": [{"name": "mse", "weight": float("nan")}],
+            "epochs": 1,
+            "optimizer": {"type": "sgd", "lr": 0.01},
+        }
+    ]
     plan = load_plan(write_plan(tmp_path, digits, [], stages))
     with pytest.raises(TrainError, match=r"non-finite loss at epoch 1 iteration 1 .*last good checkpoint: none yet"):
         run_plan(plan, [1], log=lambda s: None)
@@ -192,7 +231,18 @@ def test_inheritance_from_mismatched_neck_is_an_error(tiny_teacher_ckpt):
 def test_eval_cli(tmp_path, digits, tiny_teacher_ckpt, capsys):
     from mtpd.cli.eval import main
 
-    args = ["--checkpoint", tiny_teacher_ckpt, "--ann", digits["val"]["ann"], "--images", digits["val"]["images"], "--short", "64", "--long", "64"]
+    args = [
+        "--checkpoint",
+        tiny_teacher_ckpt,
+        "--ann",
+        digits["val"]["ann"],
+        "--images",
+        digits["val"]["images"],
+        "--short",
+        "64",
+        "--long",
+        "64",
+    ]
     assert main(args + ["--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert set(stats) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -207,20 +257,62 @@ def test_order_puts_the_identical_teacher_first(tmp_path, digits, tiny_store, ti
     from mtpd.teachers.registry import TeacherSpec
 
     other = str(tmp_path / "other")
-    build_store(TeacherSpec("retinanet_tiny_wide", "none", 10), digits["train"]["ann"], digits["train"]["images"], other,
-                views=ViewSpec(short=64, long=64, views=("orig", "hflip")), outputs=["fpn"], workers=0, images_per_shard=5, progress=False)
-    plan = write_plan(tmp_path, digits, [tiny_store],
-                      stages=[{"name": "a", "stores": [other], "losses": [{"name": "mse"}]}, {"name": "b", "stores": [tiny_store], "losses": [{"name": "mse"}]}])
+    build_store(
+        TeacherSpec("retinanet_tiny_wide", "none", 10),
+        digits["train"]["ann"],
+        digits["train"]["images"],
+        other,
+        views=ViewSpec(short=64, long=64, views=("orig", "hflip")),
+        outputs=["fpn"],
+        workers=0,
+        images_per_shard=5,
+        progress=False,
+    )
+    plan = write_plan(
+        tmp_path,
+        digits,
+        [tiny_store],
+        stages=[
+            {"name": "a", "stores": [other], "losses": [{"name": "mse"}]},
+            {"name": "b", "stores": [tiny_store], "losses": [{"name": "mse"}]},
+        ],
+    )
     out_plan = tmp_path / "ordered.yaml"
-    assert main(["order", "--student", tiny_teacher_ckpt, "--stores", other, tiny_store, "--images", "6", "--plan", str(plan),
-                 "--write", str(out_plan)]) == 0
+    assert (
+        main(
+            [
+                "order",
+                "--student",
+                tiny_teacher_ckpt,
+                "--stores",
+                other,
+                tiny_store,
+                "--images",
+                "6",
+                "--plan",
+                str(plan),
+                "--write",
+                str(out_plan),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert tiny_store in lines[1] and lines[1].split()[1] == "0.0000"
     assert other in lines[2]
     assert [s["stores"][0] for s in yaml.safe_load(out_plan.read_text())["stages"]] == [tiny_store, other]
 
 
-LOSS_CASES = [("mgd", {}), ("mse", {}), ("pkd", {}), ("cwd", {}), ("cwd", {"target": "cls"}), ("kd", {}), ("rm", {}), ("pfi", {})]
+LOSS_CASES = [
+    ("mgd", {}),
+    ("mse", {}),
+    ("pkd", {}),
+    ("cwd", {}),
+    ("cwd", {"target": "cls"}),
+    ("kd", {}),
+    ("rm", {}),
+    ("pfi", {}),
+]
 
 
 def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_teacher_ckpt):
@@ -233,8 +325,14 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     from mtpd.trainer.sources import OnlineTargets
     from mtpd.trainer.targets import DistillDataset, make_loader
 
-    ds = DistillDataset(CocoDataset(digits["train"]["ann"], digits["train"]["images"]), ViewSpec(short=64, long=64, views=("orig", "hflip")),
-                        [tiny_store], flip=True, seed=3, outputs=[["fpn", "cls"]])
+    ds = DistillDataset(
+        CocoDataset(digits["train"]["ann"], digits["train"]["images"]),
+        ViewSpec(short=64, long=64, views=("orig", "hflip")),
+        [tiny_store],
+        flip=True,
+        seed=3,
+        outputs=[["fpn", "cls"]],
+    )
     batch = next(iter(make_loader(ds, 4, shuffle=False, workers=0, seed=0)))
     assert {m.view for m in batch.metas} == {"orig", "hflip"}  # both views exercised
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
@@ -249,7 +347,9 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     anchors = model_anchors(student, tuple(batch.images.shape[-2:]))
     for name, params in LOSS_CASES:
         torch.manual_seed(1)
-        loss = build_loss(name, levels=(3, 4, 5), student_channels=32, teacher_channels=64, num_anchors=9, num_classes=10, **params)
+        loss = build_loss(
+            name, levels=(3, 4, 5), student_channels=32, teacher_channels=64, num_anchors=9, num_classes=10, **params
+        )
         results = []
         for targets in (batch.teacher[0], online):
             student.zero_grad()
@@ -257,7 +357,17 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
             if name == "mgd":
                 loss.generator = torch.Generator().manual_seed(7)  # the same random mask both times
             out = detector_forward(student, batch.images, batch.image_sizes, None, names=("fpn", "cls"), detect=False)
-            db = DistillBatch(out.outputs, targets, batch.masks, batch.boxes, batch.labels, anchors, specs["cls"].num_anchors, 10, (3, 4, 5))
+            db = DistillBatch(
+                out.outputs,
+                targets,
+                batch.masks,
+                batch.boxes,
+                batch.labels,
+                anchors,
+                specs["cls"].num_anchors,
+                10,
+                (3, 4, 5),
+            )
             value = loss(db)
             value.backward()
             grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
@@ -277,15 +387,47 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, digits, tiny_store):
     """The same plan under torchrun: DistributedDataParallel on CPU (gloo), two ranks."""
-    plan = write_plan(tmp_path, digits, [tiny_store], stages=[
-        {"name": "s", "stores": [tiny_store], "losses": [{"name": "mse", "weight": 0.1}], "epochs": 1,
-         "optimizer": {"type": "adamw", "lr": 0.001}, "schedule": {"warmup_iters": 1}}])
+    plan = write_plan(
+        tmp_path,
+        digits,
+        [tiny_store],
+        stages=[
+            {
+                "name": "s",
+                "stores": [tiny_store],
+                "losses": [{"name": "mse", "weight": 0.1}],
+                "epochs": 1,
+                "optimizer": {"type": "adamw", "lr": 0.001},
+                "schedule": {"warmup_iters": 1},
+            }
+        ],
+    )
     d = yaml.safe_load(plan.read_text())
     d["data"]["batch_size"] = 2
     plan.write_text(yaml.safe_dump(d))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                        "-m", "mtpd.cli.train", "--plan", str(plan), "--stage", "1", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "mtpd.cli.train",
+            "--plan",
+            str(plan),
+            "--stage",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run" / "stage_1"
     assert json.loads((run / "metrics.json").read_text())["AP"] >= 0.0
@@ -311,19 +453,60 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
     (tmp_path / "images").mkdir()
     for i, (h, w) in enumerate(shapes):
         info = src["images"][i]
-        Image.open(Path(digits["train"]["images"]) / info["file_name"]).crop((0, 0, w, h)).save(tmp_path / "images" / f"{i}.png")
+        Image.open(Path(digits["train"]["images"]) / info["file_name"]).crop((0, 0, w, h)).save(
+            tmp_path / "images" / f"{i}.png"
+        )
         images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
-        anns.append({"id": i + 1, "image_id": i + 1, "category_id": src["categories"][0]["id"], "bbox": [2, 2, 12, 12], "area": 144, "iscrowd": 0})
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": i + 1,
+                "category_id": src["categories"][0]["id"],
+                "bbox": [2, 2, 12, 12],
+                "area": 144,
+                "iscrowd": 0,
+            }
+        )
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": src["categories"]}))
     spec = ViewSpec(short=64, long=64, views=("orig", "hflip"))
     store = str(tmp_path / "store")
-    build_store(TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), str(ann), str(tmp_path / "images"), store, views=spec,
-                outputs=["fpn"], precision="lossless", workers=0, images_per_shard=4, progress=False)
+    build_store(
+        TeacherSpec("retinanet_tiny", tiny_teacher_ckpt),
+        str(ann),
+        str(tmp_path / "images"),
+        store,
+        views=spec,
+        outputs=["fpn"],
+        precision="lossless",
+        workers=0,
+        images_per_shard=4,
+        progress=False,
+    )
 
     data = CocoDataset(str(ann), str(tmp_path / "images"))
-    cached = next(iter(make_loader(DistillDataset(data, spec, [store], flip=True, seed=1, outputs=[["fpn"]]), 3, shuffle=False, workers=0, seed=0)))
-    live = next(iter(make_loader(DistillDataset(data, spec, [], flip=True, seed=1, outputs=[["fpn"]]), 3, shuffle=False, workers=0, seed=0)))
+    cached = next(
+        iter(
+            make_loader(
+                DistillDataset(data, spec, [store], flip=True, seed=1, outputs=[["fpn"]]),
+                3,
+                shuffle=False,
+                workers=0,
+                seed=0,
+            )
+        )
+    )
+    live = next(
+        iter(
+            make_loader(
+                DistillDataset(data, spec, [], flip=True, seed=1, outputs=[["fpn"]]),
+                3,
+                shuffle=False,
+                workers=0,
+                seed=0,
+            )
+        )
+    )
     assert [m.view for m in live.metas] == [m.view for m in cached.metas]
     assert len({m.size for m in live.metas}) == 3  # three different view sizes in the batch
     assert live.masks == {}  # nothing read from a store: the online path must make the masks

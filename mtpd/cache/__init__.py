@@ -4,7 +4,7 @@ Import the builder from ``mtpd.cache.build``: it pulls in Ray and the teachers,
 which readers of stores (the trainer) do not need.
 """
 
-from mtpd.cache.schema import PRECISIONS, FORMAT_VERSION, Precision, StoreError, StoreHeader, get_precision
+from mtpd.cache.schema import FORMAT_VERSION, PRECISIONS, Precision, StoreError, StoreHeader, get_precision
 from mtpd.cache.store import StoreReader
 
 __all__ = ["FORMAT_VERSION", "PRECISIONS", "Precision", "StoreError", "StoreHeader", "StoreReader", "get_precision"]

@@ -20,11 +20,11 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from mtpd.errors import MtpdError
 from mtpd.cache.compute import Layout, ShardComputer, plan_layout
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
 from mtpd.cache.store import create_store, mark_done, open_root, read_header, shard_status, write_shard
 from mtpd.data import CocoDataset, ViewSpec
+from mtpd.errors import MtpdError
 from mtpd.teachers.base import check_outputs
 from mtpd.teachers.registry import TeacherSpec
 
@@ -65,8 +65,16 @@ class ShardWriter:
     these threads use the cores the teacher leaves idle (all of them on a GPU node).
     """
 
-    def __init__(self, teacher: TeacherSpec, ann: str, images: str, store: str, batch_size: int, threads: int,
-                 storage_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        teacher: TeacherSpec,
+        ann: str,
+        images: str,
+        store: str,
+        batch_size: int,
+        threads: int,
+        storage_options: dict | None = None,
+    ) -> None:
         import torch
         import zarr
 
@@ -77,8 +85,15 @@ class ShardWriter:
         self.header = read_header(self.root, store)
         self.dataset = CocoDataset(ann, images)
         grids = np.asarray(self.root["index/grid"][:])
-        self.computer = ShardComputer(teacher.build(), self.dataset, self.header, grids, batch_size, teacher.device,
-                                      encode_threads=max(1, threads))
+        self.computer = ShardComputer(
+            teacher.build(),
+            self.dataset,
+            self.header,
+            grids,
+            batch_size,
+            teacher.device,
+            encode_threads=max(1, threads),
+        )
         self._teacher_lock = threading.Lock()
 
     def run(self, shard: int) -> tuple[int, int, int]:
@@ -92,8 +107,17 @@ class ShardWriter:
         return shard, nbytes, checksum
 
 
-def prepare_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: ViewSpec, outputs: list[str] | None,
-                  precision: str, images_per_shard: int, storage_options: dict | None = None) -> tuple[StoreHeader, CocoDataset]:
+def prepare_store(
+    teacher: TeacherSpec,
+    ann: str,
+    images: str,
+    out: str,
+    views: ViewSpec,
+    outputs: list[str] | None,
+    precision: str,
+    images_per_shard: int,
+    storage_options: dict | None = None,
+) -> tuple[StoreHeader, CocoDataset]:
     """Validate inputs, then create the store or check that it can be resumed."""
     prec = get_precision(precision)
     dataset = CocoDataset(ann, images)
@@ -101,7 +125,11 @@ def prepare_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: 
         raise StoreError(f"{ann}: no images; nothing to cache")
     if images_per_shard < 1:
         raise StoreError(f"--images-per-shard must be at least 1, got {images_per_shard}")
-    model = teacher.build() if teacher.device == "cpu" else TeacherSpec(teacher.name, teacher.weights, teacher.num_classes, "cpu").build()
+    model = (
+        teacher.build()
+        if teacher.device == "cpu"
+        else TeacherSpec(teacher.name, teacher.weights, teacher.num_classes, "cpu").build()
+    )
     specs = model.output_specs()
     outputs = list(outputs) if outputs else _default_outputs(list(specs))
     check_outputs(model, outputs, teacher.name)
@@ -116,17 +144,22 @@ def prepare_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: 
         diffs = describe_differences(old.identity(), header.identity())
         if diffs:
             raise StoreError(
-                f"{out} was built with different settings and cannot be resumed: " + "; ".join(diffs[:4])
-                + ("; …" if len(diffs) > 4 else "") + ". Use another --out, or delete the store to rebuild it."
+                f"{out} was built with different settings and cannot be resumed: "
+                + "; ".join(diffs[:4])
+                + ("; …" if len(diffs) > 4 else "")
+                + ". Use another --out, or delete the store to rebuild it."
             )
         return old, dataset
     recs = dataset.images
     create_store(
-        out, header,
+        out,
+        header,
         image_ids=np.array([r.image_id for r in recs], np.int64),
         orig_sizes=np.array([[r.height, r.width] for r in recs], np.int32),
         file_names=[r.file_name for r in recs],
-        view_sizes=layout.view_sizes, grids=layout.grids, storage_options=storage_options,
+        view_sizes=layout.view_sizes,
+        grids=layout.grids,
+        storage_options=storage_options,
     )
     return header, dataset
 
@@ -145,10 +178,53 @@ def _root_cause(err: BaseException) -> BaseException:
     return _root_cause(cause) if isinstance(cause, BaseException) and cause is not err else err
 
 
-def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: ViewSpec | None = None,
-                outputs: list[str] | None = None, precision: str = "lossless", batch_size: int = 2, workers: int = 1,
-                images_per_shard: int = 16, address: str | None = None, storage_options: dict | None = None,
-                progress: bool = True, on_shard: Callable[[int, int], None] | None = None) -> BuildReport:
+def _start_actors(
+    teacher: TeacherSpec,
+    dataset: CocoDataset,
+    out: str,
+    batch_size: int,
+    workers: int,
+    n_pending: int,
+    storage_options: dict | None,
+) -> list:
+    """One ShardWriter actor per GPU (or ``workers`` CPU actors), never more than shards to write."""
+    if teacher.device.startswith("cuda"):
+        n_gpu = int(ray.cluster_resources().get("GPU", 0))
+        if n_gpu == 0:
+            raise BuildError(
+                "--device cuda but the Ray cluster has no GPUs; use --device cpu or start Ray on GPU nodes"
+            )
+        n_workers = min(workers if workers and workers > 0 else n_gpu, n_gpu)
+        opts, threads = {"num_gpus": 1, "num_cpus": 1}, 2
+    else:
+        n_workers = max(1, workers)
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_workers)
+        opts = {"num_cpus": 1}
+    actor_cls = ray.remote(max_concurrency=SHARDS_IN_FLIGHT, max_restarts=1, max_task_retries=2)(ShardWriter)
+    return [
+        actor_cls.options(**opts).remote(
+            teacher, str(dataset.ann_file), str(dataset.image_dir), out, batch_size, threads, storage_options
+        )
+        for _ in range(min(n_workers, n_pending))
+    ]
+
+
+def build_store(
+    teacher: TeacherSpec,
+    ann: str,
+    images: str,
+    out: str,
+    views: ViewSpec | None = None,
+    outputs: list[str] | None = None,
+    precision: str = "lossless",
+    batch_size: int = 2,
+    workers: int = 1,
+    images_per_shard: int = 16,
+    address: str | None = None,
+    storage_options: dict | None = None,
+    progress: bool = True,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> BuildReport:
     """Build (or resume) a store. See the module docstring for the protocol.
 
     ``on_shard(shard, stored_bytes)`` is called in the driver as each shard is marked done
@@ -157,7 +233,9 @@ def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: Vi
     t0 = time.perf_counter()
     views = views or ViewSpec()
     out = str(out)
-    header, dataset = prepare_store(teacher, str(ann), str(images), out, views, outputs, precision, images_per_shard, storage_options)
+    header, dataset = prepare_store(
+        teacher, str(ann), str(images), out, views, outputs, precision, images_per_shard, storage_options
+    )
     root = open_root(out, "r+", storage_options)
     done = shard_status(root).done
     pending = [s for s in range(header.num_shards) if not done[s]]
@@ -167,27 +245,14 @@ def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: Vi
         return report
 
     if workers == 0 and not address:
-        report = _run_in_process(teacher, dataset, out, batch_size, storage_options, pending, root, header, report, progress, on_shard)
+        report = _run_in_process(
+            teacher, dataset, out, batch_size, storage_options, pending, root, header, report, progress, on_shard
+        )
         report.seconds = time.perf_counter() - t0
         return report
-    gpu = teacher.device.startswith("cuda")
     started_ray = _ensure_ray(address, workers)
     try:
-        if gpu:
-            n_gpu = int(ray.cluster_resources().get("GPU", 0))
-            if n_gpu == 0:
-                raise BuildError("--device cuda but the Ray cluster has no GPUs; use --device cpu or start Ray on GPU nodes")
-            n_workers = min(workers if workers and workers > 0 else n_gpu, n_gpu)
-            opts, threads = {"num_gpus": 1, "num_cpus": 1}, 2
-        else:
-            n_workers = max(1, workers)
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            threads = max(1, cpus // n_workers)
-            opts = {"num_cpus": 1}
-        n_workers = min(n_workers, len(pending))
-        actor_cls = ray.remote(max_concurrency=SHARDS_IN_FLIGHT, max_restarts=1, max_task_retries=2)(ShardWriter)
-        actors = [actor_cls.options(**opts).remote(teacher, str(dataset.ann_file), str(dataset.image_dir), out, batch_size, threads,
-                                                   storage_options) for _ in range(n_workers)]
+        actors = _start_actors(teacher, dataset, out, batch_size, workers, len(pending), storage_options)
         report = _dispatch(actors, pending, root, header, report, progress, on_shard)
     finally:
         if started_ray:
@@ -196,15 +261,38 @@ def build_store(teacher: TeacherSpec, ann: str, images: str, out: str, views: Vi
     return report
 
 
-def _run_in_process(teacher: TeacherSpec, dataset: CocoDataset, out: str, batch_size: int, storage_options: dict | None,
-                    pending: list[int], root, header: StoreHeader, report: BuildReport, progress: bool,
-                    on_shard: Callable[[int, int], None] | None) -> BuildReport:
+def _run_in_process(
+    teacher: TeacherSpec,
+    dataset: CocoDataset,
+    out: str,
+    batch_size: int,
+    storage_options: dict | None,
+    pending: list[int],
+    root,
+    header: StoreHeader,
+    report: BuildReport,
+    progress: bool,
+    on_shard: Callable[[int, int], None] | None,
+) -> BuildReport:
     """``--workers 0``: the same shard writer in this process, no Ray (debugging, tiny sets, tests)."""
     import torch
 
-    writer = ShardWriter(teacher, str(dataset.ann_file), str(dataset.image_dir), out, batch_size, torch.get_num_threads(), storage_options)
-    bar = tqdm(total=sum(len(header.shard_images(s)) for s in pending), unit="img", desc="mtpd-cache build", disable=not progress,
-               dynamic_ncols=True)
+    writer = ShardWriter(
+        teacher,
+        str(dataset.ann_file),
+        str(dataset.image_dir),
+        out,
+        batch_size,
+        torch.get_num_threads(),
+        storage_options,
+    )
+    bar = tqdm(
+        total=sum(len(header.shard_images(s)) for s in pending),
+        unit="img",
+        desc="mtpd-cache build",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for s in pending:
             try:
@@ -222,8 +310,15 @@ def _run_in_process(teacher: TeacherSpec, dataset: CocoDataset, out: str, batch_
     return report
 
 
-def _dispatch(actors: list, pending: list[int], root, header: StoreHeader, report: BuildReport, progress: bool,
-              on_shard: Callable[[int, int], None] | None = None) -> BuildReport:
+def _dispatch(
+    actors: list,
+    pending: list[int],
+    root,
+    header: StoreHeader,
+    report: BuildReport,
+    progress: bool,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> BuildReport:
     """Keep ``SHARDS_IN_FLIGHT`` shards in flight per actor; mark each done as it lands.
 
     After a worker error no new shard starts, but shards already in flight are
@@ -272,6 +367,10 @@ def _ensure_ray(address: str | None, workers: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        ray.init(
+            num_cpus=max(workers, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
     return True

@@ -28,8 +28,15 @@ class Layout:
     grids: np.ndarray  # [N*V, n_levels, 2]
 
 
-def plan_layout(dataset: CocoDataset, spec: ViewSpec, specs: dict[str, OutputSpec], outputs: list[str], precision: Precision,
-                images_per_shard: int, teacher_identity: dict) -> Layout:
+def plan_layout(
+    dataset: CocoDataset,
+    spec: ViewSpec,
+    specs: dict[str, OutputSpec],
+    outputs: list[str],
+    precision: Precision,
+    images_per_shard: int,
+    teacher_identity: dict,
+) -> Layout:
     """Grid sizes of every view from the JSON's image sizes (no image is decoded)."""
     levels = sorted({lvl for o in outputs for lvl in specs[o].levels})
     n, v = len(dataset), len(spec.views)
@@ -95,8 +102,17 @@ class ShardComputer:
     threads: numpy's large-array loops release the GIL). ``__call__`` runs all three.
     """
 
-    def __init__(self, teacher: Teacher, dataset: CocoDataset, header: StoreHeader, grids: np.ndarray,
-                 batch_size: int, device: str = "cpu", io_threads: int = 4, encode_threads: int = 2) -> None:
+    def __init__(
+        self,
+        teacher: Teacher,
+        dataset: CocoDataset,
+        header: StoreHeader,
+        grids: np.ndarray,
+        batch_size: int,
+        device: str = "cpu",
+        io_threads: int = 4,
+        encode_threads: int = 2,
+    ) -> None:
         self.teacher = teacher
         self.dataset = dataset
         self.header = header
@@ -142,7 +158,10 @@ class ShardComputer:
     def encode(self, shard: int, raw: RawShard) -> dict[str, np.ndarray]:
         """Flatten and quantise every sample into the shard's blocks (one slot per sample, filled on threads)."""
         s0, s1 = self.header.shard_samples(shard)
-        blocks = {n: np.zeros((s1 - s0, int(m["l_max"]), int(m["channels"])), np.dtype(m["dtype"])) for n, m in self.header.outputs.items()}
+        blocks = {
+            n: np.zeros((s1 - s0, int(m["l_max"]), int(m["channels"])), np.dtype(m["dtype"]))
+            for n, m in self.header.outputs.items()
+        }
         # Each task writes its own slot of each block: no two threads touch the same memory.
         list(self._encode_pool.map(lambda item: self._fill(blocks, item[0] - s0, item[0], item[1]), raw))
         return blocks

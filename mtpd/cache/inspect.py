@@ -37,7 +37,9 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
     r = StoreReader(location, storage_options)
     h = r.header
     status = r.status()
-    done_samples = np.concatenate([np.arange(*h.shard_samples(s)) for s in np.flatnonzero(status.done)] or [np.zeros(0, int)])
+    done_samples = np.concatenate(
+        [np.arange(*h.shard_samples(s)) for s in np.flatnonzero(status.done)] or [np.zeros(0, int)]
+    )
     images_done = int(sum(len(h.shard_images(s)) for s in np.flatnonzero(status.done)))
     out_bytes = _bytes_on_disk(location, "outputs")
     raw = _raw_fp32_bytes(h, r.grid, done_samples)
@@ -48,7 +50,10 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
         "dataset": h.dataset,
         "views": h.views,
         "precision": h.precision,
-        "outputs": {k: {f: v[f] for f in ("kind", "levels", "strides", "channels", "dtype", "encoding", "l_max")} for k, v in h.outputs.items()},
+        "outputs": {
+            k: {f: v[f] for f in ("kind", "levels", "strides", "channels", "dtype", "encoding", "l_max")}
+            for k, v in h.outputs.items()
+        },
         "images_done": images_done,
         "images_total": h.num_images,
         "shards_done": int(status.done.sum()),
@@ -65,17 +70,22 @@ def format_info(info: dict) -> str:
     v = info["views"]
     lines = [
         f"store        {info['store']} (format {info['format']}, precision {info['precision']})",
-        f"teacher      {t['name']}  weights={t['weights']}" + (f"  sha256={t['weights_sha256'][:12]}" if t.get("weights_sha256") else ""),
-        f"dataset      {info['dataset']['ann_file']}: {info['dataset']['num_images']} images, {info['dataset']['num_classes']} classes, manifest {info['dataset']['manifest_sha256'][:12]}",
+        f"teacher      {t['name']}  weights={t['weights']}"
+        + (f"  sha256={t['weights_sha256'][:12]}" if t.get("weights_sha256") else ""),
+        f"dataset      {info['dataset']['ann_file']}: {info['dataset']['num_images']} images, "
+        f"{info['dataset']['num_classes']} classes, manifest {info['dataset']['manifest_sha256'][:12]}",
         f"views        {','.join(v['views'])}  short={v['short']} long={v['long']} pad={v['pad']}",
         "outputs",
     ]
     for name, o in info["outputs"].items():
         lv = ",".join(f"P{x}" for x in o["levels"])
-        lines.append(f"  {name:<8} {o['kind']:<10} {lv:<16} C={o['channels']:<5} {o['encoding']:<16} L_max={o['l_max']}")
+        lines.append(
+            f"  {name:<8} {o['kind']:<10} {lv:<16} C={o['channels']:<5} {o['encoding']:<16} L_max={o['l_max']}"
+        )
     ratio = info["compression_ratio"]
     lines += [
-        f"progress     {info['images_done']}/{info['images_total']} images ({info['shards_done']}/{info['shards_total']} shards)",
+        f"progress     {info['images_done']}/{info['images_total']} images "
+        f"({info['shards_done']}/{info['shards_total']} shards)",
         f"size         {info['bytes_on_disk'] / 2**20:.2f} MiB on disk; outputs {info['output_bytes'] / 2**20:.2f} MiB"
         + (f", {ratio:.1f}x smaller than raw fp32" if ratio else ""),
     ]

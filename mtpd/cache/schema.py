@@ -187,9 +187,14 @@ class StoreHeader:
     def from_attrs(cls, attrs: dict, where: str) -> "StoreHeader":
         version = attrs.get("mtpd_format")
         if version is None:
-            raise StoreError(f"{where}: not an mtpd store (no 'mtpd_format' attribute); build one with `mtpd-cache build`")
+            raise StoreError(
+                f"{where}: not an mtpd store (no 'mtpd_format' attribute); build one with `mtpd-cache build`"
+            )
         if version != FORMAT_VERSION:
-            raise StoreError(f"{where}: store format {version} but this mtpd reads format {FORMAT_VERSION}; rebuild the store or upgrade mtpd")
+            raise StoreError(
+                f"{where}: store format {version} but this mtpd reads format {FORMAT_VERSION}; rebuild the store or "
+                "upgrade mtpd"
+            )
         return cls(
             teacher=dict(attrs["teacher"]),
             views=dict(attrs["views"]),

@@ -51,9 +51,17 @@ def read_header(root: zarr.Group, where: str) -> StoreHeader:
     return StoreHeader.from_attrs(dict(root.attrs), where)
 
 
-def create_store(location: str, header: StoreHeader, image_ids: np.ndarray, orig_sizes: np.ndarray, file_names: list[str],
-                 view_sizes: np.ndarray, grids: np.ndarray, storage_options: dict | None = None,
-                 codec: BloscCodec | None = None) -> zarr.Group:
+def create_store(
+    location: str,
+    header: StoreHeader,
+    image_ids: np.ndarray,
+    orig_sizes: np.ndarray,
+    file_names: list[str],
+    view_sizes: np.ndarray,
+    grids: np.ndarray,
+    storage_options: dict | None = None,
+    codec: BloscCodec | None = None,
+) -> zarr.Group:
     """Create every array of a new store (driver only) and write the index (outputs compressed by ``codec``,
     default ``output_codec()``)."""
     root = open_root(location, "w", storage_options)
@@ -186,7 +194,9 @@ class StoreReader:
     def sample_index(self, image_id: int, view: str) -> int:
         views = self.header.views["views"]
         if view not in views:
-            raise StoreError(f"{self.location}: has views {views}, not {view!r}; rebuild with --views {','.join(views + [view])}")
+            raise StoreError(
+                f"{self.location}: has views {views}, not {view!r}; rebuild with --views {','.join(views + [view])}"
+            )
         if image_id not in self._pos:
             raise StoreError(f"{self.location}: image id {image_id} is not in this store's dataset")
         return self._pos[image_id] * len(views) + views.index(view)
@@ -202,7 +212,9 @@ class StoreReader:
         for name in names or list(self.header.outputs):
             meta = self.header.outputs[name]
             length = flat_length(grid[[self.header.levels.index(lvl) for lvl in meta["levels"]]])
-            out[name] = np.asarray(self._arrays[name][sample])[:length]  # one chunk per sample: arr[i], never fancy indexing
+            out[name] = np.asarray(self._arrays[name][sample])[
+                :length
+            ]  # one chunk per sample: arr[i], never fancy indexing
         return out
 
     def read(self, sample: int, names: list[str] | None = None, as_logits: bool = True) -> dict[str, list[np.ndarray]]:

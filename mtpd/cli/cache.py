@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-from mtpd.cli import HelpFormatter
-
 from mtpd.cache.schema import PRECISIONS
+from mtpd.cli import HelpFormatter
 
 EPILOG = """examples:
   mtpd-cache build --teacher retinanet_resnet50_fpn --weights default \\
@@ -24,28 +23,20 @@ Rerunning the same build resumes it: finished shards are skipped.
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtpd-cache", description="Run teachers once over a dataset into compressed Zarr stores, and inspect them.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mtpd-cache",
+        description="Run teachers once over a dataset into compressed Zarr stores, and inspect them.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="run a teacher over a COCO-format dataset and write its outputs to a store",
-                       formatter_class=HelpFormatter)
-    b.add_argument("--teacher", required=True, help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, or package.module:factory")
-    b.add_argument("--weights", default="none", help="checkpoint path, 'default' (COCO weights from the local torch cache) or 'none' (random init)")
-    b.add_argument("--num-classes", type=int, default=None, help="classes of a randomly initialised teacher (default: the dataset's)")
-    b.add_argument("--ann", required=True, help="COCO instances JSON")
-    b.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
-    b.add_argument("--out", required=True, help="store path or fsspec URL (s3://..., gs://..., file://...)")
-    b.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
-    b.add_argument("--short", type=int, default=800, help="short side of the resized view")
-    b.add_argument("--long", type=int, default=1333, help="upper bound of the long side")
-    b.add_argument("--outputs", default=None, help="comma-separated outputs (fpn,cls,box,...); default: all dense outputs except RPN")
-    b.add_argument("--precision", default="lossless", choices=list(PRECISIONS), help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities")
-    b.add_argument("--batch-size", type=int, default=2, help="views per teacher forward (only views of equal padded size are batched)")
-    b.add_argument("--workers", type=int, default=1, help="Ray workers: CPU processes, or one per GPU with --device cuda (at most the GPU count); 0 runs in this process without Ray")
-    b.add_argument("--images-per-shard", type=int, default=16, help="images per shard: the unit of work, of writing and of resume")
-    b.add_argument("--device", default="cpu", help="cpu or cuda")
-    b.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster); default: a local instance")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _build_options(
+        sub.add_parser(
+            "build",
+            help="run a teacher over a COCO-format dataset and write its outputs to a store",
+            formatter_class=HelpFormatter,
+        )
+    )
     i = sub.add_parser("info", help="what a store holds: teacher, dataset, views, outputs, progress, size")
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -53,6 +44,65 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("store")
     sub.add_parser("list-teachers", help="print the registered teacher names")
     return p
+
+
+def _build_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument(
+        "--teacher",
+        required=True,
+        help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, or package.module:factory",
+    )
+    b.add_argument(
+        "--weights",
+        default="none",
+        help="checkpoint path, 'default' (COCO weights from the local torch cache) or 'none' (random init)",
+    )
+    b.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of a randomly initialised teacher (default: the dataset's)",
+    )
+    b.add_argument("--ann", required=True, help="COCO instances JSON")
+    b.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
+    b.add_argument("--out", required=True, help="store path or fsspec URL (s3://..., gs://..., file://...)")
+    b.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
+    b.add_argument("--short", type=int, default=800, help="short side of the resized view")
+    b.add_argument("--long", type=int, default=1333, help="upper bound of the long side")
+    b.add_argument(
+        "--outputs",
+        default=None,
+        help="comma-separated outputs (fpn,cls,box,...); default: all dense outputs except RPN",
+    )
+    b.add_argument(
+        "--precision",
+        default="lossless",
+        choices=list(PRECISIONS),
+        help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities",
+    )
+    b.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        help="views per teacher forward (only views of equal padded size are batched)",
+    )
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray workers: CPU processes, or one per GPU with --device cuda (at most the GPU count); 0 runs in this "
+        "process without Ray",
+    )
+    b.add_argument(
+        "--images-per-shard", type=int, default=16, help="images per shard: the unit of work, of writing and of resume"
+    )
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address ('auto' joins a running cluster); default: a local instance",
+    )
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _build(a: argparse.Namespace) -> int:
@@ -66,11 +116,25 @@ def _build(a: argparse.Namespace) -> int:
         num_classes = CocoDataset(a.ann, a.images).num_classes
     teacher = TeacherSpec(a.teacher, a.weights, num_classes, a.device)
     outputs = [x.strip() for x in a.outputs.split(",") if x.strip()] if a.outputs else None
-    rep = build_store(teacher, a.ann, a.images, a.out, views=views, outputs=outputs, precision=a.precision, batch_size=a.batch_size,
-                      workers=a.workers, images_per_shard=a.images_per_shard, address=a.address, progress=not a.no_progress)
+    rep = build_store(
+        teacher,
+        a.ann,
+        a.images,
+        a.out,
+        views=views,
+        outputs=outputs,
+        precision=a.precision,
+        batch_size=a.batch_size,
+        workers=a.workers,
+        images_per_shard=a.images_per_shard,
+        address=a.address,
+        progress=not a.no_progress,
+    )
     rate = rep.images / rep.seconds if rep.seconds else 0.0
-    print(f"{rep.store}: {rep.shards_written} shards written, {rep.shards_skipped} already done, "
-          f"{rep.bytes_written / 2**20:.1f} MiB in {rep.seconds:.1f}s ({rate:.1f} img/s overall)")
+    print(
+        f"{rep.store}: {rep.shards_written} shards written, {rep.shards_skipped} already done, "
+        f"{rep.bytes_written / 2**20:.1f} MiB in {rep.seconds:.1f}s ({rate:.1f} img/s overall)"
+    )
     return 0
 
 

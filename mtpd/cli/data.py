@@ -1,6 +1,6 @@
 """mtpd-data: write benchmark datasets in COCO format.
 
-    mtpd-data digits --out data/digits --train 2000 --val 400 --size 128 --seed 0
+mtpd-data digits --out data/digits --train 2000 --val 400 --size 128 --seed 0
 """
 
 from __future__ import annotations
@@ -65,11 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=DIGITS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    digits.add_argument("--out", type=Path, required=True, help="output folder (created; existing files of the set are overwritten)")
+    digits.add_argument(
+        "--out", type=Path, required=True, help="output folder (created; existing files of the set are overwritten)"
+    )
     digits.add_argument("--train", type=_count, default=2000, help="number of training images (default: %(default)s)")
     digits.add_argument("--val", type=_count, default=400, help="number of validation images (default: %(default)s)")
     digits.add_argument("--size", type=_size, default=128, help="image side in pixels, square (default: %(default)s)")
-    digits.add_argument("--seed", type=_count, default=0, help="random seed; same seed, same bytes (default: %(default)s)")
+    digits.add_argument(
+        "--seed", type=_count, default=0, help="random seed; same seed, same bytes (default: %(default)s)"
+    )
     digits.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

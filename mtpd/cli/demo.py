@@ -1,8 +1,8 @@
 """`mtpd-demo`: distill a student progressively on the digits benchmark and show the gain.
 
-    mtpd-demo --out demo_out            # the full demo (~9 min on 2 CPU cores)
-    mtpd-demo --out demo_out --direct   # add the direct-distillation student (~12 min)
-    mtpd-demo --out demo_out --quick    # a smoke test of the same pipeline (~2 min)
+mtpd-demo --out demo_out            # the full demo (~9 min on 2 CPU cores)
+mtpd-demo --out demo_out --direct   # add the direct-distillation student (~12 min)
+mtpd-demo --out demo_out --quick    # a smoke test of the same pipeline (~2 min)
 """
 
 from __future__ import annotations
@@ -37,15 +37,39 @@ Teachers, stores and finished stages are reused when the demo runs again.
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtpd-demo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mtpd-demo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a few images and one epoch per stage: checks the pipeline (CI), not the gain")
-    p.add_argument("--direct", action="store_true",
-                   help="also train the student distilled from the stronger teacher in both stages (the full demo then takes ~12 min; always on with --quick)")
-    p.add_argument("--train-teachers", action="store_true", help="train the two teachers with mtpd-train instead of using the shipped mtpd/demo/teachers/*.pt")
-    p.add_argument("--precision", default="lossless", choices=("lossless", "high", "compact"), help="store precision (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the teachers; each student process gets half (default: the CPU cores available to this process)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few images and one epoch per stage: checks the pipeline (CI), not the gain",
+    )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="also train the student distilled from the stronger teacher in both stages (the full demo then takes ~12 "
+        "min; always on with --quick)",
+    )
+    p.add_argument(
+        "--train-teachers",
+        action="store_true",
+        help="train the two teachers with mtpd-train instead of using the shipped mtpd/demo/teachers/*.pt",
+    )
+    p.add_argument(
+        "--precision",
+        default="lossless",
+        choices=("lossless", "high", "compact"),
+        help="store precision (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the teachers; each student process gets half (default: the CPU cores available to this "
+        "process)",
+    )
     p.add_argument("--verbose", action="store_true", help="print every training log line (default: one line per epoch)")
     return p
 
@@ -74,10 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     command = "mtpd-demo " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     try:
-        result = run_demo(a.out, quick=a.quick, train_teachers=a.train_teachers, precision=a.precision,
-                          direct=a.direct or a.quick, quiet_training=not a.verbose, threads=_threads(a.threads))
+        result = run_demo(
+            a.out,
+            quick=a.quick,
+            train_teachers=a.train_teachers,
+            precision=a.precision,
+            direct=a.direct or a.quick,
+            quiet_training=not a.verbose,
+            threads=_threads(a.threads),
+        )
     except KeyboardInterrupt:
-        print("mtpd-demo: interrupted; rerun the same command to continue (finished teachers, stores and stages are kept)", file=sys.stderr)
+        print(
+            "mtpd-demo: interrupted; rerun the same command to continue "
+            "(finished teachers, stores and stages are kept)",
+            file=sys.stderr,
+        )
         return 130
     from pathlib import Path
 

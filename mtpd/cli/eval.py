@@ -10,12 +10,21 @@ from mtpd.cli import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mtpd-eval", description="COCO box AP, AP50, AP75, APs/m/l of a checkpoint (faster-coco-eval where installed, else pycocotools).",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mtpd-eval",
+        description="COCO box AP, AP50, AP75, APs/m/l of a checkpoint (faster-coco-eval where installed, else "
+        "pycocotools).",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="student checkpoint written by mtpd-train (stage_K/final.pt)")
     p.add_argument("--ann", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="image folder")
-    p.add_argument("--short", type=int, default=None, help="view short side (default: the plan's, saved beside the checkpoint, else 800)")
+    p.add_argument(
+        "--short",
+        type=int,
+        default=None,
+        help="view short side (default: the plan's, saved beside the checkpoint, else 800)",
+    )
     p.add_argument("--long", type=int, default=None, help="view long side bound (default: the plan's, else 1333)")
     p.add_argument("--batch-size", type=int, default=8, help="views per forward")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -30,14 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         short, long = _view_sizes(a.checkpoint, a.short, a.long)
         model = load_student(a.checkpoint, a.device)
-        stats = evaluate(model, CocoDataset(a.ann, a.images), ViewSpec(short=short, long=long), a.batch_size, a.device, progress=sys.stderr.isatty())
+        stats = evaluate(
+            model,
+            CocoDataset(a.ann, a.images),
+            ViewSpec(short=short, long=long),
+            a.batch_size,
+            a.device,
+            progress=sys.stderr.isatty(),
+        )
     except MtpdError as e:
         print(f"mtpd-eval: error: {e}", file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps(stats, indent=2))
     else:
-        print("  ".join(f"{k} {stats[k] * 100:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + f"  ({stats['backend']})")
+        print(
+            "  ".join(f"{k} {stats[k] * 100:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+            + f"  ({stats['backend']})"
+        )
     return 0
 
 

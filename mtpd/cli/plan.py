@@ -12,18 +12,24 @@ from mtpd.cli import HelpFormatter
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtpd-plan", description="Plan utilities.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    o = sub.add_parser("order", help="order teacher stores nearest-first by feature distance to a student (1 - linear CKA)",
-                       formatter_class=HelpFormatter,
-                       description="Measures, on a calibration subset, how far the student's FPN features are from each cached teacher's "
-                                   "(1 - linear CKA per level, averaged) and prints the stores nearest first. With --plan and --write, "
-                                   "reorders that plan's single-store stages to match.")
+    o = sub.add_parser(
+        "order",
+        help="order teacher stores nearest-first by feature distance to a student (1 - linear CKA)",
+        formatter_class=HelpFormatter,
+        description="Measures, on a calibration subset, how far the student's FPN features are from each cached "
+        "teacher's "
+        "(1 - linear CKA per level, averaged) and prints the stores nearest first. With --plan and --write, "
+        "reorders that plan's single-store stages to match.",
+    )
     o.add_argument("--student", required=True, help="student checkpoint (e.g. a baseline's stage_K/final.pt)")
     o.add_argument("--stores", nargs="+", required=True, help="teacher stores to rank")
     o.add_argument("--images", type=int, default=64, help="calibration images (the first N of the dataset)")
     o.add_argument("--ann", default=None, help="COCO JSON the stores were built on (default: the plan's train_ann)")
     o.add_argument("--image-dir", default=None, help="image folder (default: the plan's train_images)")
     o.add_argument("--plan", default=None, help="plan whose data to use, and to rewrite with --write")
-    o.add_argument("--write", default=None, metavar="OUT_PLAN", help="write the plan with its stages in the measured order here")
+    o.add_argument(
+        "--write", default=None, metavar="OUT_PLAN", help="write the plan with its stages in the measured order here"
+    )
     o.add_argument("--device", default="cpu", help="cpu or cuda")
     o.add_argument("--json", action="store_true", help="print JSON")
     return p

@@ -21,14 +21,27 @@ Each stage writes OUTPUT_DIR/stage_K/{final.pt,last.pt,metrics.json,log.jsonl,pl
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtpd-train", description="Distill a student stage by stage from cached teacher stores.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mtpd-train",
+        description="Distill a student stage by stage from cached teacher stores.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--plan", required=True, help="YAML plan file (see the README's Train section)")
     p.add_argument("--stage", required=True, help="stage number (1-based), a comma list, or 'all'")
-    p.add_argument("--resume", action="store_true", help="continue the stage from its last checkpoint (model, optimiser, scheduler, RNG, position)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stage from its last checkpoint (model, optimiser, scheduler, RNG, position)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--online-teacher", action="append", default=None, metavar="NAME[=WEIGHTS]",
-                   help="baseline only: run this teacher inside every step instead of reading its store (one per store, in order)")
+    p.add_argument(
+        "--online-teacher",
+        action="append",
+        default=None,
+        metavar="NAME[=WEIGHTS]",
+        help="baseline only: run this teacher inside every step instead of reading its store (one per store, in order)",
+    )
     return p
 
 

@@ -44,7 +44,9 @@ def _load_json(path: Path) -> dict:
         raise DatasetError(f"{path}: annotation file not found; pass --ann with a COCO instances JSON") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e}); pass a COCO instances JSON") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
+    ):
         raise DatasetError(
             f"{path}: not a COCO instances file (needs lists 'images', 'annotations' and 'categories'); "
             "convert it to COCO format first"
@@ -73,12 +75,18 @@ class CocoDataset:
         self.image_dir = Path(image_dir)
         data = _load_json(self.ann_file)
         if not self.image_dir.is_dir():
-            raise DatasetError(f"{self.image_dir}: image folder not found; pass --images with the folder the JSON's file_name entries are relative to")
+            raise DatasetError(
+                f"{self.image_dir}: image folder not found; pass --images with the folder the JSON's file_name entries "
+                "are relative to"
+            )
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_to_label = {c["id"]: i for i, c in enumerate(self.categories)}
         self.label_to_cat = [c["id"] for c in self.categories]
         self.class_names = [str(c.get("name", c["id"])) for c in self.categories]
-        self.images = [ImageRecord(int(im["id"]), str(im["file_name"]), int(im["height"]), int(im["width"])) for im in data["images"]]
+        self.images = [
+            ImageRecord(int(im["id"]), str(im["file_name"]), int(im["height"]), int(im["width"]))
+            for im in data["images"]
+        ]
         self._pos = {rec.image_id: i for i, rec in enumerate(self.images)}
         if len(self._pos) != len(self.images):
             raise DatasetError(f"{self.ann_file}: duplicate image ids; every image needs a unique id")
@@ -87,9 +95,13 @@ class CocoDataset:
             if a.get("iscrowd", 0):
                 continue  # crowd regions are ignored in training, as mmdet and torchvision do
             if a["image_id"] not in per_image:
-                raise DatasetError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image_id {a['image_id']}")
+                raise DatasetError(
+                    f"{self.ann_file}: annotation {a.get('id')} refers to unknown image_id {a['image_id']}"
+                )
             if a["category_id"] not in self.cat_to_label:
-                raise DatasetError(f"{self.ann_file}: annotation {a.get('id')} has unknown category_id {a['category_id']}")
+                raise DatasetError(
+                    f"{self.ann_file}: annotation {a.get('id')} has unknown category_id {a['category_id']}"
+                )
             per_image[a["image_id"]].append(a)
         self._anns = per_image
 
@@ -137,7 +149,11 @@ class CocoDataset:
                 continue
             seg = a.get("segmentation")
             if seg:
-                rle = mask_utils.frPyObjects(seg, rec.height, rec.width) if isinstance(seg, list) or isinstance(seg.get("counts"), list) else seg
+                rle = (
+                    mask_utils.frPyObjects(seg, rec.height, rec.width)
+                    if isinstance(seg, list) or isinstance(seg.get("counts"), list)
+                    else seg
+                )
                 m = mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle)
             else:
                 m = np.zeros((rec.height, rec.width), np.uint8)
@@ -156,7 +172,10 @@ class CocoDataset:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            raise DatasetError(f"{path}: image file not found (image id {rec.image_id}); restore it or remove the image from {self.ann_file.name}") from None
+            raise DatasetError(
+                f"{path}: image file not found (image id {rec.image_id}); restore it or remove the image from "
+                f"{self.ann_file.name}"
+            ) from None
         except OSError as e:
             raise DatasetError(f"{path}: cannot read image ({e.strerror}); check its permissions") from None
         try:
@@ -164,9 +183,13 @@ class CocoDataset:
                 im.load()  # decode fully now: a truncated file fails here, not later
                 arr = np.asarray(im.convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"{path}: corrupt or truncated image ({e}); re-export the file or remove image id {rec.image_id} from {self.ann_file.name}") from None
+            raise DatasetError(
+                f"{path}: corrupt or truncated image ({e}); re-export the file or remove image id {rec.image_id} from "
+                f"{self.ann_file.name}"
+            ) from None
         if arr.shape[:2] != (rec.height, rec.width):
             raise DatasetError(
-                f"{path}: image is {arr.shape[1]}x{arr.shape[0]} but {self.ann_file.name} says {rec.width}x{rec.height}; fix the JSON's width/height"
+                f"{path}: image is {arr.shape[1]}x{arr.shape[0]} but {self.ann_file.name} says "
+                f"{rec.width}x{rec.height}; fix the JSON's width/height"
             )
         return arr

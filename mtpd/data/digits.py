@@ -264,7 +264,9 @@ def _check_args(train: int, val: int, size: int, seed: int) -> None:
     if train < 0 or val < 0:
         raise ValueError(f"image counts must be >= 0, got train={train}, val={val}")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}; digits need room to be legible")
+        raise ValueError(
+            f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}; digits need room to be legible"
+        )
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
 
@@ -295,8 +297,14 @@ def _make_split(
         for digit, (x0, y0, x1, y1) in boxes:
             w, h = float(x1 - x0), float(y1 - y0)
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": digit + 1,
-                 "bbox": [float(x0), float(y0), w, h], "area": w * h, "iscrowd": 0}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": digit + 1,
+                    "bbox": [float(x0), float(y0), w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
             )
         if progress is not None:
             progress(1)
@@ -307,13 +315,18 @@ def _make_split(
     info = {
         "description": "mtpd digits: handwritten digits (sklearn load_digits) on cluttered backgrounds",
         "generator": "mtpd.data.digits.make_digits",
-        "split": split, "seed": seed, "size": size, "num_images": count,
+        "split": split,
+        "seed": seed,
+        "size": size,
+        "num_images": count,
         "digit_height_px": list(_height_range(size)),
         "source_indices": [int(idx[0]), int(idx[-1]) + 1],  # half-open range into load_digits()
     }
     ann_path = out / "annotations" / f"instances_{split}.json"
     ann_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(ann_path, {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES})
+    _write_json_atomic(
+        ann_path, {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
+    )
     return {"ann": str(ann_path), "images": str(image_dir), "num_images": count, "num_boxes": len(annotations)}
 
 

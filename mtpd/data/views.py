@@ -42,15 +42,22 @@ class ViewSpec:
 
     def __post_init__(self) -> None:
         if not (8 <= self.short <= MAX_SIDE):
-            raise ViewSpecError(f"view short side {self.short} is out of range: use 8..{MAX_SIDE} (mmdet's 1x uses 800)")
+            raise ViewSpecError(
+                f"view short side {self.short} is out of range: use 8..{MAX_SIDE} (mmdet's 1x uses 800)"
+            )
         if not (self.short <= self.long <= MAX_SIDE):
             raise ViewSpecError(
-                f"view long side {self.long} is out of range: use {self.short}..{MAX_SIDE} (at least the short side; mmdet's 1x uses 1333)"
+                f"view long side {self.long} is out of range: use {self.short}..{MAX_SIDE} (at least the short side; "
+                "mmdet's 1x uses 1333)"
             )
         if self.pad <= 0 or self.pad & (self.pad - 1):
-            raise ViewSpecError(f"view padding {self.pad} must be a power of two (32 fits strides up to P5; P6/P7 use ceil)")
+            raise ViewSpecError(
+                f"view padding {self.pad} must be a power of two (32 fits strides up to P5; P6/P7 use ceil)"
+            )
         if not self.views or len(set(self.views)) != len(self.views):
-            raise ViewSpecError(f"views {list(self.views)} must be a non-empty list without repeats, from {list(VIEW_NAMES)}")
+            raise ViewSpecError(
+                f"views {list(self.views)} must be a non-empty list without repeats, from {list(VIEW_NAMES)}"
+            )
         for v in self.views:
             if v not in VIEW_NAMES:
                 raise ViewSpecError(f"unknown view {v!r}: choose from {', '.join(VIEW_NAMES)}")
@@ -101,7 +108,9 @@ def view_meta(spec: ViewSpec, orig_size: tuple[int, int], view: str) -> ViewMeta
     if view not in VIEW_NAMES:
         raise ViewSpecError(f"unknown view {view!r}: choose from {', '.join(VIEW_NAMES)}")
     h, w = orig_size
-    return ViewMeta(orig_size=(h, w), size=spec.resized_size(h, w), padded=spec.padded_size(h, w), flip=view == "hflip", view=view)
+    return ViewMeta(
+        orig_size=(h, w), size=spec.resized_size(h, w), padded=spec.padded_size(h, w), flip=view == "hflip", view=view
+    )
 
 
 def prepare_view(image: np.ndarray | torch.Tensor, spec: ViewSpec, view: str = "orig") -> tuple[torch.Tensor, ViewMeta]:
@@ -109,7 +118,9 @@ def prepare_view(image: np.ndarray | torch.Tensor, spec: ViewSpec, view: str = "
 
     The only function that turns pixels into model input, for teachers and students alike.
     """
-    img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image  # own the pixels: callers may pass read-only arrays
+    img = (
+        torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image
+    )  # own the pixels: callers may pass read-only arrays
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {tuple(img.shape)}")
     meta = view_meta(spec, (int(img.shape[0]), int(img.shape[1])), view)

@@ -91,8 +91,10 @@ class Job:
         if self.proc is None or self.returncode in (None, 0):
             return
         tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:] if self.log_path.is_file() else []
-        raise RuntimeError(f"training {self.name} failed (exit {self.returncode}): {self.error or 'no message'}; "
-                           f"log: {self.log_path}\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"training {self.name} failed (exit {self.returncode}): {self.error or 'no message'}; "
+            f"log: {self.log_path}\n" + "\n".join(tail)
+        )
 
     def stage_done(self, k: int) -> bool:
         return k in self.done
@@ -110,7 +112,7 @@ class Job:
 
 def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
     """Start training the stages of ``plan_path`` an earlier demo run did not finish, in a child process."""
-    steps.show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
+    steps.show(log, "mtpd-train", plan=plan_path, stage="all")
     plan, todo = steps.stages_todo(plan_path, log)
     out = Path(plan.output_dir)
     done = set(range(1, len(plan.stages) + 1)) - set(todo)
@@ -120,7 +122,9 @@ def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited torch threads or zarr event loop
     events = ctx.Queue()
-    proc = ctx.Process(target=_train_child, args=(str(plan_path), todo, threads, events, str(log_path)), name=f"mtpd-{name}")
+    proc = ctx.Process(
+        target=_train_child, args=(str(plan_path), todo, threads, events, str(log_path)), name=f"mtpd-{name}"
+    )
     # OpenMP reads its thread count when torch loads in the child: set it for the child's start only.
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -131,7 +135,10 @@ def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
             os.environ.pop("OMP_NUM_THREADS")
         else:
             os.environ["OMP_NUM_THREADS"] = saved
-    log(f"  training {name} in its own process ({threads} thread{'s' if threads > 1 else ''}, pid {proc.pid}; log: {log_path})")
+    log(
+        f"  training {name} in its own process ({threads} thread{'s' if threads > 1 else ''}, pid {proc.pid}; log: "
+        f"{log_path})"
+    )
     return Job(name, Path(plan_path), out, log_path, proc, events, done)
 
 
@@ -148,8 +155,10 @@ def wait(jobs: list[Job], log: Log, quiet: bool, until: Callable[[], bool] | Non
                 j.check()
             return
         if not any(j.running() for j in jobs):  # all exited cleanly, yet ``until`` never came
-            raise RuntimeError("the students' training processes exited before the demo could go on; logs: "
-                               + ", ".join(str(j.log_path) for j in jobs))
+            raise RuntimeError(
+                "the students' training processes exited before the demo could go on; logs: "
+                + ", ".join(str(j.log_path) for j in jobs)
+            )
         time.sleep(poll_s)
 
 

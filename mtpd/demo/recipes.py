@@ -66,24 +66,46 @@ def data_section(root: Path, batch_size: int = 16) -> dict:
         "train_images": str(root / "images" / "train"),
         "val_ann": str(root / "annotations" / "instances_val.json"),
         "val_images": str(root / "images" / "val"),
-        "short": SIZE, "long": SIZE, "flip": True, "batch_size": batch_size, "workers": 0, "val_batch_size": 32,
+        "short": SIZE,
+        "long": SIZE,
+        "flip": True,
+        "batch_size": batch_size,
+        "workers": 0,
+        "val_batch_size": 32,
     }
 
 
-def stage(name: str, epochs: int, iters_per_epoch: int, stores: list[str] | None = None, losses: list[dict] | None = None) -> dict:
-    return {"name": name, "epochs": epochs, "stores": list(stores or []), "losses": list(losses or []),
-            "optimizer": optimizer(), "schedule": schedule(iters_per_epoch), "grad_clip": 35.0}
+def stage(
+    name: str, epochs: int, iters_per_epoch: int, stores: list[str] | None = None, losses: list[dict] | None = None
+) -> dict:
+    return {
+        "name": name,
+        "epochs": epochs,
+        "stores": list(stores or []),
+        "losses": list(losses or []),
+        "optimizer": optimizer(),
+        "schedule": schedule(iters_per_epoch),
+        "grad_clip": 35.0,
+    }
 
 
 def mgd_loss() -> dict:
     return {"name": "mgd", "weight": MGD_WEIGHT, "params": {"lambda_mask": MGD_LAMBDA}}
 
 
-def plan(model: dict, data_root: Path, out_dir: Path, stages: list[dict], iters_per_epoch: int, seed: int = SEED) -> dict:
+def plan(
+    model: dict, data_root: Path, out_dir: Path, stages: list[dict], iters_per_epoch: int, seed: int = SEED
+) -> dict:
     """A plan dict ready for ``mtpd.trainer.plan.from_dict(Plan, ...)`` or ``yaml.safe_dump``."""
     # About five loss records per epoch: enough points for the loss curves.
-    return {"student": {"arch": model["arch"], "options": dict(model["options"])}, "data": data_section(data_root),
-            "stages": stages, "output_dir": str(out_dir), "seed": seed, "log_every": max(1, iters_per_epoch // 5)}
+    return {
+        "student": {"arch": model["arch"], "options": dict(model["options"])},
+        "data": data_section(data_root),
+        "stages": stages,
+        "output_dir": str(out_dir),
+        "seed": seed,
+        "log_every": max(1, iters_per_epoch // 5),
+    }
 
 
 def teacher_plan(which: str, data_root: Path, out_dir: Path, scale: Scale, train_images: int) -> dict:

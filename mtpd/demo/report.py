@@ -20,15 +20,26 @@ def _fmt_time(s: float | None) -> str:
 
 def _cells(r: Row) -> list[str]:
     m = r.metrics
-    return [r.model, r.arch, f"{r.params / 1e6:.2f}M", f"{100 * m['AP']:.1f}", f"{100 * m['AP50']:.1f}", f"{100 * m['AP75']:.1f}",
-            _fmt_time(r.train_seconds), f"{r.store_bytes / 2**20:.1f} MiB" if r.store_bytes else "-"]
+    return [
+        r.model,
+        r.arch,
+        f"{r.params / 1e6:.2f}M",
+        f"{100 * m['AP']:.1f}",
+        f"{100 * m['AP50']:.1f}",
+        f"{100 * m['AP75']:.1f}",
+        _fmt_time(r.train_seconds),
+        f"{r.store_bytes / 2**20:.1f} MiB" if r.store_bytes else "-",
+    ]
 
 
 def table(rows: list[Row], markdown: bool = False) -> str:
     """The demo table as aligned text, or as a Markdown table."""
     body = [_cells(r) for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines = [
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
+        ]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
     widths = [max(len(x) for x in col) for col in zip(COLUMNS, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -43,7 +54,9 @@ def gains(result: DemoResult) -> list[str]:
     for name in ("direct", "progressive"):
         r = students.get(name)
         if base and r:
-            out.append(f"{r.model}: {100 * (r.metrics['AP'] - base.metrics['AP']):+.1f} AP over the baseline (same epochs)")
+            out.append(
+                f"{r.model}: {100 * (r.metrics['AP'] - base.metrics['AP']):+.1f} AP over the baseline (same epochs)"
+            )
     return out
 
 
@@ -60,7 +73,9 @@ def plot_ap_per_stage(result: DemoResult, path: Path) -> None:
             ks = list(range(1, len(r.stage_metrics) + 1))
             ax.plot(ks, [100 * m["AP"] for m in r.stage_metrics], marker="o", label=r.model)
         else:
-            ax.axhline(100 * r.metrics["AP"], ls=next(teacher_styles, ":"), lw=1.2, color="grey", label=f"{r.model} ({r.arch})")
+            ax.axhline(
+                100 * r.metrics["AP"], ls=next(teacher_styles, ":"), lw=1.2, color="grey", label=f"{r.model} ({r.arch})"
+            )
     ax.set_xlabel(f"stage ({result.scale['stage_epochs']} epochs each)")
     ax.set_ylabel("val AP")
     ax.set_xticks([1, 2])
@@ -98,7 +113,14 @@ def plot_losses(result: DemoResult, path: Path) -> None:
             ax.plot(x, det, color=color, marker="." if len(x) < 20 else None, label=f"{r.model}: detection")
             distill = [rec["loss"] - d for rec, d in zip(recs, det)]
             if any(abs(v) > 1e-4 for v in distill):  # float rounding leaves ~1e-7 without a distillation loss
-                ax.plot(x, distill, color=color, ls="--", marker="." if len(x) < 20 else None, label=f"{r.model}: distillation (weighted)")
+                ax.plot(
+                    x,
+                    distill,
+                    color=color,
+                    ls="--",
+                    marker="." if len(x) < 20 else None,
+                    label=f"{r.model}: distillation (weighted)",
+                )
         ax.set_title(f"stage {k}")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -119,23 +141,29 @@ def write_report(result: DemoResult, root: Path, command: str) -> Path:
     for r in result.rows:
         if r.stage_metrics:
             names = ", ".join(m.get("name", "?") for m in r.stage_metrics)
-            per_stage.append(f"| {r.model} ({names}) | " + " | ".join(f"{100 * m['AP']:.1f}" for m in r.stage_metrics) + " |")
+            per_stage.append(
+                f"| {r.model} ({names}) | " + " | ".join(f"{100 * m['AP']:.1f}" for m in r.stage_metrics) + " |"
+            )
     lines = [
         "# mtpd demo: progressive distillation on the digits benchmark",
         "",
         f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {_cpu_count()} CPU cores, {platform.system()}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {_cpu_count()} CPU cores, "
+        f"{platform.system()}  ",
         f"Data: digits, {s['train']} train / {s['val']} val images at 128 px (seed 0); "
-        f"students train {2 * s['stage_epochs']} epochs in 2 stages of {s['stage_epochs']}; stores: {s['precision']}.  ",
+        f"students train {2 * s['stage_epochs']} epochs in 2 stages of {s['stage_epochs']}; "
+        f"stores: {s['precision']}.  ",
         f"Total demo time: {result.seconds / 60:.1f} min ("
         + ", ".join(f"{k} {v:.0f}s" for k, v in result.steps_seconds.items())
-        + "; steps an earlier run finished are reused and take ~0s). Train times are those of the runs that trained each model; "
+        + "; steps an earlier run finished are reused and take ~0s). Train times are those of the runs that trained "
+        "each model; "
         + f"the students trained side by side, {s.get('threads_per_student', '?')} torch thread(s) each.",
         "",
         table(result.rows, markdown=True),
         "",
         *[f"- {g}" for g in gains(result)],
-        f"- teacher order measured by `mtpd-plan order` (1 - CKA to the baseline student after its first stage): {' -> '.join(result.order)}",
+        "- teacher order measured by `mtpd-plan order` (1 - CKA to the baseline student after its first stage): "
+        f"{' -> '.join(result.order)}",
         "",
         "## AP per stage",
         "",

@@ -49,14 +49,24 @@ class DemoResult:
 def _student_plan(name: str, paths: Paths, scale: recipes.Scale, stage_specs: list[tuple[str, list[str]]]) -> Path:
     """A two-stage student plan; each stage (name, stores) distills with MGD from its store, or trains plainly."""
     ipe = -(-scale.train // 16)
-    stages = [recipes.stage(sname, scale.stage_epochs, ipe, stores, [recipes.mgd_loss()] if stores else [])
-              for sname, stores in stage_specs]
+    stages = [
+        recipes.stage(sname, scale.stage_epochs, ipe, stores, [recipes.mgd_loss()] if stores else [])
+        for sname, stores in stage_specs
+    ]
     plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / name, stages, ipe)
     return steps.write_plan(plan, paths.plans / f"{name}.yaml")
 
 
-def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, precision: str = "lossless",
-             direct: bool = False, log: Log = print, quiet_training: bool = False, threads: int | None = None) -> DemoResult:
+def run_demo(
+    out: Path,
+    quick: bool = False,
+    train_teachers: bool = False,
+    precision: str = "lossless",
+    direct: bool = False,
+    log: Log = print,
+    quiet_training: bool = False,
+    threads: int | None = None,
+) -> DemoResult:
     """Run every step; returns the table's rows (the report is written by ``mtpd.demo.report``).
 
     The students train in their own processes, ``threads // 2`` torch threads each (at least one):
@@ -65,8 +75,13 @@ def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, preci
     """
     import torch
 
-    demo = _Demo(recipes.QUICK if quick else recipes.FULL, Paths(Path(out) / ("quick" if quick else "full")), log,
-                 quiet_training, max(1, (threads or torch.get_num_threads()) // 2))
+    demo = _Demo(
+        recipes.QUICK if quick else recipes.FULL,
+        Paths(Path(out) / ("quick" if quick else "full")),
+        log,
+        quiet_training,
+        max(1, (threads or torch.get_num_threads()) // 2),
+    )
     t_start = time.perf_counter()
     demo.step("data", f"1/7 data: digits, {demo.scale.train} train / {demo.scale.val} val images at {recipes.SIZE} px")
     steps.ensure_data(demo.paths, demo.scale, log)
@@ -78,8 +93,15 @@ def run_demo(out: Path, quick: bool = False, train_teachers: bool = False, preci
     demo.step("evaluate", "7/7 evaluate")
     rows = demo.rows()
     scale = demo.scale
-    scale_d = {"train": scale.train, "val": scale.val, "stage_epochs": scale.stage_epochs, "quick": quick, "precision": precision,
-               "direct": direct, "threads_per_student": demo.per_job}
+    scale_d = {
+        "train": scale.train,
+        "val": scale.val,
+        "stage_epochs": scale.stage_epochs,
+        "quick": quick,
+        "precision": precision,
+        "direct": direct,
+        "threads_per_student": demo.per_job,
+    }
     demo.step(None, None)
     result = DemoResult(rows, demo.order, time.perf_counter() - t_start, scale_d, demo.timing)
     (demo.paths.root / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
@@ -107,7 +129,11 @@ class _Demo:
 
     def train_students(self, train_teachers: bool, precision: str, direct: bool) -> None:
         scale, paths, log = self.scale, self.paths, self.log
-        self.step(None, f"2/7 baseline student: {2 * scale.stage_epochs} epochs, detection loss only (trains while the teachers run)")
+        self.step(
+            None,
+            f"2/7 baseline student: {2 * scale.stage_epochs} epochs, detection loss only (trains while the teachers "
+            "run)",
+        )
         base_plan = _student_plan("baseline", paths, scale, [("plain_1", []), ("plain_2", [])])
         self.students["baseline"] = jobs.start("baseline", base_plan, log, self.per_job)
 
@@ -124,11 +150,16 @@ class _Demo:
             direct_plan = _student_plan("direct", paths, scale, [("strong_1", [strong]), ("strong_2", [strong])])
             self.students["direct"] = jobs.start("direct", direct_plan, log, self.per_job)
 
-        self.step("order", "5/7 order the teachers by their distance to the student (the baseline after its first stage)")
+        self.step(
+            "order", "5/7 order the teachers by their distance to the student (the baseline after its first stage)"
+        )
         prog_plan = self.ordered_plan()
 
-        self.step("students", f"6/7 distill: MTPD progressive ({' -> '.join(self.order)})"
-                  + (" and direct (stronger teacher in both stages)" if direct else ""))
+        self.step(
+            "students",
+            f"6/7 distill: MTPD progressive ({' -> '.join(self.order)})"
+            + (" and direct (stronger teacher in both stages)" if direct else ""),
+        )
         self.students["progressive"] = jobs.start("progressive", prog_plan, log, self.per_job)
         jobs.wait(list(self.students.values()), log, self.quiet)
 
@@ -136,11 +167,21 @@ class _Demo:
         """Wait for the baseline's first stage, measure the teachers against it, write the ordered plan."""
         base = self.students["baseline"]
         jobs.wait(list(self.students.values()), self.log, self.quiet, until=lambda: base.stage_done(1))
-        unordered = _student_plan("progressive_unordered", self.paths, self.scale,
-                                  [(k, [str(self.store_paths[k])]) for k in ("weak", "strong")])
+        unordered = _student_plan(
+            "progressive_unordered",
+            self.paths,
+            self.scale,
+            [(k, [str(self.store_paths[k])]) for k in ("weak", "strong")],
+        )
         prog_plan = self.paths.plans / "progressive.yaml"
-        ordered = steps.order_stores(base.out_dir / "stage_1" / "final.pt", unordered, prog_plan,
-                                     self.paths.runs / "progressive", self.log, n_images=min(64, self.scale.train))
+        ordered = steps.order_stores(
+            base.out_dir / "stage_1" / "final.pt",
+            unordered,
+            prog_plan,
+            self.paths.runs / "progressive",
+            self.log,
+            n_images=min(64, self.scale.train),
+        )
         key_of = {str(Path(p).resolve()): k for k, p in self.store_paths.items()}
         self.order = [key_of.get(str(Path(s).resolve()), s) for s in ordered]
         self.log(f"  progressive order: {' -> '.join(self.order)}")
@@ -149,17 +190,39 @@ class _Demo:
     def rows(self) -> list[Row]:
         rows = []
         for k, ti in self.teachers.items():
-            rows.append(Row(f"teacher {k}", ti.arch, steps.count_params(ti.checkpoint), self.teacher_eval[k], ti.train_seconds,
-                            steps.store_size(self.store_paths[k])))
-        student_arch = f"{recipes.STUDENT['arch']}({', '.join(f'{a}={b}' for a, b in recipes.STUDENT['options'].items())})"
+            rows.append(
+                Row(
+                    f"teacher {k}",
+                    ti.arch,
+                    steps.count_params(ti.checkpoint),
+                    self.teacher_eval[k],
+                    ti.train_seconds,
+                    steps.store_size(self.store_paths[k]),
+                )
+            )
+        student_arch = (
+            f"{recipes.STUDENT['arch']}({', '.join(f'{a}={b}' for a, b in recipes.STUDENT['options'].items())})"
+        )
         n_student = steps.count_params(self.students["baseline"].out_dir / "stage_2" / "final.pt")
-        for name, label in (("baseline", "student baseline"), ("direct", "student direct (strong)"),
-                            ("progressive", f"student MTPD ({' -> '.join(self.order)})")):
+        for name, label in (
+            ("baseline", "student baseline"),
+            ("direct", "student direct (strong)"),
+            ("progressive", f"student MTPD ({' -> '.join(self.order)})"),
+        ):
             if name not in self.students:
                 continue
             metrics = jobs.metrics(self.students[name])
-            rows.append(Row(label, student_arch, n_student, metrics[-1], sum(m["train_seconds"] for m in metrics),
-                            stage_metrics=metrics, run_dir=str(self.students[name].out_dir)))
+            rows.append(
+                Row(
+                    label,
+                    student_arch,
+                    n_student,
+                    metrics[-1],
+                    sum(m["train_seconds"] for m in metrics),
+                    stage_metrics=metrics,
+                    run_dir=str(self.students[name].out_dir),
+                )
+            )
         return rows
 
 

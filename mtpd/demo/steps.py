@@ -70,9 +70,14 @@ class Paths:
         return self.data / "images" / split
 
 
-def show(cmd: list[str], log: Log) -> None:
-    """Print the CLI command a step corresponds to."""
-    log("$ " + " ".join(shlex.quote(str(c)) for c in cmd))
+def show(log: Log, command: str, **flags: object) -> None:
+    """Print the CLI command a step corresponds to: ``show(log, "mtpd-eval", checkpoint=p)`` prints
+    ``$ mtpd-eval --checkpoint p`` (underscores become dashes; a list gives several values)."""
+    parts = command.split()
+    for key, value in flags.items():
+        parts.append("--" + key.replace("_", "-"))
+        parts += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    log("$ " + " ".join(shlex.quote(p) for p in parts))
 
 
 # ---------------------------------------------------------------------- data
@@ -80,8 +85,9 @@ def show(cmd: list[str], log: Log) -> None:
 
 def ensure_data(paths: Paths, scale: recipes.Scale, log: Log) -> None:
     """Write the digits set unless the same one is already there (the generator is deterministic)."""
-    show(["mtpd-data", "digits", "--out", paths.data, "--train", scale.train, "--val", scale.val,
-          "--size", recipes.SIZE, "--seed", recipes.SEED], log)
+    show(
+        log, "mtpd-data digits", out=paths.data, train=scale.train, val=scale.val, size=recipes.SIZE, seed=recipes.SEED
+    )
     want = {"train": scale.train, "val": scale.val}
     if all(_split_matches(paths.ann(s), n) for s, n in want.items()):
         log(f"  reusing {paths.data}")
@@ -137,7 +143,9 @@ def progress_printer(log: Log, quiet: bool, prefix: str = "  "):
     return on_event
 
 
-def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tuple[str, Path]] | None = None) -> list[dict]:
+def train(
+    plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tuple[str, Path]] | None = None
+) -> list[dict]:
     """``mtpd-train --plan PLAN --stage all``, skipping stages an earlier demo run finished.
 
     ``online``: stage -> (teacher arch, checkpoint) runs each stage with that teacher inside every
@@ -146,10 +154,10 @@ def train(plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tupl
     from mtpd.trainer.stage import run_plan
 
     if online is None:
-        show(["mtpd-train", "--plan", plan_path, "--stage", "all"], log)
+        show(log, "mtpd-train", plan=plan_path, stage="all")
     else:
         for k, (arch, ckpt) in online.items():
-            show(["mtpd-train", "--plan", plan_path, "--stage", k, "--online-teacher", f"{arch}={ckpt}"], log)
+            show(log, "mtpd-train", plan=plan_path, stage=k, online_teacher=f"{arch}={ckpt}")
     plan, todo = stages_todo(plan_path, log)
     on_event = progress_printer(log, quiet)
     if online is None:
@@ -196,18 +204,29 @@ def ensure_teachers(paths: Paths, scale: recipes.Scale, train_teachers: bool, lo
             digest = sha256_file(shipped)
             if entry.get("sha256") not in (None, digest):
                 log(f"  warning: {shipped} does not match {manifest_path} (sha256 {digest[:12]})")
-            log(f"teacher {key}: shipped {shipped} ({model['arch']}, {entry.get('epochs', '?')} epochs, "
-                f"trained in {entry.get('train_seconds', 0) / 60:.0f} min; reproduce: see {folder / 'README.md'})")
-            out[key] = TeacherInfo(key, model["arch"], shipped, entry.get("train_seconds"), entry.get("epochs"), "shipped")
+            log(
+                f"teacher {key}: shipped {shipped} ({model['arch']}, {entry.get('epochs', '?')} epochs, "
+                f"trained in {entry.get('train_seconds', 0) / 60:.0f} min; reproduce: see {folder / 'README.md'})"
+            )
+            out[key] = TeacherInfo(
+                key, model["arch"], shipped, entry.get("train_seconds"), entry.get("epochs"), "shipped"
+            )
             continue
         if not train_teachers:
-            log(f"teacher {key}: no shipped checkpoint at {shipped}; training it (pass --train-teachers to do so on purpose)")
+            log(
+                f"teacher {key}: no shipped checkpoint at {shipped}; training it (pass --train-teachers to do so on "
+                "purpose)"
+            )
         n_train = scale.train
-        plan_path = write_plan(recipes.teacher_plan(key, paths.data, paths.teachers / key, scale, n_train),
-                               paths.plans / f"teacher_{key}.yaml")
+        plan_path = write_plan(
+            recipes.teacher_plan(key, paths.data, paths.teachers / key, scale, n_train),
+            paths.plans / f"teacher_{key}.yaml",
+        )
         metrics = train(plan_path, log)
         ckpt = paths.teachers / key / "stage_1" / "final.pt"
-        out[key] = TeacherInfo(key, model["arch"], ckpt, sum(m["train_seconds"] for m in metrics), scale.teacher_epochs[key], "trained")
+        out[key] = TeacherInfo(
+            key, model["arch"], ckpt, sum(m["train_seconds"] for m in metrics), scale.teacher_epochs[key], "trained"
+        )
     return out
 
 
@@ -217,14 +236,23 @@ def evaluate_checkpoint(ckpt: Path, paths: Paths, log: Log) -> dict:
     from mtpd.trainer.evaluate import evaluate
     from mtpd.trainer.student import load_student
 
-    show(["mtpd-eval", "--checkpoint", ckpt, "--ann", paths.ann("val"), "--images", paths.images("val"),
-          "--short", recipes.SIZE, "--long", recipes.SIZE], log)
+    show(
+        log,
+        "mtpd-eval",
+        checkpoint=ckpt,
+        ann=paths.ann("val"),
+        images=paths.images("val"),
+        short=recipes.SIZE,
+        long=recipes.SIZE,
+    )
     key = sha256_file(ckpt)[:16] + "-" + sha256_file(paths.ann("val"))[:16]
     cache = paths.evals / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     model = load_student(ckpt)
-    stats = evaluate(model, CocoDataset(paths.ann("val"), paths.images("val")), ViewSpec(short=recipes.SIZE, long=recipes.SIZE), 32)
+    stats = evaluate(
+        model, CocoDataset(paths.ann("val"), paths.images("val")), ViewSpec(short=recipes.SIZE, long=recipes.SIZE), 32
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(stats, indent=2))
     return stats
@@ -249,8 +277,9 @@ def store_complete(path: Path) -> bool:
         return False
 
 
-def build_teacher_store(t: TeacherInfo, paths: Paths, precision: str, log: Log,
-                        outputs: tuple[str, ...] = ("fpn",)) -> tuple[Path, float]:
+def build_teacher_store(
+    t: TeacherInfo, paths: Paths, precision: str, log: Log, outputs: tuple[str, ...] = ("fpn",)
+) -> tuple[Path, float]:
     """``mtpd-cache build`` of one teacher over the train split (FPN outputs by default), original and flipped views.
 
     Returns the store and the seconds spent (0 when an earlier demo run built it).
@@ -260,14 +289,37 @@ def build_teacher_store(t: TeacherInfo, paths: Paths, precision: str, log: Log,
     from mtpd.teachers.registry import TeacherSpec
 
     out = paths.stores / f"{t.key}_{precision}"
-    show(["mtpd-cache", "build", "--teacher", t.arch, "--weights", t.checkpoint, "--ann", paths.ann("train"),
-          "--images", paths.images("train"), "--out", out, "--views", "orig,hflip", "--short", recipes.SIZE,
-          "--long", recipes.SIZE, "--outputs", ",".join(outputs), "--precision", precision, "--workers", 1, "--batch-size", 16,
-          "--images-per-shard", 64], log)
+    show(
+        log,
+        "mtpd-cache build",
+        teacher=t.arch,
+        weights=t.checkpoint,
+        ann=paths.ann("train"),
+        images=paths.images("train"),
+        out=out,
+        views="orig,hflip",
+        short=recipes.SIZE,
+        long=recipes.SIZE,
+        outputs=",".join(outputs),
+        precision=precision,
+        workers=1,
+        batch_size=16,
+        images_per_shard=64,
+    )
     t0 = time.perf_counter()
-    rep = build_store(TeacherSpec(t.arch, str(t.checkpoint)), str(paths.ann("train")), str(paths.images("train")), str(out),
-                      views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")), outputs=list(outputs),
-                      precision=precision, batch_size=16, workers=1, images_per_shard=64, progress=sys.stderr.isatty())
+    rep = build_store(
+        TeacherSpec(t.arch, str(t.checkpoint)),
+        str(paths.ann("train")),
+        str(paths.images("train")),
+        str(out),
+        views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")),
+        outputs=list(outputs),
+        precision=precision,
+        batch_size=16,
+        workers=1,
+        images_per_shard=64,
+        progress=sys.stderr.isatty(),
+    )
     dt = time.perf_counter() - t0
     if rep.shards_written:
         log(f"  {rep.shards_written} shards, {rep.bytes_written / 2**20:.1f} MiB in {dt:.0f}s")
@@ -285,8 +337,9 @@ def store_size(path: Path) -> int:
 # -------------------------------------------------------------------- order
 
 
-def order_stores(student_ckpt: Path, plan_path: Path, ordered_path: Path, output_dir: Path, log: Log,
-                 n_images: int = 64) -> list[str]:
+def order_stores(
+    student_ckpt: Path, plan_path: Path, ordered_path: Path, output_dir: Path, log: Log, n_images: int = 64
+) -> list[str]:
     """``mtpd-plan order``: the plan's stages nearest-first by 1 - CKA of their teacher to the student;
     writes the reordered plan (with its own ``output_dir``) and returns its stores in order."""
     from mtpd.trainer.order import order_plan
@@ -295,8 +348,9 @@ def order_stores(student_ckpt: Path, plan_path: Path, ordered_path: Path, output
 
     plan = load_plan(plan_path)
     stores = [s.stores[0] for s in plan.stages if len(s.stores) == 1]
-    show(["mtpd-plan", "order", "--student", student_ckpt, "--stores", *stores, "--plan", plan_path,
-          "--write", ordered_path, "--images", n_images], log)
+    show(
+        log, "mtpd-plan order", student=student_ckpt, stores=stores, plan=plan_path, write=ordered_path, images=n_images
+    )
     plan, ranked = order_plan(plan, load_student(student_ckpt), n_images)
     for i, r in enumerate(ranked, 1):
         log(f"  {i}. distance {r.distance:.4f}  {r.store} ({r.teacher})")

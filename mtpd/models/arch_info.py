@@ -47,13 +47,16 @@ def arch_table(archs: list[ArchInfo]) -> Callable[..., Callable[[ArchFactory], A
     """A decorator that appends ``ArchInfo(name, family, factory, ...)`` to ``archs``: each arch module
     lists its own architectures, and the registry imports those lists explicitly."""
 
-    def arch(name: str, *, family: str, coco_weights: Any = None, coco_bn_eps: float | None = None,
-             description: str = "") -> Callable[[ArchFactory], ArchFactory]:
+    def arch(
+        name: str, *, family: str, coco_weights: Any = None, coco_bn_eps: float | None = None, description: str = ""
+    ) -> Callable[[ArchFactory], ArchFactory]:
         if family not in FAMILIES:
             raise ValueError(f"arch {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
 
         def deco(fn: ArchFactory) -> ArchFactory:
-            archs.append(ArchInfo(name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip()))
+            archs.append(
+                ArchInfo(name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip())
+            )
             return fn
 
         return deco

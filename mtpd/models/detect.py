@@ -27,8 +27,14 @@ class DetectorOutput:
     detections: list[dict[str, Tensor]] | None  # per image boxes (view pixels), scores, labels (eval only)
 
 
-def _dense_family_forward(model: nn.Module, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None,
-                          names: Sequence[str], detect: bool) -> DetectorOutput:
+def _dense_family_forward(
+    model: nn.Module,
+    images: Tensor,
+    image_sizes: list[tuple[int, int]],
+    targets: list[dict] | None,
+    names: Sequence[str],
+    detect: bool,
+) -> DetectorOutput:
     family = arch_family(model)
     want = ["fpn", "cls", "box"] + (["ctr"] if family == "fcos" else [])
     outs = dense_outputs(model, images, want)
@@ -61,8 +67,14 @@ def _dense_family_forward(model: nn.Module, images: Tensor, image_sizes: list[tu
     return DetectorOutput(losses, {n: v for n, v in outs.items() if n.split(".")[0] in names}, detections)
 
 
-def _rcnn_forward(model: nn.Module, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None,
-                  names: Sequence[str], detect: bool) -> DetectorOutput:
+def _rcnn_forward(
+    model: nn.Module,
+    images: Tensor,
+    image_sizes: list[tuple[int, int]],
+    targets: list[dict] | None,
+    names: Sequence[str],
+    detect: bool,
+) -> DetectorOutput:
     feats = _features(model, images)
     levels = feature_levels(model)
     image_list = ImageList(images, image_sizes)
@@ -75,8 +87,14 @@ def _rcnn_forward(model: nn.Module, images: Tensor, image_sizes: list[tuple[int,
     return DetectorOutput({**rpn_losses, **roi_losses}, outputs, detections if detect else None)
 
 
-def detector_forward(model: nn.Module, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None,
-                     names: Sequence[str] = ("fpn", "cls", "box"), detect: bool | None = None) -> DetectorOutput:
+def detector_forward(
+    model: nn.Module,
+    images: Tensor,
+    image_sizes: list[tuple[int, int]],
+    targets: list[dict] | None = None,
+    names: Sequence[str] = ("fpn", "cls", "box"),
+    detect: bool | None = None,
+) -> DetectorOutput:
     """One forward of a torchvision detector on a prepared batch.
 
     ``targets`` (training): per image ``{"boxes": [n,4] xyxy view pixels, "labels": [n]}``
@@ -98,7 +116,8 @@ class DetectorStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None,
-                names: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def forward(
+        self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None, names: Sequence[str]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         out = detector_forward(self.model, images, image_sizes, targets, names=names, detect=False)
         return out.losses, out.outputs

@@ -61,7 +61,9 @@ def feature_levels(model: nn.Module) -> dict[str, int]:
         stride = _PROBE_HW[0] // f.shape[-2]
         lvl = int(round(math.log2(stride)))
         if 2**lvl != stride or lvl in levels.values():
-            raise ValueError(f"backbone output {key!r} has stride {stride} on a {_PROBE_HW[0]}-px probe: not a distinct power of two")
+            raise ValueError(
+                f"backbone output {key!r} has stride {stride} on a {_PROBE_HW[0]}-px probe: not a distinct power of two"
+            )
         levels[key] = lvl
     _LEVELS[backbone] = levels
     return levels
@@ -88,7 +90,9 @@ def output_specs(model: nn.Module) -> dict[str, OutputSpec]:
     else:
         counts = set(model.rpn.anchor_generator.num_anchors_per_location())
         if len(counts) != 1:
-            raise ValueError(f"RPN anchors per location differ by level ({sorted(counts)}); dense outputs need one count")
+            raise ValueError(
+                f"RPN anchors per location differ by level ({sorted(counts)}); dense outputs need one count"
+            )
         a = counts.pop()
         specs["rpn_obj"] = OutputSpec("rpn_obj", "objectness", levels, a, num_anchors=a, num_classes=1)
         specs["rpn_box"] = OutputSpec("rpn_box", "deltas", levels, a * 4, num_anchors=a)
@@ -184,7 +188,9 @@ def level_grid_sizes(image_size: tuple[int, int], levels: Sequence[int]) -> list
     return [(-(-h // 2**lvl), -(-w // 2**lvl)) for lvl in levels]
 
 
-def model_anchors(model: nn.Module, image_size: tuple[int, int], grid_sizes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+def model_anchors(
+    model: nn.Module, image_size: tuple[int, int], grid_sizes: Sequence[tuple[int, int]] | None = None
+) -> Tensor:
     """All anchors of ``model`` for a padded image of ``image_size`` (H, W), as one
     [Σ_l H_l·W_l·A, 4] xyxy tensor in the order of ``flatten_level`` over levels.
 

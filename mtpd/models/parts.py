@@ -50,11 +50,7 @@ def hub_checkpoint_path(url: str) -> Path:
 def check_levels(levels: Sequence[int], lowest: int, highest: int, arch: str) -> tuple[int, ...]:
     """Levels must be contiguous, within [lowest, highest], and include P5 (the last backbone stage)."""
     lv = tuple(int(x) for x in levels)
-    ok = (
-        len(lv) >= 1
-        and lv == tuple(range(lv[0], lv[0] + len(lv)))
-        and lowest <= lv[0] <= 5 <= lv[-1] <= highest
-    )
+    ok = len(lv) >= 1 and lv == tuple(range(lv[0], lv[0] + len(lv))) and lowest <= lv[0] <= 5 <= lv[-1] <= highest
     if not ok:
         raise ValueError(
             f"{arch}: levels {list(lv)} must be a contiguous range that includes 5 within {lowest}..{highest} "
@@ -70,7 +66,9 @@ class NoExtraLevels(ExtraFPNBlock):
         return results, names
 
 
-def extra_block(levels: tuple[int, ...], style: str, fpn_channels: int, c5_channels: int | None = None) -> ExtraFPNBlock:
+def extra_block(
+    levels: tuple[int, ...], style: str, fpn_channels: int, c5_channels: int | None = None
+) -> ExtraFPNBlock:
     """Levels past P5: ``p6p7`` (RetinaNet/FCOS, two stride-2 convs; from C5 when
     ``c5_channels`` is given, as RetinaNet v2, else from P5) or ``pool`` (R-CNN's P6 by
     subsampling P5)."""
@@ -100,7 +98,9 @@ def point_anchors(levels: Sequence[int], base: float = 1.0) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((1.0,),) * len(sizes))
 
 
-def rpn_anchors(levels: Sequence[int], base: float = 8.0, aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> AnchorGenerator:
+def rpn_anchors(
+    levels: Sequence[int], base: float = 8.0, aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
+) -> AnchorGenerator:
     """Faster R-CNN RPN anchors: one size base·stride per level (torchvision: 32 on P2 … 512 on P6)."""
     sizes = tuple((int(base * 2**lvl),) for lvl in levels)
     return AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
@@ -119,7 +119,11 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, Tensor]) -> str:
         for k, v in state_dict.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     }
-    keep = [(k, v) for k, v in state_dict.items() if k not in misshaped and (not k.endswith("num_batches_tracked") or k in own)]
+    keep = [
+        (k, v)
+        for k, v in state_dict.items()
+        if k not in misshaped and (not k.endswith("num_batches_tracked") or k in own)
+    ]
     sd = OrderedDict(keep)
     # Keep torch's per-module version metadata: old torchvision heads rename keys on load by it.
     if hasattr(state_dict, "_metadata"):

@@ -23,6 +23,7 @@ from mtpd.models import tiny, torchvision_archs
 from mtpd.models.arch_info import FAMILIES, ArchFactory, ArchInfo
 from mtpd.models.parts import PRETRAINED_TRAINABLE_LAYERS
 
+
 def _builtin() -> dict[str, ArchInfo]:
     table: dict[str, ArchInfo] = {}
     for info in [*tiny.ARCHS, *torchvision_archs.ARCHS]:
@@ -51,7 +52,9 @@ def register_arch(
     def deco(fn: ArchFactory) -> ArchFactory:
         if name in _REGISTRY:
             raise ValueError(f"arch {name!r} is registered twice")
-        _REGISTRY[name] = ArchInfo(name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip())
+        _REGISTRY[name] = ArchInfo(
+            name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip()
+        )
         return fn
 
     return deco
@@ -135,7 +138,9 @@ def arch_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     model = unwrap(model)
     spec = getattr(model, "mtpd_arch_spec", None)
     if spec is None:
-        raise ValueError(f"{type(model).__name__} was not built by mtpd.models.build_arch; save its state_dict() instead")
+        raise ValueError(
+            f"{type(model).__name__} was not built by mtpd.models.build_arch; save its state_dict() instead"
+        )
     options = dict(spec["arch_options"])
     if options.pop("backbone_weights", None) is not None:
         accepted = arch_info(spec["arch"]).default_options()
@@ -143,4 +148,10 @@ def arch_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
             options["norm"] = "frozen_bn"
         if "trainable_backbone_layers" in accepted and options.get("trainable_backbone_layers") is None:
             options["trainable_backbone_layers"] = PRETRAINED_TRAINABLE_LAYERS
-    return {"model": model.state_dict(), "arch": spec["arch"], "num_classes": spec["num_classes"], "arch_options": options, **extra}
+    return {
+        "model": model.state_dict(),
+        "arch": spec["arch"],
+        "num_classes": spec["num_classes"],
+        "arch_options": options,
+        **extra,
+    }

@@ -20,8 +20,15 @@ from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOS
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.misc import Conv2dNormActivation
 
-from mtpd.models.parts import check_levels, extra_block, load_backbone_weights, point_anchors, resolve_norm, retinanet_anchors
 from mtpd.models.arch_info import ArchInfo, arch_table
+from mtpd.models.parts import (
+    check_levels,
+    extra_block,
+    load_backbone_weights,
+    point_anchors,
+    resolve_norm,
+    retinanet_anchors,
+)
 
 # This module's architectures, read by mtpd.models.registry (this module never imports the registry).
 ARCHS: list[ArchInfo] = []
@@ -40,21 +47,28 @@ class TinyConvNet(nn.Sequential):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         cin = 3
         for k, (c, depth) in enumerate(zip(chans, _DEPTHS), start=1):
-            convs = [Conv2dNormActivation(cin if i == 0 else c, c, stride=2 if i == 0 else 1, norm_layer=norm_layer) for i in range(depth)]
+            convs = [
+                Conv2dNormActivation(cin if i == 0 else c, c, stride=2 if i == 0 else 1, norm_layer=norm_layer)
+                for i in range(depth)
+            ]
             layers["stem" if k == 1 else f"stage{k}"] = nn.Sequential(*convs)
             cin = c
         super().__init__(layers)
         self.stage_channels = chans
 
 
-def _tiny_backbone(width: int, levels: tuple[int, ...], fpn_channels: int, norm: str, backbone_weights: str | None, arch: str) -> BackboneWithFPN:
+def _tiny_backbone(
+    width: int, levels: tuple[int, ...], fpn_channels: int, norm: str, backbone_weights: str | None, arch: str
+) -> BackboneWithFPN:
     body = TinyConvNet(width, resolve_norm(norm, backbone_weights is not None))
     if backbone_weights is not None:
         load_backbone_weights(body, backbone_weights, None, arch)
     backbone_levels = [lvl for lvl in levels if lvl <= 5]
     return_layers = {f"stage{lvl}": str(i) for i, lvl in enumerate(backbone_levels)}
     in_channels = [body.stage_channels[lvl - 1] for lvl in backbone_levels]
-    return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extra_block(levels, "p6p7", fpn_channels))
+    return BackboneWithFPN(
+        body, return_layers, in_channels, fpn_channels, extra_blocks=extra_block(levels, "p6p7", fpn_channels)
+    )
 
 
 def _head_convs(channels: int, n: int) -> nn.Sequential:
@@ -109,8 +123,21 @@ def retinanet_tiny(
 ) -> RetinaNet:
     """Tiny RetinaNet (~0.58M params at 10 classes): anchors of 1×, 1.26×, 1.59× the stride
     per level (8–12, 16–25, 32–50 px on P3–P5) × 3 aspect ratios = 9 per location."""
-    return _retinanet_tiny("retinanet_tiny", num_classes, width, fpn_channels, levels, head_convs, anchor_base,
-                           anchor_scales, aspect_ratios, norm, backbone_weights, min_size, max_size)
+    return _retinanet_tiny(
+        "retinanet_tiny",
+        num_classes,
+        width,
+        fpn_channels,
+        levels,
+        head_convs,
+        anchor_base,
+        anchor_scales,
+        aspect_ratios,
+        norm,
+        backbone_weights,
+        min_size,
+        max_size,
+    )
 
 
 @register_arch("retinanet_tiny_wide", family="retinanet")
@@ -132,8 +159,21 @@ def retinanet_tiny_wide(
     """retinanet_tiny with a 2.5× wider backbone: a stronger teacher whose FPN output
     convs and head have the same shapes as retinanet_tiny's, so weights can be inherited
     as in MTPD (R101/X101 teachers and an R50 student share their neck and head)."""
-    return _retinanet_tiny("retinanet_tiny_wide", num_classes, width, fpn_channels, levels, head_convs, anchor_base,
-                           anchor_scales, aspect_ratios, norm, backbone_weights, min_size, max_size)
+    return _retinanet_tiny(
+        "retinanet_tiny_wide",
+        num_classes,
+        width,
+        fpn_channels,
+        levels,
+        head_convs,
+        anchor_base,
+        anchor_scales,
+        aspect_ratios,
+        norm,
+        backbone_weights,
+        min_size,
+        max_size,
+    )
 
 
 @register_arch("fcos_tiny", family="fcos")
@@ -150,7 +190,6 @@ def fcos_tiny(
     min_size: int = 128,
     max_size: int = 128,
 ) -> FCOS:
-
     """Tiny FCOS (GroupNorm head). Point sizes are half the stride (4, 8, 16 px) so FCOS's
     scale ranges (4–8× the size) send objects up to ~32 px to P3, 32–64 px to P4, larger to
     P5; torchvision's size=stride would put every object under 64 px on P3."""
@@ -161,7 +200,14 @@ def fcos_tiny(
     gn = partial(nn.GroupNorm, gcd(32, fpn_channels))
     head.classification_head = FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs, norm_layer=gn)
     head.regression_head = FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=gn)
-    return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=point_anchors(lv, anchor_base), head=head)
+    return FCOS(
+        backbone,
+        num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        anchor_generator=point_anchors(lv, anchor_base),
+        head=head,
+    )
 
 
 def example_detector(num_classes: int = 3) -> nn.Module:

@@ -20,6 +20,7 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from mtpd.models.arch_info import ArchInfo, arch_table
 from mtpd.models.parts import (
     PRETRAINED_TRAINABLE_LAYERS,
     check_levels,
@@ -31,7 +32,6 @@ from mtpd.models.parts import (
     retinanet_anchors,
     rpn_anchors,
 )
-from mtpd.models.arch_info import ArchInfo, arch_table
 
 # This module's architectures, read by mtpd.models.registry (this module never imports the registry).
 ARCHS: list[ArchInfo] = []
@@ -70,7 +70,11 @@ def _resnet_fpn(
     if pretrained:
         load_backbone_weights(body, backbone_weights, imagenet, arch)
     # torchvision's convention: train the last 3 stages over pretrained weights, all from scratch.
-    n = (PRETRAINED_TRAINABLE_LAYERS if pretrained else 5) if trainable_backbone_layers is None else trainable_backbone_layers
+    n = (
+        (PRETRAINED_TRAINABLE_LAYERS if pretrained else 5)
+        if trainable_backbone_layers is None
+        else trainable_backbone_layers
+    )
     if not 0 <= n <= 5:
         raise ValueError(f"{arch}: trainable_backbone_layers must be 0..5, got {n}")
     prefixes = ["layer4", "layer3", "layer2", "layer1", "conv1"][:n] + (["bn1"] if n == 5 else [])
@@ -84,7 +88,9 @@ def _resnet_fpn(
     return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=extras)
 
 
-def _register_retinanet_resnet(name: str, backbone_name: str, coco: Any = None, eps: float | None = None, v2: bool = False) -> None:
+def _register_retinanet_resnet(
+    name: str, backbone_name: str, coco: Any = None, eps: float | None = None, v2: bool = False
+) -> None:
     def factory(
         num_classes: int,
         *,
@@ -97,24 +103,44 @@ def _register_retinanet_resnet(name: str, backbone_name: str, coco: Any = None, 
         max_size: int = 1333,
     ) -> RetinaNet:
         lv = check_levels(levels, 2, 7, name)
-        backbone = _resnet_fpn(backbone_name, lv, fpn_channels, "p6p7", backbone_weights, norm, trainable_backbone_layers, name, p6_from_c5=v2)
+        backbone = _resnet_fpn(
+            backbone_name,
+            lv,
+            fpn_channels,
+            "p6p7",
+            backbone_weights,
+            norm,
+            trainable_backbone_layers,
+            name,
+            p6_from_c5=v2,
+        )
         anchors = retinanet_anchors(lv)
         # v2 (ATSS-style improvements) puts GroupNorm in the head and trains boxes with GIoU.
-        head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
-                             norm_layer=partial(nn.GroupNorm, 32) if v2 else None)
+        head = RetinaNetHead(
+            fpn_channels,
+            anchors.num_anchors_per_location()[0],
+            num_classes,
+            norm_layer=partial(nn.GroupNorm, 32) if v2 else None,
+        )
         if v2:
             head.regression_head._loss_type = "giou"
-        return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, head=head)
+        return RetinaNet(
+            backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, head=head
+        )
 
     factory.__name__ = name
-    factory.__doc__ = f"RetinaNet, {backbone_name} FPN backbone{' (v2: GroupNorm head, P6 from C5, GIoU)' if v2 else ''}."
+    factory.__doc__ = (
+        f"RetinaNet, {backbone_name} FPN backbone{' (v2: GroupNorm head, P6 from C5, GIoU)' if v2 else ''}."
+    )
     register_arch(name, family="retinanet", coco_weights=coco, coco_bn_eps=eps)(factory)
 
 
 _register_retinanet_resnet("retinanet_resnet18_fpn", "resnet18")
 _register_retinanet_resnet("retinanet_resnet34_fpn", "resnet34")
 _register_retinanet_resnet("retinanet_resnet50_fpn", "resnet50", tvd.RetinaNet_ResNet50_FPN_Weights.COCO_V1, 0.0)
-_register_retinanet_resnet("retinanet_resnet50_fpn_v2", "resnet50", tvd.RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1, v2=True)
+_register_retinanet_resnet(
+    "retinanet_resnet50_fpn_v2", "resnet50", tvd.RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1, v2=True
+)
 _register_retinanet_resnet("retinanet_resnet101_fpn", "resnet101")
 _register_retinanet_resnet("retinanet_resnext101_fpn", "resnext101_64x4d")
 
@@ -141,7 +167,11 @@ def retinanet_mobilenet_v3_fpn(
         load_backbone_weights(net, backbone_weights, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, name)
     features = net.features
     stages = len(_MBV3_STAGE_STARTS)
-    n = (PRETRAINED_TRAINABLE_LAYERS if pretrained else stages) if trainable_backbone_layers is None else trainable_backbone_layers
+    n = (
+        (PRETRAINED_TRAINABLE_LAYERS if pretrained else stages)
+        if trainable_backbone_layers is None
+        else trainable_backbone_layers
+    )
     if not 0 <= n <= stages:
         raise ValueError(f"{name}: trainable_backbone_layers must be 0..{stages}, got {n}")
     freeze_before = len(features) if n == 0 else _MBV3_STAGE_STARTS[stages - n]
@@ -149,7 +179,9 @@ def retinanet_mobilenet_v3_fpn(
     backbone_levels = [lvl for lvl in lv if lvl <= 5]
     return_layers = {str(_MBV3_STAGE_ENDS[lvl]): str(i) for i, lvl in enumerate(backbone_levels)}
     in_channels = [features[_MBV3_STAGE_ENDS[lvl]].out_channels for lvl in backbone_levels]
-    backbone = BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=extra_block(lv, "p6p7", fpn_channels))
+    backbone = BackboneWithFPN(
+        features, return_layers, in_channels, fpn_channels, extra_blocks=extra_block(lv, "p6p7", fpn_channels)
+    )
     anchors = retinanet_anchors(lv)
     return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors)
 
@@ -166,11 +198,12 @@ def fcos_resnet50_fpn(
     min_size: int = 800,
     max_size: int = 1333,
 ) -> FCOS:
-
     """FCOS, ResNet-50 FPN backbone (GroupNorm head)."""
     name = "fcos_resnet50_fpn"
     lv = check_levels(levels, 2, 7, name)
-    backbone = _resnet_fpn("resnet50", lv, fpn_channels, "p6p7", backbone_weights, norm, trainable_backbone_layers, name)
+    backbone = _resnet_fpn(
+        "resnet50", lv, fpn_channels, "p6p7", backbone_weights, norm, trainable_backbone_layers, name
+    )
     return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=point_anchors(lv))
 
 
@@ -187,7 +220,9 @@ def _register_rcnn(name: str, family: str, coco: Any, eps: float | None) -> None
         max_size: int = 1333,
     ) -> tvd.FasterRCNN:
         lv = check_levels(levels, 2, 6, name)
-        backbone = _resnet_fpn("resnet50", lv, fpn_channels, "pool", backbone_weights, norm, trainable_backbone_layers, name)
+        backbone = _resnet_fpn(
+            "resnet50", lv, fpn_channels, "pool", backbone_weights, norm, trainable_backbone_layers, name
+        )
         # RoI pooling reads features by key; name the backbone levels explicitly so other levels work.
         keys = [str(i) for i, lvl in enumerate(lv) if lvl <= 5]
         kwargs: dict[str, Any] = dict(

@@ -7,4 +7,12 @@
 from mtpd.teachers.base import Teacher, TeacherError, TeacherIdentity
 from mtpd.teachers.registry import TeacherSpec, available, build_teacher, register_teacher
 
-__all__ = ["Teacher", "TeacherError", "TeacherIdentity", "TeacherSpec", "available", "build_teacher", "register_teacher"]
+__all__ = [
+    "Teacher",
+    "TeacherError",
+    "TeacherIdentity",
+    "TeacherSpec",
+    "available",
+    "build_teacher",
+    "register_teacher",
+]

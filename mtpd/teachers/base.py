@@ -54,5 +54,6 @@ def check_outputs(teacher: Teacher, outputs: Sequence[str], teacher_name: str) -
     unknown = [o for o in outputs if o not in specs]
     if unknown:
         raise TeacherError(
-            f"teacher {teacher_name!r} cannot produce output(s) {', '.join(unknown)}; it has: {', '.join(specs)} (pass --outputs from those)"
+            f"teacher {teacher_name!r} cannot produce output(s) {', '.join(unknown)}; it has: {', '.join(specs)} (pass "
+            "--outputs from those)"
         )

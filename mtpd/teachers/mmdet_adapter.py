@@ -28,11 +28,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from mtpd.checkpoint import sha256_file
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
-from mtpd.teachers.mmdet_config import one_line, config_digest, load_model_config, load_weights, resolve_config
-from mtpd.checkpoint import sha256_file
+from mtpd.teachers.mmdet_config import config_digest, load_model_config, load_weights, one_line, resolve_config
 
 Triple = tuple[float, float, float]
 # Attribute names of the centerness conv in mmdet's FCOS and ATSS heads; a head
@@ -58,8 +58,11 @@ class InputConversion(nn.Module):
         self.perm = list(perm)
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.identity = self.perm == [0, 1, 2] and torch.allclose(self.scale, torch.ones(())) and torch.allclose(
-            self.shift, torch.zeros(()), atol=1e-6)
+        self.identity = (
+            self.perm == [0, 1, 2]
+            and torch.allclose(self.scale, torch.ones(()))
+            and torch.allclose(self.shift, torch.zeros(()), atol=1e-6)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.identity:
@@ -67,9 +70,11 @@ class InputConversion(nn.Module):
         return x[:, self.perm] * self.scale + self.shift
 
     def describe(self) -> dict:
-        return {"channels": "rgb" if self.perm == [0, 1, 2] else "bgr",
-                "scale": [round(float(v), 6) for v in self.scale.flatten()],
-                "shift": [round(float(v), 6) for v in self.shift.flatten()]}
+        return {
+            "channels": "rgb" if self.perm == [0, 1, 2] else "bgr",
+            "scale": [round(float(v), 6) for v in self.scale.flatten()],
+            "shift": [round(float(v), 6) for v in self.shift.flatten()],
+        }
 
 
 def input_conversion(preprocessor_cfg: dict | None, view_mean: Triple, view_std: Triple) -> InputConversion:
@@ -102,14 +107,18 @@ def _level_of(stride: Any, where: str) -> int:
     sw, sh = (stride, stride) if isinstance(stride, (int, float)) else tuple(stride)
     lvl = math.log2(sw) if sw > 0 else -1.0
     if sw != sh or lvl != int(lvl) or lvl < 0:
-        raise TeacherError(f"{where} has stride {stride}: mtpd stores need square power-of-two strides (level l = stride 2**l)")
+        raise TeacherError(
+            f"{where} has stride {stride}: mtpd stores need square power-of-two strides (level l = stride 2**l)"
+        )
     return int(lvl)
 
 
 class MMDetTeacher:
     """A built mmdet detector in eval mode, answering the ``Teacher`` protocol."""
 
-    def __init__(self, model: nn.Module, identity: TeacherIdentity, conversion: InputConversion, device: str = "cpu") -> None:
+    def __init__(
+        self, model: nn.Module, identity: TeacherIdentity, conversion: InputConversion, device: str = "cpu"
+    ) -> None:
         self.model = model.eval()
         self.identity = identity
         self.conversion = conversion
@@ -120,7 +129,9 @@ class MMDetTeacher:
                 f"{identity.name}: {type(model).__name__} has no dense head with a prior generator "
                 "(query-based detectors such as DETR are not supported); use a one-stage or RPN-based config"
             )
-        self.levels = tuple(_level_of(s, f"{type(self.head).__name__}.prior_generator") for s in self.head.prior_generator.strides)
+        self.levels = tuple(
+            _level_of(s, f"{type(self.head).__name__}.prior_generator") for s in self.head.prior_generator.strides
+        )
         self.head_names = ("rpn_obj", "rpn_box") if self.two_stage else ("cls", "box", "ctr")
         self.to(device)
         self._specs = self._probe()
@@ -141,7 +152,9 @@ class MMDetTeacher:
         check_outputs(self, outputs, self.identity.name)
         if images.ndim != 4 or images.shape[1] != 3:
             raise TeacherError(f"{self.identity.name}: expected images [B, 3, H, W], got {tuple(images.shape)}")
-        maps = self._forward(images.to(self.device, torch.float32), need_head=any(o in self.head_names for o in outputs))
+        maps = self._forward(
+            images.to(self.device, torch.float32), need_head=any(o in self.head_names for o in outputs)
+        )
         size = images.shape[-2:]
         result: dict[str, torch.Tensor] = {}
         for name in outputs:
@@ -189,16 +202,30 @@ class MMDetTeacher:
         anchors = list(head.prior_generator.num_base_priors)
         num_anchors = int(anchors[0]) if len(set(anchors)) == 1 else 1
         num_classes = int(getattr(head, "num_classes", 0))
-        kinds = {"fpn": "feature", "cls": "logits", "box": "deltas", "ctr": "logits", "rpn_obj": "objectness", "rpn_box": "deltas"}
+        kinds = {
+            "fpn": "feature",
+            "cls": "logits",
+            "box": "deltas",
+            "ctr": "logits",
+            "rpn_obj": "objectness",
+            "rpn_box": "deltas",
+        }
         specs = {}
         for name, tensors in maps.items():
             chans = {int(t.shape[1]) for t in tensors}
             if len(chans) != 1:
-                raise TeacherError(f"{self.identity.name}: output {name} has different channels per level {sorted(chans)}; not storable")
+                raise TeacherError(
+                    f"{self.identity.name}: output {name} has different channels per level {sorted(chans)}; not "
+                    "storable"
+                )
             is_pred = name != "fpn"
             specs[name] = OutputSpec(
-                name=name, kind=kinds[name], levels=self.levels, channels=chans.pop(),
-                num_anchors=num_anchors if is_pred else 1, num_classes=num_classes if name == "cls" else 0,
+                name=name,
+                kind=kinds[name],
+                levels=self.levels,
+                channels=chans.pop(),
+                num_anchors=num_anchors if is_pred else 1,
+                num_classes=num_classes if name == "cls" else 0,
             )
         return specs
 
@@ -226,7 +253,9 @@ def _weights_path(weights: str) -> Path | None:
         )
     wpath = None if weights == "none" else Path(weights).expanduser().resolve()
     if wpath is not None and not wpath.is_file():
-        raise TeacherError(f"checkpoint {weights} not found: pass a local mmdet .pth file, or 'none' for random weights")
+        raise TeacherError(
+            f"checkpoint {weights} not found: pass a local mmdet .pth file, or 'none' for random weights"
+        )
     return wpath
 
 
@@ -256,7 +285,9 @@ def build_mmdet_teacher(
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
     except ImportError as exc:
-        raise TeacherError(f"mmdet is not importable ({exc}): `pip install 'mtpd[mmdet]'` or `make install-mmdet`") from exc
+        raise TeacherError(
+            f"mmdet is not importable ({exc}): `pip install 'mtpd[mmdet]'` or `make install-mmdet`"
+        ) from exc
 
     path = resolve_config(config)
     cfg = load_model_config(path, num_classes, cfg_options, config)
@@ -281,7 +312,10 @@ def build_mmdet_teacher(
         config=config_digest(model_cfg),
         weights=str(weights) if wpath is None else str(wpath),
         weights_sha256="" if wpath is None else sha256_file(wpath),
-        extra={"model": type(model).__name__, "input": conversion.describe(),
-               **({"init_seed": NONE_SEED} if wpath is None else {})},
+        extra={
+            "model": type(model).__name__,
+            "input": conversion.describe(),
+            **({"init_seed": NONE_SEED} if wpath is None else {}),
+        },
     )
     return MMDetTeacher(model, identity, conversion, device=device)

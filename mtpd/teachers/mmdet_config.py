@@ -124,7 +124,9 @@ def load_model_config(path: Path, num_classes: int | None, cfg_options: dict | N
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     if "model" not in cfg:
-        raise TeacherError(f"mmdet config {path} has no `model` section: pass a detector config, not a dataset or schedule")
+        raise TeacherError(
+            f"mmdet config {path} has no `model` section: pass a detector config, not a dataset or schedule"
+        )
     model_cfg = _strip_pretrained(cfg.model.to_dict())
     if num_classes is not None:
         _set_num_classes(model_cfg, num_classes, config)
@@ -148,7 +150,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise TeacherError(f"checkpoint {path} is not an mmdet checkpoint: expected {{'state_dict': {{name: tensor}}, 'meta': ...}}")
+        raise TeacherError(
+            f"checkpoint {path} is not an mmdet checkpoint: expected {{'state_dict': {{name: tensor}}, 'meta': ...}}"
+        )
     # Checkpoints saved from DistributedDataParallel carry a `module.` prefix.
     return {k.removeprefix("module."): v for k, v in ckpt.items()}
 
@@ -159,8 +163,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 from torch import nn
 
+from mtpd.checkpoint import sha256_file
 from mtpd.models import arch_family, unwrap
 from mtpd.teachers.base import Teacher, TeacherError, TeacherIdentity
-from mtpd.checkpoint import sha256_file
 from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, infer_num_classes, load_weights, read_checkpoint
 
 
@@ -33,12 +33,16 @@ def _resolve(spec: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise TeacherError(f"teacher {spec!r}: cannot import module {module_name!r} ({e}); install it or add its folder to PYTHONPATH") from e
+        raise TeacherError(
+            f"teacher {spec!r}: cannot import module {module_name!r} ({e}); install it or add its folder to PYTHONPATH"
+        ) from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise TeacherError(f"teacher {spec!r}: module {module_name!r} has no {attr!r}; callables there: {', '.join(public[:20])}")
+            raise TeacherError(
+                f"teacher {spec!r}: module {module_name!r} has no {attr!r}; callables there: {', '.join(public[:20])}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise TeacherError(f"teacher {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable factory")
@@ -53,21 +57,33 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def build_module_teacher(spec: str, weights: str = "none", num_classes: int | None = None, device: str = "cpu") -> Teacher:
+def _read_weights(spec: str, weights: str, num_classes: int | None) -> tuple[dict | None, str, str, int | None]:
+    """(state dict, resolved file, sha256, class count) of ``weights`` for a factory without a weights parameter."""
+    if weights == "none":
+        return None, "", "", num_classes
+    if weights == "default":
+        raise TeacherError(
+            f"teacher {spec!r}: 'default' weights exist only for registered names; pass a checkpoint path or 'none'"
+        )
+    path = Path(weights).expanduser()
+    state_dict, meta = read_checkpoint(path)
+    found = meta.get("num_classes") or infer_num_classes(state_dict)
+    if found is not None and num_classes is not None and int(found) != num_classes:
+        raise TeacherError(
+            f"checkpoint {path} has {found} classes but --num-classes is {num_classes}; drop --num-classes"
+        )
+    return state_dict, str(path.resolve()), sha256_file(path), int(found) if found is not None else num_classes
+
+
+def build_module_teacher(
+    spec: str, weights: str = "none", num_classes: int | None = None, device: str = "cpu"
+) -> Teacher:
     """Build the teacher named ``package.module:factory`` (see the module docstring)."""
     factory = _resolve(spec)
     takes_weights = _accepts(factory, "weights")
     state_dict, weights_file, digest = None, "", ""
-    if weights not in ("none", "default") and not takes_weights:
-        path = Path(weights).expanduser()
-        state_dict, meta = read_checkpoint(path)
-        weights_file, digest = str(path.resolve()), sha256_file(path)
-        found = meta.get("num_classes") or infer_num_classes(state_dict)
-        if found is not None and num_classes is not None and int(found) != num_classes:
-            raise TeacherError(f"checkpoint {path} has {found} classes but --num-classes is {num_classes}; drop --num-classes")
-        num_classes = int(found) if found is not None else num_classes
-    elif weights == "default" and not takes_weights:
-        raise TeacherError(f"teacher {spec!r}: 'default' weights exist only for registered names; pass a checkpoint path or 'none'")
+    if not takes_weights:  # mtpd reads the checkpoint and loads it into what the factory returns
+        state_dict, weights_file, digest, num_classes = _read_weights(spec, weights, num_classes)
 
     kwargs: dict[str, Any] = {}
     if num_classes is not None and _accepts(factory, "num_classes"):
@@ -79,25 +95,32 @@ def build_module_teacher(spec: str, weights: str = "none", num_classes: int | No
     except TeacherError:
         raise
     except Exception as e:
-        raise TeacherError(f"teacher {spec!r}: factory({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {type(e).__name__}: {e}") from e
+        raise TeacherError(
+            f"teacher {spec!r}: factory({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
     if isinstance(built, nn.Module) and _is_detector(built):
         model = unwrap(built)
         if state_dict is not None:
             load_weights(model, state_dict, weights_file, spec)
         config = json.dumps({"factory": spec, "kwargs": {k: v for k, v in kwargs.items()}}, sort_keys=True, default=str)
-        identity = TeacherIdentity(name=spec, config=config, weights=weights, weights_sha256=digest,
-                                   extra={"family": arch_family(model)})
+        identity = TeacherIdentity(
+            name=spec, config=config, weights=weights, weights_sha256=digest, extra={"family": arch_family(model)}
+        )
         return TorchvisionTeacher(model, identity, device)
     if isinstance(built, Teacher):
         if state_dict is not None:
-            raise TeacherError(f"teacher {spec!r} returned a Teacher object, which loads its own weights; give the factory a 'weights' parameter or pass --weights none")
+            raise TeacherError(
+                f"teacher {spec!r} returned a Teacher object, which loads its own weights; give the factory "
+                "a 'weights' parameter or pass --weights none"
+            )
         if built.identity.name != spec:
             built.identity = dataclasses.replace(built.identity, name=spec)
         return built.to(device)
     raise TeacherError(
-        f"teacher {spec!r} returned a {type(built).__name__}: expected a torchvision RetinaNet/FCOS/FasterRCNN/MaskRCNN "
-        "or an object with identity, output_specs(), to() and __call__(images, outputs)"
+        f"teacher {spec!r} returned a {type(built).__name__}: expected a torchvision RetinaNet/FCOS/FasterRCNN/"
+        "MaskRCNN or an object with identity, output_specs(), to() and __call__(images, outputs)"
     )
 
 

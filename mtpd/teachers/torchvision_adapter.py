@@ -11,7 +11,6 @@ Weights (``--weights``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from functools import partial
@@ -21,8 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtpd.models import arch_family, arch_info, build_arch, dense_outputs, list_archs, output_specs, unwrap
 from mtpd.checkpoint import load_state_dict, sha256_file
+from mtpd.models import arch_family, arch_info, build_arch, dense_outputs, list_archs, output_specs, unwrap
 from mtpd.models.parts import hub_checkpoint_path, load_checked, set_frozen_bn_eps
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
@@ -60,7 +59,8 @@ class TorchvisionTeacher:
         return dense_outputs(self.model, images.to(param.device, param.dtype, non_blocking=True), outputs)
 
     def __repr__(self) -> str:
-        return f"TorchvisionTeacher({self.identity.name!r}, weights={self.identity.weights!r}, device={str(self.device)!r})"
+        i = self.identity
+        return f"TorchvisionTeacher({i.name!r}, weights={i.weights!r}, device={str(self.device)!r})"
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -85,7 +85,8 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str, a
     if problem:
         raise TeacherError(
             f"weights {source} do not fit {arch} ({arch_family(model)}, "
-            f"{output_specs(model)['fpn'].channels}-ch FPN): {problem}; pass the architecture the checkpoint was trained as"
+            f"{output_specs(model)['fpn'].channels}-ch FPN): {problem}; pass the architecture the checkpoint was "
+            "trained as"
         )
 
 
@@ -111,22 +112,31 @@ def _check_hash(path: Path, digest: str) -> None:
     # torchvision file names end in the first hex digits of their sha256 (torch.hub's check_hash).
     m = re.search(r"-([a-f0-9]{6,})\.", path.name)
     if m and not digest.startswith(m.group(1)):
-        raise TeacherError(f"{path} has sha256 {digest[:12]}…, not {m.group(1)}… as its name says: the file is damaged or incomplete; download it again")
+        raise TeacherError(
+            f"{path} has sha256 {digest[:12]}…, not {m.group(1)}… as its name says: the file is damaged or incomplete; "
+            "download it again"
+        )
 
 
-def build_torchvision_teacher(name: str, weights: str = "none", num_classes: int | None = None, device: str = "cpu") -> TorchvisionTeacher:
+def build_torchvision_teacher(
+    name: str, weights: str = "none", num_classes: int | None = None, device: str = "cpu"
+) -> TorchvisionTeacher:
     """Build the registered architecture ``name`` as a teacher (see the module docstring for ``weights``)."""
     options: dict[str, Any] = {}
     state_dict: dict[str, Tensor] | None = None
     weights_file, digest, eps = "", "", None
     if weights == "none":
         if num_classes is None:
-            raise TeacherError(f"teacher {name} with --weights none needs --num-classes (random init has no class count)")
+            raise TeacherError(
+                f"teacher {name} with --weights none needs --num-classes (random init has no class count)"
+            )
     elif weights == "default":
         path, enum = _resolve_default(name)
         coco_classes = len(enum.meta["categories"])
         if num_classes not in (None, coco_classes):
-            raise TeacherError(f"{name} COCO weights have {coco_classes} classes, not {num_classes}; drop --num-classes")
+            raise TeacherError(
+                f"{name} COCO weights have {coco_classes} classes, not {num_classes}; drop --num-classes"
+            )
         num_classes, weights_file, eps = coco_classes, str(path), arch_info(name).coco_bn_eps
         # Built as torchvision builds it for these weights: FrozenBatchNorm2d (eps set below).
         options = {"norm": "frozen_bn"}
@@ -138,13 +148,20 @@ def build_torchvision_teacher(name: str, weights: str = "none", num_classes: int
         state_dict, meta = read_checkpoint(path)
         weights_file, digest = str(path.resolve()), sha256_file(path)
         if meta.get("arch") not in (None, name):
-            raise TeacherError(f"checkpoint {path} was saved from arch {meta['arch']!r}; use it as teacher {meta['arch']!r}, not {name!r}")
+            raise TeacherError(
+                f"checkpoint {path} was saved from arch {meta['arch']!r}; use it as teacher {meta['arch']!r}, not "
+                f"{name!r}"
+            )
         options = {k: v for k, v in dict(meta.get("arch_options") or {}).items() if k != "backbone_weights"}
         found = meta.get("num_classes") or infer_num_classes(state_dict)
         if found is None and num_classes is None:
-            raise TeacherError(f"cannot tell the class count of {path} (no 'num_classes' and no known class head); pass --num-classes")
+            raise TeacherError(
+                f"cannot tell the class count of {path} (no 'num_classes' and no known class head); pass --num-classes"
+            )
         if found is not None and num_classes is not None and int(found) != num_classes:
-            raise TeacherError(f"checkpoint {path} has {found} classes but --num-classes is {num_classes}; drop --num-classes")
+            raise TeacherError(
+                f"checkpoint {path} has {found} classes but --num-classes is {num_classes}; drop --num-classes"
+            )
         num_classes = int(found) if found is not None else num_classes
     try:
         model = build_arch(name, int(num_classes), **options)
@@ -155,8 +172,9 @@ def build_torchvision_teacher(name: str, weights: str = "none", num_classes: int
     if eps is not None:
         set_frozen_bn_eps(model, eps)
     config = json.dumps({"arch": name, "num_classes": int(num_classes), "options": options}, sort_keys=True)
-    identity = TeacherIdentity(name=name, config=config, weights=weights, weights_sha256=digest,
-                               extra={"family": arch_family(model)})
+    identity = TeacherIdentity(
+        name=name, config=config, weights=weights, weights_sha256=digest, extra={"family": arch_family(model)}
+    )
     return TorchvisionTeacher(model, identity, device)
 
 

@@ -14,7 +14,8 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def _coco_classes():
     try:  # same API and stats as pycocotools, much faster
-        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as COCOeval
 
         return COCO, COCOeval, "faster-coco-eval"
     except ImportError:
@@ -51,15 +52,21 @@ def coco_box_ap(ann_file: str | Path, results: list[dict], backend: str | None =
     return {k: float(v) for k, v in zip(STAT_NAMES, stats)} | {"backend": name}
 
 
-def detections_to_coco(image_id: int, boxes_xyxy: np.ndarray, scores: np.ndarray, labels: np.ndarray, label_to_cat: list[int]) -> list[dict]:
+def detections_to_coco(
+    image_id: int, boxes_xyxy: np.ndarray, scores: np.ndarray, labels: np.ndarray, label_to_cat: list[int]
+) -> list[dict]:
     out = []
-    for (x1, y1, x2, y2), s, lab in zip(np.asarray(boxes_xyxy, float), np.asarray(scores, float), np.asarray(labels, int)):
-        out.append({
-            "image_id": int(image_id),
-            "category_id": int(label_to_cat[lab]),
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-            "score": round(float(s), 5),
-        })
+    for (x1, y1, x2, y2), s, lab in zip(
+        np.asarray(boxes_xyxy, float), np.asarray(scores, float), np.asarray(labels, int)
+    ):
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(label_to_cat[lab]),
+                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                "score": round(float(s), 5),
+            }
+        )
     return out
 
 

@@ -63,7 +63,9 @@ class StudentInfo:
     def of(cls, student: nn.Module) -> StudentInfo:
         specs = output_specs(student)
         cls_spec = specs.get("cls")
-        return cls(tuple(specs["fpn"].levels), cls_spec.num_anchors if cls_spec else 1, cls_spec.num_classes if cls_spec else 0)
+        return cls(
+            tuple(specs["fpn"].levels), cls_spec.num_anchors if cls_spec else 1, cls_spec.num_classes if cls_spec else 0
+        )
 
 
 class TargetSource(Protocol):
@@ -111,10 +113,22 @@ class Engine:
     synchronisation when timing on a GPU).
     """
 
-    def __init__(self, student: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, *, epochs: int, losses: list[BoundLoss] = (),
-                 targets: TargetSource | None = None, model: nn.Module | None = None, device: str | torch.device = "cpu",
-                 grad_clip: float | None = None, label_offset: int = 0, hooks: list[HookBase] = ()) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        loader: torch.utils.data.DataLoader,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        epochs: int,
+        losses: list[BoundLoss] = (),
+        targets: TargetSource | None = None,
+        model: nn.Module | None = None,
+        device: str | torch.device = "cpu",
+        grad_clip: float | None = None,
+        label_offset: int = 0,
+        hooks: list[HookBase] = (),
+    ) -> None:
         self.student, self.loader, self.optimizer, self.scheduler = student, loader, optimizer, scheduler
         self.losses = list(losses)
         self.loss_modules = nn.ModuleList([b.loss for b in self.losses])
@@ -172,7 +186,9 @@ class Engine:
         clock.lap("data")
         teacher, masks = self.targets(batch) if self.targets is not None else ([], batch.masks)
         clock.lap("teacher")
-        det_losses, outputs = self.model(batch.images, batch.image_sizes, self.ground_truth(batch), self.student_outputs)
+        det_losses, outputs = self.model(
+            batch.images, batch.image_sizes, self.ground_truth(batch), self.student_outputs
+        )
         parts = {f"det_{k}": v for k, v in det_losses.items()}
         clock.lap("student")
         parts.update(self.distill(batch, outputs, teacher, masks))
@@ -198,8 +214,9 @@ class Engine:
             t["masks"] = m
         return targets
 
-    def distill(self, batch: Batch, outputs: dict[str, Tensor], teacher: list[dict[str, Tensor]],
-                masks: dict[int, Tensor]) -> dict[str, Tensor]:
+    def distill(
+        self, batch: Batch, outputs: dict[str, Tensor], teacher: list[dict[str, Tensor]], masks: dict[int, Tensor]
+    ) -> dict[str, Tensor]:
         """Each bound loss on the student's outputs and its store's targets, weighted."""
         if not self.losses:
             return {}
@@ -207,8 +224,17 @@ class Engine:
         info = self.info
         out = {}
         for b in self.losses:
-            db = DistillBatch(outputs, teacher[b.store], masks, batch.boxes, batch.labels, anchors, info.num_anchors,
-                              info.num_classes, info.levels)
+            db = DistillBatch(
+                outputs,
+                teacher[b.store],
+                masks,
+                batch.boxes,
+                batch.labels,
+                anchors,
+                info.num_anchors,
+                info.num_classes,
+                info.levels,
+            )
             out[b.name] = b.weight * b.loss(db)
         return out
 
@@ -216,7 +242,9 @@ class Engine:
     def _non_finite(self, parts: dict[str, Tensor]) -> None:
         s = self.state
         comp = ", ".join(f"{n}={float(v.detach()):.4g}" for n, v in parts.items())
-        raise NonFiniteLoss(f"non-finite loss at epoch {s.epoch + 1} iteration {s.iter + 1} (step {s.step + 1}): {comp}")
+        raise NonFiniteLoss(
+            f"non-finite loss at epoch {s.epoch + 1} iteration {s.iter + 1} (step {s.step + 1}): {comp}"
+        )
 
     def _call(self, event: str) -> None:
         for h in self.hooks:

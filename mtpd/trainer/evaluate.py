@@ -14,8 +14,15 @@ from mtpd.trainer.targets import DistillDataset, make_loader
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: CocoDataset, spec: ViewSpec, batch_size: int = 8, device: str | torch.device = "cpu",
-            workers: int = 0, progress: bool = False) -> list[dict]:
+def predict(
+    model: nn.Module,
+    dataset: CocoDataset,
+    spec: ViewSpec,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+) -> list[dict]:
     """COCO detection results (source-image coordinates) for every image of ``dataset``."""
     model.eval()
     offset = label_offset(model)
@@ -28,12 +35,21 @@ def predict(model: nn.Module, dataset: CocoDataset, spec: ViewSpec, batch_size: 
             labels = det["labels"].cpu().numpy() - offset
             keep = labels >= 0
             boxes = boxes_from_view(det["boxes"].cpu().numpy()[keep], meta)
-            results += detections_to_coco(image_id, boxes, det["scores"].cpu().numpy()[keep], labels[keep], dataset.label_to_cat)
+            results += detections_to_coco(
+                image_id, boxes, det["scores"].cpu().numpy()[keep], labels[keep], dataset.label_to_cat
+            )
     return results
 
 
-def evaluate(model: nn.Module, dataset: CocoDataset, spec: ViewSpec, batch_size: int = 8, device: str | torch.device = "cpu",
-             workers: int = 0, progress: bool = False) -> dict:
+def evaluate(
+    model: nn.Module,
+    dataset: CocoDataset,
+    spec: ViewSpec,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+) -> dict:
     """AP, AP50, AP75, APs, APm, APl (0-1) and the number of detections."""
     results = predict(model, dataset, spec, batch_size, device, workers, progress)
     stats = coco_box_ap(dataset.ann_file, results)

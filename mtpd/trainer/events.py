@@ -31,7 +31,8 @@ def format_event(ev: Event, epochs: int | None = None, iters: int | None = None)
     if kind == "step":
         skip = ("stage", "epoch", "iter", "step", "lr", "loss", "time", "event", "epoch_end", "epochs", "iters")
         parts = " ".join(f"{n}={v:.3f}" for n, v in ev.items() if n not in skip)
-        return f"stage {k} epoch {ev['epoch']}/{ev['epochs']} iter {ev['iter']}/{ev['iters']} loss {ev['loss']:.4f} {parts}"
+        where = f"stage {k} epoch {ev['epoch']}/{ev['epochs']} iter {ev['iter']}/{ev['iters']}"
+        return f"{where} loss {ev['loss']:.4f} {parts}"
     if kind == "stage_end":
         shown = ", ".join(f"{n}={v:.4f}" for n, v in ev["metrics"].items() if isinstance(v, float))
         return f"stage {k} ({ev['name']}) done: {shown}"

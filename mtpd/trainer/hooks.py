@@ -51,9 +51,16 @@ class MetricsLogger(HookBase):
         s = engine.state
         if s.step % self.every and not s.epoch_done:
             return
-        rec = {"stage": self.stage, "epoch": s.epoch + 1, "iter": s.iter, "step": s.step,
-               "lr": engine.optimizer.param_groups[0]["lr"], "loss": s.total, **s.losses,
-               "time": time.perf_counter() - self._t0}
+        rec = {
+            "stage": self.stage,
+            "epoch": s.epoch + 1,
+            "iter": s.iter,
+            "step": s.step,
+            "lr": engine.optimizer.param_groups[0]["lr"],
+            "loss": s.total,
+            **s.losses,
+            "time": time.perf_counter() - self._t0,
+        }
         for sink in self.sinks:
             sink(rec)
 
@@ -123,9 +130,19 @@ class Checkpointer(HookBase):
             self.save_final(engine.student)
 
     def save(self, engine: Engine, epoch: int, it: int) -> None:
-        checkpoint.save({"model": engine.student.state_dict(), "losses": engine.loss_modules.state_dict(),
-                         "optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
-                         "rng": rng_state(), "epoch": epoch, "iteration": it, "step": engine.state.step}, self.last)
+        checkpoint.save(
+            {
+                "model": engine.student.state_dict(),
+                "losses": engine.loss_modules.state_dict(),
+                "optimizer": engine.optimizer.state_dict(),
+                "scheduler": engine.scheduler.state_dict(),
+                "rng": rng_state(),
+                "epoch": epoch,
+                "iteration": it,
+                "step": engine.state.step,
+            },
+            self.last,
+        )
 
     def restore(self, engine: Engine) -> None:
         """Load ``last.pt`` into the engine: weights, optimiser, schedule, RNG and position."""
@@ -167,14 +184,27 @@ class StepTimer(HookBase):
 def rng_state() -> dict:
     """Python, NumPy and torch RNG states as tensors and plain values (safe to load with weights_only)."""
     np_state = np.random.get_state(legacy=False)
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
-                      "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])}}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
 
 
 def set_rng_state(s: dict) -> None:
     n = s["numpy"]
     random.setstate(s["python"])
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     torch.set_rng_state(s["torch"])

@@ -16,7 +16,9 @@ def make_optimizer(stage: StageConfig, params: list[nn.Parameter], batch_size: i
     return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
-def make_schedule(opt: torch.optim.Optimizer, stage: StageConfig, iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(
+    opt: torch.optim.Optimizer, stage: StageConfig, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then steps at fractions of the stage (mmdet's 1x: epochs 8 and 11 of 12)."""
     sc = stage.schedule
     milestones = [int(round(f * stage.epochs)) * iters_per_epoch for f in sc.steps]

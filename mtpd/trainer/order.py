@@ -40,8 +40,14 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
 
 
 @torch.no_grad()
-def measure(student: nn.Module, stores: list[str], dataset: CocoDataset, n_images: int = 64, batch_size: int = 8,
-            device: str = "cpu") -> list[TeacherDistance]:
+def measure(
+    student: nn.Module,
+    stores: list[str],
+    dataset: CocoDataset,
+    n_images: int = 64,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> list[TeacherDistance]:
     """Distances of ``student`` to each store's teacher on the first ``n_images`` images; nearest first."""
     student.eval().to(device)
     levels = output_specs(student)["fpn"].levels
@@ -57,7 +63,9 @@ def measure(student: nn.Module, stores: list[str], dataset: CocoDataset, n_image
         ys: dict[int, list[Tensor]] = {lvl: [] for lvl in levels}
         seen = 0
         for batch in loader:
-            out = detector_forward(student, batch.images.to(device), batch.image_sizes, None, names=("fpn",), detect=False)
+            out = detector_forward(
+                student, batch.images.to(device), batch.image_sizes, None, names=("fpn",), detect=False
+            )
             for lvl in levels:
                 key = f"fpn.p{lvl}"
                 if key not in batch.teacher[0]:
@@ -92,7 +100,9 @@ def reorder_plan(plan: Plan, order: list[str]) -> Plan:
     return plan
 
 
-def order_plan(plan: Plan, student: nn.Module, n_images: int = 64, device: str = "cpu") -> tuple[Plan, list[TeacherDistance]]:
+def order_plan(
+    plan: Plan, student: nn.Module, n_images: int = 64, device: str = "cpu"
+) -> tuple[Plan, list[TeacherDistance]]:
     """Measure ``student`` against every single-store stage's teacher on the plan's train data and
     return the plan with those stages nearest-first (MTPD's weak-to-strong order, measured)."""
     stores = [s.stores[0] for s in plan.stages if len(s.stores) == 1]

@@ -115,7 +115,9 @@ class Plan:
                 raise PlanError(f"{where}.optimizer.type: {s.optimizer.type!r} is not sgd or adamw")
             for j, loss in enumerate(s.losses):
                 if not (0 <= loss.store < len(s.stores)):
-                    raise PlanError(f"{where}.losses[{j}].store: index {loss.store} but the stage lists {len(s.stores)} store(s)")
+                    raise PlanError(
+                        f"{where}.losses[{j}].store: index {loss.store} but the stage lists {len(s.stores)} store(s)"
+                    )
         if self.data.batch_size < 1:
             raise PlanError("data.batch_size: must be at least 1")
 
@@ -205,7 +207,9 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
         return str((base / v).resolve())
 
     d = plan.data
-    d.train_ann, d.train_images, d.val_ann, d.val_images = map(fix, (d.train_ann, d.train_images, d.val_ann, d.val_images))
+    d.train_ann, d.train_images, d.val_ann, d.val_images = map(
+        fix, (d.train_ann, d.train_images, d.val_ann, d.val_images)
+    )
     plan.student.init = fix(plan.student.init)
     plan.output_dir = fix(plan.output_dir)
     for s in plan.stages:

@@ -58,7 +58,9 @@ class OnlineTargets:
         return [t.output_specs() for t in self.teachers]
 
     def names(self) -> list[str]:
-        return [f"online teacher {getattr(getattr(t, 'identity', None), 'name', type(t).__name__)}" for t in self.teachers]
+        return [
+            f"online teacher {getattr(getattr(t, 'identity', None), 'name', type(t).__name__)}" for t in self.teachers
+        ]
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]:

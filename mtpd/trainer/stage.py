@@ -63,8 +63,9 @@ def stage_done(plan: Plan, k: int) -> bool:
     return plan_to_dict(load_plan(d / "plan.yaml")) == plan_to_dict(plan)
 
 
-def build_losses(stage: StageConfig, student: nn.Module, teachers: list[dict[str, OutputSpec]], sources: list[str],
-                 where: str) -> list[BoundLoss]:
+def build_losses(
+    stage: StageConfig, student: nn.Module, teachers: list[dict[str, OutputSpec]], sources: list[str], where: str
+) -> list[BoundLoss]:
     """Losses of a stage, checked against the student's and each teacher's levels, channels and classes."""
     specs = output_specs(student)
     levels = tuple(specs["fpn"].levels)
@@ -81,22 +82,35 @@ def build_losses(stage: StageConfig, student: nn.Module, teachers: list[dict[str
         t_fpn = have.get("fpn")
         missing = [lvl for lvl in levels if t_fpn is None or lvl not in t_fpn.levels]
         if missing:
-            raise PlanError(f"{at}: the student has levels {['P%d' % x for x in levels]} but {src} lacks "
-                            f"{['P%d' % x for x in missing]}; no adapter bridges missing levels: use a teacher with those "
-                            "levels or a student without them")
+            raise PlanError(
+                f"{at}: the student has levels {['P%d' % x for x in levels]} but {src} lacks "
+                f"{['P%d' % x for x in missing]}; no adapter bridges missing levels: use a teacher with those "
+                "levels or a student without them"
+            )
         try:
-            loss = build_loss(lc.name, levels=levels, student_channels=specs["fpn"].channels,
-                              teacher_channels=t_fpn.channels, num_anchors=a, num_classes=k, **lc.params)
+            loss = build_loss(
+                lc.name,
+                levels=levels,
+                student_channels=specs["fpn"].channels,
+                teacher_channels=t_fpn.channels,
+                num_anchors=a,
+                num_classes=k,
+                **lc.params,
+            )
         except ValueError as e:
             raise PlanError(f"{at}: {e}") from None
         for name in loss.needs:
             if name not in have:
-                raise PlanError(f"{at} needs teacher output {name!r} but {src} has {list(have)}; "
-                                f"rebuild it with --outputs {','.join(sorted(set(have) | {name}))}")
+                raise PlanError(
+                    f"{at} needs teacher output {name!r} but {src} has {list(have)}; "
+                    f"rebuild it with --outputs {','.join(sorted(set(have) | {name}))}"
+                )
         t_cls = have.get("cls")
         if "cls" in loss.needs and t_cls and (t_cls.num_anchors, t_cls.num_classes) != (a, k):
-            raise PlanError(f"{at}: teacher has {t_cls.num_anchors} anchors x {t_cls.num_classes} classes per cell, the "
-                            f"student {a} x {k}; class-output losses need the same anchors and classes")
+            raise PlanError(
+                f"{at}: teacher has {t_cls.num_anchors} anchors x {t_cls.num_classes} classes per cell, the "
+                f"student {a} x {k}; class-output losses need the same anchors and classes"
+            )
         weight = defaults["weight"] if lc.weight is None else lc.weight
         key = lc.name if all(b.name != lc.name for b in out) else f"{lc.name}_{lc.store}"
         out.append(BoundLoss(loss, float(weight), lc.store, key))
@@ -106,9 +120,16 @@ def build_losses(stage: StageConfig, student: nn.Module, teachers: list[dict[str
 class Stage:
     """Stage ``k`` (1-based) of ``plan``. ``online``: teachers (one per store) run inside each step instead."""
 
-    def __init__(self, plan: Plan, k: int, device: str = "cpu", resume: bool = False,
-                 online: list[OnlineTeacher] | None = None, log: Callable[[str], None] | None = print,
-                 on_event: OnEvent | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        k: int,
+        device: str = "cpu",
+        resume: bool = False,
+        online: list[OnlineTeacher] | None = None,
+        log: Callable[[str], None] | None = print,
+        on_event: OnEvent | None = None,
+    ) -> None:
         if not 1 <= k <= len(plan.stages):
             raise PlanError(f"--stage {k}: the plan has stages 1..{len(plan.stages)}")
         self.plan, self.k, self.cfg = plan, k, plan.stages[k - 1]
@@ -135,19 +156,33 @@ class Stage:
             if found:
                 checkpointer.restore(engine)
             s = engine.state
-            self.emit({"event": "resumed", "checkpoint": str(checkpointer.last) if found else None,
-                       "wanted": str(checkpointer.last), "epoch": s.epoch, "iter": s.iter})
+            self.emit(
+                {
+                    "event": "resumed",
+                    "checkpoint": str(checkpointer.last) if found else None,
+                    "wanted": str(checkpointer.last),
+                    "epoch": s.epoch,
+                    "iter": s.iter,
+                }
+            )
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_plan(self.plan, self.dir / "plan.yaml")
-        self.emit({"event": "stage_start", "name": self.cfg.name, "epochs": self.cfg.epochs,
-                   "iters_per_epoch": engine.state.iters_per_epoch})
+        self.emit(
+            {
+                "event": "stage_start",
+                "name": self.cfg.name,
+                "epochs": self.cfg.epochs,
+                "iters_per_epoch": engine.state.iters_per_epoch,
+            }
+        )
         try:
             engine.train()
         except NonFiniteLoss as e:
             kept = checkpointer.last if checkpointer.last.is_file() else "none yet"
-            raise TrainError(f"stage {self.k}: {e}; stopped, last good checkpoint: {kept}; "
-                             "lower the lr or the distillation weight") from None
+            raise TrainError(
+                f"stage {self.k}: {e}; stopped, last good checkpoint: {kept}; lower the lr or the distillation weight"
+            ) from None
         return self.finish(engine, evaluator)
 
     # -- building the parts --------------------------------------------------------------
@@ -162,8 +197,15 @@ class Stage:
         needs = [sorted({n for b in losses if b.store == s for n in b.loss.needs}) for s in range(len(cfg.stores))]
         if isinstance(source, OnlineTargets):
             source.needs = needs
-        ds = DistillDataset(train, spec, [] if self.online is not None else cfg.stores, flip=data.flip, seed=plan.seed,
-                            outputs=needs, with_masks=arch_family(student) == "maskrcnn")
+        ds = DistillDataset(
+            train,
+            spec,
+            [] if self.online is not None else cfg.stores,
+            flip=data.flip,
+            seed=plan.seed,
+            outputs=needs,
+            with_masks=arch_family(student) == "maskrcnn",
+        )
         sampler = EpochSampler(len(ds), plan.seed, self.rank, self.world)
         loader = make_loader(ds, data.batch_size, shuffle=False, workers=data.workers, seed=plan.seed, sampler=sampler)
         loss_mods = nn.ModuleList([b.loss for b in losses]).to(self.device)
@@ -172,11 +214,22 @@ class Stage:
         sched = make_schedule(opt, cfg, len(loader))
         checkpointer = hooks.Checkpointer(self.dir / "last.pt", plan.checkpoint_every, self.save_final)
         evaluator = hooks.Evaluator(self.evaluate)
-        engine = Engine(student, loader, opt, sched, epochs=cfg.epochs, losses=losses, targets=source,
-                        model=self.wrap(student), device=self.device, grad_clip=cfg.grad_clip,
-                        label_offset=label_offset(student),
-                        hooks=[hooks.EpochData(ds, sampler, data.batch_size)] + self.logging(len(loader))
-                        + ([checkpointer, evaluator] if self.rank == 0 else []))
+        engine = Engine(
+            student,
+            loader,
+            opt,
+            sched,
+            epochs=cfg.epochs,
+            losses=losses,
+            targets=source,
+            model=self.wrap(student),
+            device=self.device,
+            grad_clip=cfg.grad_clip,
+            label_offset=label_offset(student),
+            hooks=[hooks.EpochData(ds, sampler, data.batch_size)]
+            + self.logging(len(loader))
+            + ([checkpointer, evaluator] if self.rank == 0 else []),
+        )
         return engine, checkpointer, evaluator
 
     def init_student(self, num_classes: int) -> nn.Module:
@@ -184,13 +237,17 @@ class Stage:
         if self.k > 1:
             prev = stage_dir(self.plan, self.k - 1) / "final.pt"
             if not prev.is_file():
-                raise CheckpointError(f"{prev}: stage {self.k - 1} checkpoint missing; "
-                                      f"run `mtpd-train --plan PLAN --stage {self.k - 1}` first")
+                raise CheckpointError(
+                    f"{prev}: stage {self.k - 1} checkpoint missing; "
+                    f"run `mtpd-train --plan PLAN --stage {self.k - 1}` first"
+                )
             student.load_state_dict(load_checkpoint(prev)["model"])
         inherit = self.cfg.inherit
         if inherit is not None:
             copied = inherit_from_teacher(student, inherit.weights, inherit.parts)
-            self.emit({"event": "inherited", "tensors": len(copied), "parts": list(inherit.parts), "weights": inherit.weights})
+            self.emit(
+                {"event": "inherited", "tensors": len(copied), "parts": list(inherit.parts), "weights": inherit.weights}
+            )
         return student.to(self.device)
 
     def target_source(self, where: str) -> StoreTargets | OnlineTargets:
@@ -198,8 +255,9 @@ class Stage:
         if self.online is None:
             return StoreTargets([StoreReader(p) for p in self.cfg.stores])
         if len(self.online) != len(self.cfg.stores):
-            raise PlanError(f"{where}: {len(self.online)} online teacher(s) for {len(self.cfg.stores)} store(s); "
-                            "give one per store")
+            raise PlanError(
+                f"{where}: {len(self.online)} online teacher(s) for {len(self.cfg.stores)} store(s); give one per store"
+            )
         return OnlineTargets(self.online)
 
     def wrap(self, student: nn.Module) -> nn.Module:
@@ -220,8 +278,11 @@ class Stage:
         if hooks.TensorBoard.available():
             sinks.append(hooks.TensorBoard(self.dir / "tb"))
         epochs = self.cfg.epochs
-        sinks.append(lambda rec: self.emit({"event": "step", **rec, "epochs": epochs, "iters": iters,
-                                            "epoch_end": rec["iter"] == iters}))
+        sinks.append(
+            lambda rec: self.emit(
+                {"event": "step", **rec, "epochs": epochs, "iters": iters, "epoch_end": rec["iter"] == iters}
+            )
+        )
         return [hooks.MetricsLogger(self.k, self.plan.log_every, sinks)]
 
     # -- the end of a stage --------------------------------------------------------------
@@ -253,9 +314,15 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_plan(plan: Plan, stages: list[int], device: str = "cpu", resume: bool = False,
-             online: list[OnlineTeacher] | None = None, log: Callable[[str], None] | None = print,
-             on_event: OnEvent | None = None) -> list[StageResult]:
+def run_plan(
+    plan: Plan,
+    stages: list[int],
+    device: str = "cpu",
+    resume: bool = False,
+    online: list[OnlineTeacher] | None = None,
+    log: Callable[[str], None] | None = print,
+    on_event: OnEvent | None = None,
+) -> list[StageResult]:
     """Run ``stages`` of ``plan`` in order; progress goes to ``on_event`` (dicts) and ``log`` (lines)."""
     Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(plan.output_dir) / "plan.resolved.yaml")

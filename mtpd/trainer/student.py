@@ -44,7 +44,9 @@ def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint mtpd-train wrote (final.pt or last.pt), read safely."""
     ckpt = checkpoint.load(path)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}; save students with mtpd-train")
+        raise CheckpointError(
+            f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}; save students with mtpd-train"
+        )
     return ckpt
 
 
@@ -52,7 +54,9 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     """Rebuild a student from its checkpoint alone (arch, classes and options travel with it)."""
     ckpt = load_checkpoint(path)
     if not all(k in ckpt for k in ("arch", "num_classes", "model")):
-        raise CheckpointError(f"{path}: not an mtpd student checkpoint (needs arch, num_classes, model); save students with mtpd-train")
+        raise CheckpointError(
+            f"{path}: not an mtpd student checkpoint (needs arch, num_classes, model); save students with mtpd-train"
+        )
     model = build_arch(ckpt["arch"], int(ckpt["num_classes"]), **ckpt.get("arch_options", {}))
     model.load_state_dict(ckpt["model"])
     return model.to(device)
@@ -105,8 +109,15 @@ def inherit_from_teacher(student: nn.Module, weights: str, parts: list[str]) -> 
         fit = [k for k in keys if k in src and src[k].shape == dst[k].shape]
         if keys and not fit:
             sample = next((k for k in keys if k in src), None)
-            why = f"{sample}: teacher {tuple(src[sample].shape)} vs student {tuple(dst[sample].shape)}" if sample else "no matching parameter names"
-            raise CheckpointError(f"{weights}: cannot inherit the {part}: {why}; inherit only from a teacher whose {part} has the student's widths")
+            why = (
+                f"{sample}: teacher {tuple(src[sample].shape)} vs student {tuple(dst[sample].shape)}"
+                if sample
+                else "no matching parameter names"
+            )
+            raise CheckpointError(
+                f"{weights}: cannot inherit the {part}: {why}; inherit only from a teacher whose {part} has the "
+                "student's widths"
+            )
         for k in fit:
             dst[k] = src[k].to(dst[k].dtype)
         copied += fit

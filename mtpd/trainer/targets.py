@@ -54,10 +54,17 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(mv(self.images), self.image_sizes, self.metas, self.image_ids, [mv(b) for b in self.boxes],
-                     [mv(l) for l in self.labels], [{k: mv(v) for k, v in t.items()} for t in self.teacher],
-                     {k: mv(v) for k, v in self.masks.items()},
-                     None if self.instance_masks is None else [mv(m) for m in self.instance_masks])
+        return Batch(
+            mv(self.images),
+            self.image_sizes,
+            self.metas,
+            self.image_ids,
+            [mv(b) for b in self.boxes],
+            [mv(lb) for lb in self.labels],
+            [{k: mv(v) for k, v in t.items()} for t in self.teacher],
+            {k: mv(v) for k, v in self.masks.items()},
+            None if self.instance_masks is None else [mv(m) for m in self.instance_masks],
+        )
 
 
 def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec, flip: bool) -> None:
@@ -67,22 +74,36 @@ def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec, flip:
         raise StoreError(
             f"{loc} was built on another dataset ({h.dataset['ann_file']}, {h.dataset['num_images']} images, manifest "
             f"{h.dataset['manifest_sha256'][:12]}) than {dataset.ann_file} ({len(dataset)} images, manifest "
-            f"{dataset.manifest_hash()[:12]}); build a store for this dataset with `mtpd-cache build --ann {dataset.ann_file}`"
+            f"{dataset.manifest_hash()[:12]}); build a store for this dataset with `mtpd-cache build --ann "
+            f"{dataset.ann_file}`"
         )
     sv = ViewSpec.from_dict(h.views)
     for key in ("short", "long", "pad", "mean", "std"):
         if getattr(sv, key) != getattr(spec, key):
-            raise StoreError(f"{loc}: view {key} is {getattr(sv, key)} in the store but {getattr(spec, key)} in the plan; "
-                             f"set data.{key} to match, or rebuild the store with the plan's views")
+            raise StoreError(
+                f"{loc}: view {key} is {getattr(sv, key)} in the store but {getattr(spec, key)} in the plan; "
+                f"set data.{key} to match, or rebuild the store with the plan's views"
+            )
     if flip and "hflip" not in sv.views:
-        raise StoreError(f"{loc}: has no 'hflip' view but the plan trains with flips; rebuild with --views orig,hflip or set data.flip: false")
+        raise StoreError(
+            f"{loc}: has no 'hflip' view but the plan trains with flips; rebuild with --views orig,hflip or set "
+            "data.flip: false"
+        )
 
 
 class DistillDataset(Dataset):
     """Map-style dataset over a COCO set, with teacher outputs from zero or more stores."""
 
-    def __init__(self, dataset: CocoDataset, spec: ViewSpec, stores: list[str] | None = None, flip: bool = False,
-                 seed: int = 0, outputs: list[list[str]] | None = None, with_masks: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: CocoDataset,
+        spec: ViewSpec,
+        stores: list[str] | None = None,
+        flip: bool = False,
+        seed: int = 0,
+        outputs: list[list[str]] | None = None,
+        with_masks: bool = False,
+    ) -> None:
         self.dataset = dataset
         self.with_masks = with_masks
         self.spec = spec
@@ -94,7 +115,10 @@ class DistillDataset(Dataset):
         for r in readers:
             check_store(r, dataset, spec, flip)
             if not r.status().done.all():
-                raise StoreError(f"{r.location}: {int((~r.status().done).sum())} shard(s) not written yet; rerun its `mtpd-cache build` to finish it")
+                raise StoreError(
+                    f"{r.location}: {int((~r.status().done).sum())} shard(s) not written yet; rerun its `mtpd-cache "
+                    "build` to finish it"
+                )
         self.outputs = outputs or [list(r.header.outputs) for r in readers]
         self._readers: list[StoreReader] | None = readers
 
@@ -128,7 +152,9 @@ class DistillDataset(Dataset):
         image_id = self.dataset.images[idx].image_id
         boxes = torch.as_tensor(boxes_to_view(ann.boxes, meta), dtype=torch.float32)
         masks = masks_to_view(self.dataset.instance_masks(idx), meta) if self.with_masks else None
-        return Sample(img, meta, image_id, boxes, torch.as_tensor(ann.labels), self.teacher_targets(image_id, view), masks)
+        return Sample(
+            img, meta, image_id, boxes, torch.as_tensor(ann.labels), self.teacher_targets(image_id, view), masks
+        )
 
     def teacher_targets(self, image_id: int, view: str) -> list[dict[str, list[torch.Tensor]]]:
         """Per store: name -> per-level [C, h, w] maps of one view (views into the stored row, not copies)."""
@@ -186,8 +212,9 @@ def grid_size(hw: tuple[int, int], level: int) -> tuple[int, int]:
     return -(-hw[0] // 2**level), -(-hw[1] // 2**level)
 
 
-def valid_masks(padded: tuple[int, int], sizes: list[tuple[int, int]], levels: list[int],
-                device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+def valid_masks(
+    padded: tuple[int, int], sizes: list[tuple[int, int]], levels: list[int], device: torch.device | str | None = None
+) -> dict[int, torch.Tensor]:
     """level -> [B, 1, h, w] float, 1 on each view's valid (unpadded) cells of the batch grid ``padded``."""
     masks = {}
     for lvl in levels:
@@ -199,7 +226,9 @@ def valid_masks(padded: tuple[int, int], sizes: list[tuple[int, int]], levels: l
     return masks
 
 
-def collate_teacher(samples: list[Sample], stores_meta: list[dict], padded: tuple[int, int]) -> tuple[list[dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
+def collate_teacher(
+    samples: list[Sample], stores_meta: list[dict], padded: tuple[int, int]
+) -> tuple[list[dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
     """Teacher maps of ``samples`` on a batch grid of ``padded`` (H, W) pixels, and the valid-cell masks."""
     teacher: list[dict[str, torch.Tensor]] = []
     levels: set[int] = set()
@@ -230,9 +259,20 @@ def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
     teacher, masks = collate_teacher(samples, stores_meta, (hp, wp))
     instance = None
     if samples[0].masks is not None:
-        instance = [torch.nn.functional.pad(s.masks, (0, wp - s.masks.shape[2], 0, hp - s.masks.shape[1])) for s in samples]
-    return Batch(images, [s.meta.size for s in samples], [s.meta for s in samples], [s.image_id for s in samples],
-                 [s.boxes for s in samples], [s.labels for s in samples], teacher, masks, instance)
+        instance = [
+            torch.nn.functional.pad(s.masks, (0, wp - s.masks.shape[2], 0, hp - s.masks.shape[1])) for s in samples
+        ]
+    return Batch(
+        images,
+        [s.meta.size for s in samples],
+        [s.meta for s in samples],
+        [s.image_id for s in samples],
+        [s.boxes for s in samples],
+        [s.labels for s in samples],
+        teacher,
+        masks,
+        instance,
+    )
 
 
 def worker_init(_: int) -> None:
@@ -246,8 +286,14 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(ds: DistillDataset, batch_size: int, shuffle: bool, workers: int, seed: int,
-                sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+def make_loader(
+    ds: DistillDataset,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    seed: int,
+    sampler: torch.utils.data.Sampler | None = None,
+) -> DataLoader:
     """DataLoader with spawn/forkserver workers: forking after zarr's event loop started misbehaves."""
     metas = [r.header.outputs for r in ds.readers()]
     ctx = None
@@ -256,9 +302,19 @@ def make_loader(ds: DistillDataset, batch_size: int, shuffle: bool, workers: int
         ctx = multiprocessing.get_context(method)
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
-                      collate_fn=Collate(metas), multiprocessing_context=ctx, worker_init_fn=worker_init if workers else None,
-                      persistent_workers=False, generator=g, drop_last=False)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=Collate(metas),
+        multiprocessing_context=ctx,
+        worker_init_fn=worker_init if workers else None,
+        persistent_workers=False,
+        generator=g,
+        drop_last=False,
+    )
 
 
 class Collate:

@@ -63,8 +63,13 @@ def build_loss(
             f"loss {name!r} got unknown parameter(s) {', '.join(unknown)}; accepted: "
             f"{', '.join(sorted(accepted)) or '(none)'}{hint}"
         )
-    context = dict(levels=tuple(levels), student_channels=student_channels, teacher_channels=teacher_channels,
-                   num_anchors=num_anchors, num_classes=num_classes)
+    context = dict(
+        levels=tuple(levels),
+        student_channels=student_channels,
+        teacher_channels=teacher_channels,
+        num_anchors=num_anchors,
+        num_classes=num_classes,
+    )
     wanted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in context.items() if k in wanted}, **params)
 

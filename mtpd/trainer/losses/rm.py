@@ -63,8 +63,10 @@ class RankMimickingLoss(DistillLoss):
         anchors = batch.anchors
         if anchors is None or anchors.shape[0] != s_all.shape[1]:
             got = None if anchors is None else tuple(anchors.shape)
-            raise ValueError(f"rm: needs batch.anchors of shape [{s_all.shape[1]}, 4] for levels {self.levels} "
-                             f"with {batch.num_anchors} anchors per cell, got {got}")
+            raise ValueError(
+                f"rm: needs batch.anchors of shape [{s_all.shape[1]}, 4] for levels {self.levels} "
+                f"with {batch.num_anchors} anchors per cell, got {got}"
+            )
         per_box: list[Tensor] = []
         for b, (boxes, labels) in enumerate(zip(batch.gt_boxes, batch.gt_labels)):
             if boxes.numel() == 0:
