@@ -16,7 +16,8 @@ EPILOG = """examples:
   mtpd-train --plan plans/mtpd_r50.yaml --stage 2 --resume      # continue an interrupted stage
 
 Stage K starts from stage K-1's final checkpoint (OUTPUT_DIR/stage_{K-1}/final.pt).
-Each stage writes OUTPUT_DIR/stage_K/{final.pt,last.pt,metrics.json,log.jsonl,plan.yaml}.
+Each stage writes OUTPUT_DIR/stage_K/{final.pt,last.pt,metrics.json,log.jsonl,plan.yaml}
+(and TensorBoard event files in stage_K/tb/ when tensorboard is installed).
 """
 
 
