@@ -32,8 +32,8 @@ def test_wheel_carries_the_demo_teachers(tmp_path: Path) -> None:
         "from mtpd.checkpoint import sha256_file\n"
         "folder = shipped_teachers()\n"
         "manifest = json.loads((folder / 'manifest.json').read_text())\n"
-        "print(json.dumps({'pkg': mtpd.__file__, 'folder': str(folder),\n"
-        "                  'ok': {k: sha256_file(folder / f'{k}.pt') == manifest[k]['sha256'] for k in ('weak', 'strong')}}))\n"
+        "ok = {k: sha256_file(folder / f'{k}.pt') == manifest[k]['sha256'] for k in ('weak', 'strong')}\n"
+        "print(json.dumps({'pkg': mtpd.__file__, 'folder': str(folder), 'ok': ok}))\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],

@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mtpd.data import CocoDataset
     from mtpd.errors import MtpdError
-    from mtpd.trainer.teacher_order import measure, reorder_plan
     from mtpd.trainer.plan import PlanError, load_plan, save_plan
     from mtpd.trainer.student import load_student
+    from mtpd.trainer.teacher_order import measure, reorder_plan
 
     try:
         plan = load_plan(a.plan) if a.plan else None

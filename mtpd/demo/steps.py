@@ -342,9 +342,9 @@ def order_stores(
 ) -> list[str]:
     """``mtpd-plan order``: the plan's stages nearest-first by 1 - CKA of their teacher to the student;
     writes the reordered plan (with its own ``output_dir``) and returns its stores in order."""
-    from mtpd.trainer.teacher_order import order_plan
     from mtpd.trainer.plan import load_plan, save_plan
     from mtpd.trainer.student import load_student
+    from mtpd.trainer.teacher_order import order_plan
 
     plan = load_plan(plan_path)
     stores = [s.stores[0] for s in plan.stages if len(s.stores) == 1]
