@@ -1,7 +1,8 @@
 """Reading and writing checkpoint files: the one place mtpd calls ``torch.load`` and ``torch.save``.
 
-Files are read with ``weights_only=True``: tensors, numbers, strings and plain
-containers, never pickled code, so a downloaded checkpoint cannot run anything.
+Files are read with ``weights_only=True``: tensors, numbers, strings, plain
+containers and an allow-list of data types (numpy values, training-log buffers as
+inert stand-ins), never pickled code, so a downloaded checkpoint cannot run anything.
 Writes go to a temporary file renamed over the target, so a kill mid-save never
 leaves a truncated checkpoint behind.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -32,42 +34,85 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def load(path: str | os.PathLike, *, mmap: bool = False, allow_pickle: bool = False) -> Any:
+class _Inert:
+    """Stands in for the objects of a training log (mmengine's ``HistoryBuffer``): their pickled
+    state is kept as plain data and no method of theirs ever runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _attribute_name(obj: Any, name: str) -> str:
+    # Pickled logs hold bound methods as getattr(obj, name): keep the name, never look the attribute up.
+    return f"<{type(obj).__name__}.{name}>"
+
+
+def _log_globals() -> list:
+    """What mmengine training checkpoints pickle besides tensors, each either a plain-data type or an
+    inert stand-in: numpy arrays, scalars and dtypes, training-log buffers and their bound-method names."""
+    import numpy as np
+    import numpy.dtypes
+
+    core = np._core.multiarray
+    out: list = [np.dtype, np.ndarray]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(core.scalar, f"{mod}.scalar"), (core._reconstruct, f"{mod}._reconstruct")]
+    out += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    out += [(_Inert, "mmengine.logging.history_buffer.HistoryBuffer")]
+    out += [(_attribute_name, "builtins.getattr"), (_attribute_name, "__builtin__.getattr")]
+    return out
+
+
+_TRUSTED = False
+
+
+def trust_checkpoints(trusted: bool = True) -> None:
+    """``--trust-checkpoint``: in this process, a checkpoint the safe reader refuses is unpickled whole."""
+    global _TRUSTED
+    _TRUSTED = trusted
+
+
+def load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     """The object saved in ``path``, tensors on the CPU; CheckpointError naming the file otherwise.
 
     ``mmap``: map tensor storage instead of reading it (large weight files read in part);
-    legacy pre-zipfile files cannot be mapped and are read whole. ``allow_pickle``: only for
-    files the user named as trusted (mmengine training checkpoints pickle their logs): when
-    the safe read refuses the file, warn and unpickle it whole.
+    legacy pre-zipfile files cannot be mapped and are read whole. Only tensors, plain
+    containers and the data types of training logs (``_log_globals``) are rebuilt; any other
+    pickled object stops the read, naming its type, unless ``trust_checkpoints()`` was called.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p.resolve()} does not exist; pass the path of an existing file")
     try:
-        try:
-            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not mmap or "mmap" not in str(e):
-                raise
-            return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types; all mean the same to the user
-        # A refused object (not a corrupt file): torch's message offers the unsafe load instead.
-        refused = isinstance(e, pickle.UnpicklingError) and (
-            "Unsupported global" in str(e) or "can still be loaded" in str(e)
+        with torch.serialization.safe_globals(_log_globals()):
+            try:
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors come in many types; all mean the same to the user
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
+            r"but got <class '([\w.]+)'>", text
         )
-        if refused and allow_pickle:
-            return _load_pickled(p)
-        if refused:
-            why = "it holds pickled objects besides tensors, which mtpd never unpickles; re-save only its state dict"
-        else:  # torch's own text for a corrupt file only talks about weights_only: keep the type alone
+        if found is None or not isinstance(e, pickle.UnpicklingError):
+            # torch's own text for a corrupt file only talks about weights_only: keep the type alone
             why = f"not a readable torch checkpoint ({type(e).__name__}); is it a file written by torch.save?"
-        raise CheckpointError(f"cannot read checkpoint {p}: {why}") from None
+            raise CheckpointError(f"cannot read checkpoint {p}: {why}") from None
+        if _TRUSTED:
+            return _load_pickled(p)
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: it holds a pickled {found.group(1)}, which mtpd never unpickles (loading "
+            "it could run code); re-save only its state dict, or pass --trust-checkpoint if you trust its source"
+        ) from None
 
 
 def _load_pickled(p: Path) -> Any:
-    warnings.warn(
-        f"{p} holds more than tensors; loading it with full unpickling (only for files you trust)", stacklevel=3
-    )
+    warnings.warn(f"{p}: loading it with full unpickling (--trust-checkpoint)", stacklevel=3)
     try:
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - same advice for every unreadable file

@@ -10,6 +10,7 @@ skips them; a failure stops the build with finished shards kept and marked.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -125,11 +126,7 @@ def prepare_store(
         raise StoreError(f"{ann}: no images; nothing to cache")
     if images_per_shard < 1:
         raise StoreError(f"--images-per-shard must be at least 1, got {images_per_shard}")
-    model = (
-        teacher.build()
-        if teacher.device == "cpu"
-        else TeacherSpec(teacher.name, teacher.weights, teacher.num_classes, "cpu").build()
-    )
+    model = dataclasses.replace(teacher, device="cpu").build()
     specs = model.output_specs()
     outputs = list(outputs) if outputs else _default_outputs(list(specs))
     check_outputs(model, outputs, teacher.name)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from mtpd.cache.schema import PRECISIONS
-from mtpd.cli import HelpFormatter
+from mtpd.cli import HelpFormatter, add_trust_flag
 
 EPILOG = """examples:
   mtpd-cache build --teacher retinanet_resnet50_fpn --weights default \\
@@ -103,6 +103,7 @@ def _build_options(b: argparse.ArgumentParser) -> None:
         help="Ray cluster address ('auto' joins a running cluster); default: a local instance",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust_flag(b)
 
 
 def _build(a: argparse.Namespace) -> int:
@@ -114,7 +115,7 @@ def _build(a: argparse.Namespace) -> int:
     num_classes = a.num_classes
     if num_classes is None and a.weights == "none":
         num_classes = CocoDataset(a.ann, a.images).num_classes
-    teacher = TeacherSpec(a.teacher, a.weights, num_classes, a.device)
+    teacher = TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint)
     outputs = [x.strip() for x in a.outputs.split(",") if x.strip()] if a.outputs else None
     rep = build_store(
         teacher,

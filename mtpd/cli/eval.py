@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mtpd.cli import HelpFormatter
+from mtpd.cli import HelpFormatter, add_trust_flag, apply_trust_flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="views per forward")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_trust_flag(p)
     a = p.parse_args(argv)
+    apply_trust_flag(a)
 
     from mtpd.data import CocoDataset, ViewSpec
     from mtpd.errors import MtpdError

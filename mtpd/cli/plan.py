@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mtpd.cli import HelpFormatter
+from mtpd.cli import HelpFormatter, add_trust_flag, apply_trust_flag
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,12 +31,14 @@ def _parser() -> argparse.ArgumentParser:
         "--write", default=None, metavar="OUT_PLAN", help="write the plan with its stages in the measured order here"
     )
     o.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_trust_flag(o)
     o.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    apply_trust_flag(a)
     from pathlib import Path
 
     from mtpd.data import CocoDataset

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from mtpd.cli import add_trust_flag, apply_trust_flag
+
 EPILOG = """examples:
   mtpd-train --plan plans/mtpd_r50.yaml --stage 1
   mtpd-train --plan plans/mtpd_r50.yaml --stage all
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the stage from its last checkpoint (model, optimiser, scheduler, RNG, position)",
     )
+    add_trust_flag(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--online-teacher",
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtpd.trainer.plan import load_plan
     from mtpd.trainer.stage import run_plan
 
+    apply_trust_flag(a)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         plan = load_plan(a.plan)

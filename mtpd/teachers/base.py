@@ -10,6 +10,10 @@ import torch
 from mtpd.errors import MtpdError
 from mtpd.output_spec import OutputSpec
 
+# ``--weights none`` builds every teacher from this seed (and records it in the identity): the same
+# command gives the same random teacher, in every Ray worker and on every rerun or resume.
+INIT_SEED = 0
+
 
 class TeacherError(MtpdError, ValueError):
     """A teacher that cannot be built or asked for what was requested; the message says what to do."""

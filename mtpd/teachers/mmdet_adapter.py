@@ -31,7 +31,7 @@ from torch import nn
 from mtpd.checkpoint import sha256_file
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
 from mtpd.output_spec import OutputSpec
-from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
+from mtpd.teachers.base import INIT_SEED, TeacherError, TeacherIdentity, check_outputs
 from mtpd.teachers.mmdet_config import config_digest, load_model_config, load_weights, one_line, resolve_config
 
 Triple = tuple[float, float, float]
@@ -39,9 +39,6 @@ Triple = tuple[float, float, float]
 # returning a third output without one of these (VFNet, PAA, DDOD) returns
 # something else, which is not offered.
 _CENTERNESS_CONVS = ("conv_centerness", "atss_centerness")
-# Seed of the random init behind weights="none" (recorded in the identity).
-NONE_SEED = 0
-
 
 # --------------------------------------------------------------------------- input
 
@@ -273,7 +270,7 @@ def build_mmdet_teacher(
 
     ``config``: a config file, or the name of a config bundled with mmdet.
     ``weights``: a local mmdet checkpoint (``{"state_dict", "meta"}``) or ``none``
-    (mmdet's random init, seeded with ``NONE_SEED`` so rebuilds agree).
+    (mmdet's random init, seeded with ``INIT_SEED`` so rebuilds agree).
     ``num_classes`` overrides the config's class count (``bbox_head``, RoI heads).
     ``view_mean``/``view_std``: the normalisation of the views fed in (the view
     spec's); inputs are converted to the model's own data_preprocessor settings.
@@ -295,7 +292,7 @@ def build_mmdet_teacher(
     # `none` weights come from a fixed seed, so every Ray worker of one build holds
     # the same random teacher; fork_rng keeps the caller's RNG stream untouched.
     with _quiet_mmengine(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(NONE_SEED)
+        torch.manual_seed(INIT_SEED)
         try:
             model = MODELS.build(cfg.model)
         except Exception as exc:  # registry errors wrap the real cause in a long chain
@@ -315,7 +312,7 @@ def build_mmdet_teacher(
         extra={
             "model": type(model).__name__,
             "input": conversion.describe(),
-            **({"init_seed": NONE_SEED} if wpath is None else {}),
+            **({"init_seed": INIT_SEED} if wpath is None else {}),
         },
     )
     return MMDetTeacher(model, identity, conversion, device=device)

@@ -144,9 +144,9 @@ def config_digest(model_cfg: dict) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    # Full mmengine training checkpoints pickle numpy/mmengine objects in `meta`/`message_hub`;
-    # the user named this file, so it may be unpickled, with a warning.
-    ckpt = checkpoint.load(path, allow_pickle=True)
+    # Full mmengine training checkpoints pickle numpy values and log buffers in `meta`/`message_hub`:
+    # checkpoint.load rebuilds those from its allow-list, as data.
+    ckpt = checkpoint.load(path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):

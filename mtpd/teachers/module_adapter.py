@@ -18,11 +18,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from mtpd.checkpoint import sha256_file
 from mtpd.models import arch_family, unwrap
-from mtpd.teachers.base import Teacher, TeacherError, TeacherIdentity
+from mtpd.teachers.base import INIT_SEED, Teacher, TeacherError, TeacherIdentity
 from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, infer_num_classes, load_weights, read_checkpoint
 
 
@@ -91,7 +92,10 @@ def build_module_teacher(
     if takes_weights:
         kwargs["weights"] = weights
     try:
-        built = factory(**kwargs)
+        # Seeded, so a factory that initialises randomly gives the same teacher on every build and worker.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            built = factory(**kwargs)
     except TeacherError:
         raise
     except Exception as e:
@@ -105,9 +109,8 @@ def build_module_teacher(
         if state_dict is not None:
             load_weights(model, state_dict, weights_file, spec)
         config = json.dumps({"factory": spec, "kwargs": {k: v for k, v in kwargs.items()}}, sort_keys=True, default=str)
-        identity = TeacherIdentity(
-            name=spec, config=config, weights=weights, weights_sha256=digest, extra={"family": arch_family(model)}
-        )
+        extra = {"family": arch_family(model), **({"init_seed": INIT_SEED} if weights == "none" else {})}
+        identity = TeacherIdentity(name=spec, config=config, weights=weights, weights_sha256=digest, extra=extra)
         return TorchvisionTeacher(model, identity, device)
     if isinstance(built, Teacher):
         if state_dict is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from mtpd import checkpoint
 from mtpd.teachers.base import Teacher, TeacherError
 from mtpd.teachers.torchvision_adapter import torchvision_teachers
 
@@ -44,8 +45,11 @@ class TeacherSpec:
     weights: str = "none"
     num_classes: int | None = None
     device: str = "cpu"
+    trust_checkpoint: bool = False  # --trust-checkpoint: unpickle a weights file the safe reader refuses
 
     def build(self) -> Teacher:
+        if self.trust_checkpoint:
+            checkpoint.trust_checkpoints(True)  # in this process (a Ray worker builds its own teacher)
         return build_teacher(self.name, weights=self.weights, num_classes=self.num_classes, device=self.device)
 
     def to_dict(self) -> dict:

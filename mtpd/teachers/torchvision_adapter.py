@@ -24,7 +24,7 @@ from mtpd.checkpoint import load_state_dict, sha256_file
 from mtpd.models import arch_family, arch_info, build_arch, dense_outputs, list_archs, output_specs, unwrap
 from mtpd.models.parts import hub_checkpoint_path, load_checked, set_frozen_bn_eps
 from mtpd.output_spec import OutputSpec
-from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
+from mtpd.teachers.base import INIT_SEED, TeacherError, TeacherIdentity, check_outputs
 
 
 class TorchvisionTeacher:
@@ -164,7 +164,10 @@ def build_torchvision_teacher(
             )
         num_classes = int(found) if found is not None else num_classes
     try:
-        model = build_arch(name, int(num_classes), **options)
+        # fork_rng: the seeded init leaves the caller's random stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            model = build_arch(name, int(num_classes), **options)
     except ValueError as e:
         raise TeacherError(f"cannot build teacher {name}: {e}") from e
     if state_dict is not None:
@@ -172,9 +175,8 @@ def build_torchvision_teacher(
     if eps is not None:
         set_frozen_bn_eps(model, eps)
     config = json.dumps({"arch": name, "num_classes": int(num_classes), "options": options}, sort_keys=True)
-    identity = TeacherIdentity(
-        name=name, config=config, weights=weights, weights_sha256=digest, extra={"family": arch_family(model)}
-    )
+    extra = {"family": arch_family(model), **({"init_seed": INIT_SEED} if state_dict is None else {})}
+    identity = TeacherIdentity(name=name, config=config, weights=weights, weights_sha256=digest, extra=extra)
     return TorchvisionTeacher(model, identity, device)
 
 
