@@ -160,13 +160,9 @@ def main(argv: list[str] | None = None) -> str:
         ray.cloudpickle.register_pickle_by_value(sys.modules[TeacherOnly.__module__])
     if not ray.is_initialized():
         # Idle OpenMP threads sleep instead of spinning, so worker CPU-seconds count work, not waiting.
-        ray.init(
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
-        )
+        from mtpd.cache.ray_local import start_local_ray
+
+        start_local_ray(os.cpu_count() or 1, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
         started = True
     # What build_store gives its single worker: every core as torch threads on CPU, 2 threads beside a GPU.
     threads = 2 if a.device.startswith("cuda") else max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -109,7 +109,9 @@ def _build_stores(paths, teachers: dict, log) -> dict[str, str]:
         return out
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        from mtpd.cache.ray_local import start_local_ray
+
+        start_local_ray(num_cpus=2)
     try:
         for t, prec, outputs in specs.values():
             steps.build_teacher_store(t, paths, prec, log, outputs=outputs)

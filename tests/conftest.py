@@ -32,13 +32,9 @@ def ray_session(crash_marker):
     if not ray.is_initialized():
         # Workers import tests/faults.py for fault injection; mtpd itself is installed in the venv.
         env = {"PYTHONPATH": str(TESTS), "MTPD_TEST_CRASH_MARKER": str(crash_marker), "OMP_NUM_THREADS": "1"}
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": env},
-        )
+        from mtpd.cache.ray_local import start_local_ray
+
+        start_local_ray(2, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

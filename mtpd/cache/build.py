@@ -10,20 +10,22 @@ skips them; a failure stops the build with finished shards kept and marked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
 from mtpd.cache.compute import Layout, ShardComputer, plan_layout
+from mtpd.cache.lock import WriterLock
+from mtpd.cache.ray_local import ensure_ray
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
-from mtpd.cache.store import create_store, mark_done, open_root, read_header, shard_status, write_shard
+from mtpd.cache.store import create_store, is_url, mark_done, open_root, read_header, shard_status, write_shard
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.errors import MtpdError
 from mtpd.teachers.base import check_outputs
@@ -206,88 +208,106 @@ def _start_actors(
     ]
 
 
+@dataclass
+class BuildRequest:
+    """Everything one build is asked to do (``build_store``'s arguments, in one place)."""
+
+    teacher: TeacherSpec
+    ann: str
+    images: str
+    out: str
+    views: ViewSpec = field(default_factory=ViewSpec)
+    outputs: list[str] | None = None
+    precision: str = "lossless"
+    batch_size: int = 2
+    workers: int = 1
+    images_per_shard: int = 16
+    address: str | None = None
+    storage_options: dict | None = None
+    progress: bool = True
+    on_shard: Callable[[int, int], None] | None = None
+    verbose: bool = False  # the local Ray instance's start-up messages and worker logs
+    repair: bool = False  # re-verify done shards and rewrite the damaged ones
+
+
 def build_store(
-    teacher: TeacherSpec,
-    ann: str,
-    images: str,
-    out: str,
-    views: ViewSpec | None = None,
-    outputs: list[str] | None = None,
-    precision: str = "lossless",
-    batch_size: int = 2,
-    workers: int = 1,
-    images_per_shard: int = 16,
-    address: str | None = None,
-    storage_options: dict | None = None,
-    progress: bool = True,
-    on_shard: Callable[[int, int], None] | None = None,
+    teacher: TeacherSpec, ann: str, images: str, out: str, views: ViewSpec | None = None, **options: Any
 ) -> BuildReport:
-    """Build (or resume) a store. See the module docstring for the protocol.
+    """Build (or resume) a store. See the module docstring for the protocol; ``options`` are
+    ``BuildRequest``'s fields.
 
     ``on_shard(shard, stored_bytes)`` is called in the driver as each shard is marked done
-    (progress reporting, throughput measurement).
+    (progress reporting, throughput measurement). A local store is written under its
+    writer lock (``mtpd.cache.lock``): a second builder on it stops with a clear message.
     """
+    req = BuildRequest(teacher, str(ann), str(images), str(out), views or ViewSpec(), **options)
+    with contextlib.nullcontext() if is_url(req.out) else WriterLock(req.out):
+        return _build(req)
+
+
+def _build(req: BuildRequest) -> BuildReport:
     t0 = time.perf_counter()
-    views = views or ViewSpec()
-    out = str(out)
     header, dataset = prepare_store(
-        teacher, str(ann), str(images), out, views, outputs, precision, images_per_shard, storage_options
+        req.teacher,
+        req.ann,
+        req.images,
+        req.out,
+        req.views,
+        req.outputs,
+        req.precision,
+        req.images_per_shard,
+        req.storage_options,
     )
-    root = open_root(out, "r+", storage_options)
+    root = open_root(req.out, "r+", req.storage_options)
+    if req.repair:
+        _unmark_damaged(req.out, root, req.storage_options)
     done = shard_status(root).done
     pending = [s for s in range(header.num_shards) if not done[s]]
-    report = BuildReport(out, header.num_shards, 0, header.num_shards - len(pending), len(dataset), 0.0, 0, header)
-    if not pending:
-        report.seconds = time.perf_counter() - t0
-        return report
-
-    if workers == 0 and not address:
-        report = _run_in_process(
-            teacher, dataset, out, batch_size, storage_options, pending, root, header, report, progress, on_shard
-        )
-        report.seconds = time.perf_counter() - t0
-        return report
-    started_ray = _ensure_ray(address, workers)
-    try:
-        actors = _start_actors(teacher, dataset, out, batch_size, workers, len(pending), storage_options)
-        report = _dispatch(actors, pending, root, header, report, progress, on_shard)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    report = BuildReport(req.out, header.num_shards, 0, header.num_shards - len(pending), len(dataset), 0.0, 0, header)
+    if pending and req.workers == 0 and not req.address:
+        report = _run_in_process(req, dataset, pending, root, header, report)
+    elif pending:
+        started_ray = ensure_ray(req.address, req.workers, req.verbose)
+        try:
+            actors = _start_actors(
+                req.teacher, dataset, req.out, req.batch_size, req.workers, len(pending), req.storage_options
+            )
+            report = _dispatch(actors, pending, root, header, report, req.progress, req.on_shard)
+        finally:
+            if started_ray:
+                ray.shutdown()
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def _unmark_damaged(out: str, root, storage_options: dict | None) -> None:
+    """``--repair``: shards that fail their checksum (or cannot be read) count as not written."""
+    from mtpd.cache.inspect import verify_store
+
+    for shard, _why in verify_store(out, storage_options).corrupt:
+        root["index/shards"][shard] = np.zeros(3, dtype=np.uint64)
+
+
 def _run_in_process(
-    teacher: TeacherSpec,
-    dataset: CocoDataset,
-    out: str,
-    batch_size: int,
-    storage_options: dict | None,
-    pending: list[int],
-    root,
-    header: StoreHeader,
-    report: BuildReport,
-    progress: bool,
-    on_shard: Callable[[int, int], None] | None,
+    req: BuildRequest, dataset: CocoDataset, pending: list[int], root, header: StoreHeader, report: BuildReport
 ) -> BuildReport:
     """``--workers 0``: the same shard writer in this process, no Ray (debugging, tiny sets, tests)."""
     import torch
 
     writer = ShardWriter(
-        teacher,
+        req.teacher,
         str(dataset.ann_file),
         str(dataset.image_dir),
-        out,
-        batch_size,
+        req.out,
+        req.batch_size,
         torch.get_num_threads(),
-        storage_options,
+        req.storage_options,
     )
     bar = tqdm(
         total=sum(len(header.shard_images(s)) for s in pending),
         unit="img",
         desc="mtpd-cache build",
-        disable=not progress,
+        disable=not req.progress,
         dynamic_ncols=True,
     )
     try:
@@ -300,8 +320,8 @@ def _run_in_process(
             report.shards_written += 1
             report.bytes_written += nbytes
             bar.update(len(header.shard_images(shard)))
-            if on_shard:
-                on_shard(shard, nbytes)
+            if req.on_shard:
+                req.on_shard(shard, nbytes)
     finally:
         bar.close()
     return report
@@ -355,19 +375,3 @@ def _dispatch(
     if first_error is not None:
         raise BuildError(str(first_error)) from first_error
     return report
-
-
-def _ensure_ray(address: str | None, workers: int) -> bool:
-    """Start a local Ray instance unless one is running or an address is given; True if started here."""
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=max(workers, os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
-    return True

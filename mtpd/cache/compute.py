@@ -59,6 +59,7 @@ def plan_layout(
             "keepbits": precision.keepbits_for(s.kind),
             "l_max": int(l_max),
             "codec": dict(CODEC),
+            "chunk_checksum": "crc32c",  # each stored sample carries its crc32c, checked on every read
         }
     header = StoreHeader(
         teacher=teacher_identity,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from mtpd.cache.schema import StoreError, StoreHeader, decode_values, flat_length, shard_checksum
 
@@ -79,6 +79,8 @@ def create_store(
     idx.create_array("grid", data=np.asarray(grids, dtype=np.int32), chunks=(max(n * v, 1),) + grids.shape[1:])
     # One chunk per shard row: the driver marks a shard done with one small, whole-object write.
     idx.create_array("shards", shape=(header.num_shards, 3), dtype="uint64", chunks=(1, 3), fill_value=0)
+    # 1 for images a --skip-bad build could not read; one chunk per shard, written by the shard's writer.
+    idx.create_array("bad_images", shape=(n,), dtype="uint8", chunks=(header.images_per_shard,), fill_value=0)
     outs = root.create_group("outputs")
     for name, o in header.outputs.items():
         lmax, c = int(o["l_max"]), int(o["channels"])
@@ -88,7 +90,8 @@ def create_store(
             dtype=o["dtype"],
             chunks=(1, lmax, c),
             shards=(spi, lmax, c),
-            compressors=codec or output_codec(),
+            # crc32c after compression: every sample read checks its bytes (a bit flip on disk is an error).
+            compressors=[codec or output_codec(), Crc32cCodec()],
             fill_value=0,
         )
     # Attributes last: a store without them is recognisably unfinished and gets recreated.
@@ -190,6 +193,33 @@ class StoreReader:
 
     def status(self) -> ShardStatus:
         return shard_status(self.root)
+
+    def bad_images(self) -> np.ndarray:
+        """[N] bool: images a ``--skip-bad`` build could not read (all False for stores without the record)."""
+        if "bad_images" not in self.root["index"]:
+            return np.zeros(len(self.image_ids), dtype=bool)
+        return np.asarray(self.root["index/bad_images"][:]) == 1
+
+    def shard_problem(self, shard: int, status: ShardStatus) -> str | None:
+        """What is wrong with a done shard on disk, or None.
+
+        Cheap where the store allows it: every sample of a store with per-chunk crc32c is
+        checked as it is read, so here only the shard's size is compared with what was written
+        (a deleted or truncated shard file); older stores get their full checksum compared.
+        """
+        arrays = [self._arrays[n] for n in self.header.outputs]
+        found = sum(stored_bytes(a, shard) for a in arrays)
+        if found != int(status.nbytes[shard]):
+            return f"its files hold {found} bytes where {int(status.nbytes[shard])} were written (deleted or truncated)"
+        if all(o.get("chunk_checksum") == "crc32c" for o in self.header.outputs.values()):
+            return None
+        try:
+            blocks = read_shard_blocks(self.root, self.header, shard)
+        except Exception as e:  # noqa: BLE001 - an undecodable shard is the problem being reported
+            return f"it cannot be decoded ({type(e).__name__}: {e})"
+        if shard_checksum(blocks) != int(status.checksum[shard]):
+            return "its values no longer match the checksum recorded when it was written"
+        return None
 
     def sample_index(self, image_id: int, view: str) -> int:
         views = self.header.views["views"]

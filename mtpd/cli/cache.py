@@ -47,63 +47,76 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build_options(b: argparse.ArgumentParser) -> None:
-    b.add_argument(
+    what = b.add_argument_group("what to cache")
+    what.add_argument(
         "--teacher",
         required=True,
         help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, or package.module:factory",
     )
-    b.add_argument(
+    what.add_argument(
         "--weights",
         default="none",
-        help="checkpoint path, 'default' (COCO weights from the local torch cache) or 'none' (random init)",
+        help="checkpoint path, 'default' (COCO weights from the local torch cache) or 'none' (random "
+        "init, seeded: the same command gives the same store)",
     )
-    b.add_argument(
+    what.add_argument(
         "--num-classes",
         type=int,
         default=None,
         help="classes of a randomly initialised teacher (default: the dataset's)",
     )
-    b.add_argument("--ann", required=True, help="COCO instances JSON")
-    b.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
-    b.add_argument("--out", required=True, help="store path or fsspec URL (s3://..., gs://..., file://...)")
-    b.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
-    b.add_argument("--short", type=int, default=800, help="short side of the resized view")
-    b.add_argument("--long", type=int, default=1333, help="upper bound of the long side")
-    b.add_argument(
+    what.add_argument("--ann", required=True, help="COCO instances JSON")
+    what.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
+    what.add_argument("--out", required=True, help="store path or fsspec URL (s3://..., gs://..., file://...)")
+    what.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
+    what.add_argument("--short", type=int, default=800, help="short side of the resized view")
+    what.add_argument("--long", type=int, default=1333, help="upper bound of the long side")
+    what.add_argument(
         "--outputs",
         default=None,
         help="comma-separated outputs (fpn,cls,box,...); default: all dense outputs except RPN",
     )
-    b.add_argument(
+    what.add_argument(
         "--precision",
         default="lossless",
         choices=list(PRECISIONS),
         help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities",
     )
-    b.add_argument(
+    _run_options(b.add_argument_group("how to run"))
+
+
+def _run_options(how: argparse._ArgumentGroup) -> None:
+    how.add_argument(
         "--batch-size",
         type=int,
         default=2,
         help="views per teacher forward (only views of equal padded size are batched)",
     )
-    b.add_argument(
+    how.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="Ray workers: CPU processes, or one per GPU with --device cuda (at most the GPU count); 0 runs in this "
-        "process without Ray",
+        help="Ray workers: CPU processes, or one per GPU with --device cuda (at most the GPU count); "
+        "0 runs in this process without Ray",
     )
-    b.add_argument(
+    how.add_argument(
         "--images-per-shard", type=int, default=16, help="images per shard: the unit of work, of writing and of resume"
     )
-    b.add_argument("--device", default="cpu", help="cpu or cuda")
-    b.add_argument(
+    how.add_argument("--device", default="cpu", help="cpu or cuda")
+    how.add_argument(
         "--address",
         default=None,
-        help="Ray cluster address ('auto' joins a running cluster); default: a local instance",
+        help="Ray cluster address ('auto' joins a running cluster); default: a local instance, "
+        "reachable from this machine only (it binds to 127.0.0.1)",
     )
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_trust_flag(b)
+    how.add_argument(
+        "--repair", action="store_true", help="re-check every done shard and rewrite only the damaged or missing ones"
+    )
+    how.add_argument("--no-progress", action="store_true", help="no progress bar")
+    how.add_argument(
+        "--verbose", action="store_true", help="show the local Ray instance's start-up messages and worker logs"
+    )
+    add_trust_flag(how)
 
 
 def _build(a: argparse.Namespace) -> int:
@@ -130,6 +143,8 @@ def _build(a: argparse.Namespace) -> int:
         images_per_shard=a.images_per_shard,
         address=a.address,
         progress=not a.no_progress,
+        verbose=a.verbose,
+        repair=a.repair,
     )
     rate = rep.images / rep.seconds if rep.seconds else 0.0
     print(

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from mtpd.data import CocoDataset
-    from mtpd.errors import MtpdError
+    from mtpd.errors import MtpdError, message
     from mtpd.trainer.plan import PlanError, load_plan, save_plan
     from mtpd.trainer.student import load_student
     from mtpd.trainer.teacher_order import measure, reorder_plan
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise PlanError("--write needs --plan")
             save_plan(reorder_plan(plan, [r.store for r in res]), a.write)
     except MtpdError as e:
-        print(f"mtpd-plan: error: {e}", file=sys.stderr)
+        print(f"mtpd-plan: error: {message(e)}", file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps([r.__dict__ for r in res], indent=2))

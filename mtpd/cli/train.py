@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     import torch
 
-    from mtpd.errors import MtpdError
+    from mtpd.errors import MtpdError, message
     from mtpd.trainer.plan import load_plan
     from mtpd.trainer.stage import run_plan
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         online = _online(a.online_teacher, device) if a.online_teacher else None
         results = run_plan(plan, stages, device=device, resume=a.resume, online=online)
     except MtpdError as e:
-        print(f"mtpd-train: error: {e}", file=sys.stderr)
+        print(f"mtpd-train: error: {message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtpd-train: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -233,7 +233,9 @@ def _build_stores(teachers: dict[str, steps.TeacherInfo], paths: Paths, precisio
     need_ray = not all(steps.store_complete(paths.stores / f"{k}_{precision}") for k in teachers)
     started_ray = False
     if need_ray and not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        from mtpd.cache.ray_local import start_local_ray
+
+        start_local_ray(num_cpus=2)
         started_ray = True
     try:
         return {k: steps.build_teacher_store(ti, paths, precision, log)[0] for k, ti in teachers.items()}

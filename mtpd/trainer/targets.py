@@ -121,6 +121,13 @@ class DistillDataset(Dataset):
                 )
         self.outputs = outputs or [list(r.header.outputs) for r in readers]
         self._readers: list[StoreReader] | None = readers
+        self._status = [r.status() for r in readers]
+        # Shards found intact, shared by the loader's workers for the whole stage: each is checked once.
+        self._checked = [torch.zeros(r.header.num_shards, dtype=torch.uint8).share_memory_() for r in readers]
+        # Images a --skip-bad build could not read are left out, the same way in every store and epoch.
+        bad = {int(i) for r in readers for i in r.image_ids[r.bad_images()]}
+        self.index = [i for i, rec in enumerate(dataset.images) if rec.image_id not in bad]
+        self.skipped = [rec.file_name for rec in dataset.images if rec.image_id in bad]
 
     def __getstate__(self) -> dict:
         # Open Zarr handles do not cross process boundaries: workers reopen lazily.
@@ -143,9 +150,10 @@ class DistillDataset(Dataset):
         return "hflip" if np.random.default_rng([self.seed, self.epoch, idx]).random() < 0.5 else "orig"
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.index)
 
     def __getitem__(self, idx: int) -> Sample:
+        idx = self.index[idx]  # the dataset's own index (they differ only when images were skipped)
         view = self.view_of(idx)
         img, meta = prepare_view(self.dataset.load_image(idx), self.spec, view)
         ann = self.dataset.annotations(idx)
@@ -159,10 +167,17 @@ class DistillDataset(Dataset):
     def teacher_targets(self, image_id: int, view: str) -> list[dict[str, list[torch.Tensor]]]:
         """Per store: name -> per-level [C, h, w] maps of one view (views into the stored row, not copies)."""
         teacher = []
-        for r, names in zip(self.readers(), self.outputs):
+        for k, (r, names) in enumerate(zip(self.readers(), self.outputs)):
             sample = r.sample_index(image_id, view)
+            self._check_shard(k, r, sample, image_id, view)
+            try:
+                rows = r.read_rows(sample, names)
+            except Exception as e:  # noqa: BLE001 - a chunk failing its crc32c, or any undecodable bytes
+                self._damaged(
+                    r, sample // r.header.samples_per_shard, sample, image_id, view, f"{type(e).__name__}: {e}"
+                )
             maps = {}
-            for n, row in r.read_rows(sample, names).items():
+            for n, row in rows.items():
                 out_meta = r.header.outputs[n]
                 if row.dtype == np.uint8:  # a code's value depends on the code alone: one table lookup per value
                     row = _decode_table(out_meta["encoding"])[row]
@@ -172,6 +187,24 @@ class DistillDataset(Dataset):
                 maps[n] = [torch.from_numpy(m).permute(2, 0, 1) for m in views]
             teacher.append(maps)
         return teacher
+
+    def _check_shard(self, k: int, r: StoreReader, sample: int, image_id: int, view: str) -> None:
+        """The first read of a shard (in any worker) checks it on disk: see ``StoreReader.shard_problem``."""
+        shard = sample // r.header.samples_per_shard
+        if self._checked[k][shard]:
+            return
+        problem = r.shard_problem(shard, self._status[k])
+        if problem:
+            self._damaged(r, shard, sample, image_id, view, problem)
+        self._checked[k][shard] = 1
+
+    @staticmethod
+    def _damaged(r: StoreReader, shard: int, sample: int, image_id: int, view: str, problem: str) -> None:
+        raise StoreError(
+            f"{r.location}: shard {shard} is damaged ({problem}), found reading sample {sample} (image {image_id}, "
+            f"view {view}); rewrite the damaged shards with the build's own command plus --repair "
+            f"(`mtpd-cache build ... --out {r.location} --repair`); `mtpd-cache verify {r.location}` lists them"
+        )
 
 
 @functools.lru_cache(maxsize=None)
