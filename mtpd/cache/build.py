@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
+import errno
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,11 +21,11 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from mtpd.cache.compute import Layout, ShardComputer, plan_layout
+from mtpd.cache.compute import Layout, ShardWriter, plan_layout
 from mtpd.cache.lock import WriterLock
 from mtpd.cache.ray_local import ensure_ray
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
-from mtpd.cache.store import create_store, is_url, mark_done, open_root, read_header, shard_status, write_shard
+from mtpd.cache.store import create_store, is_url, mark_done, open_root, read_header, shard_status
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.errors import MtpdError
 from mtpd.teachers.base import check_outputs
@@ -56,58 +56,6 @@ def _default_outputs(names: list[str]) -> list[str]:
 # Calls per actor at once: one in the teacher, the others encoding and writing. Each holds a
 # shard's outputs in memory (float32 before encoding), so memory grows with this number.
 SHARDS_IN_FLIGHT = 3
-
-
-class ShardWriter:
-    """What one Ray actor runs: a teacher loaded once, shards computed and written.
-
-    ``SHARDS_IN_FLIGHT`` calls run at once (Ray's ``max_concurrency``): one holds
-    the teacher (forward and device-to-host copy) while the others load images,
-    encode and compress, and write, so only the teacher's compute is on the
-    critical path. Encoding and Blosc release the GIL for large arrays, so
-    these threads use the cores the teacher leaves idle (all of them on a GPU node).
-    """
-
-    def __init__(
-        self,
-        teacher: TeacherSpec,
-        ann: str,
-        images: str,
-        store: str,
-        batch_size: int,
-        threads: int,
-        storage_options: dict | None = None,
-    ) -> None:
-        import torch
-        import zarr
-
-        torch.set_num_threads(max(1, threads))
-        # Blosc and zarr's own pools would otherwise oversubscribe the worker's cores.
-        zarr.config.set({"async.concurrency": 4, "threading.max_workers": max(1, threads)})
-        self.root = open_root(store, "r+", storage_options)
-        self.header = read_header(self.root, store)
-        self.dataset = CocoDataset(ann, images)
-        grids = np.asarray(self.root["index/grid"][:])
-        self.computer = ShardComputer(
-            teacher.build(),
-            self.dataset,
-            self.header,
-            grids,
-            batch_size,
-            teacher.device,
-            encode_threads=max(1, threads),
-        )
-        self._teacher_lock = threading.Lock()
-
-    def run(self, shard: int) -> tuple[int, int, int]:
-        views = self.computer.load(shard)
-        with self._teacher_lock:
-            raw = self.computer.infer(shard, views)
-        # Outside the lock: the next shard's forward starts while this one is encoded and written.
-        blocks = self.computer.encode(shard, raw)
-        del raw, views
-        nbytes, checksum = write_shard(self.root, self.header, shard, blocks)
-        return shard, nbytes, checksum
 
 
 def prepare_store(
@@ -177,17 +125,10 @@ def _root_cause(err: BaseException) -> BaseException:
     return _root_cause(cause) if isinstance(cause, BaseException) and cause is not err else err
 
 
-def _start_actors(
-    teacher: TeacherSpec,
-    dataset: CocoDataset,
-    out: str,
-    batch_size: int,
-    workers: int,
-    n_pending: int,
-    storage_options: dict | None,
-) -> list:
+def _start_actors(req: BuildRequest, dataset: CocoDataset, n_pending: int) -> list:
     """One ShardWriter actor per GPU (or ``workers`` CPU actors), never more than shards to write."""
-    if teacher.device.startswith("cuda"):
+    workers = req.workers
+    if req.teacher.device.startswith("cuda"):
         n_gpu = int(ray.cluster_resources().get("GPU", 0))
         if n_gpu == 0:
             raise BuildError(
@@ -202,7 +143,14 @@ def _start_actors(
     actor_cls = ray.remote(max_concurrency=SHARDS_IN_FLIGHT, max_restarts=1, max_task_retries=2)(ShardWriter)
     return [
         actor_cls.options(**opts).remote(
-            teacher, str(dataset.ann_file), str(dataset.image_dir), out, batch_size, threads, storage_options
+            req.teacher,
+            str(dataset.ann_file),
+            str(dataset.image_dir),
+            req.out,
+            req.batch_size,
+            threads,
+            req.storage_options,
+            req.skip_bad,
         )
         for _ in range(min(n_workers, n_pending))
     ]
@@ -228,6 +176,7 @@ class BuildRequest:
     on_shard: Callable[[int, int], None] | None = None
     verbose: bool = False  # the local Ray instance's start-up messages and worker logs
     repair: bool = False  # re-verify done shards and rewrite the damaged ones
+    skip_bad: bool = False  # record unreadable images in the store and go on, instead of stopping
 
 
 def build_store(
@@ -241,8 +190,26 @@ def build_store(
     writer lock (``mtpd.cache.lock``): a second builder on it stops with a clear message.
     """
     req = BuildRequest(teacher, str(ann), str(images), str(out), views or ViewSpec(), **options)
-    with contextlib.nullcontext() if is_url(req.out) else WriterLock(req.out):
-        return _build(req)
+    try:
+        with contextlib.nullcontext() if is_url(req.out) else WriterLock(req.out):
+            return _build(req)
+    except OSError as e:
+        raise _io_error(req.out, e) from None
+
+
+def _io_error(out: str, e: OSError) -> BuildError:
+    """One line for a store that cannot be written (disk full, no permission, read-only file system)."""
+    if e.errno == errno.ENOSPC:
+        advice = "free space on that file system or choose another --out"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "give this user write access there or choose another --out"
+    else:
+        advice = "fix the cause or choose another --out"
+    where = f" ({e.filename})" if e.filename else ""
+    return BuildError(
+        f"{out}: cannot write the store: {e.strerror or e}{where}; the shards already done are kept and stay "
+        f"marked done: {advice}, then rerun the same command to resume"
+    )
 
 
 def _build(req: BuildRequest) -> BuildReport:
@@ -269,9 +236,7 @@ def _build(req: BuildRequest) -> BuildReport:
     elif pending:
         started_ray = ensure_ray(req.address, req.workers, req.verbose)
         try:
-            actors = _start_actors(
-                req.teacher, dataset, req.out, req.batch_size, req.workers, len(pending), req.storage_options
-            )
+            actors = _start_actors(req, dataset, len(pending))
             report = _dispatch(actors, pending, root, header, report, req.progress, req.on_shard)
         finally:
             if started_ray:
@@ -302,6 +267,7 @@ def _run_in_process(
         req.batch_size,
         torch.get_num_threads(),
         req.storage_options,
+        req.skip_bad,
     )
     bar = tqdm(
         total=sum(len(header.shard_images(s)) for s in pending),
@@ -314,6 +280,8 @@ def _run_in_process(
         for s in pending:
             try:
                 shard, nbytes, checksum = writer.run(s)
+            except OSError:
+                raise  # build_store words it
             except Exception as e:  # noqa: BLE001 - the same one-line error as a Ray worker's
                 raise BuildError(str(e)) from e
             mark_done(root, shard, nbytes, checksum)
@@ -372,6 +340,8 @@ def _dispatch(
         bar.close()
         for actor in actors:
             ray.kill(actor)
+    if isinstance(first_error, OSError):
+        raise first_error  # build_store words it
     if first_error is not None:
         raise BuildError(str(first_error)) from first_error
     return report

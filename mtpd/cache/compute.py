@@ -6,6 +6,7 @@ benchmarks, so every path writes byte-identical shards.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -13,10 +14,11 @@ import numpy as np
 import torch
 
 from mtpd.cache.schema import Precision, StoreHeader, encode_values, flat_length
-from mtpd.cache.store import CODEC
-from mtpd.data import CocoDataset, ViewSpec, grid_size, prepare_view, view_meta
+from mtpd.cache.store import CODEC, open_root, read_header, write_shard
+from mtpd.data import CocoDataset, DatasetError, ViewSpec, grid_size, prepare_view, view_meta
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import Teacher
+from mtpd.teachers.registry import TeacherSpec
 
 
 @dataclass
@@ -113,8 +115,11 @@ class ShardComputer:
         device: str = "cpu",
         io_threads: int = 4,
         encode_threads: int = 2,
+        skip_bad: bool = False,
     ) -> None:
         self.teacher = teacher
+        self.skip_bad = skip_bad
+        self.bad: dict[int, list[int]] = {}  # shard -> images that could not be read (skip_bad)
         self.dataset = dataset
         self.header = header
         self.grids = grids
@@ -128,13 +133,24 @@ class ShardComputer:
     def load(self, shard: int) -> list[tuple[int, torch.Tensor]]:
         """(sample index, prepared view) for every view of the shard; decoding runs on threads."""
         images = list(self.header.shard_images(shard))
-        arrays = list(self._pool.map(self.dataset.load_image, images))
+        arrays = list(self._pool.map(self._load_image, images))
+        self.bad[shard] = [i for i, img in zip(images, arrays) if img is None]
         v = self.header.num_views
         views = []
         for i, img in zip(images, arrays):
+            if img is None:  # skipped: its samples stay zero and the store marks the image bad
+                continue
             for j, name in enumerate(self.spec.views):
                 views.append((i * v + j, prepare_view(img, self.spec, name)[0]))
         return views
+
+    def _load_image(self, i: int):
+        try:
+            return self.dataset.load_image(i)
+        except DatasetError:
+            if not self.skip_bad:
+                raise
+            return None
 
     @torch.inference_mode()
     def infer(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> RawShard:
@@ -183,3 +199,63 @@ class ShardComputer:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self._encode_pool.shutdown(wait=False)
+
+
+class ShardWriter:
+    """What one Ray actor runs: a teacher loaded once, shards computed and written.
+
+    ``SHARDS_IN_FLIGHT`` calls run at once (Ray's ``max_concurrency``): one holds
+    the teacher (forward and device-to-host copy) while the others load images,
+    encode and compress, and write, so only the teacher's compute is on the
+    critical path. Encoding and Blosc release the GIL for large arrays, so
+    these threads use the cores the teacher leaves idle (all of them on a GPU node).
+    """
+
+    def __init__(
+        self,
+        teacher: TeacherSpec,
+        ann: str,
+        images: str,
+        store: str,
+        batch_size: int,
+        threads: int,
+        storage_options: dict | None = None,
+        skip_bad: bool = False,
+    ) -> None:
+        import torch
+        import zarr
+
+        torch.set_num_threads(max(1, threads))
+        # Blosc and zarr's own pools would otherwise oversubscribe the worker's cores.
+        zarr.config.set({"async.concurrency": 4, "threading.max_workers": max(1, threads)})
+        self.root = open_root(store, "r+", storage_options)
+        self.header = read_header(self.root, store)
+        self.dataset = CocoDataset(ann, images)
+        grids = np.asarray(self.root["index/grid"][:])
+        self.computer = ShardComputer(
+            teacher.build(),
+            self.dataset,
+            self.header,
+            grids,
+            batch_size,
+            teacher.device,
+            encode_threads=max(1, threads),
+            skip_bad=skip_bad,
+        )
+        self._teacher_lock = threading.Lock()
+
+    def run(self, shard: int) -> tuple[int, int, int]:
+        views = self.computer.load(shard)
+        with self._teacher_lock:
+            raw = self.computer.infer(shard, views)
+        # Outside the lock: the next shard's forward starts while this one is encoded and written.
+        blocks = self.computer.encode(shard, raw)
+        del raw, views
+        nbytes, checksum = write_shard(self.root, self.header, shard, blocks)
+        bad = self.computer.bad.pop(shard, [])
+        if "bad_images" in self.root["index"]:
+            # The shard's own chunk of the record, written whole by this writer before the shard is marked done.
+            images = self.header.shard_images(shard)
+            flags = np.isin(np.arange(images.start, images.stop), bad).astype(np.uint8)
+            self.root["index/bad_images"][images.start : images.stop] = flags
+        return shard, nbytes, checksum

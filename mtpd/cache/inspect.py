@@ -62,6 +62,7 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
         "output_bytes": out_bytes,
         "raw_fp32_bytes": raw,
         "compression_ratio": (raw / out_bytes) if out_bytes else None,
+        "bad_images": [name for name, bad in zip(r.file_names(), r.bad_images()) if bad],
     }
 
 
@@ -89,6 +90,10 @@ def format_info(info: dict) -> str:
         f"size         {info['bytes_on_disk'] / 2**20:.2f} MiB on disk; outputs {info['output_bytes'] / 2**20:.2f} MiB"
         + (f", {ratio:.1f}x smaller than raw fp32" if ratio else ""),
     ]
+    bad = info["bad_images"]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f", ... {len(bad) - 10} more" if len(bad) > 10 else "")
+        lines.append(f"skipped      {len(bad)} unreadable image(s) (--skip-bad; training leaves them out): {shown}")
     return "\n".join(lines)
 
 

@@ -110,6 +110,12 @@ def _run_options(how: argparse._ArgumentGroup) -> None:
         "reachable from this machine only (it binds to 127.0.0.1)",
     )
     how.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="record unreadable images in the store and go on (training leaves them out); without it the first "
+        "one stops the build, naming it",
+    )
+    how.add_argument(
         "--repair", action="store_true", help="re-check every done shard and rewrite only the damaged or missing ones"
     )
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,12 +151,18 @@ def _build(a: argparse.Namespace) -> int:
         progress=not a.no_progress,
         verbose=a.verbose,
         repair=a.repair,
+        skip_bad=a.skip_bad,
     )
     rate = rep.images / rep.seconds if rep.seconds else 0.0
     print(
         f"{rep.store}: {rep.shards_written} shards written, {rep.shards_skipped} already done, "
         f"{rep.bytes_written / 2**20:.1f} MiB in {rep.seconds:.1f}s ({rate:.1f} img/s overall)"
     )
+    from mtpd.cache.store import StoreReader
+
+    bad = int(StoreReader(rep.store).bad_images().sum()) if not a.address else 0
+    if bad:
+        print(f"{rep.store}: {bad} unreadable image(s) skipped (--skip-bad); `mtpd-cache info` lists them")
     return 0
 
 
