@@ -32,7 +32,7 @@ install-mmdet: $(VENV)/.mmdet-done
 test: $(VENV)/.mmdet-done
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 demo: $(VENV)/.base-done
 	$(VENV)/bin/mtpd-demo --out demo_out

@@ -195,17 +195,43 @@ class StoreHeader:
                 f"{where}: store format {version} but this mtpd reads format {FORMAT_VERSION}; rebuild the store or "
                 "upgrade mtpd"
             )
-        return cls(
-            teacher=dict(attrs["teacher"]),
-            views=dict(attrs["views"]),
-            dataset=dict(attrs["dataset"]),
-            precision=str(attrs["precision"]),
-            images_per_shard=int(attrs["images_per_shard"]),
-            outputs={k: dict(v) for k, v in attrs["outputs"].items()},
-            levels=[int(x) for x in attrs["levels"]],
-            format_version=int(version),
-            created_by=str(attrs.get("created_by", "mtpd")),
-        )
+        try:
+            header = cls(
+                teacher=dict(attrs["teacher"]),
+                views=dict(attrs["views"]),
+                dataset=dict(attrs["dataset"]),
+                precision=str(attrs["precision"]),
+                images_per_shard=int(attrs["images_per_shard"]),
+                outputs={str(k): dict(v) for k, v in attrs["outputs"].items()},
+                levels=[int(x) for x in attrs["levels"]],
+                format_version=int(version),
+                created_by=str(attrs.get("created_by", "mtpd")),
+            )
+            header.validate()
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+            raise StoreError(
+                f"{where}: damaged store attributes (zarr.json: {what}); rebuild the store with `mtpd-cache build`"
+            ) from None
+        return header
+
+    def validate(self) -> None:
+        """Every field readers rely on, with its type (ValueError/TypeError/KeyError otherwise)."""
+        if self.images_per_shard < 1 or int(self.dataset["num_images"]) < 0 or not self.outputs:
+            raise ValueError("images_per_shard, num_images or outputs out of range")
+        str(self.dataset["manifest_sha256"]) + str(self.dataset["ann_file"])
+        views = self.views["views"]
+        if not isinstance(views, list) or not views or not all(v in ("orig", "hflip") for v in views):
+            raise ValueError(f"views {views!r} is not a list of orig/hflip")
+        for key in ("short", "long", "pad"):
+            if int(self.views[key]) < 1:
+                raise ValueError(f"views.{key} must be positive")
+        for name, o in self.outputs.items():
+            levels = [int(x) for x in o["levels"]]
+            if not levels or not set(levels) <= set(self.levels) or int(o["channels"]) < 1 or int(o["l_max"]) < 1:
+                raise ValueError(f"output {name}: levels, channels or l_max out of range")
+            np.dtype(str(o["dtype"]))
+            str(o["encoding"])
 
     def identity(self) -> dict:
         """What must match for a rerun to resume into this store."""

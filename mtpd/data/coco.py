@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,40 @@ class Annotations:
     labels: np.ndarray  # [n] int64
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_pos(v: object) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _is_str(v: object) -> bool:
+    return isinstance(v, str) and v != "" and "\x00" not in v
+
+
+def _is_box(v: object) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) == 4
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    )
+
+
+_EXPECTED = {
+    _is_int: "an integer",
+    _is_pos: "a positive integer",
+    _is_str: "a file name",
+    _is_box: "[x, y, w, h] numbers",
+}
+
+
+def _check_types(path: Path, where: str, record: dict, fields: dict) -> None:
+    for key, ok in fields.items():
+        if not ok(record[key]):
+            raise DatasetError(f"{path}: {where}.{key} is {record[key]!r:.60}, not {_EXPECTED[ok]}; fix the COCO JSON")
+
+
 def _load_json(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
@@ -54,12 +89,17 @@ def _load_json(path: Path) -> dict:
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or not all(k in im for k in ("id", "file_name", "height", "width")):
             raise DatasetError(f"{path}: images[{i}] lacks one of id, file_name, height, width; fix the COCO JSON")
+        _check_types(
+            path, f"images[{i}]", im, {"id": _is_int, "file_name": _is_str, "height": _is_pos, "width": _is_pos}
+        )
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, dict) or "id" not in c:
             raise DatasetError(f"{path}: categories[{i}] has no 'id'; fix the COCO JSON")
+        _check_types(path, f"categories[{i}]", c, {"id": _is_int})
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict) or not all(k in a for k in ("image_id", "bbox", "category_id")):
             raise DatasetError(f"{path}: annotations[{i}] lacks one of image_id, bbox, category_id; fix the COCO JSON")
+        _check_types(path, f"annotations[{i}]", a, {"image_id": _is_int, "category_id": _is_int, "bbox": _is_box})
     return data
 
 

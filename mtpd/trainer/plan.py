@@ -188,11 +188,15 @@ def from_dict(cls: type, data: Any, path: str = "plan") -> Any:
 def load_plan(path: str | Path) -> Plan:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PlanError(f"{p}: plan file not found") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(
+            f"{p}: not a UTF-8 text file ({e.reason} at byte {e.start}); save the plan as UTF-8 YAML"
+        ) from None
     except yaml.YAMLError as e:
-        raise PlanError(f"{p}: not valid YAML ({e})") from None
+        raise PlanError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
     plan = from_dict(Plan, data, "plan")
     plan.validate()
     return _resolve_paths(plan, p.parent)
@@ -202,6 +206,8 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
     """Relative paths in a plan are relative to the plan file, so plans can move with their data."""
 
     def fix(v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise PlanError(f"{base / 'plan'}: the path {v!r} holds a NUL character; fix it in the plan")
         if v is None or v == "none" or "://" in v or Path(v).is_absolute():
             return v
         return str((base / v).resolve())
