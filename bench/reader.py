@@ -188,9 +188,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def recodec(src: str, dst: str, cname: str) -> None:
-    """A copy of store ``src`` whose outputs use Blosc ``cname`` (same values, same layout): a what-if
-    for the codec choice, made here without touching the library's CODEC."""
+def recodec(src: str, dst: str, cname: str, crc: bool = True) -> None:
+    """A copy of store ``src`` whose outputs use Blosc ``cname`` (same values, same layout), with or without
+    the per-sample crc32c: what-ifs for the codec choice, made here without touching the library's defaults."""
     from mtpd.cache.store import StoreReader, create_store, mark_done, output_codec, read_shard_blocks, write_shard
 
     r = StoreReader(src)
@@ -204,6 +204,7 @@ def recodec(src: str, dst: str, cname: str) -> None:
         np.asarray(idx["view_size"][:]),
         r.grid,
         codec=output_codec(cname),
+        chunk_checksum=crc,
     )
     for shard in range(r.header.num_shards):
         nbytes, checksum = write_shard(root, r.header, shard, read_shard_blocks(r.root, r.header, shard))
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> str:
         lz4 = "compact, fpn, Blosc-lz4 (what-if)"
         paths[lz4] = str(work / "compact_fpn_lz4")
         recodec(paths["compact, fpn"], paths[lz4], "lz4")
+        nocrc = "compact, fpn, no crc32c (what-if)"
+        paths[nocrc] = str(work / "compact_fpn_nocrc")
+        recodec(paths["compact, fpn"], paths[nocrc], "zstd", crc=False)
         coco = CocoDataset(data["ann"], data["images"])
         ds = {k: DistillDataset(coco, views, [p]) for k, p in paths.items()}
         metas = {k: [r.header.outputs for r in d.readers()] for k, d in ds.items()}
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> str:
                 workers,
             ),
             ("targets", lz4, TargetsOnly(ds[lz4]), TargetsCollate(metas[lz4], False), one),
+            ("targets", nocrc, TargetsOnly(ds[nocrc]), TargetsCollate(metas[nocrc], False), one),
             ("targets", "high, fpn", TargetsOnly(ds["high, fpn"]), TargetsCollate(metas["high, fpn"], False), one),
             (
                 "targets",
@@ -368,6 +373,9 @@ def render(
         cpu_per_sample[f"targets (before) | compact, fpn | {w1}"], cpu_per_sample[f"targets | compact, fpn | {w1}"]
     )
     lz4_gain = ratio(cpu_per_sample[f"targets | compact, fpn | {w1}"], cpu_per_sample[f"targets | {lz4} | {w1}"])
+    nocrc = "compact, fpn, no crc32c (what-if)"
+    # Checked reads: per-sample crc32c plus each shard's size check on its first read, against the same reads without.
+    crc_cost = ratio(cpu_per_sample[f"targets | compact, fpn | {w1}"], cpu_per_sample[f"targets | {nocrc} | {w1}"])
     full = median([v[1] for v in results[f"full | compact, fpn | {w1}"]])
     plain = median([v[1] for v in results[f"images | no store | {w1}"]])
     levels, channels, cells = shape
@@ -385,7 +393,9 @@ def render(
         "Medians of "
         f"{len(next(iter(results.values())))} interleaved round(s). The Blosc-lz4 row is a what-if: the compact "
         "store's very "
-        f"values re-written with Blosc lz4 (bitshuffle) instead of zstd; the library's codec is unchanged.",
+        f"values re-written with Blosc lz4 (bitshuffle) instead of zstd; the library's codec is unchanged. The "
+        "no-crc32c row is the same store without the per-sample crc32c every store now carries: it measures what "
+        "checked reads cost.",
         "",
         table(["mode", "store", "workers", "samples/s (wall)", "samples/s per worker core"], rows),
         "",
@@ -399,6 +409,12 @@ def render(
                     "yes" if per_core >= 60 else "no",
                 ],
                 ["reader before → after (CPU per sample, same run)", f"{speedup} x faster", "–", "–"],
+                [
+                    "checked reads: CPU per sample with / without crc32c and shard checks",
+                    f"{crc_cost}",
+                    "≤ 1.05",
+                    "yes" if crc_cost.median <= 1.05 else "no",
+                ],
                 [
                     "in-process CPU ms per sample, zstd: store read / collate",
                     f"{pz['read']:.1f} / {pz['collate']:.1f}",

@@ -433,3 +433,55 @@ def test_a_build_prints_no_ray_start_up_noise(tmp_path, digits) -> None:
     text = r.stdout + r.stderr
     assert "Token authentication" not in text and "shards written" in text
     assert len([x for x in text.splitlines() if x.strip()]) == 1, text
+
+
+# -- a stage killed at any moment loses nothing -----------------------------------------------------
+def _train(plan: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtpd.cli.train", "--plan", str(plan), "--stage", "1", "--device", "cpu", *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [2, 4])  # steps logged: mid-epoch 1, and early in epoch 2 (3 steps per epoch)
+def test_stage_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, digits, tiny_store, kill_after) -> None:
+    import signal
+
+    stages = [
+        {
+            "name": "s",
+            "stores": [tiny_store],
+            "losses": [{"name": "mgd", "weight": 2.0e-4}],
+            "epochs": 2,
+            "optimizer": {"type": "sgd", "lr": 0.01},
+            "schedule": {"warmup_iters": 2},
+        }
+    ]
+    runs = {}
+    for name in ("ref", "killed"):
+        (tmp_path / name).mkdir()
+        runs[name] = write_plan(tmp_path / name, digits, [], stages, checkpoint_every=1)
+    ref = _train(runs["ref"])
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    proc = _train(runs["killed"])
+    log = tmp_path / "killed" / "run" / "stage_1" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= kill_after:
+            os.kill(proc.pid, signal.SIGKILL)  # most likely while it writes last.pt
+            break
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    final = tmp_path / "killed" / "run" / "stage_1" / "final.pt"
+    assert not final.exists()
+    resumed = _train(runs["killed"], "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    want = torch.load(tmp_path / "ref" / "run" / "stage_1" / "final.pt", weights_only=True)["model"]
+    got = torch.load(final, weights_only=True)["model"]
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

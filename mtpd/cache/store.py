@@ -61,6 +61,7 @@ def create_store(
     grids: np.ndarray,
     storage_options: dict | None = None,
     codec: BloscCodec | None = None,
+    chunk_checksum: bool = True,
 ) -> zarr.Group:
     """Create every array of a new store (driver only) and write the index (outputs compressed by ``codec``,
     default ``output_codec()``)."""
@@ -91,7 +92,7 @@ def create_store(
             chunks=(1, lmax, c),
             shards=(spi, lmax, c),
             # crc32c after compression: every sample read checks its bytes (a bit flip on disk is an error).
-            compressors=[codec or output_codec(), Crc32cCodec()],
+            compressors=[codec or output_codec()] + ([Crc32cCodec()] if chunk_checksum else []),
             fill_value=0,
         )
     # Attributes last: a store without them is recognisably unfinished and gets recreated.
