@@ -120,7 +120,9 @@ def test_trust_flag_is_the_only_way_to_unpickle(tmp_path, digits, tiny_teacher_c
         "64",
     ]
     assert main(args) == 2 and not marker.exists()
-    assert "--trust-checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "downloaded.pt" in err and "never unpickles" in err
+    assert "--trust-checkpoint" in err
     try:
         with pytest.warns(UserWarning, match="full unpickling"):
             assert main(args + ["--trust-checkpoint"]) == 0
