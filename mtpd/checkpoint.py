@@ -9,6 +9,7 @@ leaves a truncated checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -17,7 +18,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -56,7 +57,7 @@ def _log_globals() -> list:
     import numpy as np
     import numpy.dtypes
 
-    core = np._core.multiarray
+    core = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 / numpy 1
     out: list = [np.dtype, np.ndarray]
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out += [(core.scalar, f"{mod}.scalar"), (core._reconstruct, f"{mod}._reconstruct")]
@@ -75,6 +76,18 @@ def trust_checkpoints(trusted: bool = True) -> None:
     _TRUSTED = trusted
 
 
+@contextlib.contextmanager
+def trusted(trust: bool = True) -> Iterator[None]:
+    """``trust_checkpoints(trust)`` for the reads inside the block only (when ``trust``; else no change)."""
+    global _TRUSTED
+    saved = _TRUSTED
+    _TRUSTED = saved or trust
+    try:
+        yield
+    finally:
+        _TRUSTED = saved
+
+
 def load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     """The object saved in ``path``, tensors on the CPU; CheckpointError naming the file otherwise.
 
@@ -86,8 +99,9 @@ def load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p.resolve()} does not exist; pass the path of an existing file")
+    allowed = _log_globals()
     try:
-        with torch.serialization.safe_globals(_log_globals()):
+        with torch.serialization.safe_globals(allowed):
             try:
                 return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
             except RuntimeError as e:

@@ -1,10 +1,11 @@
 """The training engine's refactor changed no arithmetic: a two-stage plan's final weights are bitwise
 those the stage runner of commit e8d9fde produced (one torch thread, CPU).
 
-The golden digest below was computed by running this very test against e8d9fde's trainer. Should
-a machine's CPU kernels round differently (another instruction set), regenerate it there from that
-commit (``git worktree add /tmp/ref e8d9fde``) with ``MTPD_PRINT_GOLDEN=1``, never from the code
-under test.
+The golden digest below was computed by this test's first version (commit 9fbd3d9, which called
+``mtpd.trainer.runner.run_plan``) against e8d9fde's trainer. Should a machine's CPU kernels round
+differently (another instruction set), regenerate it there from those commits, never from the code
+under test: ``git worktree add /tmp/ref 9fbd3d9``, then in /tmp/ref
+``MTPD_PRINT_GOLDEN=1 PYTHONPATH=/tmp/ref python -m pytest -s tests/test_engine_golden.py``.
 """
 
 from __future__ import annotations

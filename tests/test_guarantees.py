@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from test_trainer import write_plan
 
 from mtpd.cache.build import BuildError, build_store
 from mtpd.cache.inspect import store_info, verify_store
-from mtpd.cache.lock import STALE_AFTER_S, WriterLock, lock_path
+from mtpd.cache.lock import STALE_AFTER_S, WriterLock, _this_machine, lock_path
 from mtpd.cache.schema import StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewSpec
@@ -141,7 +140,7 @@ def test_a_second_builder_stops_naming_the_first(tmp_path, digits) -> None:
     out = tmp_path / "store"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _write_lock(out, host=socket.gethostname(), pid=other.pid)
+        _write_lock(out, **_this_machine(), pid=other.pid)
         with pytest.raises(StoreError, match=rf"another build is writing this store .*pid {other.pid}"):
             build_store(
                 TeacherSpec("retinanet_tiny", "none", 10),
@@ -166,7 +165,7 @@ def test_stale_locks_are_taken_over(tmp_path, digits, tiny_store) -> None:
     out = tmp_path / "store"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    _write_lock(out, host=socket.gethostname(), pid=dead.pid)  # its process is gone
+    _write_lock(out, **_this_machine(), pid=dead.pid)  # its process is gone
     rep = build_store(
         TeacherSpec("retinanet_tiny", "none", 10),
         digits["train"]["ann"],
@@ -487,3 +486,20 @@ def test_stage_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, digits,
     got = torch.load(final, weights_only=True)["model"]
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_a_build_whose_lock_was_taken_over_stops(tmp_path) -> None:
+    """A writer that finds another builder's token in its lock stops instead of writing on, and does not
+    delete the new holder's lock when it ends."""
+    out = tmp_path / "store"
+    lock = WriterLock(out)
+    lock.acquire()
+    try:
+        lock.check()  # still ours
+        _write_lock(out, host="elsewhere", pid=7, token="someone-else")
+        lock.beat()
+        with pytest.raises(StoreError, match="was taken over .*host elsewhere"):
+            lock.check()
+    finally:
+        lock.release()
+    assert json.loads(lock_path(out).read_text())["token"] == "someone-else"

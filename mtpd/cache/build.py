@@ -190,16 +190,36 @@ def build_store(
     writer lock (``mtpd.cache.lock``): a second builder on it stops with a clear message.
     """
     req = BuildRequest(teacher, str(ann), str(images), str(out), views or ViewSpec(), **options)
+    lock = None if is_url(req.out) else WriterLock(req.out)
     try:
-        with contextlib.nullcontext() if is_url(req.out) else WriterLock(req.out):
+        with lock or contextlib.nullcontext():
+            if lock is not None:
+                req.on_shard = _checking(lock, req.on_shard)
             return _build(req)
     except OSError as e:
+        ours = e.filename is None or str(e.filename).startswith(req.out)  # the store and its lock beside it
+        if e.errno not in _WRITE_ERRNOS or not ours:
+            raise BuildError(f"{req.out}: {e}") from None  # not a failure to write the store: say what happened
         raise _io_error(req.out, e) from None
+
+
+def _checking(lock: WriterLock, on_shard: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+    """After each shard: stop if another builder took the lock over, then the caller's callback."""
+
+    def on_done(shard: int, nbytes: int) -> None:
+        lock.check()
+        if on_shard is not None:
+            on_shard(shard, nbytes)
+
+    return on_done
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _io_error(out: str, e: OSError) -> BuildError:
     """One line for a store that cannot be written (disk full, no permission, read-only file system)."""
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         advice = "free space on that file system or choose another --out"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = "give this user write access there or choose another --out"

@@ -4,8 +4,9 @@ zarr loses data silently when two writers meet on one shard (zarr-python #3683),
 ``mtpd-cache build`` takes ``<store>.lock`` before it touches the store and a second
 builder stops with a message naming the first. The file holds the writer's host, pid,
 start time and a heartbeat the writer refreshes every ``HEARTBEAT_S`` seconds. A lock is
-stale, and taken over, when its process is gone (same host) or its heartbeat is older
-than ``STALE_AFTER_S`` (another host, where the process cannot be checked). Readers
+stale, and taken over, when its process is gone (same machine: host, boot and pid namespace)
+or its heartbeat is older than ``STALE_AFTER_S`` (another machine, where the process cannot
+be checked; hosts sharing a store need clocks within a few minutes of each other). Readers
 never look at it. Stores at fsspec URLs are not locked (object stores have no
 exclusive create): give each such store one builder.
 """
@@ -17,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from mtpd.cache.schema import StoreError
@@ -30,14 +32,34 @@ def lock_path(store: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".lock")
 
 
-def _alive(pid: int) -> bool:
+def _this_machine() -> dict:
+    """What tells this host's processes apart: boot id and pid namespace (containers sharing a hostname
+    and a volume differ in the second), read from /proc where it exists."""
+    out = {"host": socket.gethostname()}
+    try:
+        out["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        out["pidns"] = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pass
+    return out
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a reused pid from the writer)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    return started is None or _start_time(pid) in (None, started)
 
 
 class WriterLock:
@@ -45,7 +67,14 @@ class WriterLock:
 
     def __init__(self, store: str | os.PathLike) -> None:
         self.store, self.path = str(store), lock_path(store)
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.me = {
+            **_this_machine(),
+            "pid": os.getpid(),
+            "pid_start": _start_time(os.getpid()),
+            "started": time.time(),
+            "token": uuid.uuid4().hex,
+        }
+        self.lost: str | None = None  # why the lock is no longer ours, when it is not
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -82,8 +111,10 @@ class WriterLock:
                 return {}
 
     def stale(self, holder: dict) -> bool:
-        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
-            return not _alive(holder["pid"])
+        """Its writer is gone: a dead (or reused) pid on this very machine, else a heartbeat too old."""
+        same = all(holder.get(k) == v for k, v in _this_machine().items()) and len(_this_machine()) == 3
+        if same and isinstance(holder.get("pid"), int):
+            return not _alive(holder["pid"], holder.get("pid_start"))
         return time.time() - float(holder.get("heartbeat", 0)) > STALE_AFTER_S
 
     def _take_over_if_stale(self) -> None:
@@ -96,34 +127,52 @@ class WriterLock:
             raise StoreError(
                 f"{self.store}: another build is writing this store (host {holder.get('host')}, pid "
                 f"{holder.get('pid')}, started {started}, last heartbeat {age:.0f} s ago); let it finish or stop it, "
-                f"then rerun. A lock whose writer is gone is taken over by itself (lock file: {self.path})"
+                f"then rerun. A lock whose writer is gone is taken over by itself; if you know it is gone, delete "
+                f"{self.path}"
             )
         # Move the stale lock aside, then check it was the one judged: a rival taking over at the
-        # same moment may already have replaced it with a live lock, which goes back untouched.
+        # same moment may already have put a live lock there, which goes back (never over a newer one).
         aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
         if self._read(aside) != holder:
-            os.rename(aside, self.path)
-            return
+            try:
+                os.link(aside, self.path)  # fails if a third builder created a lock meanwhile: it keeps it
+            except FileExistsError:
+                pass
         aside.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self.beat()
+            try:
+                self.beat()
+            except OSError:
+                pass  # a full or flaky disk: try again at the next beat (the lock turns stale only after minutes)
 
     def beat(self) -> None:
-        """Refresh the heartbeat (write and rename: readers never see a torn file)."""
+        """Refresh the heartbeat if the lock is still ours (write and rename: readers never see a torn file)."""
+        holder = self._read(self.path)
+        if holder.get("token") != self.me["token"]:
+            self.lost = (
+                f"the write lock {self.path} was taken over (now held by host {holder.get('host')}, pid "
+                f"{holder.get('pid')})"
+            )
+            self._stop.set()
+            return
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({**self.me, "heartbeat": time.time()}))
         os.replace(tmp, self.path)
+
+    def check(self) -> None:
+        """StoreError if another builder took the lock over (this build must stop writing)."""
+        if self.lost:
+            raise StoreError(f"{self.store}: {self.lost}; stopping this build, its finished shards are kept")
 
     def release(self) -> None:
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
-        holder = self._read(self.path)
-        if holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+        if self._read(self.path).get("token") == self.me["token"]:
             self.path.unlink(missing_ok=True)

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mtpd.demo.report import gains, table, write_report
     from mtpd.demo.run import run_demo
+    from mtpd.errors import MtpdError, message
 
     torch.set_num_threads(_threads(a.threads))
     command = "mtpd-demo " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             quiet_training=not a.verbose,
             threads=_threads(a.threads),
         )
+    except MtpdError as e:
+        print(f"mtpd-demo: error: {message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "mtpd-demo: interrupted; rerun the same command to continue "

@@ -38,7 +38,8 @@ class Annotations:
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    # Integral floats (480.0) too: some exporters write every number as a float.
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
 def _is_pos(v: object) -> bool:

@@ -23,31 +23,41 @@ from typing import Callable
 
 from mtpd.demo import steps
 from mtpd.demo.steps import Log
+from mtpd.errors import MtpdError
 
 
 def _train_child(plan_path: str, stages: list[int], threads: int, events: mp.Queue, log_path: str) -> None:
-    """Child process: train ``stages`` of the plan, events to the queue, text to ``log_path``."""
+    """Child process: train ``stages`` of the plan, events to the queue, all text to ``log_path``."""
     import sys
     import traceback
 
+    # Everything this process prints (warnings, loader-worker tracebacks, native crashes) goes to the log.
+    f = open(log_path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - open for the life of the process
+    os.dup2(f.fileno(), 1)
+    os.dup2(f.fileno(), 2)
+    sys.stdout = sys.stderr = f
+
     import torch
 
-    from mtpd.errors import MtpdError
+    from mtpd.errors import MtpdError, message
     from mtpd.trainer.plan import load_plan
     from mtpd.trainer.stage import run_plan
 
     torch.set_num_threads(threads)
-    with open(log_path, "w", encoding="utf-8", buffering=1) as f:
-        try:
-            run_plan(load_plan(plan_path), stages, device="cpu", log=lambda s: print(s, file=f), on_event=events.put)
-        except MtpdError as e:
-            print(f"error: {e}", file=f)
-            events.put({"event": "error", "message": str(e)})
-            sys.exit(2)
-        except BaseException as e:  # noqa: BLE001 - anything else: the traceback goes to the log
-            traceback.print_exc(file=f)
-            events.put({"event": "error", "message": f"{type(e).__name__}: {e}"})
-            sys.exit(1)
+    try:
+        run_plan(load_plan(plan_path), stages, device="cpu", log=print, on_event=events.put)
+    except MtpdError as e:
+        print(f"error: {message(e)}")
+        events.put({"event": "error", "message": message(e)})
+        sys.exit(2)
+    except BaseException as e:  # noqa: BLE001 - anything else: the traceback goes to the log
+        traceback.print_exc()
+        events.put({"event": "error", "message": f"{type(e).__name__}: {e}"})
+        sys.exit(1)
+
+
+class JobError(MtpdError, RuntimeError):
+    """A student's training process that failed; the message carries its own error and its log."""
 
 
 @dataclass
@@ -87,13 +97,11 @@ class Job:
             show(ev)
 
     def check(self) -> None:
-        """Raise when the child exited with an error, naming its log and its own message."""
+        """Raise JobError when the child exited with an error: its own message and its log, in one line."""
         if self.proc is None or self.returncode in (None, 0):
             return
-        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:] if self.log_path.is_file() else []
-        raise RuntimeError(
-            f"training {self.name} failed (exit {self.returncode}): {self.error or 'no message'}; "
-            f"log: {self.log_path}\n" + "\n".join(tail)
+        raise JobError(
+            f"training {self.name} failed (exit {self.returncode}): {self.error or 'no message'}; log: {self.log_path}"
         )
 
     def stage_done(self, k: int) -> bool:
@@ -155,7 +163,7 @@ def wait(jobs: list[Job], log: Log, quiet: bool, until: Callable[[], bool] | Non
                 j.check()
             return
         if not any(j.running() for j in jobs):  # all exited cleanly, yet ``until`` never came
-            raise RuntimeError(
+            raise JobError(
                 "the students' training processes exited before the demo could go on; logs: "
                 + ", ".join(str(j.log_path) for j in jobs)
             )

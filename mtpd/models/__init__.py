@@ -1,5 +1,5 @@
 """Detector architectures shared by teachers and students, and the one definition of their
-dense outputs. A leaf package: imports torch, torchvision and ``mtpd.outputs`` only."""
+dense outputs. A leaf package: imports torch, torchvision and ``mtpd.output_spec`` only."""
 
 from mtpd.models.outputs import (
     DenseOutputs,

@@ -19,22 +19,27 @@ from mtpd.teachers.torchvision_adapter import torchvision_teachers
 
 # factory(weights=..., num_classes=..., device=..., **options) -> Teacher
 TeacherFactory = Callable[..., Teacher]
-# Every registered architecture, explicitly; register_teacher adds the user's own.
-_REGISTRY: dict[str, TeacherFactory] = dict(torchvision_teachers())
+# Teachers registered with register_teacher; every registered architecture is one too (read at
+# lookup time, so an architecture the user registers later is a teacher as well).
+_USER: dict[str, TeacherFactory] = {}
+
+
+def _table() -> dict[str, TeacherFactory]:
+    return {**torchvision_teachers(), **_USER}
 
 
 def register_teacher(name: str) -> Callable[[TeacherFactory], TeacherFactory]:
     def deco(fn: TeacherFactory) -> TeacherFactory:
-        if name in _REGISTRY:
+        if name in _table():
             raise ValueError(f"teacher {name!r} is registered twice")
-        _REGISTRY[name] = fn
+        _USER[name] = fn
         return fn
 
     return deco
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_table())
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,8 @@ class TeacherSpec:
     trust_checkpoint: bool = False  # --trust-checkpoint: unpickle a weights file the safe reader refuses
 
     def build(self) -> Teacher:
-        if self.trust_checkpoint:
-            checkpoint.trust_checkpoints(True)  # in this process (a Ray worker builds its own teacher)
-        return build_teacher(self.name, weights=self.weights, num_classes=self.num_classes, device=self.device)
+        with checkpoint.trusted(self.trust_checkpoint):  # for this teacher's files only
+            return build_teacher(self.name, weights=self.weights, num_classes=self.num_classes, device=self.device)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,9 +76,10 @@ def build_teacher(name: str, weights: str = "none", num_classes: int | None = No
         from mtpd.teachers.module_adapter import build_module_teacher
 
         return build_module_teacher(name, weights=weights, num_classes=num_classes, device=device)
-    if name not in _REGISTRY:
+    table = _table()
+    if name not in table:
         raise TeacherError(
-            f"unknown teacher {name!r}; registered: {', '.join(sorted(_REGISTRY))}; "
+            f"unknown teacher {name!r}; registered: {', '.join(sorted(table))}; "
             "or use mmdet:CONFIG for an mmdet model, or package.module:factory for your own nn.Module"
         )
-    return _REGISTRY[name](weights=weights, num_classes=num_classes, device=device)
+    return table[name](weights=weights, num_classes=num_classes, device=device)

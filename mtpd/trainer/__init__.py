@@ -1,1 +1,1 @@
-"""Students, distillation losses, plans and the stage runner: training from stores, no teacher in memory."""
+"""Students, losses, plans, the training engine and its stages: training from stores, no teacher in memory."""

@@ -109,8 +109,8 @@ class Engine:
     """Trains ``student`` on ``loader`` with ``losses`` whose teacher maps come from ``targets``.
 
     ``model``: the module the step calls (``DetectorStep(student)``, or that wrapped in
-    DistributedDataParallel); ``sync``: called before each phase boundary is timed (CUDA
-    synchronisation when timing on a GPU).
+    DistributedDataParallel). ``sync_phases``: synchronise the device at each phase boundary so
+    that phase times are exact on a GPU (benchmarks; it costs overlap, so training leaves it off).
     """
 
     def __init__(
@@ -128,6 +128,7 @@ class Engine:
         grad_clip: float | None = None,
         label_offset: int = 0,
         hooks: list[HookBase] = (),
+        sync_phases: bool = False,
     ) -> None:
         self.student, self.loader, self.optimizer, self.scheduler = student, loader, optimizer, scheduler
         self.losses = list(losses)
@@ -144,7 +145,7 @@ class Engine:
         self.student_outputs = sorted({n for b in self.losses for n in b.loss.needs}) or ["fpn"]
         self.needs_anchors = any(b.loss.needs_anchors for b in self.losses)
         self.state = EngineState(epochs, len(loader))
-        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        self.sync = torch.cuda.synchronize if sync_phases and self.device.type == "cuda" else None
         self.batches: Iterator[Batch] | None = None  # the current epoch's loader iterator
 
     # -- the loop ---------------------------------------------------------------------------
@@ -165,6 +166,7 @@ class Engine:
         self.batches = iter(self.loader)
         while self.state.iter < self.state.iters_per_epoch:
             self.step()
+        self.batches = None  # the epoch's loader workers stop here, before evaluation or the next epoch
         self._call("after_epoch")
         self.state.epoch, self.state.iter = self.state.epoch + 1, 0
 
@@ -182,7 +184,14 @@ class Engine:
     def run_step(self, batch: Batch | None = None) -> None:
         """Data, teacher targets, student forward, losses, backward and update; phases timed."""
         clock = _PhaseClock(self.sync)
-        batch = (next(self.batches) if batch is None else batch).to(self.device)
+        if batch is None:
+            batch = next(self.batches, None)
+            if batch is None:
+                raise TrainError(
+                    f"the loader ran out after {self.state.iter} of {self.state.iters_per_epoch} "
+                    "iterations of this epoch; was data.batch_size changed before --resume?"
+                )
+        batch = batch.to(self.device)
         clock.lap("data")
         teacher, masks = self.targets(batch) if self.targets is not None else ([], batch.masks)
         clock.lap("teacher")

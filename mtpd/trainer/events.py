@@ -5,7 +5,7 @@ A run reports dicts with an ``"event"`` key to ``on_event`` callbacks: a program
 
 - ``stage_start``: stage, name, epochs, iters_per_epoch
 - ``inherited``: stage, tensors, parts, weights
-- ``resumed``: stage, checkpoint, epoch, iter (or checkpoint None: nothing to resume)
+- ``resumed``: stage, checkpoint, wanted, epoch, iter (checkpoint None: nothing at ``wanted`` to resume from)
 - ``step``: a step record (stage, epoch, iter, step, lr, loss, loss parts, time) and ``epoch_end``
 - ``stage_end``: stage, name, checkpoint, metrics
 """

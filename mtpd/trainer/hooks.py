@@ -111,7 +111,7 @@ class Checkpointer(HookBase):
     """``last.pt`` every ``every`` steps (0: never mid-epoch) and at each epoch's end; ``final`` after training.
 
     ``last.pt`` holds what a resume needs (model, losses' adapters, optimiser, scheduler,
-    RNG, position); ``final`` is written by ``save_final(model, path)``: the student alone.
+    RNG, position); after training ``save_final(student)`` writes the student alone (``final.pt``).
     """
 
     def __init__(self, last: Path, every: int, save_final: Callable[[nn.Module], None] | None = None) -> None:
@@ -199,12 +199,16 @@ def rng_state() -> dict:
 def set_rng_state(s: dict) -> None:
     n = s["numpy"]
     random.setstate(s["python"])
-    np.random.set_state(
-        {
-            "bit_generator": "MT19937",
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
+    if isinstance(n, tuple):  # last.pt of an older mtpd: numpy's legacy tuple (its array loads as data)
+        np.random.set_state(n)
+    else:
+        key = n["key"].numpy().astype(np.uint32)
+        np.random.set_state(
+            {
+                "bit_generator": "MT19937",
+                "state": {"key": key, "pos": n["pos"]},
+                "has_gauss": n["has_gauss"],
+                "gauss": n["gauss"],
+            }
+        )
     torch.set_rng_state(s["torch"])

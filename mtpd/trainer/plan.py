@@ -120,6 +120,8 @@ class Plan:
                     )
         if self.data.batch_size < 1:
             raise PlanError("data.batch_size: must be at least 1")
+        if self.log_every < 1 or self.checkpoint_every < 0:
+            raise PlanError("log_every: must be at least 1; checkpoint_every: 0 (epoch ends only) or more")
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:

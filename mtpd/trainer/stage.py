@@ -14,7 +14,9 @@ benchmarks compare against); no teacher module is ever built here.
 from __future__ import annotations
 
 import json
+import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -276,7 +278,10 @@ class Stage:
         self.dir.mkdir(parents=True, exist_ok=True)
         sinks: list[hooks.Sink] = [hooks.JsonLines(self.dir / "log.jsonl")]
         if hooks.TensorBoard.available():
-            sinks.append(hooks.TensorBoard(self.dir / "tb"))
+            try:
+                sinks.append(hooks.TensorBoard(self.dir / "tb"))
+            except Exception as e:  # noqa: BLE001 - an optional logger never stops training
+                warnings.warn(f"TensorBoard logging is off: {type(e).__name__}: {e}", stacklevel=2)
         epochs = self.cfg.epochs
         sinks.append(
             lambda rec: self.emit(
@@ -301,7 +306,10 @@ class Stage:
         metrics: dict = {"stage": self.k, "name": self.cfg.name, "train_seconds": engine.state.train_seconds}
         if self.rank == 0:
             metrics.update(evaluator.metrics)
-            (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            # metrics.json marks the stage done (stage_done): write it whole or not at all.
+            tmp = self.dir / "metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2))
+            os.replace(tmp, self.dir / "metrics.json")
             self.emit({"event": "stage_end", "name": self.cfg.name, "checkpoint": str(final), "metrics": metrics})
         if self.world > 1:
             dist.barrier()  # the next stage on every rank starts from the checkpoint rank 0 just wrote
