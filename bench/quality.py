@@ -114,7 +114,7 @@ def _build_stores(paths, teachers: dict, log) -> dict[str, str]:
         start_local_ray(num_cpus=2)
     try:
         for t, prec, outputs in specs.values():
-            steps.build_teacher_store(t, paths, prec, log, outputs=outputs)
+            steps.build_teacher_store(t, paths, prec, log, outputs=outputs, out=paths.stores / f"{t.key}_{prec}")
     finally:
         if started:
             ray.shutdown()

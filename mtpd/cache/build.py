@@ -21,6 +21,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from mtpd.cache.catalog import cache_root, store_path
 from mtpd.cache.compute import Layout, ShardWriter, plan_layout
 from mtpd.cache.lock import WriterLock
 from mtpd.cache.ray_local import ensure_ray
@@ -58,36 +59,28 @@ def _default_outputs(names: list[str]) -> list[str]:
 SHARDS_IN_FLIGHT = 3
 
 
-def prepare_store(
-    teacher: TeacherSpec,
-    ann: str,
-    images: str,
-    out: str,
-    views: ViewSpec,
-    outputs: list[str] | None,
-    precision: str,
-    images_per_shard: int,
-    storage_options: dict | None = None,
-) -> tuple[StoreHeader, CocoDataset]:
-    """Validate inputs, then create the store or check that it can be resumed."""
-    prec = get_precision(precision)
-    dataset = CocoDataset(ann, images)
+def plan_store(req: BuildRequest) -> tuple[Layout, CocoDataset]:
+    """Validate the inputs and lay the store out (the teacher is built once, on the CPU, for its output specs)."""
+    prec = get_precision(req.precision)
+    dataset = CocoDataset(req.ann, req.images)
     if len(dataset) == 0:
-        raise StoreError(f"{ann}: no images; nothing to cache")
-    if images_per_shard < 1:
-        raise StoreError(f"--images-per-shard must be at least 1, got {images_per_shard}")
-    model = dataclasses.replace(teacher, device="cpu").build()
+        raise StoreError(f"{req.ann}: no images; nothing to cache")
+    if req.images_per_shard < 1:
+        raise StoreError(f"--images-per-shard must be at least 1, got {req.images_per_shard}")
+    model = dataclasses.replace(req.teacher, device="cpu").build()
     specs = model.output_specs()
-    outputs = list(outputs) if outputs else _default_outputs(list(specs))
-    check_outputs(model, outputs, teacher.name)
+    outputs = list(req.outputs) if req.outputs else _default_outputs(list(specs))
+    check_outputs(model, outputs, req.teacher.name)
     identity = model.identity.to_dict()
     del model
-    layout: Layout = plan_layout(dataset, views, specs, outputs, prec, images_per_shard, identity)
+    return plan_layout(dataset, req.views, specs, outputs, prec, req.images_per_shard, identity), dataset
+
+
+def open_or_create(out: str, layout: Layout, dataset: CocoDataset, storage_options: dict | None) -> StoreHeader:
+    """Create the store, or check that the one at ``out`` was built with the same settings (a resume)."""
     header = layout.header
-    exists = _store_exists(out, storage_options)
-    if exists:
-        root = open_root(out, "r+", storage_options)
-        old = read_header(root, out)
+    if _store_exists(out, storage_options):
+        old = read_header(open_root(out, "r+", storage_options), out)
         diffs = describe_differences(old.identity(), header.identity())
         if diffs:
             raise StoreError(
@@ -96,7 +89,7 @@ def prepare_store(
                 + ("; …" if len(diffs) > 4 else "")
                 + ". Use another --out, or delete the store to rebuild it."
             )
-        return old, dataset
+        return old
     recs = dataset.images
     create_store(
         out,
@@ -108,7 +101,7 @@ def prepare_store(
         grids=layout.grids,
         storage_options=storage_options,
     )
-    return header, dataset
+    return header
 
 
 def _store_exists(out: str, storage_options: dict | None) -> bool:
@@ -180,22 +173,33 @@ class BuildRequest:
 
 
 def build_store(
-    teacher: TeacherSpec, ann: str, images: str, out: str, views: ViewSpec | None = None, **options: Any
+    teacher: TeacherSpec,
+    ann: str,
+    images: str,
+    out: str | None = None,
+    views: ViewSpec | None = None,
+    root: str | None = None,
+    **options: Any,
 ) -> BuildReport:
     """Build (or resume) a store. See the module docstring for the protocol; ``options`` are
     ``BuildRequest``'s fields.
 
-    ``on_shard(shard, stored_bytes)`` is called in the driver as each shard is marked done
-    (progress reporting, throughput measurement). A local store is written under its
-    writer lock (``mtpd.cache.lock``): a second builder on it stops with a clear message.
+    ``out`` None: the store goes under the cache root (``root``, else ``$MTPD_CACHE_ROOT``, else
+    ~/.cache/mtpd), named by its identity (``mtpd.cache.catalog``): building it again finds it
+    complete and writes nothing; a partial one resumes. ``on_shard(shard, stored_bytes)`` is called
+    in the driver as each shard is marked done. A local store is written under its writer lock
+    (``mtpd.cache.lock``): a second builder on it stops with a clear message.
     """
-    req = BuildRequest(teacher, str(ann), str(images), str(out), views or ViewSpec(), **options)
+    req = BuildRequest(teacher, str(ann), str(images), "" if out is None else str(out), views or ViewSpec(), **options)
+    layout, dataset = plan_store(req)
+    if out is None:
+        req.out = str(store_path(cache_root(root), layout.header))
     lock = None if is_url(req.out) else WriterLock(req.out)
     try:
         with lock or contextlib.nullcontext():
             if lock is not None:
                 req.on_shard = _checking(lock, req.on_shard)
-            return _build(req)
+            return _build(req, layout, dataset)
     except OSError as e:
         ours = e.filename is None or str(e.filename).startswith(req.out)  # the store and its lock beside it
         if e.errno not in _WRITE_ERRNOS or not ours:
@@ -232,19 +236,9 @@ def _io_error(out: str, e: OSError) -> BuildError:
     )
 
 
-def _build(req: BuildRequest) -> BuildReport:
+def _build(req: BuildRequest, layout: Layout, dataset: CocoDataset) -> BuildReport:
     t0 = time.perf_counter()
-    header, dataset = prepare_store(
-        req.teacher,
-        req.ann,
-        req.images,
-        req.out,
-        req.views,
-        req.outputs,
-        req.precision,
-        req.images_per_shard,
-        req.storage_options,
-    )
+    header = open_or_create(req.out, layout, dataset, req.storage_options)
     root = open_root(req.out, "r+", req.storage_options)
     if req.repair:
         _unmark_damaged(req.out, root, req.storage_options)

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from mtpd.cache.schema import PRECISIONS
 from mtpd.cli import HelpFormatter, add_trust_flag
+from mtpd.cli import catalog as catalog_cli
+from mtpd.cli.options import teacher_and_data, teacher_spec
 
 EPILOG = """examples:
   mtpd-cache build --teacher retinanet_resnet50_fpn --weights default \\
@@ -17,6 +18,10 @@ EPILOG = """examples:
   mtpd-cache build --teacher mypkg.models:make_teacher --weights none ...
   mtpd-cache info stores/r50_train
   mtpd-cache verify stores/r50_train
+  mtpd-cache estimate --teacher retinanet_resnet50_fpn --weights default --ann ... --images ... --sample 32
+  mtpd-cache build --teacher ... --ann ... --images ...        # no --out: under the cache root, by identity
+  mtpd-cache ls
+  mtpd-cache rm --unused-days 90
 
 Rerunning the same build resumes it: finished shards are skipped.
 """
@@ -43,45 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="exit 0 only if every shard is done and matches its checksum")
     v.add_argument("store")
     sub.add_parser("list-teachers", help="print the registered teacher names")
+    catalog_cli.add_parsers(sub)
     return p
 
 
 def _build_options(b: argparse.ArgumentParser) -> None:
-    what = b.add_argument_group("what to cache")
-    what.add_argument(
-        "--teacher",
-        required=True,
-        help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, or package.module:factory",
-    )
-    what.add_argument(
-        "--weights",
-        default="none",
-        help="checkpoint path, 'default' (COCO weights from the local torch cache) or 'none' (random "
-        "init, seeded: the same command gives the same store)",
-    )
-    what.add_argument(
-        "--num-classes",
-        type=int,
+    teacher_and_data(b.add_argument_group("what to cache"))
+    where = b.add_argument_group("where")
+    where.add_argument(
+        "--out",
         default=None,
-        help="classes of a randomly initialised teacher (default: the dataset's)",
+        help="store path or fsspec URL (s3://..., gs://..., file://...); default: under the cache root, named by "
+        "the store's identity (an existing complete store is reused, a partial one resumed)",
     )
-    what.add_argument("--ann", required=True, help="COCO instances JSON")
-    what.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
-    what.add_argument("--out", required=True, help="store path or fsspec URL (s3://..., gs://..., file://...)")
-    what.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
-    what.add_argument("--short", type=int, default=800, help="short side of the resized view")
-    what.add_argument("--long", type=int, default=1333, help="upper bound of the long side")
-    what.add_argument(
-        "--outputs",
-        default=None,
-        help="comma-separated outputs (fpn,cls,box,...); default: all dense outputs except RPN",
-    )
-    what.add_argument(
-        "--precision",
-        default="lossless",
-        choices=list(PRECISIONS),
-        help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities",
-    )
+    where.add_argument("--root", default=None, help="cache root (default: $MTPD_CACHE_ROOT, else ~/.cache/mtpd)")
     _run_options(b.add_argument_group("how to run"))
 
 
@@ -127,14 +107,8 @@ def _run_options(how: argparse._ArgumentGroup) -> None:
 
 def _build(a: argparse.Namespace) -> int:
     from mtpd.cache.build import build_store
-    from mtpd.data import CocoDataset, ViewSpec
-    from mtpd.teachers.registry import TeacherSpec
 
-    views = ViewSpec(short=a.short, long=a.long, views=tuple(x.strip() for x in a.views.split(",") if x.strip()))
-    num_classes = a.num_classes
-    if num_classes is None and a.weights == "none":
-        num_classes = CocoDataset(a.ann, a.images).num_classes
-    teacher = TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint)
+    teacher, views = teacher_spec(a)
     outputs = [x.strip() for x in a.outputs.split(",") if x.strip()] if a.outputs else None
     rep = build_store(
         teacher,
@@ -142,6 +116,7 @@ def _build(a: argparse.Namespace) -> int:
         a.images,
         a.out,
         views=views,
+        root=a.root,
         outputs=outputs,
         precision=a.precision,
         batch_size=a.batch_size,
@@ -154,6 +129,9 @@ def _build(a: argparse.Namespace) -> int:
         skip_bad=a.skip_bad,
     )
     rate = rep.images / rep.seconds if rep.seconds else 0.0
+    if rep.shards_written == 0 and rep.shards_skipped == rep.shards_total:
+        print(f"{rep.store}: complete already (same teacher, data, views, outputs and precision): nothing to do")
+        return 0
     print(
         f"{rep.store}: {rep.shards_written} shards written, {rep.shards_skipped} already done, "
         f"{rep.bytes_written / 2**20:.1f} MiB in {rep.seconds:.1f}s ({rate:.1f} img/s overall)"
@@ -200,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             return _info(a)
         if a.cmd == "verify":
             return _verify(a)
+        if a.cmd in catalog_cli.COMMANDS:
+            return catalog_cli.COMMANDS[a.cmd](a)
         from mtpd.teachers.registry import available
 
         print("\n".join(available()))

@@ -76,12 +76,18 @@ def data_section(root: Path, batch_size: int = 16) -> dict:
 
 
 def stage(
-    name: str, epochs: int, iters_per_epoch: int, stores: list[str] | None = None, losses: list[dict] | None = None
+    name: str,
+    epochs: int,
+    iters_per_epoch: int,
+    stores: list[str] | None = None,
+    losses: list[dict] | None = None,
+    teacher: dict | None = None,
 ) -> dict:
+    """A stage that reads ``stores``, or the store of ``teacher`` (a plan's ``teacher:`` entry)."""
     return {
         "name": name,
         "epochs": epochs,
-        "stores": list(stores or []),
+        **({"teacher": teacher} if teacher else {"stores": list(stores or [])}),
         "losses": list(losses or []),
         "optimizer": optimizer(),
         "schedule": schedule(iters_per_epoch),

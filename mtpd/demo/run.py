@@ -46,14 +46,16 @@ class DemoResult:
     steps_seconds: dict[str, float]
 
 
-def _student_plan(name: str, paths: Paths, scale: recipes.Scale, stage_specs: list[tuple[str, list[str]]]) -> Path:
-    """A two-stage student plan; each stage (name, stores) distills with MGD from its store, or trains plainly."""
+def _student_plan(name: str, paths: Paths, scale: recipes.Scale, stage_specs: list[tuple[str, dict | None]]) -> Path:
+    """A two-stage student plan; each stage (name, teacher) distills with MGD from that teacher's store (found
+    by the trainer under the demo's cache root), or trains plainly (teacher None)."""
     ipe = -(-scale.train // 16)
     stages = [
-        recipes.stage(sname, scale.stage_epochs, ipe, stores, [recipes.mgd_loss()] if stores else [])
-        for sname, stores in stage_specs
+        recipes.stage(sname, scale.stage_epochs, ipe, None, [recipes.mgd_loss()] if ref else [], teacher=ref)
+        for sname, ref in stage_specs
     ]
     plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / name, stages, ipe)
+    plan["cache_root"] = str(paths.cache)
     return steps.write_plan(plan, paths.plans / f"{name}.yaml")
 
 
@@ -128,13 +130,14 @@ class _Demo:
             self.log(f"\n== {title} ==")
 
     def train_students(self, train_teachers: bool, precision: str, direct: bool) -> None:
+        self.precision = precision
         scale, paths, log = self.scale, self.paths, self.log
         self.step(
             None,
             f"2/7 baseline student: {2 * scale.stage_epochs} epochs, detection loss only (trains while the teachers "
             "run)",
         )
-        base_plan = _student_plan("baseline", paths, scale, [("plain_1", []), ("plain_2", [])])
+        base_plan = _student_plan("baseline", paths, scale, [("plain_1", None), ("plain_2", None)])
         self.students["baseline"] = jobs.start("baseline", base_plan, log, self.per_job)
 
         self.step("teachers", "3/7 teachers")
@@ -146,8 +149,8 @@ class _Demo:
         self.step("stores", f"4/7 stores: each teacher runs once over the train split ({precision})")
         self.store_paths = _build_stores(self.teachers, paths, precision, log)
         if direct:  # the direct student needs no order: start it as soon as its store exists
-            strong = str(self.store_paths["strong"])
-            direct_plan = _student_plan("direct", paths, scale, [("strong_1", [strong]), ("strong_2", [strong])])
+            strong = steps.teacher_ref(self.teachers["strong"], precision)
+            direct_plan = _student_plan("direct", paths, scale, [("strong_1", strong), ("strong_2", strong)])
             self.students["direct"] = jobs.start("direct", direct_plan, log, self.per_job)
 
         self.step(
@@ -171,7 +174,7 @@ class _Demo:
             "progressive_unordered",
             self.paths,
             self.scale,
-            [(k, [str(self.store_paths[k])]) for k in ("weak", "strong")],
+            [(k, steps.teacher_ref(self.teachers[k], self.precision)) for k in ("weak", "strong")],
         )
         prog_plan = self.paths.plans / "progressive.yaml"
         ordered = steps.order_stores(
@@ -230,7 +233,7 @@ def _build_stores(teachers: dict[str, steps.TeacherInfo], paths: Paths, precisio
     """Both teachers' stores, through one local Ray instance (each build would otherwise start and stop its own)."""
     import ray
 
-    need_ray = not all(steps.store_complete(paths.stores / f"{k}_{precision}") for k in teachers)
+    need_ray = not all(steps.find_teacher_store(t, paths, precision) for t in teachers.values())
     started_ray = False
     if need_ray and not ray.is_initialized():
         from mtpd.cache.ray_local import start_local_ray

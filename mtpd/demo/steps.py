@@ -56,6 +56,11 @@ class Paths:
         return self.root / "stores"
 
     @property
+    def cache(self) -> Path:
+        """The demo's cache root: its stores, named by identity (``mtpd-cache ls --root``)."""
+        return self.root / "cache"
+
+    @property
     def teachers(self) -> Path:
         return self.root / "teachers"
 
@@ -277,10 +282,16 @@ def store_complete(path: Path) -> bool:
         return False
 
 
+def teacher_ref(t: TeacherInfo, precision: str, outputs: tuple[str, ...] = ("fpn",)) -> dict:
+    """A plan's ``teacher:`` entry for teacher ``t``: the trainer finds its store under the plan's cache root."""
+    return {"name": t.arch, "weights": str(t.checkpoint), "outputs": list(outputs), "precision": precision}
+
+
 def build_teacher_store(
-    t: TeacherInfo, paths: Paths, precision: str, log: Log, outputs: tuple[str, ...] = ("fpn",)
+    t: TeacherInfo, paths: Paths, precision: str, log: Log, outputs: tuple[str, ...] = ("fpn",), out: Path | None = None
 ) -> tuple[Path, float]:
-    """``mtpd-cache build`` of one teacher over the train split (FPN outputs by default), original and flipped views.
+    """``mtpd-cache build`` of one teacher over the train split (FPN outputs by default), original and flipped
+    views: into ``out``, or (by default) under the demo's cache root, named by the store's identity.
 
     Returns the store and the seconds spent (0 when an earlier demo run built it).
     """
@@ -288,7 +299,7 @@ def build_teacher_store(
     from mtpd.data import ViewSpec
     from mtpd.teachers.registry import TeacherSpec
 
-    out = paths.stores / f"{t.key}_{precision}"
+    where = {"out": out} if out is not None else {"root": paths.cache}
     show(
         log,
         "mtpd-cache build",
@@ -296,7 +307,7 @@ def build_teacher_store(
         weights=t.checkpoint,
         ann=paths.ann("train"),
         images=paths.images("train"),
-        out=out,
+        **where,
         views="orig,hflip",
         short=recipes.SIZE,
         long=recipes.SIZE,
@@ -311,8 +322,9 @@ def build_teacher_store(
         TeacherSpec(t.arch, str(t.checkpoint)),
         str(paths.ann("train")),
         str(paths.images("train")),
-        str(out),
+        None if out is None else str(out),
         views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")),
+        root=str(paths.cache),
         outputs=list(outputs),
         precision=precision,
         batch_size=16,
@@ -322,10 +334,22 @@ def build_teacher_store(
     )
     dt = time.perf_counter() - t0
     if rep.shards_written:
-        log(f"  {rep.shards_written} shards, {rep.bytes_written / 2**20:.1f} MiB in {dt:.0f}s")
-        return out, dt
-    log(f"  reusing {out} (all {rep.shards_total} shards done)")
-    return out, 0.0
+        log(f"  {rep.store}: {rep.shards_written} shards, {rep.bytes_written / 2**20:.1f} MiB in {dt:.0f}s")
+        return Path(rep.store), dt
+    log(f"  reusing {rep.store} (all {rep.shards_total} shards done)")
+    return Path(rep.store), 0.0
+
+
+def find_teacher_store(t: TeacherInfo, paths: Paths, precision: str, outputs: tuple[str, ...] = ("fpn",)) -> str | None:
+    """The complete store of ``t`` under the demo's cache root, if an earlier run built it."""
+    from mtpd.cache.catalog import find_store
+    from mtpd.data import CocoDataset
+
+    manifest = CocoDataset(paths.ann("train"), paths.images("train")).manifest_hash()
+    views = {"short": recipes.SIZE, "long": recipes.SIZE, "views": ["orig", "hflip"]}
+    return find_store(
+        paths.cache, t.arch, str(t.checkpoint), sha256_file(t.checkpoint), manifest, views, list(outputs), precision
+    )
 
 
 def store_size(path: Path) -> int:
@@ -343,11 +367,12 @@ def order_stores(
     """``mtpd-plan order``: the plan's stages nearest-first by 1 - CKA of their teacher to the student;
     writes the reordered plan (with its own ``output_dir``) and returns its stores in order."""
     from mtpd.trainer.plan import load_plan, save_plan
+    from mtpd.trainer.store_refs import stage_stores
     from mtpd.trainer.student import load_student
     from mtpd.trainer.teacher_order import order_plan
 
     plan = load_plan(plan_path)
-    stores = [s.stores[0] for s in plan.stages if len(s.stores) == 1]
+    stores = [x for s in plan.stages for x in stage_stores(plan, s)]
     show(
         log, "mtpd-plan order", student=student_ckpt, stores=stores, plan=plan_path, write=ordered_path, images=n_images
     )
@@ -356,4 +381,4 @@ def order_stores(
         log(f"  {i}. distance {r.distance:.4f}  {r.store} ({r.teacher})")
     plan.output_dir = str(output_dir)
     save_plan(plan, ordered_path)
-    return [s.stores[0] for s in plan.stages]
+    return [stage_stores(plan, s)[0] for s in plan.stages]

@@ -79,9 +79,21 @@ class InheritConfig:
 
 
 @dataclass
+class TeacherRef:
+    """A teacher named instead of a store path: the trainer finds its complete store under the cache root
+    (same teacher, weights, the plan's dataset and views, these outputs and precision)."""
+
+    name: str
+    weights: str = "none"  # checkpoint path, default or none
+    outputs: list[str] = field(default_factory=lambda: ["fpn"])
+    precision: str = "lossless"
+
+
+@dataclass
 class StageConfig:
     name: str
     stores: list[str] = field(default_factory=list)
+    teacher: TeacherRef | None = None  # instead of stores: the store of this teacher under the cache root
     losses: list[LossConfig] = field(default_factory=list)
     epochs: int = 12
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -100,6 +112,7 @@ class Plan:
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 0  # iterations between mid-epoch checkpoints (0: end of each epoch only)
+    cache_root: str | None = None  # where stages' teachers are found (default: $MTPD_CACHE_ROOT, ~/.cache/mtpd)
 
     def validate(self) -> None:
         if not self.stages:
@@ -113,11 +126,12 @@ class Plan:
                 raise PlanError(f"{where}.epochs: must be at least 1")
             if s.optimizer.type not in ("sgd", "adamw"):
                 raise PlanError(f"{where}.optimizer.type: {s.optimizer.type!r} is not sgd or adamw")
+            if s.teacher is not None and s.stores:
+                raise PlanError(f"{where}: give stores or teacher, not both")
+            n = 1 if s.teacher is not None else len(s.stores)
             for j, loss in enumerate(s.losses):
-                if not (0 <= loss.store < len(s.stores)):
-                    raise PlanError(
-                        f"{where}.losses[{j}].store: index {loss.store} but the stage lists {len(s.stores)} store(s)"
-                    )
+                if not (0 <= loss.store < n):
+                    raise PlanError(f"{where}.losses[{j}].store: index {loss.store} but the stage has {n} store(s)")
         if self.data.batch_size < 1:
             raise PlanError("data.batch_size: must be at least 1")
         if self.log_every < 1 or self.checkpoint_every < 0:
@@ -220,10 +234,13 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
     )
     plan.student.init = fix(plan.student.init)
     plan.output_dir = fix(plan.output_dir)
+    plan.cache_root = fix(plan.cache_root)
     for s in plan.stages:
         s.stores = [fix(x) for x in s.stores]
         if s.inherit:
             s.inherit.weights = fix(s.inherit.weights)
+        if s.teacher and s.teacher.weights not in ("none", "default"):
+            s.teacher.weights = fix(s.teacher.weights)
     return plan
 
 

@@ -41,6 +41,7 @@ from mtpd.trainer.optim import make_optimizer, make_schedule
 from mtpd.trainer.plan import Plan, PlanError, StageConfig, load_plan, plan_to_dict, save_plan
 from mtpd.trainer.sampler import EpochSampler
 from mtpd.trainer.sources import OnlineTargets, OnlineTeacher, StoreTargets
+from mtpd.trainer.store_refs import note_uses, stage_stores
 from mtpd.trainer.student import build_student, inherit_from_teacher, label_offset, load_checkpoint, save_student
 from mtpd.trainer.targets import DistillDataset, make_loader
 
@@ -139,6 +140,8 @@ class Stage:
         self.resume, self.online = resume, online
         self.log, self.on_event = log, on_event
         self.dir = stage_dir(plan, k)
+        self.n_sources = 1 if self.cfg.teacher is not None else len(self.cfg.stores)
+        self.stores: list[str] = []  # resolved in target_source (a cached stage only)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
 
@@ -196,13 +199,13 @@ class Stage:
         student = self.init_student(train.num_classes)
         source = self.target_source(where)
         losses = build_losses(cfg, student, source.outputs(), source.names(), where)
-        needs = [sorted({n for b in losses if b.store == s for n in b.loss.needs}) for s in range(len(cfg.stores))]
+        needs = [sorted({n for b in losses if b.store == s for n in b.loss.needs}) for s in range(self.n_sources)]
         if isinstance(source, OnlineTargets):
             source.needs = needs
         ds = DistillDataset(
             train,
             spec,
-            [] if self.online is not None else cfg.stores,
+            self.stores,
             flip=data.flip,
             seed=plan.seed,
             outputs=needs,
@@ -255,10 +258,11 @@ class Stage:
     def target_source(self, where: str) -> StoreTargets | OnlineTargets:
         """Stores (opened for their headers; the loader reads them), or the online teachers."""
         if self.online is None:
-            return StoreTargets([StoreReader(p) for p in self.cfg.stores])
-        if len(self.online) != len(self.cfg.stores):
+            self.stores = stage_stores(self.plan, self.cfg)  # a named teacher's store, found under the cache root
+            return StoreTargets([StoreReader(p) for p in self.stores])
+        if len(self.online) != self.n_sources:
             raise PlanError(
-                f"{where}: {len(self.online)} online teacher(s) for {len(self.cfg.stores)} store(s); give one per store"
+                f"{where}: {len(self.online)} online teacher(s) for {self.n_sources} store(s); give one per store"
             )
         return OnlineTargets(self.online)
 
@@ -306,6 +310,8 @@ class Stage:
         metrics: dict = {"stage": self.k, "name": self.cfg.name, "train_seconds": engine.state.train_seconds}
         if self.rank == 0:
             metrics.update(evaluator.metrics)
+            if self.stores:  # which stores this stage read, and a use record in each (mtpd-cache ls)
+                metrics["stores"] = note_uses(self.stores, str(self.plan.output_dir), self.k, self.cfg.name)
             # metrics.json marks the stage done (stage_done): write it whole or not at all.
             tmp = self.dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(metrics, indent=2))

@@ -19,6 +19,7 @@ from mtpd.data import CocoDataset, ViewSpec
 from mtpd.models import output_specs
 from mtpd.models.detect import detector_forward
 from mtpd.trainer.plan import Plan, PlanError
+from mtpd.trainer.store_refs import stage_stores
 from mtpd.trainer.targets import DistillDataset, check_store, make_loader
 
 
@@ -84,14 +85,25 @@ def measure(
     return sorted(results, key=lambda r: r.distance)
 
 
+def _single_store(plan: Plan) -> dict[int, str]:
+    """Stage index -> its one store (listed, or its named teacher's store under the cache root)."""
+    out = {}
+    for i, s in enumerate(plan.stages):
+        stores = stage_stores(plan, s)
+        if len(stores) == 1:
+            out[i] = stores[0]
+    return out
+
+
 def reorder_plan(plan: Plan, order: list[str]) -> Plan:
     """``plan`` with its single-store stages in ``order`` (store paths, nearest first); other stages keep
     their place. Weight inheritance belongs to the first stage: it moves with the order."""
-    ranked = [s for s in plan.stages if len(s.stores) == 1 and s.stores[0] in order]
+    single = _single_store(plan)
+    ranked = [i for i, store in single.items() if store in order]
     if len(ranked) != len(order):
         raise PlanError("every ranked store must be the only store of exactly one stage of the plan")
-    it = iter(sorted(ranked, key=lambda s: order.index(s.stores[0])))
-    stages = [next(it) if s in ranked else s for s in plan.stages]
+    it = iter(sorted(ranked, key=lambda i: order.index(single[i])))
+    stages = [plan.stages[next(it)] if i in ranked else s for i, s in enumerate(plan.stages)]
     inherit = next((s.inherit for s in plan.stages if s.inherit is not None), None)
     for s in stages:
         s.inherit = None
@@ -105,7 +117,7 @@ def order_plan(
 ) -> tuple[Plan, list[TeacherDistance]]:
     """Measure ``student`` against every single-store stage's teacher on the plan's train data and
     return the plan with those stages nearest-first (MTPD's weak-to-strong order, measured)."""
-    stores = [s.stores[0] for s in plan.stages if len(s.stores) == 1]
+    stores = list(_single_store(plan).values())
     dataset = CocoDataset(plan.data.train_ann, plan.data.train_images)
     res = measure(student, stores, dataset, n_images, device=device)
     return reorder_plan(plan, [r.store for r in res]), res

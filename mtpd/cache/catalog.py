@@ -1,0 +1,210 @@
+"""Stores under a cache root, found by identity: names, listing, use records, look-up, removal.
+
+A store built without ``--out`` goes to ``ROOT/<teacher>-<dataset>-<hash>``, where the hash
+covers the store's identity: teacher (name, config, weights sha256 or init seed), dataset
+manifest, views, outputs with their encodings, precision, shard size and format version.
+Building the same thing again finds it; anything different gets another name.
+
+The root's ``.mtpd-catalog.json`` only caches what ``ls`` computed (sizes are a walk of
+the folder): every entry is checked against its store's own metadata and recomputed when
+that changed, and the file is rebuilt whenever missing or unreadable, so it never disagrees
+with the disk. Readers need no lock; writes of use records and of the index are best effort
+(a shared root may be read-only to most users).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from mtpd.cache.lock import WriterLock, lock_path
+from mtpd.cache.schema import StoreError, StoreHeader
+from mtpd.cache.store import StoreReader
+
+INDEX = ".mtpd-catalog.json"
+USES = "uses"  # one small JSON file per (run, stage) that read the store
+
+
+def cache_root(root: str | os.PathLike | None = None) -> Path:
+    """``root``, else ``$MTPD_CACHE_ROOT``, else ``~/.cache/mtpd``."""
+    return Path(root or os.environ.get("MTPD_CACHE_ROOT") or Path.home() / ".cache" / "mtpd").expanduser()
+
+
+def identity(h: StoreHeader) -> dict:
+    """What makes two stores the same: everything a student's targets depend on, and the layout."""
+    t = h.teacher
+    return {
+        "format": h.format_version,
+        "teacher": {
+            "name": t.get("name"),
+            "config": t.get("config", ""),
+            "weights_sha256": t.get("weights_sha256", ""),
+            "init_seed": (t.get("extra") or {}).get("init_seed"),
+        },
+        "dataset": h.dataset["manifest_sha256"],
+        "views": h.views,
+        "precision": h.precision,
+        "images_per_shard": h.images_per_shard,
+        "outputs": {
+            n: {k: o.get(k) for k in ("levels", "channels", "dtype", "encoding", "keepbits")}
+            for n, o in sorted(h.outputs.items())
+        },
+    }
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_.")[:limit] or "store"
+
+
+def store_name(h: StoreHeader) -> str:
+    digest = hashlib.sha256(json.dumps(identity(h), sort_keys=True).encode()).hexdigest()[:12]
+    return f"{_slug(str(h.teacher.get('name')))}-{_slug(Path(str(h.dataset['ann_file'])).stem)}-{digest}"
+
+
+def store_path(root: Path, h: StoreHeader) -> Path:
+    return Path(root) / store_name(h)
+
+
+# -- use records ----------------------------------------------------------------------------------
+def record_use(store: str, run: str, stage: int, stage_name: str) -> bool:
+    """Note that stage ``stage`` of run ``run`` read ``store`` (False where the store is read-only to us)."""
+    if "://" in store:
+        return False
+    key = hashlib.sha1(f"{run}:{stage}".encode()).hexdigest()[:16]
+    try:
+        folder = Path(store) / USES
+        folder.mkdir(exist_ok=True)
+        (folder / f"{key}.json").write_text(
+            json.dumps({"run": run, "stage": stage, "name": stage_name, "time": time.time()})
+        )
+        return True
+    except OSError:
+        return False
+
+
+def uses(store: Path) -> list[dict]:
+    out = []
+    for f in sorted((store / USES).glob("*.json")) if (store / USES).is_dir() else []:
+        try:
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+# -- listing --------------------------------------------------------------------------------------
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _signature(path: Path, reader: StoreReader) -> list:
+    """Changes whenever the store's metadata, progress or use records change."""
+    use_dir = path / USES
+    return [
+        (path / "zarr.json").stat().st_mtime_ns,
+        int(reader.status().done.sum()),
+        len(list(use_dir.glob("*.json"))) if use_dir.is_dir() else 0,
+    ]
+
+
+def _row(path: Path, reader: StoreReader) -> dict:
+    h = reader.header
+    status = reader.status()
+    done_images = sum(len(h.shard_images(s)) for s, d in enumerate(status.done) if d)
+    used = uses(path)
+    t = h.teacher
+    return {
+        "name": path.name,
+        "path": str(path),
+        "teacher": t.get("name"),
+        "weights": t.get("weights"),
+        "weights_sha256": t.get("weights_sha256", ""),
+        "dataset": h.dataset.get("ann_file"),
+        "manifest_sha256": h.dataset.get("manifest_sha256"),
+        "images_done": done_images,
+        "images_total": h.num_images,
+        "complete": bool(status.done.all()),
+        "views": list(h.views["views"]),
+        "short": h.views["short"],
+        "long": h.views["long"],
+        "outputs": sorted(h.outputs),
+        "precision": h.precision,
+        "bytes": _size(path),
+        "created": (path / "index").stat().st_ctime,
+        "last_used": max((u["time"] for u in used), default=None),
+        "runs": sorted({u["run"] for u in used}),
+    }
+
+
+def scan(root: Path) -> tuple[list[dict], list[str]]:
+    """(stores under ``root``, other folders there), through the index, recomputing what changed."""
+    root = Path(root)
+    try:
+        index = json.loads((root / INDEX).read_text())
+        assert isinstance(index, dict)
+    except (OSError, ValueError, AssertionError):
+        index = {}  # missing or unreadable: rebuilt from the stores themselves
+    rows, foreign, fresh = [], [], {}
+    for path in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            reader = StoreReader(str(path))
+        except StoreError:
+            foreign.append(path.name)
+            continue
+        sig = _signature(path, reader)
+        entry = index.get(path.name)
+        row = entry["row"] if isinstance(entry, dict) and entry.get("signature") == sig else _row(path, reader)
+        rows.append(row)
+        fresh[path.name] = {"signature": sig, "row": row}
+    if fresh != index and root.is_dir():
+        try:
+            tmp = root / f"{INDEX}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, root / INDEX)
+        except OSError:
+            pass  # a read-only shared root: the listing is still right, only not cached
+    return rows, foreign
+
+
+# -- look-up by teacher ---------------------------------------------------------------------------
+def find_store(
+    root: Path,
+    teacher: str,
+    weights: str,
+    weights_sha256: str | None,
+    manifest_sha256: str,
+    views: dict,
+    outputs: list[str],
+    precision: str,
+) -> str | None:
+    """The newest complete store under ``root`` with this teacher and weights (a file's sha256, or
+    ``none`` / ``default`` by name), dataset, views, precision and at least these outputs; None if none."""
+    best = None
+    for row in scan(root)[0]:
+        ok = (
+            row["teacher"] == teacher
+            and row["complete"]
+            and row["manifest_sha256"] == manifest_sha256
+            and row["precision"] == precision
+            and set(outputs) <= set(row["outputs"])
+            and (row["weights_sha256"] == weights_sha256 if weights_sha256 else row["weights"] == weights)
+            and row["short"] == views["short"]
+            and row["long"] == views["long"]
+            and set(views["views"]) <= set(row["views"])
+        )
+        if ok and (best is None or row["created"] > best["created"]):
+            best = row
+    return None if best is None else best["path"]
+
+
+# -- removal --------------------------------------------------------------------------------------
+def remove(path: Path) -> None:
+    """Delete a store; StoreError (naming the writer) if a build holds its lock."""
+    with WriterLock(path):  # taking the lock proves no live build writes it
+        shutil.rmtree(path)
+    lock_path(path).unlink(missing_ok=True)

@@ -1,0 +1,56 @@
+"""Options shared by `mtpd-cache build` and `mtpd-cache estimate`: which teacher runs over which data."""
+
+from __future__ import annotations
+
+import argparse
+
+from mtpd.cache.schema import PRECISIONS
+
+
+def teacher_and_data(what: argparse._ArgumentGroup) -> None:
+    """The options that say which teacher runs over which data (build and estimate share them)."""
+    what.add_argument(
+        "--teacher",
+        required=True,
+        help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, or package.module:factory",
+    )
+    what.add_argument(
+        "--weights",
+        default="none",
+        help="checkpoint path, 'default' (COCO weights from the local torch cache) or 'none' (random "
+        "init, seeded: the same command gives the same store)",
+    )
+    what.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of a randomly initialised teacher (default: the dataset's)",
+    )
+    what.add_argument("--ann", required=True, help="COCO instances JSON")
+    what.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
+    what.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
+    what.add_argument("--short", type=int, default=800, help="short side of the resized view")
+    what.add_argument("--long", type=int, default=1333, help="upper bound of the long side")
+    what.add_argument(
+        "--outputs",
+        default=None,
+        help="comma-separated outputs (fpn,cls,box,...); default: all dense outputs except RPN",
+    )
+    what.add_argument(
+        "--precision",
+        default="lossless",
+        choices=list(PRECISIONS),
+        help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities",
+    )
+
+
+def teacher_spec(a: argparse.Namespace):
+    """TeacherSpec and ViewSpec from the shared options (a random teacher gets the dataset's classes)."""
+    from mtpd.data import CocoDataset, ViewSpec
+    from mtpd.teachers.registry import TeacherSpec
+
+    views = ViewSpec(short=a.short, long=a.long, views=tuple(x.strip() for x in a.views.split(",") if x.strip()))
+    num_classes = a.num_classes
+    if num_classes is None and a.weights == "none":
+        num_classes = CocoDataset(a.ann, a.images).num_classes
+    return TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint), views

@@ -1,0 +1,77 @@
+"""A stage's stores: the paths it lists, or the store of the teacher it names, found under the cache root."""
+
+from __future__ import annotations
+
+import shlex
+
+from mtpd.cache.catalog import cache_root, find_store, record_use, store_name
+from mtpd.cache.store import StoreReader
+from mtpd.checkpoint import sha256_file
+from mtpd.data import CocoDataset
+from mtpd.trainer.plan import Plan, PlanError, StageConfig
+
+
+def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
+    """``stage.stores``, or the one complete store of ``stage.teacher`` for the plan's data and views;
+    PlanError with the exact ``mtpd-cache build`` command when there is none yet."""
+    ref = stage.teacher
+    if ref is None:
+        return list(stage.stores)
+    d = plan.data
+    views = {"short": d.short, "long": d.long, "views": ["orig", "hflip"] if d.flip else ["orig"]}
+    sha = None if ref.weights in ("none", "default") else sha256_file(ref.weights)
+    manifest = CocoDataset(d.train_ann, d.train_images).manifest_hash()
+    root = cache_root(plan.cache_root)
+    found = find_store(root, ref.name, ref.weights, sha, manifest, views, ref.outputs, ref.precision)
+    if found is not None:
+        return [found]
+    cmd = [
+        "mtpd-cache",
+        "build",
+        "--teacher",
+        ref.name,
+        "--weights",
+        ref.weights,
+        "--ann",
+        d.train_ann,
+        "--images",
+        d.train_images,
+        "--views",
+        ",".join(views["views"]),
+        "--short",
+        str(d.short),
+        "--long",
+        str(d.long),
+        "--outputs",
+        ",".join(ref.outputs),
+        "--precision",
+        ref.precision,
+        "--root",
+        str(root),
+    ]
+    raise PlanError(
+        f"stage {stage.name}: no complete store of teacher {ref.name} (weights {ref.weights}) for this "
+        f"plan's data and views under {root}; build it with: {shlex.join(cmd)}"
+    )
+
+
+def describe(path: str) -> dict:
+    """What a stage records about a store it read (metrics.json): enough to find it again or tell it apart."""
+    h = StoreReader(path).header
+    return {
+        "path": path,
+        "name": store_name(h),
+        "teacher": h.teacher.get("name"),
+        "weights": h.teacher.get("weights"),
+        "weights_sha256": h.teacher.get("weights_sha256", ""),
+        "dataset": h.dataset.get("manifest_sha256"),
+        "precision": h.precision,
+        "outputs": sorted(h.outputs),
+    }
+
+
+def note_uses(paths: list[str], run: str, stage: int, stage_name: str) -> list[dict]:
+    """Record in each store that this stage read it (for ``mtpd-cache ls``) and describe the stores."""
+    for p in paths:
+        record_use(p, run, stage, stage_name)
+    return [describe(p) for p in paths]
