@@ -48,7 +48,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.2f} days"
+    return (
+        f"{seconds / 3600:.2f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.1f} min"
+        if seconds >= 60
+        else f"{seconds:.1f} s"
+    )
 
 
 def _when(t: float | None) -> str:
@@ -137,10 +152,10 @@ def estimate(a: argparse.Namespace) -> int:
         f"{e.seconds_per_image:.3f} ± {e.seconds_per_image_std:.3f} s on one {e.device} device"
     )
     print(f"store: {_gib(size)} ± {_gib(size_pm)} (95 %)")
-    print(f"build: {secs / 3600:.2f} ± {secs_pm / 3600:.2f} h on one {e.device} device")
+    print(f"build: {_span(secs)} ± {_span(secs_pm)} on one {e.device} device")
     if a.gpus > 1:
         k_secs, k_pm = e.total_seconds(a.gpus)
-        print(f"build: {k_secs / 3600:.2f} ± {k_pm / 3600:.2f} h on {a.gpus} such devices")
+        print(f"build: {_span(k_secs)} ± {_span(k_pm)} on {a.gpus} such devices")
     root = cache_root(a.root)
     probe = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
