@@ -176,3 +176,13 @@ def test_module_teacher_passes_protocol_objects_through(monkeypatch):
     assert isinstance(t, _EchoTeacher) and t.identity.name == "mtpd_test_factories:make"
     with pytest.raises(TeacherError, match="returned a int"):
         build_teacher("mtpd_test_factories:not_a_model")
+
+
+def test_weights_file_is_recorded_by_its_resolved_path(tmp_path, monkeypatch, tiny_teacher_ckpt):
+    """A relative --weights names different files from different folders: the identity keeps the absolute path."""
+    import shutil
+
+    shutil.copy(tiny_teacher_ckpt, tmp_path / "t.pt")
+    monkeypatch.chdir(tmp_path)
+    t = build_teacher("retinanet_tiny", weights="t.pt")
+    assert t.identity.weights == str((tmp_path / "t.pt").resolve())

@@ -1,6 +1,6 @@
 """`mtpd-demo`: distill a student progressively on the digits benchmark and show the gain.
 
-mtpd-demo --out demo_out            # the full demo (~9 min on 2 CPU cores)
+mtpd-demo --out demo_out            # the full demo (~6 min on 2 CPU cores)
 mtpd-demo --out demo_out --direct   # add the direct-distillation student (~12 min)
 mtpd-demo --out demo_out --quick    # a smoke test of the same pipeline (~2 min)
 """

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'rank':<5}{'distance':>10}  {'CKA per level':<36} store (teacher)")
         for i, r in enumerate(res, 1):
             per = " ".join(f"P{k}={v:.3f}" for k, v in sorted(r.cka.items()))
-            print(f"{i:<5}{r.distance:>10.4f}  {per:<36} {r.store} ({r.teacher})")
+            print(f"{i:<5}{r.distance:>10.4f}  {per:<36} {r.store} ({r.teacher}, weights {r.weights})")
         if a.write:
             print(f"wrote {a.write} with stages in this order")
     return 0

@@ -378,7 +378,7 @@ def order_stores(
     )
     plan, ranked = order_plan(plan, load_student(student_ckpt), n_images)
     for i, r in enumerate(ranked, 1):
-        log(f"  {i}. distance {r.distance:.4f}  {r.store} ({r.teacher})")
+        log(f"  {i}. distance {r.distance:.4f}  {r.store} ({r.teacher}, weights {Path(r.weights).name})")
     plan.output_dir = str(output_dir)
     save_plan(plan, ordered_path)
     return [stage_stores(plan, s)[0] for s in plan.stages]

@@ -110,7 +110,8 @@ def build_module_teacher(
             load_weights(model, state_dict, weights_file, spec)
         config = json.dumps({"factory": spec, "kwargs": {k: v for k, v in kwargs.items()}}, sort_keys=True, default=str)
         extra = {"family": arch_family(model), **({"init_seed": INIT_SEED} if weights == "none" else {})}
-        identity = TeacherIdentity(name=spec, config=config, weights=weights, weights_sha256=digest, extra=extra)
+        recorded = weights_file or weights  # a file by its resolved path
+        identity = TeacherIdentity(name=spec, config=config, weights=recorded, weights_sha256=digest, extra=extra)
         return TorchvisionTeacher(model, identity, device)
     if isinstance(built, Teacher):
         if state_dict is not None:

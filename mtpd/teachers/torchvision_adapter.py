@@ -176,7 +176,9 @@ def build_torchvision_teacher(
         set_frozen_bn_eps(model, eps)
     config = json.dumps({"arch": name, "num_classes": int(num_classes), "options": options}, sort_keys=True)
     extra = {"family": arch_family(model), **({"init_seed": INIT_SEED} if state_dict is None else {})}
-    identity = TeacherIdentity(name=name, config=config, weights=weights, weights_sha256=digest, extra=extra)
+    # A file is recorded by its resolved path: a relative one would mean another file from another folder.
+    recorded = weights_file if weights not in ("none", "default") else weights
+    identity = TeacherIdentity(name=name, config=config, weights=recorded, weights_sha256=digest, extra=extra)
     return TorchvisionTeacher(model, identity, device)
 
 

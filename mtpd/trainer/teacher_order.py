@@ -27,6 +27,7 @@ from mtpd.trainer.targets import DistillDataset, check_store, make_loader
 class TeacherDistance:
     store: str
     teacher: str
+    weights: str  # the teacher's weights file (or none/default): one factory may have several stores
     distance: float  # 1 - mean linear CKA over levels
     cka: dict[int, float]
 
@@ -81,7 +82,8 @@ def measure(
                 break
         cka = {lvl: linear_cka(torch.cat(xs[lvl]), torch.cat(ys[lvl])) for lvl in levels if xs[lvl]}
         dist = 1.0 - sum(cka.values()) / max(len(cka), 1)
-        results.append(TeacherDistance(path, reader.header.teacher.get("name", "?"), dist, cka))
+        t = reader.header.teacher
+        results.append(TeacherDistance(path, t.get("name", "?"), str(t.get("weights", "?")), dist, cka))
     return sorted(results, key=lambda r: r.distance)
 
 
