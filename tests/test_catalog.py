@@ -217,3 +217,45 @@ def test_the_index_is_rebuilt_from_the_stores(tmp_path, digits) -> None:
 
         lock_path(Path(store)).write_text(json.dumps({**_this_machine(), "pid": 1, "heartbeat": 1e12}))
         remove(Path(store))  # pid 1 is alive: refused
+
+
+def test_the_index_never_decides_a_path(tmp_path, digits) -> None:
+    """A copied or crafted index cannot point ls, find or rm at another folder."""
+    store = _build(digits, tmp_path).store
+    scan(tmp_path)
+    index = json.loads((tmp_path / INDEX).read_text())
+    (entry,) = index.values()
+    entry["row"]["path"] = "/somewhere/else"
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    (row,) = scan(tmp_path)[0]
+    assert row["path"] == store
+
+
+def test_rm_without_a_terminal_removes_nothing(tmp_path, digits, monkeypatch, capsys) -> None:
+    from mtpd.cli.cache import main
+
+    store = Path(_build(digits, tmp_path).store)
+
+    def no_tty(prompt: str) -> str:
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_tty)
+    assert main(["rm", store.name, "--root", str(tmp_path)]) == 1
+    assert store.is_dir() and "nothing removed" in capsys.readouterr().out
+
+
+def test_complete_store_on_a_read_only_root_and_a_moved_checkpoint(tmp_path, digits, tiny_teacher_ckpt) -> None:
+    import shutil
+
+    root = tmp_path / "root"
+    first = _build(digits, root, teacher=TeacherSpec("retinanet_tiny", tiny_teacher_ckpt))
+    moved = tmp_path / "elsewhere.pt"
+    shutil.copy(tiny_teacher_ckpt, moved)  # the same checkpoint, another path
+    r = subprocess.run(["chattr", "+i", str(root)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot make the root read-only here ({r.stderr.strip() or r.returncode}); needs root on ext4")
+    try:
+        again = _build(digits, root, teacher=TeacherSpec("retinanet_tiny", str(moved)))
+    finally:
+        subprocess.run(["chattr", "-i", str(root)], check=False)
+    assert again.store == first.store and again.shards_written == 0 and again.shards_skipped == first.shards_total

@@ -194,6 +194,9 @@ def build_store(
     layout, dataset = plan_store(req)
     if out is None:
         req.out = str(store_path(cache_root(root), layout.header))
+    done = _complete_already(req, layout)
+    if done is not None:
+        return done  # read-only: needs no lock, so it also works on a root only readable to this user
     lock = None if is_url(req.out) else WriterLock(req.out)
     try:
         with lock or contextlib.nullcontext():
@@ -205,6 +208,21 @@ def build_store(
         if e.errno not in _WRITE_ERRNOS or not ours:
             raise BuildError(f"{req.out}: {e}") from None  # not a failure to write the store: say what happened
         raise _io_error(req.out, e) from None
+
+
+def _complete_already(req: BuildRequest, layout: Layout) -> BuildReport | None:
+    """The report of a store at ``req.out`` with this identity and every shard done (None otherwise)."""
+    if req.repair or not _store_exists(req.out, req.storage_options):
+        return None
+    try:
+        root = open_root(req.out, "r", req.storage_options)
+        old = read_header(root, req.out)
+        done = shard_status(root).done
+    except (StoreError, KeyError, OSError):
+        return None  # let the locked path say what is wrong
+    if describe_differences(old.identity(), layout.header.identity()) or not done.all():
+        return None
+    return BuildReport(req.out, old.num_shards, 0, old.num_shards, old.num_images, 0.0, 0, old)
 
 
 def _checking(lock: WriterLock, on_shard: Callable[[int, int], None] | None) -> Callable[[int, int], None]:

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from mtpd.cache.lock import WriterLock, lock_path
+from mtpd.cache.lock import WriterLock
 from mtpd.cache.schema import StoreError, StoreHeader
 from mtpd.cache.store import StoreReader
 
@@ -31,8 +31,14 @@ USES = "uses"  # one small JSON file per (run, stage) that read the store
 
 
 def cache_root(root: str | os.PathLike | None = None) -> Path:
-    """``root``, else ``$MTPD_CACHE_ROOT``, else ``~/.cache/mtpd``."""
-    return Path(root or os.environ.get("MTPD_CACHE_ROOT") or Path.home() / ".cache" / "mtpd").expanduser()
+    """``root``, else ``$MTPD_CACHE_ROOT``, else ``~/.cache/mtpd``: a local folder, as an absolute path."""
+    given = str(root or os.environ.get("MTPD_CACHE_ROOT") or Path.home() / ".cache" / "mtpd")
+    if "://" in given:
+        raise StoreError(
+            f"cache root {given}: a root is a local (or mounted shared) folder; for object storage "
+            "build with --out URL and name stores in plans by path"
+        )
+    return Path(given).expanduser().resolve()
 
 
 def identity(h: StoreHeader) -> dict:
@@ -61,13 +67,20 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_.")[:limit] or "store"
 
 
+def identity_digest(h: StoreHeader) -> str:
+    return hashlib.sha256(json.dumps(identity(h), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def store_name(h: StoreHeader) -> str:
-    digest = hashlib.sha256(json.dumps(identity(h), sort_keys=True).encode()).hexdigest()[:12]
-    return f"{_slug(str(h.teacher.get('name')))}-{_slug(Path(str(h.dataset['ann_file'])).stem)}-{digest}"
+    return f"{_slug(str(h.teacher.get('name')))}-{_slug(Path(str(h.dataset['ann_file'])).stem)}-{identity_digest(h)}"
 
 
 def store_path(root: Path, h: StoreHeader) -> Path:
-    return Path(root) / store_name(h)
+    """Where the store of this identity lives under ``root``: an existing folder with the same identity (the
+    readable prefix may differ, e.g. a renamed annotation file), else a new name."""
+    digest = identity_digest(h)
+    same = sorted(p for p in Path(root).glob(f"*-{digest}") if p.is_dir()) if Path(root).is_dir() else []
+    return same[0] if same else Path(root) / store_name(h)
 
 
 # -- use records ----------------------------------------------------------------------------------
@@ -91,24 +104,40 @@ def uses(store: Path) -> list[dict]:
     out = []
     for f in sorted((store / USES).glob("*.json")) if (store / USES).is_dir() else []:
         try:
-            out.append(json.loads(f.read_text()))
-        except (OSError, ValueError):
-            continue
+            rec = json.loads(f.read_text())
+            out.append({"run": str(rec["run"]), "stage": rec.get("stage"), "time": float(rec["time"])})
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # a damaged record: the use is lost, the listing is not
     return out
 
 
 # -- listing --------------------------------------------------------------------------------------
 def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    total = 0
+    for f in folder.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:  # a build renamed or replaced it meanwhile
+            continue
+    return total
 
 
-def _signature(path: Path, reader: StoreReader) -> list:
-    """Changes whenever the store's metadata, progress or use records change."""
-    use_dir = path / USES
+def _signature(path: Path) -> list:
+    """Changes whenever the store's metadata, shard progress or use records change (file stats only)."""
+
+    def newest(folder: Path, pattern: str) -> list[int]:
+        stamps = []
+        for f in folder.glob(pattern) if folder.is_dir() else []:
+            try:
+                stamps.append(f.stat().st_mtime_ns)
+            except FileNotFoundError:
+                continue
+        return [len(stamps), max(stamps, default=0)]
+
     return [
         (path / "zarr.json").stat().st_mtime_ns,
-        int(reader.status().done.sum()),
-        len(list(use_dir.glob("*.json"))) if use_dir.is_dir() else 0,
+        *newest(path / "index" / "shards", "**/*"),
+        *newest(path / USES, "*.json"),
     ]
 
 
@@ -130,6 +159,7 @@ def _row(path: Path, reader: StoreReader) -> dict:
         "images_total": h.num_images,
         "complete": bool(status.done.all()),
         "views": list(h.views["views"]),
+        "view_spec": dict(h.views),
         "short": h.views["short"],
         "long": h.views["long"],
         "outputs": sorted(h.outputs),
@@ -142,23 +172,29 @@ def _row(path: Path, reader: StoreReader) -> dict:
 
 
 def scan(root: Path) -> tuple[list[dict], list[str]]:
-    """(stores under ``root``, other folders there), through the index, recomputing what changed."""
+    """(stores under ``root``, other folders there), through the index, recomputing what changed.
+
+    A cached row is used only for the folder it was computed for and only while its signature
+    holds; paths always come from the folder itself, never from the index."""
     root = Path(root)
     try:
         index = json.loads((root / INDEX).read_text())
-        assert isinstance(index, dict)
-    except (OSError, ValueError, AssertionError):
+        index = index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
         index = {}  # missing or unreadable: rebuilt from the stores themselves
     rows, foreign, fresh = [], [], {}
-    for path in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    for path in folders:
         try:
-            reader = StoreReader(str(path))
-        except StoreError:
+            sig = _signature(path)
+            entry = index.get(path.name)
+            row = entry.get("row") if isinstance(entry, dict) and entry.get("signature") == sig else None
+            if not isinstance(row, dict) or row.get("name") != path.name:
+                row = _row(path, StoreReader(str(path)))
+        except Exception:  # noqa: BLE001 - not a store, a damaged one, or one removed meanwhile: listed as such
             foreign.append(path.name)
             continue
-        sig = _signature(path, reader)
-        entry = index.get(path.name)
-        row = entry["row"] if isinstance(entry, dict) and entry.get("signature") == sig else _row(path, reader)
+        row = {**row, "path": str(path)}
         rows.append(row)
         fresh[path.name] = {"signature": sig, "row": row}
     if fresh != index and root.is_dir():
@@ -186,25 +222,37 @@ def find_store(
     ``none`` / ``default`` by name), dataset, views, precision and at least these outputs; None if none."""
     best = None
     for row in scan(root)[0]:
-        ok = (
+        if not (
             row["teacher"] == teacher
             and row["complete"]
             and row["manifest_sha256"] == manifest_sha256
             and row["precision"] == precision
             and set(outputs) <= set(row["outputs"])
-            and (row["weights_sha256"] == weights_sha256 if weights_sha256 else row["weights"] == weights)
-            and row["short"] == views["short"]
-            and row["long"] == views["long"]
-            and set(views["views"]) <= set(row["views"])
-        )
-        if ok and (best is None or row["created"] > best["created"]):
+        ):
+            continue
+        if weights_sha256 and row["weights_sha256"]:
+            same_weights = row["weights_sha256"] == weights_sha256
+        else:  # none / default by name; a factory that loads its own file records no sha: by path
+            same_weights = str(row["weights"]) == str(weights)
+        stored_views = row.get("view_spec") or {}
+        same_views = all(stored_views.get(k) == views[k] for k in ("short", "long", "pad", "mean", "std")) and set(
+            views["views"]
+        ) <= set(stored_views.get("views", []))
+        if same_weights and same_views and (best is None or row["created"] > best["created"]):
             best = row
     return None if best is None else best["path"]
 
 
 # -- removal --------------------------------------------------------------------------------------
 def remove(path: Path) -> None:
-    """Delete a store; StoreError (naming the writer) if a build holds its lock."""
-    with WriterLock(path):  # taking the lock proves no live build writes it
-        shutil.rmtree(path)
-    lock_path(path).unlink(missing_ok=True)
+    """Delete a store; StoreError (naming the writer) if a build holds its lock, or saying why it cannot.
+
+    Under the lock the store is first renamed to a hidden folder, so a deletion that fails half-way
+    leaves no half-store behind under its name (``ls`` skips hidden folders)."""
+    try:
+        with WriterLock(path):  # taking the lock proves no live build writes it; releasing removes the lock
+            aside = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+            os.rename(path, aside)
+        shutil.rmtree(aside)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot remove it ({e.strerror or e}); check your permissions on the root") from None

@@ -33,6 +33,7 @@ class Estimate:
     seconds_per_image_std: float
     device: str
     fixed_bytes: int = 0  # metadata and index of the sample store (small next to the outputs at scale)
+    timed: int = 1  # images timed (the first one also loads the teacher: left out)
 
     def total_bytes(self) -> tuple[float, float]:
         """(projected store bytes, half-width of its 95 % interval)."""
@@ -41,7 +42,7 @@ class Estimate:
 
     def total_seconds(self, devices: int = 1) -> tuple[float, float]:
         mean = self.seconds_per_image * self.images / devices
-        half = 1.96 * self.seconds_per_image_std / math.sqrt(max(self.sample - 1, 1)) * self.images / devices
+        half = 1.96 * self.seconds_per_image_std / math.sqrt(self.timed) * self.images / devices
         return mean, half
 
 
@@ -66,7 +67,7 @@ def estimate(
     precision: str,
     sample: int = 16,
     seed: int = 0,
-    batch_size: int = 1,
+    batch_size: int = 2,
 ) -> Estimate:
     """Measure ``sample`` images through the builder and project size and time to the whole dataset."""
     CocoDataset(ann, images)  # the whole file is valid before anything runs
@@ -98,13 +99,18 @@ def estimate(
         fixed = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) - sum(sizes)
     # The first image also pays for loading the teacher and warming up: time the others.
     times = [b - a for a, b in zip(stamps, stamps[1:])] or [stamps[0] - t0]
+
+    def sd(xs: list[float]) -> float:  # the sample's standard deviation, not the population's
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
     return Estimate(
         total,
         len(sizes),
         statistics.fmean(sizes),
-        statistics.pstdev(sizes),
+        sd(sizes),
         statistics.fmean(times),
-        statistics.pstdev(times),
+        sd(times),
         teacher.device,
         max(0, fixed),
+        len(times),
     )

@@ -234,9 +234,13 @@ class StoreHeader:
             str(o["encoding"])
 
     def identity(self) -> dict:
-        """What must match for a rerun to resume into this store."""
+        """What must match for a rerun to resume into this store. A weights file is its content
+        (sha256), not where it lies: the same checkpoint moved or copied resumes the store."""
+        teacher = dict(self.teacher)
+        if teacher.get("weights_sha256"):
+            teacher.pop("weights", None)
         return {
-            "teacher": self.teacher,
+            "teacher": teacher,
             "dataset": {k: self.dataset[k] for k in ("manifest_sha256", "num_images")},
             "views": self.views,
             "precision": self.precision,

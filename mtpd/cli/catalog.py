@@ -42,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     est.add_argument("--sample", type=int, default=16, help="images to run (drawn with a fixed seed)")
     est.add_argument("--device", default="cpu", help="cpu or cuda: the device the time is measured on")
     est.add_argument("--gpus", type=int, default=1, help="also give the build time on this many such devices")
-    est.add_argument("--batch-size", type=int, default=1, help="views per teacher forward")
+    est.add_argument("--batch-size", type=int, default=2, help="views per teacher forward (as the build's default)")
     est.add_argument("--root", default=None, help=ROOT_HELP + "; its free space is compared with the projection")
     add_trust_flag(est)
 
@@ -116,6 +116,7 @@ def _selected(a: argparse.Namespace, rows: list[dict]) -> list[dict]:
 
 def rm(a: argparse.Namespace) -> int:
     from mtpd.cache.catalog import cache_root, remove, scan
+    from mtpd.errors import MtpdError
 
     if not a.stores and a.older_than is None and a.unused_days is None:
         print("mtpd-cache rm: name stores, or give --older-than or --unused-days", file=sys.stderr)
@@ -127,20 +128,32 @@ def rm(a: argparse.Namespace) -> int:
     for r in chosen:
         print(f"  {r['path']}  ({_gib(r['bytes'])}, last used {_when(r['last_used'])})")
     if not a.yes:
-        answer = input(f"remove these {len(chosen)} store(s), {_gib(sum(r['bytes'] for r in chosen))}? [y/N] ")
+        try:
+            answer = input(f"remove these {len(chosen)} store(s), {_gib(sum(r['bytes'] for r in chosen))}? [y/N] ")
+        except EOFError:  # no terminal to ask: nothing is removed without --yes
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing removed")
             return 1
+    refused = 0
     for r in chosen:
-        remove(Path(r["path"]))
+        try:
+            remove(Path(r["path"]))
+        except MtpdError as e:
+            print(f"mtpd-cache rm: kept {r['name']}: {e}", file=sys.stderr)
+            refused += 1
+            continue
         print(f"removed {r['path']}")
-    return 0
+    return 2 if refused else 0
 
 
 def estimate(a: argparse.Namespace) -> int:
     from mtpd.cache.catalog import cache_root
     from mtpd.cache.estimate import estimate as run_estimate
+    from mtpd.errors import MtpdError
 
+    if a.gpus < 1 or a.sample < 2:
+        raise MtpdError(f"--gpus must be at least 1 and --sample at least 2 (got {a.gpus}, {a.sample})")
     teacher, views = teacher_spec(a)
     outputs = [x.strip() for x in a.outputs.split(",") if x.strip()] if a.outputs else None
     e = run_estimate(teacher, a.ann, a.images, views, outputs, a.precision, a.sample, batch_size=a.batch_size)

@@ -164,8 +164,7 @@ def build_torchvision_teacher(
             )
         num_classes = int(found) if found is not None else num_classes
     try:
-        # fork_rng: the seeded init leaves the caller's random stream untouched.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the seeded init leaves the caller's random stream untouched
             torch.manual_seed(INIT_SEED)
             model = build_arch(name, int(num_classes), **options)
     except ValueError as e:
@@ -176,8 +175,7 @@ def build_torchvision_teacher(
         set_frozen_bn_eps(model, eps)
     config = json.dumps({"arch": name, "num_classes": int(num_classes), "options": options}, sort_keys=True)
     extra = {"family": arch_family(model), **({"init_seed": INIT_SEED} if state_dict is None else {})}
-    # A file is recorded by its resolved path: a relative one would mean another file from another folder.
-    recorded = weights_file if weights not in ("none", "default") else weights
+    recorded = weights_file if weights not in ("none", "default") else weights  # a file: by its resolved path
     identity = TeacherIdentity(name=name, config=config, weights=recorded, weights_sha256=digest, extra=extra)
     return TorchvisionTeacher(model, identity, device)
 

@@ -128,6 +128,8 @@ class Plan:
                 raise PlanError(f"{where}.optimizer.type: {s.optimizer.type!r} is not sgd or adamw")
             if s.teacher is not None and s.stores:
                 raise PlanError(f"{where}: give stores or teacher, not both")
+            if s.teacher is not None:
+                _check_teacher_ref(s.teacher, f"{where}.teacher")
             n = 1 if s.teacher is not None else len(s.stores)
             for j, loss in enumerate(s.losses):
                 if not (0 <= loss.store < n):
@@ -136,6 +138,15 @@ class Plan:
             raise PlanError("data.batch_size: must be at least 1")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise PlanError("log_every: must be at least 1; checkpoint_every: 0 (epoch ends only) or more")
+
+
+def _check_teacher_ref(ref: TeacherRef, where: str) -> None:
+    from mtpd.cache.schema import PRECISIONS
+
+    if ref.precision not in PRECISIONS:
+        raise PlanError(f"{where}.precision: {ref.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if not ref.outputs:
+        raise PlanError(f"{where}.outputs: name the outputs the stage reads, e.g. [fpn]")
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -224,9 +235,10 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
     def fix(v: str | None) -> str | None:
         if v is not None and "\x00" in v:
             raise PlanError(f"{base / 'plan'}: the path {v!r} holds a NUL character; fix it in the plan")
-        if v is None or v == "none" or "://" in v or Path(v).is_absolute():
+        if v is None or v == "none" or "://" in v:
             return v
-        return str((base / v).resolve())
+        v = str(Path(v).expanduser())
+        return v if Path(v).is_absolute() else str((base / v).resolve())
 
     d = plan.data
     d.train_ann, d.train_images, d.val_ann, d.val_images = map(

@@ -173,6 +173,7 @@ class Stage:
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_plan(self.plan, self.dir / "plan.yaml")
+            note_uses(self.stores, str(self.plan.output_dir), self.k, self.cfg.name)  # the use, as the stage starts
         self.emit(
             {
                 "event": "stage_start",
@@ -338,6 +339,9 @@ def run_plan(
     on_event: OnEvent | None = None,
 ) -> list[StageResult]:
     """Run ``stages`` of ``plan`` in order; progress goes to ``on_event`` (dicts) and ``log`` (lines)."""
+    if online is None:  # every named teacher's store exists before the first stage trains
+        for k in (k for k in stages if 1 <= k <= len(plan.stages)):
+            stage_stores(plan, plan.stages[k - 1])
     Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(plan.output_dir) / "plan.resolved.yaml")
     return [Stage(plan, k, device, resume, online, log, on_event).run() for k in stages]

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
+from pathlib import Path
 
 from mtpd.cache.catalog import cache_root, find_store, record_use, store_name
 from mtpd.cache.store import StoreReader
 from mtpd.checkpoint import sha256_file
-from mtpd.data import CocoDataset
+from mtpd.data import CocoDataset, ViewSpec
 from mtpd.trainer.plan import Plan, PlanError, StageConfig
+
+
+@functools.lru_cache(maxsize=8)
+def _manifest(ann: str, images: str, stamp: int) -> str:
+    """The dataset's manifest hash, computed once per annotation file version (COCO's JSON is large)."""
+    return CocoDataset(ann, images).manifest_hash()
 
 
 def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
@@ -18,11 +26,15 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
     if ref is None:
         return list(stage.stores)
     d = plan.data
-    views = {"short": d.short, "long": d.long, "views": ["orig", "hflip"] if d.flip else ["orig"]}
-    sha = None if ref.weights in ("none", "default") else sha256_file(ref.weights)
-    manifest = CocoDataset(d.train_ann, d.train_images).manifest_hash()
+    spec = ViewSpec(short=d.short, long=d.long, views=("orig", "hflip") if d.flip else ("orig",))
+    sha = None
+    if ref.weights not in ("none", "default"):
+        if not Path(ref.weights).is_file():
+            raise PlanError(f"stage {stage.name}: teacher weights {ref.weights} not found; fix teacher.weights")
+        sha = sha256_file(ref.weights)
+    manifest = _manifest(d.train_ann, d.train_images, Path(d.train_ann).stat().st_mtime_ns)
     root = cache_root(plan.cache_root)
-    found = find_store(root, ref.name, ref.weights, sha, manifest, views, ref.outputs, ref.precision)
+    found = find_store(root, ref.name, ref.weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision)
     if found is not None:
         return [found]
     cmd = [
@@ -37,7 +49,7 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
         "--images",
         d.train_images,
         "--views",
-        ",".join(views["views"]),
+        ",".join(spec.views),
         "--short",
         str(d.short),
         "--long",

@@ -9,6 +9,7 @@ nearest teacher comes first, so each stage's gap is as small as possible.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +101,8 @@ def _single_store(plan: Plan) -> dict[int, str]:
 def reorder_plan(plan: Plan, order: list[str]) -> Plan:
     """``plan`` with its single-store stages in ``order`` (store paths, nearest first); other stages keep
     their place. Weight inheritance belongs to the first stage: it moves with the order."""
-    single = _single_store(plan)
+    single = {i: os.path.realpath(p) for i, p in _single_store(plan).items()}
+    order = [os.path.realpath(p) if "://" not in p else p for p in order]
     ranked = [i for i, store in single.items() if store in order]
     if len(ranked) != len(order):
         raise PlanError("every ranked store must be the only store of exactly one stage of the plan")
