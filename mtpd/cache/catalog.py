@@ -219,7 +219,8 @@ def find_store(
     precision: str,
 ) -> str | None:
     """The newest complete store under ``root`` with this teacher and weights (a file's sha256, or
-    ``none`` / ``default`` by name), dataset, views, precision and at least these outputs; None if none."""
+    ``none`` / ``default`` by name), dataset, views (a ``ViewSpec.to_dict()``: sizes, padding,
+    normalisation and at least these views), precision and at least these outputs; None if none."""
     best = None
     for row in scan(root)[0]:
         if not (

@@ -343,10 +343,10 @@ def build_teacher_store(
 def find_teacher_store(t: TeacherInfo, paths: Paths, precision: str, outputs: tuple[str, ...] = ("fpn",)) -> str | None:
     """The complete store of ``t`` under the demo's cache root, if an earlier run built it."""
     from mtpd.cache.catalog import find_store
-    from mtpd.data import CocoDataset
+    from mtpd.data import CocoDataset, ViewSpec
 
     manifest = CocoDataset(paths.ann("train"), paths.images("train")).manifest_hash()
-    views = {"short": recipes.SIZE, "long": recipes.SIZE, "views": ["orig", "hflip"]}
+    views = ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=("orig", "hflip")).to_dict()
     return find_store(
         paths.cache, t.arch, str(t.checkpoint), sha256_file(t.checkpoint), manifest, views, list(outputs), precision
     )
