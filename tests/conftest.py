@@ -14,6 +14,25 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 TINY_VIEW = dict(short=64, long=64)
 
 
+def build_args(ann: str, images: str, *extra: str) -> list[str]:
+    """`mtpd-cache build` arguments for the tiny teacher on 64 px views, in this process, plus ``extra``."""
+    return [
+        "build",
+        "--teacher",
+        "retinanet_tiny",
+        "--ann",
+        ann,
+        "--images",
+        images,
+        "--short",
+        "64",
+        "--long",
+        "64",
+        "--no-progress",
+        *extra,
+    ]
+
+
 TESTS = Path(__file__).resolve().parent
 
 

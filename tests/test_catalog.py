@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_VIEW
+from conftest import TINY_VIEW, build_args
 
 from mtpd.cache.build import BuildRequest, build_store, plan_store
 from mtpd.cache.catalog import INDEX, record_use, scan, store_name
@@ -75,28 +75,18 @@ def test_rebuild_finds_the_store_and_writes_nothing(tmp_path, digits, capsys) ->
     assert again.store == first.store and again.shards_written == 0
     from mtpd.cli.cache import main
 
-    args = [
-        "build",
-        "--teacher",
-        "retinanet_tiny",
-        "--ann",
+    args = build_args(
         digits["train"]["ann"],
-        "--images",
         digits["train"]["images"],
         "--views",
         "orig,hflip",
-        "--short",
-        "64",
-        "--long",
-        "64",
         "--workers",
         "0",
         "--images-per-shard",
         "4",
         "--root",
         str(tmp_path),
-        "--no-progress",
-    ]
+    )
     assert main(args) == 0
     assert "complete already" in capsys.readouterr().out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIEW
+from conftest import TINY_VIEW, build_args
 from test_trainer import write_plan
 
 from mtpd.cache.build import BuildError, build_store
@@ -264,26 +264,9 @@ def test_skip_bad_records_and_training_leaves_them_out(tmp_path, digits, capsys)
     coco = CocoDataset(digits["train"]["ann"], str(images))
     broken = coco.images[5].file_name
     (images / broken).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    args = [
-        "build",
-        "--teacher",
-        "retinanet_tiny",
-        "--ann",
-        digits["train"]["ann"],
-        "--images",
-        str(images),
-        "--short",
-        "64",
-        "--long",
-        "64",
-        "--views",
-        "orig,hflip",
-        "--workers",
-        "0",
-        "--images-per-shard",
-        "4",
-        "--no-progress",
-    ]
+    args = build_args(
+        digits["train"]["ann"], str(images), "--views", "orig,hflip", "--workers", "0", "--images-per-shard", "4"
+    )
     assert main(args + ["--out", str(tmp_path / "strict")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and broken in err
@@ -340,24 +323,9 @@ def test_forbidden_store_path_is_one_line(tmp_path, digits, capsys) -> None:
         pytest.skip(f"cannot make a folder immutable here ({r.stderr.strip() or r.returncode}); needs root on ext4")
     try:
         rc = main(
-            [
-                "build",
-                "--teacher",
-                "retinanet_tiny",
-                "--ann",
-                digits["train"]["ann"],
-                "--images",
-                digits["train"]["images"],
-                "--out",
-                str(locked / "store"),
-                "--workers",
-                "0",
-                "--short",
-                "64",
-                "--long",
-                "64",
-                "--no-progress",
-            ]
+            build_args(
+                digits["train"]["ann"], digits["train"]["images"], "--out", str(locked / "store"), "--workers", "0"
+            )
         )
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=False)
@@ -409,22 +377,9 @@ def test_a_build_prints_no_ray_start_up_noise(tmp_path, digits) -> None:
             sys.executable,
             "-m",
             "mtpd.cli.cache",
-            "build",
-            "--teacher",
-            "retinanet_tiny",
-            "--ann",
-            digits["train"]["ann"],
-            "--images",
-            digits["train"]["images"],
-            "--out",
-            str(tmp_path / "s"),
-            "--short",
-            "64",
-            "--long",
-            "64",
-            "--workers",
-            "1",
-            "--no-progress",
+            *build_args(
+                digits["train"]["ann"], digits["train"]["images"], "--out", str(tmp_path / "s"), "--workers", "1"
+            ),
         ],
         capture_output=True,
         text=True,
