@@ -523,3 +523,20 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
         torch.testing.assert_close(cached.teacher[0][key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
         lvl = int(key.split(".p")[1])
         assert float((t * (1 - live_masks[lvl])).abs().max()) == 0.0, key  # padding cells hold zeros
+
+
+def test_a_finished_stage_is_not_trained_over(tmp_path, digits, capsys):
+    from mtpd.cli.train import main
+
+    stages = [{"name": "s", "epochs": 1, "eval": False, "optimizer": {"type": "adamw", "lr": 0.001}}]
+    plan = write_plan(tmp_path, digits, [], stages)
+    args = ["--plan", str(plan), "--stage", "1", "--device", "cpu"]
+    assert main(args) == 0
+    final = tmp_path / "run" / "stage_1" / "final.pt"
+    first = final.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has finished already" in err and "--overwrite" in err
+    assert final.stat().st_mtime_ns == first  # untouched
+    assert main(args + ["--overwrite"]) == 0 and final.stat().st_mtime_ns != first

@@ -16,6 +16,7 @@ EPILOG = """examples:
   mtpd-train --plan plans/mtpd_r50.yaml --stage 1
   mtpd-train --plan plans/mtpd_r50.yaml --stage all
   mtpd-train --plan plans/mtpd_r50.yaml --stage 2 --resume      # continue an interrupted stage
+  mtpd-train --plan plans/mtpd_r50.yaml --stage 2 --overwrite   # train a finished stage again (refused otherwise)
 
 Stage K starts from stage K-1's final checkpoint (OUTPUT_DIR/stage_{K-1}/final.pt).
 Each stage writes OUTPUT_DIR/stage_K/{final.pt,last.pt,metrics.json,log.jsonl,plan.yaml}
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the stage from its last checkpoint (model, optimiser, scheduler, RNG, position)",
     )
+    p.add_argument("--overwrite", action="store_true", help="train a finished stage again from its start")
     add_trust_flag(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
@@ -62,6 +64,20 @@ def _stages(arg: str, n: int) -> list[int]:
         if not 1 <= k <= n:
             raise PlanError(f"--stage {k}: the plan has stages 1..{n}")
     return ks
+
+
+def _refuse_finished(plan, stages: list[int]) -> None:
+    """A finished stage is never trained over by accident: its checkpoint and metrics would be replaced."""
+    from mtpd.trainer.plan import PlanError
+    from mtpd.trainer.stage import stage_dir
+
+    for k in stages:
+        done = stage_dir(plan, k) / "metrics.json"
+        if done.is_file():
+            raise PlanError(
+                f"stage {k} ({plan.stages[k - 1].name}) has finished already ({done}); pass --overwrite to train it "
+                "again from its start, or --resume to continue it from its last checkpoint"
+            )
 
 
 def _online(specs: list[str], device: str):
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = load_plan(a.plan)
         stages = _stages(a.stage, len(plan.stages))
+        if not (a.resume or a.overwrite):
+            _refuse_finished(plan, stages)
         _init_distributed(device)
         if device.startswith("cuda") and torch.distributed.is_initialized():
             device = f"cuda:{torch.cuda.current_device()}"
