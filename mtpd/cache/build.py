@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mtpd.cache.catalog import cache_root, store_path
 from mtpd.cache.compute import Layout, ShardWriter, plan_layout
+from mtpd.cache.flip import FLIP_CALIBRATION, measure_flip_error
 from mtpd.cache.lock import WriterLock
 from mtpd.cache.ray_local import ensure_ray
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
@@ -76,8 +77,17 @@ def plan_store(req: BuildRequest) -> tuple[Layout, CocoDataset]:
     return plan_layout(dataset, req.views, specs, outputs, prec, req.images_per_shard, identity), dataset
 
 
-def open_or_create(out: str, layout: Layout, dataset: CocoDataset, storage_options: dict | None) -> StoreHeader:
-    """Create the store, or check that the one at ``out`` was built with the same settings (a resume)."""
+def open_or_create(
+    out: str,
+    layout: Layout,
+    dataset: CocoDataset,
+    storage_options: dict | None,
+    teacher: TeacherSpec | None = None,
+    flip_calibration: int = 0,
+) -> StoreHeader:
+    """Create the store, or check that the one at ``out`` was built with the same settings (a resume).
+    A new store without the 'hflip' view records how far mirrored maps are from the teacher's flipped
+    view (``mtpd.cache.flip``), measured here with ``teacher``."""
     header = layout.header
     if _store_exists(out, storage_options):
         old = read_header(open_root(out, "r+", storage_options), out)
@@ -101,6 +111,10 @@ def open_or_create(out: str, layout: Layout, dataset: CocoDataset, storage_optio
         grids=layout.grids,
         storage_options=storage_options,
     )
+    if teacher is not None and flip_calibration > 0 and "hflip" not in header.views["views"]:
+        model = dataclasses.replace(teacher, device="cpu").build()
+        error = measure_flip_error(model, dataset, ViewSpec.from_dict(header.views), header.outputs, flip_calibration)
+        open_root(out, "r+", storage_options).attrs["flip_error"] = error
     return header
 
 
@@ -170,6 +184,7 @@ class BuildRequest:
     verbose: bool = False  # the local Ray instance's start-up messages and worker logs
     repair: bool = False  # re-verify done shards and rewrite the damaged ones
     skip_bad: bool = False  # record unreadable images in the store and go on, instead of stopping
+    flip_calibration: int = FLIP_CALIBRATION  # images to measure mirrored maps on (orig-only stores; 0: skip)
 
 
 def build_store(
@@ -256,7 +271,7 @@ def _io_error(out: str, e: OSError) -> BuildError:
 
 def _build(req: BuildRequest, layout: Layout, dataset: CocoDataset) -> BuildReport:
     t0 = time.perf_counter()
-    header = open_or_create(req.out, layout, dataset, req.storage_options)
+    header = open_or_create(req.out, layout, dataset, req.storage_options, req.teacher, req.flip_calibration)
     root = open_root(req.out, "r+", req.storage_options)
     if req.repair:
         _unmark_damaged(req.out, root, req.storage_options)

@@ -7,6 +7,7 @@ A run reports dicts with an ``"event"`` key to ``on_event`` callbacks: a program
 - ``inherited``: stage, tensors, parts, weights
 - ``resumed``: stage, checkpoint, wanted, epoch, iter (checkpoint None: nothing at ``wanted`` to resume from)
 - ``step``: a step record (stage, epoch, iter, step, lr, loss, loss parts, time) and ``epoch_end``
+- ``mirrored``: stage, store, flip_error (a store without the hflip view: flipped samples mirror its maps)
 - ``stage_end``: stage, name, checkpoint, metrics
 """
 
@@ -33,6 +34,17 @@ def format_event(ev: Event, epochs: int | None = None, iters: int | None = None)
         parts = " ".join(f"{n}={v:.3f}" for n, v in ev.items() if n not in skip)
         where = f"stage {k} epoch {ev['epoch']}/{ev['epochs']} iter {ev['iter']}/{ev['iters']}"
         return f"{where} loss {ev['loss']:.4f} {parts}"
+    if kind == "mirrored":
+        err = ev["flip_error"]
+        if not err:
+            measured = "its error was not measured (built before mtpd recorded it)"
+        else:
+            measured = "relative error against the teacher's flipped view: " + "; ".join(
+                f"{name} {lvl} border {e['border']:.3f} inside {e['inside']:.3f}"
+                for name, levels in err.items()
+                for lvl, e in levels.items()
+            )
+        return f"stage {k}: {ev['store']} has no hflip view, so flipped samples mirror its maps; {measured}"
     if kind == "stage_end":
         shown = ", ".join(f"{n}={v:.4f}" for n, v in ev["metrics"].items() if isinstance(v, float))
         return f"stage {k} ({ev['name']}) done: {shown}"

@@ -142,6 +142,7 @@ class Stage:
         self.dir = stage_dir(plan, k)
         self.n_sources = 1 if self.cfg.teacher is not None else len(self.cfg.stores)
         self.stores: list[str] = []  # resolved in target_source (a cached stage only)
+        self.mirrored: dict[str, dict | None] = {}  # stores serving flips by mirroring: their measured error
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
 
@@ -260,7 +261,12 @@ class Stage:
         """Stores (opened for their headers; the loader reads them), or the online teachers."""
         if self.online is None:
             self.stores = stage_stores(self.plan, self.cfg)  # a named teacher's store, found under the cache root
-            return StoreTargets([StoreReader(p) for p in self.stores])
+            readers = [StoreReader(p) for p in self.stores]
+            for r in readers:
+                if self.plan.data.flip and "hflip" not in r.header.views["views"]:
+                    self.mirrored[r.location] = r.root.attrs.get("flip_error")
+                    self.emit({"event": "mirrored", "store": r.location, "flip_error": self.mirrored[r.location]})
+            return StoreTargets(readers)
         if len(self.online) != self.n_sources:
             raise PlanError(
                 f"{where}: {len(self.online)} online teacher(s) for {self.n_sources} store(s); give one per store"
@@ -313,6 +319,8 @@ class Stage:
             metrics.update(evaluator.metrics)
             if self.stores:  # which stores this stage read, and a use record in each (mtpd-cache ls)
                 metrics["stores"] = note_uses(self.stores, str(self.plan.output_dir), self.k, self.cfg.name)
+            if self.mirrored:  # flipped samples mirrored from orig-only stores, with the error measured at build
+                metrics["mirrored_flips"] = self.mirrored
             # metrics.json marks the stage done (stage_done): write it whole or not at all.
             tmp = self.dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(metrics, indent=2))

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mtpd.cache.flip import mirror
 from mtpd.cache.schema import StoreError, decode_values
 from mtpd.cache.store import StoreReader, level_views
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, masks_to_view, prepare_view
+from mtpd.data import grid_size as data_grid_size
 
 
 @dataclass
@@ -84,11 +86,8 @@ def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec, flip:
                 f"{loc}: view {key} is {getattr(sv, key)} in the store but {getattr(spec, key)} in the plan; "
                 f"set data.{key} to match, or rebuild the store with the plan's views"
             )
-    if flip and "hflip" not in sv.views:
-        raise StoreError(
-            f"{loc}: has no 'hflip' view but the plan trains with flips; rebuild with --views orig,hflip or set "
-            "data.flip: false"
-        )
+    # A store without the 'hflip' view serves flipped samples by mirroring its 'orig' maps (``mirror``):
+    # an approximation whose error the builder measured (``flip_error``) and the stage reports.
 
 
 class DistillDataset(Dataset):
@@ -168,7 +167,8 @@ class DistillDataset(Dataset):
         """Per store: name -> per-level [C, h, w] maps of one view (views into the stored row, not copies)."""
         teacher = []
         for k, (r, names) in enumerate(zip(self.readers(), self.outputs)):
-            sample = r.sample_index(image_id, view)
+            mirrored = view == "hflip" and "hflip" not in r.header.views["views"]
+            sample = r.sample_index(image_id, "orig" if mirrored else view)
             self._check_shard(k, r, sample, image_id, view)
             try:
                 rows = r.read_rows(sample, names)
@@ -184,6 +184,8 @@ class DistillDataset(Dataset):
                 elif row.dtype != np.float16:  # fp16 decodes by a cast, done by collate's copy
                     row = decode_values(row, out_meta["encoding"])
                 views = level_views(row, r.grid[sample], r.header.levels, out_meta["levels"])
+                if mirrored:
+                    views = [mirror(m, out_meta["kind"]) for m in views]
                 maps[n] = [torch.from_numpy(m).permute(2, 0, 1) for m in views]
             teacher.append(maps)
         return teacher
@@ -242,7 +244,7 @@ def _place(dst: torch.Tensor, i: int, src: torch.Tensor) -> None:
 
 def grid_size(hw: tuple[int, int], level: int) -> tuple[int, int]:
     """Cells of level ``level`` (stride 2**level) over ``hw`` pixels: a partial cell counts."""
-    return -(-hw[0] // 2**level), -(-hw[1] // 2**level)
+    return data_grid_size(hw, 2**level)
 
 
 def valid_masks(

@@ -1,0 +1,59 @@
+"""One view instead of two: a store with the original view only serves flipped samples by mirroring
+its maps. Conv features are not exactly mirror-symmetric, so the builder measures, once per such
+store, how far mirrored maps are from the teacher's real flipped view, and records it.
+
+The error is relative RMSE per output and level over ``FLIP_CALIBRATION`` images, split into the
+border columns of each level (where padding and stride alignment break symmetry most) and the
+inside, and stored in the root attribute ``flip_error``; the trainer reports it when a stage starts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mtpd.data import CocoDataset, grid_size, prepare_view
+from mtpd.data.views import ViewSpec
+
+FLIP_CALIBRATION = 4  # images (default): the error is a ratio of sums over all their cells
+
+
+def mirror(m: np.ndarray, kind: str) -> np.ndarray:
+    """A [h, w, C] map of the original view as the flipped view's map: columns reversed, and box
+    deltas' dx negated (channels 0, 4, 8, ...: torchvision's (dx, dy, dw, dh) per anchor). Anchors
+    are mirror-symmetric per cell, so class and objectness channels keep their meaning."""
+    out = np.ascontiguousarray(m[:, ::-1])
+    if kind == "deltas":
+        out[..., 0::4] = -out[..., 0::4]
+    return out
+
+
+@torch.inference_mode()
+def measure_flip_error(
+    teacher, dataset: CocoDataset, spec: ViewSpec, outputs: dict[str, dict], n_images: int = FLIP_CALIBRATION
+) -> dict:
+    """{output: {"P3": {"border": rel. RMSE, "inside": rel. RMSE}, ...}} of mirrored maps against the
+    teacher's flipped view, on the first ``n_images`` images. ``outputs``: the header's output metadata."""
+    sums: dict[tuple[str, int, str], list[float]] = {}
+    for i in range(min(n_images, len(dataset))):
+        img = dataset.load_image(i)
+        res = {}
+        for view in ("orig", "hflip"):
+            x, meta = prepare_view(img, spec, view)
+            res[view] = teacher(x[None], list(outputs))
+        for name, o in outputs.items():
+            for lvl in o["levels"]:
+                h, w = grid_size(meta.size, 2**lvl)
+                key = f"{name}.p{lvl}"
+                ref = res["hflip"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy()
+                got = mirror(res["orig"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy(), o["kind"])
+                border = np.zeros((h, w), bool)
+                border[:, [0, w - 1]] = True
+                for part, cells in (("border", border), ("inside", ~border)):
+                    acc = sums.setdefault((name, lvl, part), [0.0, 0.0])
+                    acc[0] += float(((got - ref)[cells] ** 2).sum())
+                    acc[1] += float((ref[cells] ** 2).sum())
+    out: dict = {}
+    for (name, lvl, part), (err, ref) in sums.items():
+        out.setdefault(name, {}).setdefault(f"P{lvl}", {})[part] = (err / ref) ** 0.5 if ref > 0 else 0.0
+    return out
