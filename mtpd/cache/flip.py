@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtpd.data import CocoDataset, grid_size, prepare_view
+from mtpd.data import CocoDataset, DatasetError, grid_size, prepare_view
 from mtpd.data.views import ViewSpec
 
 FLIP_CALIBRATION = 4  # images (default): the error is a ratio of sums over all their cells
@@ -33,10 +33,17 @@ def measure_flip_error(
     teacher, dataset: CocoDataset, spec: ViewSpec, outputs: dict[str, dict], n_images: int = FLIP_CALIBRATION
 ) -> dict:
     """{output: {"P3": {"border": rel. RMSE, "inside": rel. RMSE}, ...}} of mirrored maps against the
-    teacher's flipped view, on the first ``n_images`` images. ``outputs``: the header's output metadata."""
+    teacher's flipped view, on the first ``n_images`` readable images. ``outputs``: the header's output metadata."""
     sums: dict[tuple[str, int, str], list[float]] = {}
-    for i in range(min(n_images, len(dataset))):
-        img = dataset.load_image(i)
+    measured = 0
+    for i in range(len(dataset)):
+        if measured == n_images:
+            break
+        try:
+            img = dataset.load_image(i)
+        except DatasetError:
+            continue  # an unreadable image is the build's to report (or skip), not the calibration's
+        measured += 1
         res = {}
         for view in ("orig", "hflip"):
             x, meta = prepare_view(img, spec, view)
