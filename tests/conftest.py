@@ -14,6 +14,47 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 TINY_VIEW = dict(short=64, long=64)
 
 
+def tiny_build(digits: dict, out, teacher=None, **options):
+    """``build_store`` of the tiny teacher (random, seeded, unless ``teacher``) on the digits train split:
+    orig + hflip views at 64 px, lossless, in this process, 4 images per shard, unless ``options`` say otherwise."""
+    from mtpd.cache.build import build_store
+    from mtpd.data import ViewSpec
+    from mtpd.teachers.registry import TeacherSpec
+
+    options = {
+        "views": ViewSpec(views=("orig", "hflip"), **TINY_VIEW),
+        "precision": "lossless",
+        "workers": 0,
+        "images_per_shard": 4,
+        "progress": False,
+        **options,
+    }
+    return build_store(
+        teacher or TeacherSpec("retinanet_tiny", "none", 10),
+        digits["train"]["ann"],
+        digits["train"]["images"],
+        None if out is None else str(out),
+        **options,
+    )
+
+
+def eval_args(digits: dict, checkpoint, *extra: str) -> list[str]:
+    """`mtpd-eval` arguments for ``checkpoint`` on the digits val split at 64 px."""
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--ann",
+        digits["val"]["ann"],
+        "--images",
+        digits["val"]["images"],
+        "--short",
+        "64",
+        "--long",
+        "64",
+        *extra,
+    ]
+
+
 def build_args(ann: str, images: str, *extra: str) -> list[str]:
     """`mtpd-cache build` arguments for the tiny teacher on 64 px views, in this process, plus ``extra``."""
     return [

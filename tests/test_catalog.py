@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import TINY_VIEW, build_args
+from conftest import TINY_VIEW, build_args, tiny_build
+from test_trainer import write_plan
 
-from mtpd.cache.build import BuildRequest, build_store, plan_store
+from mtpd.cache.build import BuildRequest, plan_store
 from mtpd.cache.catalog import INDEX, record_use, scan, store_name
 from mtpd.cache.inspect import store_info
 from mtpd.cache.lock import _this_machine, lock_path
@@ -40,18 +40,7 @@ def _name(digits, teacher=None, views=VIEWS, **over) -> str:
 
 
 def _build(digits, root: Path, teacher=None, **over):
-    return build_store(
-        teacher or TeacherSpec("retinanet_tiny", "none", 10),
-        digits["train"]["ann"],
-        digits["train"]["images"],
-        None,
-        views=VIEWS,
-        root=str(root),
-        workers=0,
-        images_per_shard=4,
-        progress=False,
-        **over,
-    )
+    return tiny_build(digits, None, teacher, root=str(root), **over)
 
 
 def test_identity_names_stores(digits, tiny_teacher_ckpt) -> None:
@@ -92,36 +81,16 @@ def test_rebuild_finds_the_store_and_writes_nothing(tmp_path, digits, capsys) ->
 
 
 def _teacher_plan(tmp_path: Path, digits: dict, root: Path, weights: str) -> Path:
-    plan = {
-        "output_dir": str(tmp_path / "run"),
-        "seed": 0,
-        "log_every": 1,
-        "cache_root": str(root),
-        "student": {"arch": "retinanet_tiny", "options": {"fpn_channels": 32, "width": 8}},
-        "data": {
-            "train_ann": digits["train"]["ann"],
-            "train_images": digits["train"]["images"],
-            "short": 64,
-            "long": 64,
-            "flip": True,
-            "batch_size": 4,
-            "workers": 0,
-        },
-        "stages": [
-            {
-                "name": "t",
-                "teacher": {"name": "retinanet_tiny", "weights": weights, "outputs": ["fpn"], "precision": "lossless"},
-                "losses": [{"name": "mse", "weight": 0.1}],
-                "epochs": 1,
-                "eval": False,
-                "optimizer": {"type": "adamw", "lr": 0.001},
-                "schedule": {"warmup_iters": 1},
-            }
-        ],
+    stage = {
+        "name": "t",
+        "teacher": {"name": "retinanet_tiny", "weights": weights, "outputs": ["fpn"], "precision": "lossless"},
+        "losses": [{"name": "mse", "weight": 0.1}],
+        "epochs": 1,
+        "eval": False,
+        "optimizer": {"type": "adamw", "lr": 0.001},
+        "schedule": {"warmup_iters": 1},
     }
-    path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    return path
+    return write_plan(tmp_path, digits, [], [stage], cache_root=str(root))
 
 
 def test_a_plan_names_its_teacher(tmp_path, digits, tiny_teacher_ckpt) -> None:

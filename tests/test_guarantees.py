@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIEW, build_args
+from conftest import TINY_VIEW, build_args, eval_args, tiny_build
 from test_trainer import write_plan
 
-from mtpd.cache.build import BuildError, build_store
+from mtpd.cache.build import BuildError
 from mtpd.cache.inspect import store_info, verify_store
 from mtpd.cache.lock import STALE_AFTER_S, WriterLock, _this_machine, lock_path
 from mtpd.cache.schema import StoreError
@@ -43,17 +43,7 @@ def test_random_teacher_builds_are_byte_identical(tmp_path, digits) -> None:
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     for out in ("a", "b"):
-        build_store(
-            spec,
-            digits["train"]["ann"],
-            digits["train"]["images"],
-            str(tmp_path / out),
-            views=VIEWS,
-            outputs=["fpn", "cls"],
-            workers=0,
-            images_per_shard=4,
-            progress=False,
-        )
+        tiny_build(digits, tmp_path / out, spec, outputs=["fpn", "cls"])
     assert torch.equal(torch.rand(3), expected_next)  # building a random teacher left the caller's RNG alone
     a, b = _arrays(str(tmp_path / "a")), _arrays(str(tmp_path / "b"))
     assert all(np.array_equal(a[n], b[n]) for n in a) and a["fpn"].any()
@@ -106,18 +96,7 @@ def test_trust_flag_is_the_only_way_to_unpickle(tmp_path, digits, tiny_teacher_c
     ckpt["extra"] = _Payload(str(marker))
     bad = tmp_path / "downloaded.pt"
     torch.save(ckpt, bad, pickle_module=pickle)
-    args = [
-        "--checkpoint",
-        str(bad),
-        "--ann",
-        digits["val"]["ann"],
-        "--images",
-        digits["val"]["images"],
-        "--short",
-        "64",
-        "--long",
-        "64",
-    ]
+    args = eval_args(digits, bad)
     assert main(args) == 2 and not marker.exists()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "downloaded.pt" in err and "never unpickles" in err
@@ -142,15 +121,7 @@ def test_a_second_builder_stops_naming_the_first(tmp_path, digits) -> None:
     try:
         _write_lock(out, **_this_machine(), pid=other.pid)
         with pytest.raises(StoreError, match=rf"another build is writing this store .*pid {other.pid}"):
-            build_store(
-                TeacherSpec("retinanet_tiny", "none", 10),
-                digits["train"]["ann"],
-                digits["train"]["images"],
-                str(out),
-                views=VIEWS,
-                workers=0,
-                progress=False,
-            )
+            tiny_build(digits, out)
         assert not (out / "zarr.json").exists()  # refused before touching the store
         # On another host the process cannot be checked: a fresh heartbeat keeps the lock.
         _write_lock(out, host="elsewhere", pid=1)
@@ -166,17 +137,7 @@ def test_stale_locks_are_taken_over(tmp_path, digits, tiny_store) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _write_lock(out, **_this_machine(), pid=dead.pid)  # its process is gone
-    rep = build_store(
-        TeacherSpec("retinanet_tiny", "none", 10),
-        digits["train"]["ann"],
-        digits["train"]["images"],
-        str(out),
-        views=VIEWS,
-        outputs=["fpn"],
-        workers=0,
-        images_per_shard=4,
-        progress=False,
-    )
+    rep = tiny_build(digits, out, outputs=["fpn"])
     assert rep.shards_written == rep.shards_total and not lock_path(out).exists()  # released at the end
     _write_lock(out, host="elsewhere", pid=1, heartbeat=time.time() - STALE_AFTER_S - 60)  # silent for too long
     with WriterLock(out):
@@ -236,18 +197,7 @@ def test_damaged_shards_stop_training_with_the_repair_command(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is damaged" in err and "--repair" in err, err
     # --repair rewrites exactly the two damaged shards; the store then reads as it was built.
-    rep = build_store(
-        TeacherSpec("retinanet_tiny", tiny_teacher_ckpt),
-        digits["train"]["ann"],
-        digits["train"]["images"],
-        str(store),
-        views=VIEWS,
-        precision="lossless",
-        workers=0,
-        images_per_shard=4,
-        progress=False,
-        repair=True,
-    )
+    rep = tiny_build(digits, store, TeacherSpec("retinanet_tiny", tiny_teacher_ckpt), repair=True)
     assert rep.shards_written == 2 and verify_store(str(store)).ok
     _read_all(str(store), digits)
     fresh, repaired = _arrays(tiny_store), _arrays(str(store))
@@ -293,17 +243,7 @@ def test_disk_full_keeps_finished_shards(tmp_path, digits, tiny_store) -> None:
     try:
         out = mnt / "store"
         with pytest.raises(BuildError, match=r"cannot write the store: No space left on device.*rerun"):
-            build_store(
-                TeacherSpec("retinanet_tiny", "none", 10),
-                digits["train"]["ann"],
-                digits["train"]["images"],
-                str(out),
-                views=VIEWS,
-                precision="lossless",
-                workers=0,
-                images_per_shard=2,
-                progress=False,
-            )
+            tiny_build(digits, out, images_per_shard=2)
         status = StoreReader(str(out)).status()
         res = verify_store(str(out))
         assert 0 < status.done.sum() < len(status.done)  # some shards finished before the disk filled

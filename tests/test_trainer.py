@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import eval_args
 
 from mtpd.cache.schema import StoreError
 from mtpd.checkpoint import CheckpointError
@@ -231,18 +232,7 @@ def test_inheritance_from_mismatched_neck_is_an_error(tiny_teacher_ckpt):
 def test_eval_cli(tmp_path, digits, tiny_teacher_ckpt, capsys):
     from mtpd.cli.eval import main
 
-    args = [
-        "--checkpoint",
-        tiny_teacher_ckpt,
-        "--ann",
-        digits["val"]["ann"],
-        "--images",
-        digits["val"]["images"],
-        "--short",
-        "64",
-        "--long",
-        "64",
-    ]
+    args = eval_args(digits, tiny_teacher_ckpt)
     assert main(args + ["--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert set(stats) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -121,7 +121,8 @@ def build_losses(
 
 
 class Stage:
-    """Stage ``k`` (1-based) of ``plan``. ``online``: teachers (one per store) run inside each step instead."""
+    """Stage ``k`` (1-based) of ``plan``. ``online``: teachers (one per store) run inside each step instead.
+    ``stores``: the stage's stores when the caller already resolved them (``run_plan``)."""
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class Stage:
         online: list[OnlineTeacher] | None = None,
         log: Callable[[str], None] | None = print,
         on_event: OnEvent | None = None,
+        stores: list[str] | None = None,
     ) -> None:
         if not 1 <= k <= len(plan.stages):
             raise PlanError(f"--stage {k}: the plan has stages 1..{len(plan.stages)}")
@@ -141,6 +143,7 @@ class Stage:
         self.log, self.on_event = log, on_event
         self.dir = stage_dir(plan, k)
         self.n_sources = 1 if self.cfg.teacher is not None else len(self.cfg.stores)
+        self.given_stores = stores
         self.stores: list[str] = []  # resolved in target_source (a cached stage only)
         self.mirrored: dict[str, dict | None] = {}  # stores serving flips by mirroring: their measured error
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -260,7 +263,8 @@ class Stage:
     def target_source(self, where: str) -> StoreTargets | OnlineTargets:
         """Stores (opened for their headers; the loader reads them), or the online teachers."""
         if self.online is None:
-            self.stores = stage_stores(self.plan, self.cfg)  # a named teacher's store, found under the cache root
+            # A named teacher's store is found under the cache root (once: run_plan hands it over).
+            self.stores = self.given_stores if self.given_stores is not None else stage_stores(self.plan, self.cfg)
             readers = [StoreReader(p) for p in self.stores]
             for r in readers:
                 if self.plan.data.flip and "hflip" not in r.header.views["views"]:
@@ -347,12 +351,13 @@ def run_plan(
     on_event: OnEvent | None = None,
 ) -> list[StageResult]:
     """Run ``stages`` of ``plan`` in order; progress goes to ``on_event`` (dicts) and ``log`` (lines)."""
-    if online is None:  # every named teacher's store exists before the first stage trains
-        for k in (k for k in stages if 1 <= k <= len(plan.stages)):
-            stage_stores(plan, plan.stages[k - 1])
+    # Every named teacher's store is found before the first stage trains, once.
+    stores = {
+        k: stage_stores(plan, plan.stages[k - 1]) for k in stages if online is None and 1 <= k <= len(plan.stages)
+    }
     Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(plan.output_dir) / "plan.resolved.yaml")
-    return [Stage(plan, k, device, resume, online, log, on_event).run() for k in stages]
+    return [Stage(plan, k, device, resume, online, log, on_event, stores.get(k)).run() for k in stages]
 
 
 __all__ = ["Stage", "StageResult", "StoreError", "TrainError", "build_losses", "run_plan", "stage_dir", "stage_done"]

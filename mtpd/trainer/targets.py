@@ -69,7 +69,7 @@ class Batch:
         )
 
 
-def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec, flip: bool) -> None:
+def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec) -> None:
     """Refuse a store whose dataset or views differ from the student's data, saying what differs."""
     h, loc = reader.header, reader.location
     if h.dataset["manifest_sha256"] != dataset.manifest_hash():
@@ -112,7 +112,7 @@ class DistillDataset(Dataset):
         self.epoch = 0
         readers = [StoreReader(p) for p in self.store_paths]
         for r in readers:
-            check_store(r, dataset, spec, flip)
+            check_store(r, dataset, spec)
             if not r.status().done.all():
                 raise StoreError(
                     f"{r.location}: {int((~r.status().done).sum())} shard(s) not written yet; rerun its `mtpd-cache "

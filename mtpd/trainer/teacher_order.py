@@ -59,7 +59,7 @@ def measure(
         reader = StoreReader(path)
         spec = ViewSpec.from_dict(reader.header.views)
         spec = ViewSpec(short=spec.short, long=spec.long, pad=spec.pad, mean=spec.mean, std=spec.std)
-        check_store(reader, dataset, spec, flip=False)
+        check_store(reader, dataset, spec)
         ds = DistillDataset(dataset, spec, [path], outputs=[["fpn"]])
         loader = make_loader(ds, batch_size, shuffle=False, workers=0, seed=0)
         xs: dict[int, list[Tensor]] = {lvl: [] for lvl in levels}
