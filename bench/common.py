@@ -95,6 +95,38 @@ def natural_images(out: str | Path, n: int, height: int, width: int, seed: int =
     return _write_coco(out, "natural", images, annotations, cats)
 
 
+# Colour photographs that scikit-image ships inside its wheel (no download): (loader, file name).
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
+
+
+def photo_images(out: str | Path, n: int, num_classes: int = 10) -> dict:
+    """A COCO-format set of up to ``len(PHOTOS)`` real colour photographs from ``skimage.data``, at their own sizes
+    (300x451 to 500x741). Each image gets one dummy box (its central half, class 1): the benchmarks
+    read teacher outputs, not labels, and ``CocoDataset`` wants a valid instances file."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("the photos dataset needs scikit-image: .venv/bin/pip install scikit-image") from None
+    from PIL import Image
+
+    out = Path(out)
+    img_dir = out / "images" / "photos"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, name in enumerate(PHOTOS[:n]):
+        pix = getattr(skimage.data, name)()
+        pix = pix[0] if isinstance(pix, tuple) else pix  # stereo_motorcycle: (left, right, disparity)
+        h, w = pix.shape[:2]
+        Image.fromarray(pix[..., :3]).save(img_dir / f"{name}.png", compress_level=1)
+        images.append({"id": i + 1, "file_name": f"{name}.png", "height": h, "width": w})
+        box = [w / 4, h / 4, w / 2, h / 2]
+        annotations.append(
+            {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": box, "area": w * h / 4, "iscrowd": 0}
+        )
+    cats = [{"id": c + 1, "name": f"c{c}"} for c in range(num_classes)]
+    return _write_coco(out, "photos", images, annotations, cats)
+
+
 def digits_images(out: str | Path, n: int, size: int, seed: int = 0) -> dict:
     """The project's digits set (train split), ``n`` square images of ``size`` px."""
     from mtpd.data.digits import make_digits
@@ -305,9 +337,10 @@ def build_stores(
     """
     import torch
 
+    from mtpd.cache.calibrate import fit_encodings
     from mtpd.cache.compute import ShardComputer, plan_layout
     from mtpd.cache.schema import get_precision
-    from mtpd.cache.store import create_store, mark_done, write_shard
+    from mtpd.cache.store import create_store, mark_done, read_header, write_shard
     from mtpd.data import CocoDataset
     from mtpd.teachers.registry import TeacherSpec
 
@@ -321,6 +354,7 @@ def build_stores(
         layout = plan_layout(
             dataset, views, specs, outputs, get_precision(precision), images_per_shard, teacher.identity.to_dict()
         )
+        calibration, _ = fit_encodings(teacher, dataset, layout.header)  # the builder's own fit (PCA bases)
         roots[out] = create_store(
             out,
             layout.header,
@@ -329,8 +363,10 @@ def build_stores(
             [r.file_name for r in recs],
             layout.view_sizes,
             layout.grids,
+            calibration=calibration,
         )
-        computers[out] = ShardComputer(teacher, dataset, layout.header, layout.grids, batch_size)
+        header = read_header(roots[out], out)  # with the fitted state attached
+        computers[out] = ShardComputer(teacher, dataset, header, layout.grids, batch_size)
     # The teacher runs once, for the union of the outputs; every store encodes its own from that.
     union = sorted({o for _, outs in stores.values() for o in outs})
     first = next(iter(computers.values()))

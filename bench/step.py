@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> str:
         )
         from mtpd.cache.store import StoreReader
 
-        cfg.teacher_channels = int(StoreReader(cfg.store).header.outputs["fpn"]["channels"])
+        cfg.teacher_channels = StoreReader(cfg.store).header.outputs["fpn"].channels
         kind = Local if a.quick else Remote
         cands = {}
         try:

@@ -297,6 +297,6 @@ def test_store_from_mmdet_teacher(tmp_path, digits, ray_session) -> None:
         direct = teacher(x[None], ["fpn", "cls", "box"])
         cached = reader.read(reader.sample_index(ds.images[idx].image_id, "orig"))
         for name, maps in cached.items():
-            for lvl, m in zip(reader.header.outputs[name]["levels"], maps):
+            for lvl, m in zip(reader.header.outputs[name].levels, maps):
                 ref = direct[f"{name}.p{lvl}"][0, :, : m.shape[1], : m.shape[2]].numpy()
                 np.testing.assert_allclose(m, ref, rtol=2**-11, atol=1e-6)

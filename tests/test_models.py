@@ -30,6 +30,7 @@ EXPECTED = {
     "retinanet_resnet34_fpn",
     "retinanet_resnet50_fpn",
     "retinanet_resnet50_fpn_v2",
+    "retinanet_mobilenet_v2_fpn",
     "retinanet_mobilenet_v3_fpn",
     "fcos_resnet50_fpn",
     "fasterrcnn_resnet50_fpn",

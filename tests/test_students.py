@@ -16,6 +16,7 @@ ARCHS = [
     "retinanet_resnet18_fpn",
     "retinanet_resnet34_fpn",
     "retinanet_resnet50_fpn",
+    "retinanet_mobilenet_v2_fpn",
     "retinanet_mobilenet_v3_fpn",
     "fcos_resnet50_fpn",
     "fasterrcnn_resnet50_fpn",

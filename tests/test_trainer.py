@@ -312,7 +312,7 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     from mtpd.models.detect import detector_forward
     from mtpd.teachers.registry import build_teacher
     from mtpd.trainer.losses import DistillBatch, build_loss
-    from mtpd.trainer.sources import OnlineTargets
+    from mtpd.trainer.sources import OnlineTargets, StoreTargets
     from mtpd.trainer.targets import DistillDataset, make_loader
 
     ds = DistillDataset(
@@ -327,10 +327,11 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     assert {m.view for m in batch.metas} == {"orig", "hflip"}  # both views exercised
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
     online = OnlineTargets([teacher], [["fpn", "cls"]])(batch)[0][0]
+    cached = StoreTargets(ds.readers())(batch)[0][0]  # decoded where the batch lies, as the engine does
     # The store's only change to the teacher's values is fp16 rounding (relative 2^-11; fp16
     # subnormals below 6e-5 keep 2^-25 absolute), whatever thread count each side ran with.
     for key, t in online.items():
-        torch.testing.assert_close(batch.teacher[0][key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
+        torch.testing.assert_close(cached[key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
     torch.manual_seed(0)
     student = build_arch("retinanet_tiny", num_classes=10, fpn_channels=32, width=8)
     specs = output_specs(student)
@@ -341,7 +342,7 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
             name, levels=(3, 4, 5), student_channels=32, teacher_channels=64, num_anchors=9, num_classes=10, **params
         )
         results = []
-        for targets in (batch.teacher[0], online):
+        for targets in (cached, online):
             student.zero_grad()
             loss.zero_grad()
             if name == "mgd":
@@ -433,7 +434,7 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
 
     from mtpd.cache.build import build_store
     from mtpd.teachers.registry import TeacherSpec, build_teacher
-    from mtpd.trainer.sources import OnlineTargets
+    from mtpd.trainer.sources import OnlineTargets, StoreTargets
     from mtpd.trainer.targets import DistillDataset, make_loader
 
     # Three crops of real digit images: landscape, portrait and square, so padding differs per image.
@@ -475,10 +476,11 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
     )
 
     data = CocoDataset(str(ann), str(tmp_path / "images"))
+    cached_ds = DistillDataset(data, spec, [store], flip=True, seed=1, outputs=[["fpn"]])
     cached = next(
         iter(
             make_loader(
-                DistillDataset(data, spec, [store], flip=True, seed=1, outputs=[["fpn"]]),
+                cached_ds,
                 3,
                 shuffle=False,
                 workers=0,
@@ -508,9 +510,10 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
     for lvl, m in cached.masks.items():
         torch.testing.assert_close(live_masks[lvl], m, msg=f"mask level {lvl}")
         assert 0 < float(m.mean()) < 1, lvl  # some cells are padding at every level
-    assert sorted(maps) == sorted(cached.teacher[0])
+    decoded = StoreTargets(cached_ds.readers())(cached)[0][0]
+    assert sorted(maps) == sorted(decoded)
     for key, t in maps.items():
-        torch.testing.assert_close(cached.teacher[0][key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
+        torch.testing.assert_close(decoded[key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
         lvl = int(key.split(".p")[1])
         assert float((t * (1 - live_masks[lvl])).abs().max()) == 0.0, key  # padding cells hold zeros
 

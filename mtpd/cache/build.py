@@ -21,6 +21,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from mtpd.cache.calibrate import fit_encodings
 from mtpd.cache.catalog import cache_root, store_path
 from mtpd.cache.compute import Layout, ShardWriter, plan_layout
 from mtpd.cache.flip import FLIP_CALIBRATION, measure_flip_error
@@ -100,6 +101,8 @@ def open_or_create(
                 + ". Use another --out, or delete the store to rebuild it."
             )
         return old
+    model = teacher and dataclasses.replace(teacher, device="cpu").build()  # on the CPU: rebuilds fit the same state
+    calibration, summary = fit_encodings(model, dataset, header)
     recs = dataset.images
     create_store(
         out,
@@ -110,12 +113,15 @@ def open_or_create(
         view_sizes=layout.view_sizes,
         grids=layout.grids,
         storage_options=storage_options,
+        calibration=calibration,
     )
+    root = open_root(out, "r+", storage_options)
+    if summary:
+        root.attrs["calibration"] = summary
     if teacher is not None and flip_calibration > 0 and "hflip" not in header.views["views"]:
-        model = dataclasses.replace(teacher, device="cpu").build()
         error = measure_flip_error(model, dataset, ViewSpec.from_dict(header.views), header.outputs, flip_calibration)
-        open_root(out, "r+", storage_options).attrs["flip_error"] = error
-    return header
+        root.attrs["flip_error"] = error
+    return read_header(root, out)  # with the fitted state attached
 
 
 def _store_exists(out: str, storage_options: dict | None) -> bool:

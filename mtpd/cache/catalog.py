@@ -56,10 +56,7 @@ def identity(h: StoreHeader) -> dict:
         "views": h.views,
         "precision": h.precision,
         "images_per_shard": h.images_per_shard,
-        "outputs": {
-            n: {k: o.get(k) for k in ("levels", "channels", "dtype", "encoding", "keepbits")}
-            for n, o in sorted(h.outputs.items())
-        },
+        "outputs": {n: {**o.identity(), "dtype": o.code_dtype.name} for n, o in sorted(h.outputs.items())},
     }
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mtpd.cache.schema import Precision, StoreHeader, encode_values, flat_length
-from mtpd.cache.store import CODEC, open_root, read_header, write_shard
+from mtpd.cache.rows import flat_length, flatten, output_grid
+from mtpd.cache.schema import Precision, StoredOutput, StoreHeader
+from mtpd.cache.store import empty_blocks, open_root, read_header, write_shard
 from mtpd.data import CocoDataset, DatasetError, ViewSpec, grid_size, prepare_view, view_meta
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import Teacher
@@ -52,17 +53,8 @@ def plan_layout(
     out_meta = {}
     for name in outputs:
         s = specs[name]
-        rows = [levels.index(lvl) for lvl in s.levels]
-        l_max = max((flat_length(g[rows]) for g in grids), default=1)
-        out_meta[name] = {
-            **s.to_dict(),
-            "dtype": precision.dtype(s.kind),
-            "encoding": precision.encoding(s.kind),
-            "keepbits": precision.keepbits_for(s.kind),
-            "l_max": int(l_max),
-            "codec": dict(CODEC),
-            "chunk_checksum": "crc32c",  # each stored sample carries its crc32c, checked on every read
-        }
+        l_max = max((flat_length(output_grid(g, levels, s.levels)) for g in grids), default=1)
+        out_meta[name] = StoredOutput(s, precision.encoding_for(s), max(1, l_max))
     header = StoreHeader(
         teacher=teacher_identity,
         views=spec.to_dict(),
@@ -80,16 +72,28 @@ def plan_layout(
     return Layout(header, view_sizes, grids)
 
 
-def flatten_sample(maps: list[torch.Tensor], grid_rows: np.ndarray) -> np.ndarray:
-    """Per-level [C, H, W] maps of a padded view -> [L, C] valid cells, level after level."""
-    parts = []
-    for t, (h, w) in zip(maps, grid_rows):
-        parts.append(t[:, :h, :w].permute(1, 2, 0).reshape(-1, t.shape[0]))
-    return torch.cat(parts).float().cpu().numpy()
-
-
-# One shard's teacher outputs before encoding: (sample index, "fpn.p3" -> [C, H, W] float32 on the CPU).
+# One shard's teacher outputs: (sample index, "fpn.p3" -> [C, H, W] float32), or already encoded (GPU builds).
 RawShard = list[tuple[int, dict[str, torch.Tensor]]]
+Encoded = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # name -> (codes [cells, Cc], side [levels, ...])
+
+
+def encode_sample(header: StoreHeader, grid: np.ndarray, res: dict[str, torch.Tensor]) -> Encoded:
+    """One sample's maps (``{"fpn.p3": [C, H, W]}``, padded view) -> each output's codes and side parameters,
+    with torch ops on the maps' device (the teacher's, before the copy to the host)."""
+    out: Encoded = {}
+    for name, o in header.outputs.items():
+        rows = flatten([res[f"{name}.p{lvl}"] for lvl in o.levels], output_grid(grid, header.levels, o.levels))
+        coded = [o.encoding.encode(r.float(), j) for j, r in enumerate(rows)]
+        codes = torch.cat([c for c, _ in coded])
+        side = None if o.side_shape is None else torch.stack([sd for _, sd in coded])
+        out[name] = (codes, side)
+    return out
+
+
+def _to_host(coded: Encoded) -> Encoded:
+    """Queue the copies of a sample's codes to the host (pinned-free, non-blocking: ``infer`` waits once)."""
+    mv = lambda t: None if t is None else t.to("cpu", non_blocking=True)  # noqa: E731
+    return {name: (mv(codes), mv(side)) for name, (codes, side) in coded.items()}
 
 
 class ShardComputer:
@@ -100,9 +104,10 @@ class ShardComputer:
 
     Three steps a caller may run apart, so that only the teacher's compute sits
     on the critical path: ``load`` (decode images on threads), ``infer`` (the
-    teacher forward and the copy of its outputs to the CPU: the one step that
-    needs the teacher) and ``encode`` (flatten, quantise, on ``encode_threads``
-    threads: numpy's large-array loops release the GIL). ``__call__`` runs all three.
+    teacher forward, and on a GPU the encoding and the copy of the codes to the
+    host: the one step that needs the teacher's device) and ``encode`` (on the
+    CPU: flatten and quantise with torch ops on ``encode_threads`` threads; then
+    fill the shard's blocks). ``__call__`` runs all three.
     """
 
     def __init__(
@@ -153,32 +158,34 @@ class ShardComputer:
             return None
 
     @torch.inference_mode()
-    def infer(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> RawShard:
-        """Teacher outputs of every view, on the CPU as float32 (encoding needs full precision)."""
+    def infer(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> RawShard | list[tuple[int, Encoded]]:
+        """Teacher outputs of every view. On a GPU they are encoded there, and only codes are copied to
+        the host; on the CPU they are returned as float32 for ``encode`` to code on the encode threads,
+        outside the teacher's turn."""
         by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for sample, x in views:
             by_shape.setdefault(tuple(x.shape[1:]), []).append((sample, x))
-        raw: RawShard = []
+        on_device = self.device.type != "cpu"
+        raw: list = []
         for group in by_shape.values():
             for b in range(0, len(group), self.batch_size):
                 batch = group[b : b + self.batch_size]
                 x = torch.stack([t for _, t in batch]).to(self.device, non_blocking=True)
                 res = self.teacher(x, self.names)
-                # One device-to-host copy per output and batch; non_blocking lets the copies queue
-                # behind the forward on a GPU, and the synchronize below waits for all of them.
-                host = {key: val.to("cpu", torch.float32, non_blocking=True) for key, val in res.items()}
-                raw.extend((sample, {key: val[k] for key, val in host.items()}) for k, (sample, _) in enumerate(batch))
+                for k, (sample, _) in enumerate(batch):
+                    one = {key: val[k] for key, val in res.items()}
+                    if on_device:
+                        one = _to_host(encode_sample(self.header, self.grids[sample], one))
+                    raw.append((sample, one))
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)  # the non_blocking copies of every code array have landed
         return raw
 
-    def encode(self, shard: int, raw: RawShard) -> dict[str, np.ndarray]:
-        """Flatten and quantise every sample into the shard's blocks (one slot per sample, filled on threads)."""
-        s0, s1 = self.header.shard_samples(shard)
-        blocks = {
-            n: np.zeros((s1 - s0, int(m["l_max"]), int(m["channels"])), np.dtype(m["dtype"]))
-            for n, m in self.header.outputs.items()
-        }
+    @torch.inference_mode()
+    def encode(self, shard: int, raw: RawShard | list[tuple[int, Encoded]]) -> dict[str, np.ndarray]:
+        """Code every sample (unless ``infer`` did) into the shard's blocks, one slot per sample, on threads."""
+        s0, _ = self.header.shard_samples(shard)
+        blocks = empty_blocks(self.header, shard)
         # Each task writes its own slot of each block: no two threads touch the same memory.
         list(self._encode_pool.map(lambda item: self._fill(blocks, item[0] - s0, item[0], item[1]), raw))
         return blocks
@@ -186,12 +193,13 @@ class ShardComputer:
     def forward(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> dict[str, np.ndarray]:
         return self.encode(shard, self.infer(shard, views))
 
-    def _fill(self, blocks: dict[str, np.ndarray], slot: int, sample: int, res: dict[str, torch.Tensor]) -> None:
-        levels = self.header.levels
-        for name, meta in self.header.outputs.items():
-            rows = self.grids[sample][[levels.index(lvl) for lvl in meta["levels"]]]
-            flat = flatten_sample([res[f"{name}.p{lvl}"] for lvl in meta["levels"]], rows)
-            blocks[name][slot, : flat.shape[0]] = encode_values(flat, meta["encoding"])
+    def _fill(self, blocks: dict[str, np.ndarray], slot: int, sample: int, res: dict) -> None:
+        first = next(iter(res.values()))
+        coded = res if isinstance(first, tuple) else encode_sample(self.header, self.grids[sample], res)
+        for name, (codes, side) in coded.items():
+            blocks[name][slot, : codes.shape[0]] = codes.cpu().numpy()
+            if side is not None:
+                blocks[f"{name}.side"][slot] = side.cpu().numpy()
 
     def __call__(self, shard: int) -> dict[str, np.ndarray]:
         return self.forward(shard, self.load(shard))

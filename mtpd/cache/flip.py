@@ -30,10 +30,10 @@ def mirror(m: np.ndarray, kind: str) -> np.ndarray:
 
 @torch.inference_mode()
 def measure_flip_error(
-    teacher, dataset: CocoDataset, spec: ViewSpec, outputs: dict[str, dict], n_images: int = FLIP_CALIBRATION
+    teacher, dataset: CocoDataset, spec: ViewSpec, outputs: dict, n_images: int = FLIP_CALIBRATION
 ) -> dict:
     """{output: {"P3": {"border": rel. RMSE, "inside": rel. RMSE}, ...}} of mirrored maps against the
-    teacher's flipped view, on the first ``n_images`` readable images. ``outputs``: the header's output metadata."""
+    teacher's flipped view, on the first ``n_images`` readable images. ``outputs``: the header's ``StoredOutput``s."""
     sums: dict[tuple[str, int, str], list[float]] = {}
     measured = 0
     for i in range(len(dataset)):
@@ -49,11 +49,11 @@ def measure_flip_error(
             x, meta = prepare_view(img, spec, view)
             res[view] = teacher(x[None], list(outputs))
         for name, o in outputs.items():
-            for lvl in o["levels"]:
+            for lvl in o.levels:
                 h, w = grid_size(meta.size, 2**lvl)
                 key = f"{name}.p{lvl}"
                 ref = res["hflip"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy()
-                got = mirror(res["orig"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy(), o["kind"])
+                got = mirror(res["orig"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy(), o.kind)
                 border = np.zeros((h, w), bool)
                 border[:, [0, w - 1]] = True
                 for part, cells in (("border", border), ("inside", ~border)):

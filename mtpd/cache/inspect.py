@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mtpd.cache.schema import StoreHeader, flat_length, shard_checksum
+from mtpd.cache.rows import flat_length, output_grid
+from mtpd.cache.schema import StoreHeader, shard_checksum
 from mtpd.cache.store import StoreReader, is_url, read_shard_blocks
 
 
@@ -23,14 +24,34 @@ def _bytes_on_disk(location: str, prefix: str = "") -> int:
     return total
 
 
-def _raw_fp32_bytes(header: StoreHeader, grids: np.ndarray, samples: np.ndarray) -> int:
-    """What the stored valid cells would take as float32: the baseline of the compression ratio."""
-    total = 0
-    for meta in header.outputs.values():
-        rows = [header.levels.index(lvl) for lvl in meta["levels"]]
-        cells = sum(flat_length(grids[s][rows]) for s in samples)
-        total += cells * int(meta["channels"]) * 4
-    return total
+def _raw_fp32_bytes(header: StoreHeader, grids: np.ndarray, samples: np.ndarray, name: str) -> int:
+    """What output ``name``'s stored valid cells would take as float32: the baseline of its compression ratio."""
+    o = header.outputs[name]
+    cells = sum(flat_length(output_grid(grids[s], header.levels, o.levels)) for s in samples)
+    return cells * o.channels * 4
+
+
+def _output_rows(location: str, h: StoreHeader, grids: np.ndarray, samples: np.ndarray) -> dict:
+    """Per output: what it is, its encoding and bound, its stored bytes (codes, side parameters and
+    per-store state) and raw fp32 bytes over the written samples."""
+    rows = {}
+    for name, o in h.outputs.items():
+        stored = sum(_bytes_on_disk(location, f"{part}/{name}") for part in ("outputs", "side", "calib"))
+        raw = _raw_fp32_bytes(h, grids, samples, name)
+        rows[name] = {
+            "kind": o.kind,
+            "levels": list(o.levels),
+            "strides": list(o.spec.strides),
+            "channels": o.channels,
+            "dtype": o.code_dtype.name,
+            "encoding": o.encoding.describe(),
+            "bound": o.encoding.bound(),
+            "l_max": o.l_max,
+            "stored_bytes": stored,
+            "raw_fp32_bytes": raw,
+            "fraction_of_fp32": (stored / raw) if raw else None,
+        }
+    return rows
 
 
 def store_info(location: str, storage_options: dict | None = None) -> dict:
@@ -41,8 +62,9 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
         [np.arange(*h.shard_samples(s)) for s in np.flatnonzero(status.done)] or [np.zeros(0, int)]
     )
     images_done = int(sum(len(h.shard_images(s)) for s in np.flatnonzero(status.done)))
-    out_bytes = _bytes_on_disk(location, "outputs")
-    raw = _raw_fp32_bytes(h, r.grid, done_samples)
+    outputs = _output_rows(location, h, r.grid, done_samples)
+    out_bytes = sum(o["stored_bytes"] for o in outputs.values())
+    raw = sum(o["raw_fp32_bytes"] for o in outputs.values())
     return {
         "store": location,
         "format": h.format_version,
@@ -50,10 +72,8 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
         "dataset": h.dataset,
         "views": h.views,
         "precision": h.precision,
-        "outputs": {
-            k: {f: v[f] for f in ("kind", "levels", "strides", "channels", "dtype", "encoding", "l_max")}
-            for k, v in h.outputs.items()
-        },
+        "outputs": outputs,
+        "calibration": dict(r.root.attrs).get("calibration"),
         "images_done": images_done,
         "images_total": h.num_images,
         "shards_done": int(status.done.sum()),
@@ -80,8 +100,10 @@ def format_info(info: dict) -> str:
     ]
     for name, o in info["outputs"].items():
         lv = ",".join(f"P{x}" for x in o["levels"])
+        frac = o["fraction_of_fp32"]
         lines.append(
-            f"  {name:<8} {o['kind']:<10} {lv:<16} C={o['channels']:<5} {o['encoding']:<16} L_max={o['l_max']}"
+            f"  {name:<8} {o['kind']:<10} {lv:<16} C={o['channels']:<5} {o['encoding']:<24} L_max={o['l_max']:<7} "
+            f"{o['stored_bytes'] / 2**20:.2f} MiB" + (f" (1/{1 / frac:.1f} of fp32)" if frac else "")
         )
     ratio = info["compression_ratio"]
     lines += [

@@ -1,4 +1,4 @@
-"""The store format: layout, attributes and value encodings (numpy only; no torch, no Ray).
+"""The store format: layout, attributes and the presets of value encodings (no Ray).
 
 A store is a Zarr v3 group::
 
@@ -10,12 +10,21 @@ A store is a Zarr v3 group::
     index/view_size           [N*V, 2] int32      (h, w) of each resized, unpadded view
     index/grid                [N*V, n_levels, 2]  valid cells per level (h, w)
     index/shards              [S, 3] uint64       per shard: done flag, stored bytes, checksum
-    outputs/<name>            [N*V, L_max, C]     sample = image_index * V + view_index
+    index/bad_images          [N] uint8           1 for images a --skip-bad build could not read
+    outputs/<name>            [N*V, L_max, Cc]    codes; sample = image_index * V + view_index
+    side/<name>               [N*V, levels, ...]  float32 per-sample parameters of the codes (some encodings)
+    calib/<name>/<key>        [levels, ...]       per-store state of the encoding (a PCA basis), fitted
+                                                  on a calibration sample before any shard is written
 
 Sample rows hold the valid cells of every level, level after level, each
-row-major (h, w); the rest of the row up to ``L_max`` is zero and compresses
-away. One sample is one chunk; ``images_per_shard * V`` samples are one shard,
-written whole by exactly one writer.
+row-major (h, w) (``mtpd.cache.rows``); the rest of the row up to ``L_max`` is
+zero and compresses away. One sample is one chunk; ``images_per_shard * V``
+samples are one shard, written whole by exactly one writer. Each output's
+``encoding`` attribute names an ``mtpd.cache.encoding`` class and its
+parameters; ``Cc`` is that encoding's code width (``C`` for fp16 codes).
+
+Format 1 (still read): encodings named by strings (``fp16``, ``fp16-bitround5``,
+``logprob-uint8``), no side or calibration arrays.
 """
 
 from __future__ import annotations
@@ -23,45 +32,76 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
+from mtpd.cache.encoding import (
+    PCA,
+    Affine,
+    Encoding,
+    EncodingError,
+    Fp16,
+    LogProbU8,
+    TopK,
+    encoding_from_attrs,
+    encoding_from_v1,
+)
 from mtpd.errors import MtpdError
+from mtpd.output_spec import OutputSpec
 
-FORMAT_VERSION = 1
-# log(p) of the smallest probability the uint8 encoding keeps; code 0 means p <= 1e-4.
-LOGPROB_MIN = math.log(1e-4)
-FP16_MAX = 65504.0
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1: the same layout, encodings named by strings, no side arrays
+# Output arrays: Blosc-zstd over bit-shuffled codes; one chunk per sample, one shard per shard of images.
+CODEC = {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
 
 
 class StoreError(MtpdError, ValueError):
     """A store that cannot be opened, resumed or read as asked; the message says what to do."""
 
 
+Rule = Callable[[int], Encoding]  # channel count -> the encoding of an output with that many channels
+
+
+def _fixed(enc: Encoding) -> Rule:
+    return lambda channels: enc
+
+
 @dataclass(frozen=True)
 class Precision:
-    """How values are quantised before the lossless Blosc-zstd codec."""
+    """A named preset: the encoding of each kind of output (features, class logits, the rest)."""
 
     name: str
-    keepbits: int | None  # BitRound: mantissa bits kept of fp16's 10; None keeps all
-    class_scores: str  # "fp16" logits, or "logprob-uint8" log-scaled probabilities
+    features: Rule
+    logits: Rule
+    other: Rule  # box deltas, objectness
+    summary: str = ""
 
-    def encoding(self, kind: str) -> str:
-        if kind == "logits" and self.class_scores == "logprob-uint8":
-            return "logprob-uint8"
-        return "fp16" if self.keepbits is None else f"fp16-bitround{self.keepbits}"
-
-    def dtype(self, kind: str) -> str:
-        return "uint8" if self.encoding(kind) == "logprob-uint8" else "float16"
-
-    def keepbits_for(self, kind: str) -> int | None:
-        return None if self.encoding(kind) == "logprob-uint8" else self.keepbits
+    def encoding_for(self, spec: OutputSpec) -> Encoding:
+        rule = {"feature": self.features, "logits": self.logits}.get(spec.kind, self.other)
+        return rule(spec.channels)
 
 
 PRECISIONS: dict[str, Precision] = {
-    "lossless": Precision("lossless", None, "fp16"),
-    "high": Precision("high", 7, "fp16"),
-    "compact": Precision("compact", 5, "logprob-uint8"),
+    "lossless": Precision("lossless", _fixed(Fp16()), _fixed(Fp16()), _fixed(Fp16()), "fp16 everywhere"),
+    "high": Precision("high", _fixed(Fp16(7)), _fixed(Fp16(7)), _fixed(Fp16(7)), "fp16 rounded to 7 mantissa bits"),
+    "compact": Precision(
+        "compact", _fixed(Fp16(5)), _fixed(LogProbU8()), _fixed(Fp16(5)), "fp16 to 5 bits; class scores uint8"
+    ),
+    "small": Precision(
+        "small",
+        _fixed(Affine(4)),
+        lambda c: TopK(k=min(8, c), channels=c),
+        _fixed(Fp16(5)),
+        "features: 4-bit per-channel codes; class scores: top 8 per cell",
+    ),
+    "tiny": Precision(
+        "tiny",
+        lambda c: PCA(rank=max(1, c // 2), bits=4),
+        lambda c: TopK(k=min(4, c), channels=c),
+        _fixed(Affine(8)),
+        "features: PCA to half the channels, 4-bit coefficients; class scores: top 4 per cell",
+    ),
 }
 
 
@@ -71,59 +111,70 @@ def get_precision(name: str) -> Precision:
     return PRECISIONS[name]
 
 
-# --- value encodings ---------------------------------------------------------------
+@dataclass(frozen=True)
+class StoredOutput:
+    """One output as the store holds it: what it is (``spec``), how it is coded and laid out."""
 
+    spec: OutputSpec
+    encoding: Encoding
+    l_max: int  # longest row: valid cells of all the output's levels of one sample
+    chunk_checksum: str | None = "crc32c"  # each stored sample carries its crc32c, checked on every read
+    codec: dict = field(default_factory=lambda: dict(CODEC))
 
-def bitround_fp16(x: np.ndarray, keepbits: int) -> np.ndarray:
-    """Round fp16 values to ``keepbits`` mantissa bits (round half to even).
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
-    Zeroed low bits make the bit-shuffled stream far more compressible; the
-    relative error per value is at most 2**-(keepbits+1).
-    """
-    if not 0 < keepbits < 10:
-        raise ValueError(f"keepbits must be in 1..9 for fp16, got {keepbits}")
-    u = np.ascontiguousarray(x, dtype=np.float16).view(np.uint16).astype(np.uint32)
-    drop = 10 - keepbits
-    half_minus_one = (1 << (drop - 1)) - 1
-    lsb = (u >> drop) & 1
-    rounded = (u + half_minus_one + lsb) & ~np.uint32((1 << drop) - 1)
-    # Rounding can carry into the exponent; that is the correctly rounded value.
-    return rounded.astype(np.uint16).view(np.float16)
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return self.spec.levels
 
-def encode_values(x: np.ndarray, encoding: str) -> np.ndarray:
-    """float32 values -> stored dtype."""
-    if encoding == "logprob-uint8":
-        x = np.asarray(x, dtype=np.float32)
-        logp = -np.logaddexp(0.0, -x)  # log(sigmoid(x)), stable for large |x|
-        q = np.rint((logp - LOGPROB_MIN) / -LOGPROB_MIN * 255.0)
-        return np.clip(q, 0, 255).astype(np.uint8)
-    h = np.clip(np.asarray(x, dtype=np.float32), -FP16_MAX, FP16_MAX).astype(np.float16)
-    if encoding == "fp16":
-        return h
-    if encoding.startswith("fp16-bitround"):
-        return bitround_fp16(h, int(encoding[len("fp16-bitround") :]))
-    raise StoreError(f"unknown value encoding {encoding!r} in store attributes; this store needs a newer mtpd")
+    @property
+    def channels(self) -> int:
+        return self.spec.channels
 
+    @property
+    def code_channels(self) -> int:
+        return self.encoding.code_channels(self.spec.channels)
 
-def decode_values(q: np.ndarray, encoding: str, as_logits: bool = True) -> np.ndarray:
-    """Stored values -> float32. ``logprob-uint8`` decodes to logits (or probabilities)."""
-    if encoding == "logprob-uint8":
-        logp = LOGPROB_MIN * (1.0 - q.astype(np.float32) / 255.0)
-        p = np.exp(logp)
-        if not as_logits:
-            return p
-        # Code 255 is p = 1; cap at the same distance from 1 as the floor is from 0.
-        p = np.minimum(p, 1.0 - math.exp(LOGPROB_MIN))
-        return (logp - np.log1p(-p)).astype(np.float32)
-    return q.astype(np.float32)
+    @property
+    def code_dtype(self) -> np.dtype:
+        return np.dtype(self.encoding.code_dtype)
 
+    @property
+    def side_shape(self) -> tuple[int, ...] | None:
+        """Per sample: [levels, *encoding side shape] float32 beside the codes, or None."""
+        s = self.encoding.side_shape(self.spec.channels)
+        return None if s is None else (len(self.spec.levels),) + s
 
-def probability_error_bound(encoding: str) -> float:
-    """Largest relative error of a decoded probability above the floor."""
-    if encoding == "logprob-uint8":
-        return math.expm1(-LOGPROB_MIN / 255.0 / 2.0)
-    return 0.0
+    def to_attrs(self) -> dict:
+        return {
+            **self.spec.to_dict(),
+            "encoding": self.encoding.to_attrs(),
+            "dtype": self.code_dtype.name,
+            "code_channels": self.code_channels,
+            "l_max": self.l_max,
+            "codec": dict(self.codec),
+            "chunk_checksum": self.chunk_checksum,
+        }
+
+    @classmethod
+    def from_attrs(cls, d: dict, version: int) -> "StoredOutput":
+        spec = OutputSpec.from_dict(d)
+        enc = encoding_from_v1(str(d["encoding"])) if version == 1 else encoding_from_attrs(d["encoding"])
+        out = cls(spec, enc, int(d["l_max"]), d.get("chunk_checksum"), dict(d.get("codec") or CODEC))
+        if not spec.levels or spec.channels < 1 or out.l_max < 1:
+            raise ValueError(f"output {spec.name}: levels, channels or l_max out of range")
+        if np.dtype(str(d["dtype"])) != out.code_dtype:
+            raise ValueError(f"output {spec.name}: dtype {d['dtype']} does not match its encoding")
+        return out
+
+    def identity(self) -> dict:
+        return {"channels": self.channels, "levels": list(self.levels), "encoding": self.encoding.to_attrs()}
 
 
 # --- header --------------------------------------------------------------------------
@@ -138,7 +189,7 @@ class StoreHeader:
     dataset: dict  # manifest_sha256, num_images, num_classes, ann_file
     precision: str
     images_per_shard: int
-    outputs: dict[str, dict]  # name -> OutputSpec dict + dtype, encoding, keepbits, l_max, codec
+    outputs: dict[str, StoredOutput]
     levels: list[int]  # union of the outputs' levels; index/grid follows this order
     format_version: int = FORMAT_VERSION
     created_by: str = field(default="mtpd")
@@ -180,7 +231,7 @@ class StoreHeader:
             "precision": self.precision,
             "images_per_shard": self.images_per_shard,
             "levels": list(self.levels),
-            "outputs": self.outputs,
+            "outputs": {name: o.to_attrs() for name, o in self.outputs.items()},
         }
 
     @classmethod
@@ -190,10 +241,10 @@ class StoreHeader:
             raise StoreError(
                 f"{where}: not an mtpd store (no 'mtpd_format' attribute); build one with `mtpd-cache build`"
             )
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise StoreError(
-                f"{where}: store format {version} but this mtpd reads format {FORMAT_VERSION}; rebuild the store or "
-                "upgrade mtpd"
+                f"{where}: store format {version} but this mtpd reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}; rebuild the store with `mtpd-cache build` or upgrade mtpd"
             )
         try:
             header = cls(
@@ -202,12 +253,14 @@ class StoreHeader:
                 dataset=dict(attrs["dataset"]),
                 precision=str(attrs["precision"]),
                 images_per_shard=int(attrs["images_per_shard"]),
-                outputs={str(k): dict(v) for k, v in attrs["outputs"].items()},
+                outputs={str(k): StoredOutput.from_attrs(dict(v), int(version)) for k, v in attrs["outputs"].items()},
                 levels=[int(x) for x in attrs["levels"]],
                 format_version=int(version),
                 created_by=str(attrs.get("created_by", "mtpd")),
             )
             header.validate()
+        except EncodingError as e:
+            raise StoreError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
             raise StoreError(
@@ -227,11 +280,8 @@ class StoreHeader:
             if int(self.views[key]) < 1:
                 raise ValueError(f"views.{key} must be positive")
         for name, o in self.outputs.items():
-            levels = [int(x) for x in o["levels"]]
-            if not levels or not set(levels) <= set(self.levels) or int(o["channels"]) < 1 or int(o["l_max"]) < 1:
-                raise ValueError(f"output {name}: levels, channels or l_max out of range")
-            np.dtype(str(o["dtype"]))
-            str(o["encoding"])
+            if o.name != name or not set(o.levels) <= set(self.levels):
+                raise ValueError(f"output {name}: name or levels do not match the store's")
 
     def identity(self) -> dict:
         """What must match for a rerun to resume into this store. A weights file is its content
@@ -245,7 +295,7 @@ class StoreHeader:
             "views": self.views,
             "precision": self.precision,
             "images_per_shard": self.images_per_shard,
-            "outputs": {k: {f: v[f] for f in ("channels", "levels", "encoding")} for k, v in self.outputs.items()},
+            "outputs": {k: v.identity() for k, v in self.outputs.items()},
         }
 
 
@@ -261,11 +311,6 @@ def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
             short = lambda v: (repr(v)[:60] + "…") if len(repr(v)) > 60 else repr(v)  # noqa: E731
             diffs.append(f"{path}: {short(a)} (store) vs {short(b)} (this run)")
     return diffs
-
-
-def flat_length(grid: np.ndarray) -> int:
-    """Valid cells of one sample over all levels; grid is [n_levels, 2]."""
-    return int((grid[:, 0].astype(np.int64) * grid[:, 1]).sum())
 
 
 def shard_checksum(blocks: dict[str, np.ndarray]) -> int:

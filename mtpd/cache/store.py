@@ -9,17 +9,21 @@ one index at a time (``arr[i]``), never by fancy indexing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from mtpd.cache.schema import StoreError, StoreHeader, decode_values, flat_length, shard_checksum
+from mtpd.cache.rows import flat_length, output_grid, split_levels
+from mtpd.cache.schema import CODEC, StoredOutput, StoreError, StoreHeader, shard_checksum
 
-CODEC = {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+# An output's arrays: its codes, and (some encodings) per-sample parameters beside them.
+Codes = tuple[np.ndarray, "np.ndarray | None"]  # ([cells, Cc] codes, [levels, ...] float32 side or None)
 
 
 def output_codec(cname: str = CODEC["cname"]) -> BloscCodec:
@@ -48,7 +52,42 @@ def open_root(location: str | os.PathLike, mode: str, storage_options: dict | No
 
 
 def read_header(root: zarr.Group, where: str) -> StoreHeader:
-    return StoreHeader.from_attrs(dict(root.attrs), where)
+    """The store's header, with each encoding's per-store state (``calib/``) attached."""
+    header = StoreHeader.from_attrs(dict(root.attrs), where)
+    for name, o in header.outputs.items():
+        if o.encoding.needs_fit:
+            try:
+                group = root[f"calib/{name}"]
+                state = {key: np.asarray(group[key][:]) for key in group.array_keys()}
+            except (KeyError, FileNotFoundError):
+                raise StoreError(
+                    f"{where}: output {name} has no calibration arrays (calib/{name}); the store was damaged or "
+                    "created by an interrupted build: delete it and rebuild with `mtpd-cache build`"
+                ) from None
+            header.outputs[name] = dataclasses.replace(o, encoding=o.encoding.with_state(state))
+    return header
+
+
+def block_arrays(header: StoreHeader) -> dict[str, str]:
+    """Shard block key -> array path. Keys are what shard checksums hash: the output's name for its
+    codes (format 1's only arrays), ``name.side`` for its side parameters."""
+    out = {}
+    for name, o in header.outputs.items():
+        out[name] = f"outputs/{name}"
+        if header.format_version >= 2 and o.side_shape is not None:
+            out[f"{name}.side"] = f"side/{name}"
+    return out
+
+
+def empty_blocks(header: StoreHeader, shard: int) -> dict[str, np.ndarray]:
+    """Zeroed blocks of one shard, one per ``block_arrays`` key."""
+    s0, s1 = header.shard_samples(shard)
+    blocks = {}
+    for name, o in header.outputs.items():
+        blocks[name] = np.zeros((s1 - s0, o.l_max, o.code_channels), o.code_dtype)
+        if o.side_shape is not None:
+            blocks[f"{name}.side"] = np.zeros((s1 - s0,) + o.side_shape, np.float32)
+    return blocks
 
 
 def create_store(
@@ -62,9 +101,10 @@ def create_store(
     storage_options: dict | None = None,
     codec: BloscCodec | None = None,
     chunk_checksum: bool = True,
+    calibration: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> zarr.Group:
     """Create every array of a new store (driver only) and write the index (outputs compressed by ``codec``,
-    default ``output_codec()``)."""
+    default ``output_codec()``) and each encoding's fitted state (``calibration``: output -> key -> array)."""
     root = open_root(location, "w", storage_options)
     n, v = header.num_images, header.num_views
     spi = header.samples_per_shard
@@ -82,19 +122,21 @@ def create_store(
     idx.create_array("shards", shape=(header.num_shards, 3), dtype="uint64", chunks=(1, 3), fill_value=0)
     # 1 for images a --skip-bad build could not read; one chunk per shard, written by the shard's writer.
     idx.create_array("bad_images", shape=(n,), dtype="uint8", chunks=(header.images_per_shard,), fill_value=0)
-    outs = root.create_group("outputs")
+    # crc32c after compression: every sample read checks its bytes (a bit flip on disk is an error).
+    compressors = [codec or output_codec()] + ([Crc32cCodec()] if chunk_checksum else [])
     for name, o in header.outputs.items():
-        lmax, c = int(o["l_max"]), int(o["channels"])
-        outs.create_array(
-            name,
-            shape=(n * v, lmax, c),
-            dtype=o["dtype"],
-            chunks=(1, lmax, c),
-            shards=(spi, lmax, c),
-            # crc32c after compression: every sample read checks its bytes (a bit flip on disk is an error).
-            compressors=[codec or output_codec()] + ([Crc32cCodec()] if chunk_checksum else []),
-            fill_value=0,
-        )
+        row = (o.l_max, o.code_channels)
+        root.require_group("outputs").create_array(
+            name, shape=(n * v, *row), dtype=o.code_dtype, chunks=(1, *row), shards=(spi, *row),
+            compressors=compressors, fill_value=0,
+        )  # fmt: skip
+        if o.side_shape is not None:
+            root.require_group("side").create_array(
+                name, shape=(n * v, *o.side_shape), dtype="float32", chunks=(1, *o.side_shape),
+                shards=(spi, *o.side_shape), compressors=compressors, fill_value=0,
+            )  # fmt: skip
+        for key, arr in (calibration or {}).get(name, {}).items():
+            root.require_group("calib").require_group(name).create_array(key, data=np.ascontiguousarray(arr))
     # Attributes last: a store without them is recognisably unfinished and gets recreated.
     root.attrs.update(header.to_attrs())
     return root
@@ -139,13 +181,13 @@ def stored_bytes(arr: zarr.Array, shard: int) -> int:
 
 
 def write_shard(root: zarr.Group, header: StoreHeader, shard: int, blocks: dict[str, np.ndarray]) -> tuple[int, int]:
-    """Write one whole shard of every output; returns (stored bytes, checksum)."""
+    """Write one whole shard of every array (``block_arrays``); returns (stored bytes, checksum)."""
     s0, s1 = header.shard_samples(shard)
     nbytes = 0
-    for name, block in blocks.items():
-        arr = root[f"outputs/{name}"]
+    for key, path in block_arrays(header).items():
+        arr, block = root[path], blocks[key]
         if block.shape[0] != s1 - s0:
-            raise ValueError(f"shard {shard} of {name}: {block.shape[0]} samples, expected {s1 - s0}")
+            raise ValueError(f"shard {shard} of {key}: {block.shape[0]} samples, expected {s1 - s0}")
         arr[s0:s1] = block
         nbytes += stored_bytes(arr, shard)
     return nbytes, shard_checksum(blocks)
@@ -153,27 +195,22 @@ def write_shard(root: zarr.Group, header: StoreHeader, shard: int, blocks: dict[
 
 def read_shard_blocks(root: zarr.Group, header: StoreHeader, shard: int) -> dict[str, np.ndarray]:
     s0, s1 = header.shard_samples(shard)
-    return {name: np.asarray(root[f"outputs/{name}"][s0:s1]) for name in header.outputs}
+    return {key: np.asarray(root[path][s0:s1]) for key, path in block_arrays(header).items()}
 
 
-def level_views(row: np.ndarray, grid: np.ndarray, levels: list[int], out_levels: list[int]) -> list[np.ndarray]:
-    """[L, C] flat row -> per-level [h, w, C] views into it (no copy) for ``out_levels``."""
-    pos = {lvl: i for i, lvl in enumerate(levels)}
-    maps, start = [], 0
-    for lvl in out_levels:
-        h, w = (int(x) for x in grid[pos[lvl]])
-        maps.append(row[start : start + h * w].reshape(h, w, -1))
-        start += h * w
+def decode_output(o: StoredOutput, codes: np.ndarray, side: np.ndarray | None, grid_rows: np.ndarray) -> list:
+    """One sample's stored row of output ``o`` -> per-level float32 [C, h, w] numpy arrays (decoded on the CPU
+    by the same ``decode`` the trainer runs on its device)."""
+    maps = []
+    code_maps = split_levels(torch.from_numpy(np.ascontiguousarray(codes)), grid_rows)
+    for j, m in enumerate(code_maps):
+        s = None if side is None else torch.from_numpy(np.ascontiguousarray(side[j]))[None]
+        maps.append(o.encoding.decode(m[None], s, j)[0].permute(2, 0, 1).contiguous().numpy())
     return maps
 
 
-def unflatten(row: np.ndarray, grid: np.ndarray, levels: list[int], out_levels: list[int]) -> list[np.ndarray]:
-    """[L_max, C] flat row -> per-level [C, h, w] arrays for ``out_levels``."""
-    return [np.ascontiguousarray(m.transpose(2, 0, 1)) for m in level_views(row, grid, levels, out_levels)]
-
-
 class StoreReader:
-    """Read-only access to one store: header, index and per-sample outputs."""
+    """Read-only access to one store: header, index and per-sample outputs (``open_store`` opens one)."""
 
     def __init__(self, location: str | os.PathLike, storage_options: dict | None = None) -> None:
         self.location = str(location)
@@ -184,8 +221,16 @@ class StoreReader:
         self.orig_size = np.asarray(idx["orig_size"][:])
         self.view_size = np.asarray(idx["view_size"][:])
         self.grid = np.asarray(idx["grid"][:])
-        self._arrays = {name: self.root[f"outputs/{name}"] for name in self.header.outputs}
+        self._arrays = {key: self.root[path] for key, path in block_arrays(self.header).items()}
         self._pos = {int(i): k for k, i in enumerate(self.image_ids)}
+
+    @property
+    def num_samples(self) -> int:
+        return self.header.num_samples
+
+    def output_grid(self, sample: int, name: str) -> np.ndarray:
+        """Valid cells (h, w) of each level of output ``name`` in ``sample``: [levels, 2]."""
+        return output_grid(self.grid[sample], self.header.levels, self.header.outputs[name].levels)
 
     def file_names(self) -> list[str]:
         blob = bytes(np.asarray(self.root["index/file_names_utf8"][:]))
@@ -208,11 +253,10 @@ class StoreReader:
         checked as it is read, so here only the shard's size is compared with what was written
         (a deleted or truncated shard file); older stores get their full checksum compared.
         """
-        arrays = [self._arrays[n] for n in self.header.outputs]
-        found = sum(stored_bytes(a, shard) for a in arrays)
+        found = sum(stored_bytes(a, shard) for a in self._arrays.values())
         if found != int(status.nbytes[shard]):
             return f"its files hold {found} bytes where {int(status.nbytes[shard])} were written (deleted or truncated)"
-        if all(o.get("chunk_checksum") == "crc32c" for o in self.header.outputs.values()):
+        if all(o.chunk_checksum == "crc32c" for o in self.header.outputs.values()):
             return None
         try:
             blocks = read_shard_blocks(self.root, self.header, shard)
@@ -232,28 +276,30 @@ class StoreReader:
             raise StoreError(f"{self.location}: image id {image_id} is not in this store's dataset")
         return self._pos[image_id] * len(views) + views.index(view)
 
-    def read_rows(self, sample: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Stored, undecoded values of one sample: name -> [valid cells, C] in the stored dtype.
+    def read_codes(self, sample: int, names: list[str] | None = None) -> dict[str, Codes]:
+        """Stored, undecoded values of one sample: name -> (codes [valid cells, Cc], side or None).
 
-        The fast path for training: rows keep the store's cell-major layout, so
-        ``level_views`` cuts them into per-level [h, w, C] maps without copying.
+        The fast path for training: codes keep the store's cell-major layout, so ``split_levels``
+        cuts them into per-level [h, w, Cc] maps without copying, and the trainer decodes them on
+        its own device.
         """
         out = {}
-        grid = self.grid[sample]
         for name in names or list(self.header.outputs):
-            meta = self.header.outputs[name]
-            length = flat_length(grid[[self.header.levels.index(lvl) for lvl in meta["levels"]]])
-            out[name] = np.asarray(self._arrays[name][sample])[
-                :length
-            ]  # one chunk per sample: arr[i], never fancy indexing
+            length = flat_length(self.output_grid(sample, name))
+            # One chunk per sample: arr[i], never fancy indexing.
+            codes = np.asarray(self._arrays[name][sample])[:length]
+            side = self._arrays.get(f"{name}.side")
+            out[name] = (codes, None if side is None else np.asarray(side[sample]))
         return out
 
-    def read(self, sample: int, names: list[str] | None = None, as_logits: bool = True) -> dict[str, list[np.ndarray]]:
+    def read(self, sample: int, names: list[str] | None = None) -> dict[str, list[np.ndarray]]:
         """Decoded float32 outputs of one sample: name -> per-level [C, h, w] (levels ascending)."""
-        out = {}
-        grid = self.grid[sample]
-        for name, row in self.read_rows(sample, names).items():
-            meta = self.header.outputs[name]
-            row = decode_values(row, meta["encoding"], as_logits=as_logits)
-            out[name] = unflatten(row, grid, self.header.levels, meta["levels"])
-        return out
+        return {
+            name: decode_output(self.header.outputs[name], codes, side, self.output_grid(sample, name))
+            for name, (codes, side) in self.read_codes(sample, names).items()
+        }
+
+
+def open_store(location: str | os.PathLike, storage_options: dict | None = None) -> StoreReader:
+    """Open a store for reading: ``s.header``, ``s.num_samples``, ``s.read(i)`` (decoded float32 maps)."""
+    return StoreReader(location, storage_options)

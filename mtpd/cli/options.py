@@ -40,7 +40,9 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
         "--precision",
         default="lossless",
         choices=list(PRECISIONS),
-        help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities",
+        help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities; "
+        "small: features as 4-bit per-channel codes; tiny: features projected on a per-store PCA basis of half "
+        "the channels, 4-bit coefficients (README: Precision presets)",
     )
 
 

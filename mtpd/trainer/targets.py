@@ -3,18 +3,19 @@
 No teacher runs here: teacher outputs are read from stores, one sample per
 index (``arr[i]``), and placed on the student's padded batch grid by ``collate``.
 
-Speed (bench/reader.py): a full-size sample is ~22k cells × 256 channels, so
-every pass over it counts. Samples keep the store's values undecoded where
-decoding is a plain cast (fp16 encodings) and in the store's cell-major layout;
-``collate`` then does decode, layout and padding in one copy per level into a
-batch tensor in channels-last memory (the store's layout, so the copy reads and
-writes contiguous rows), allocated in shared memory inside DataLoader workers so
-that handing the batch to the training process copies nothing.
+Decoding happens where it is cheapest: on the training device. Workers hand
+over the stored codes (fp16, uint8, packed integer codes, projection
+coefficients) in the store's cell-major layout, and ``collate`` places them on
+the batch grid in one copy per level into a batch tensor in channels-last memory
+(the store's layout, so the copy reads and writes contiguous rows), allocated in
+shared memory inside DataLoader workers so that handing the batch to the
+training process copies nothing. ``decode_teacher`` (run by the trainer after the
+batch is on its device) turns codes into float32 maps, zeros padded cells and
+negates the box dx of samples served by mirroring an 'orig' view.
 """
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 from dataclasses import dataclass
 
@@ -22,11 +23,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mtpd.cache.flip import mirror
-from mtpd.cache.schema import StoreError, decode_values
-from mtpd.cache.store import StoreReader, level_views
+from mtpd.cache.rows import split_levels
+from mtpd.cache.schema import StoredOutput, StoreError
+from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, masks_to_view, prepare_view
 from mtpd.data import grid_size as data_grid_size
+
+
+@dataclass
+class Coded:
+    """One output of one view as stored: per-level [Cc, h, w] code maps (views into the stored row),
+    the side parameters [levels, ...] (or None), and whether the maps mirror the 'orig' view."""
+
+    maps: list[torch.Tensor]
+    side: torch.Tensor | None
+    mirrored: bool = False
 
 
 @dataclass
@@ -36,7 +47,7 @@ class Sample:
     image_id: int
     boxes: torch.Tensor  # [n, 4] xyxy in view pixels
     labels: torch.Tensor  # [n]
-    teacher: list[dict[str, list[torch.Tensor]]]  # per store: name -> per-level [C, h, w] (float16 for fp16 stores)
+    teacher: list[dict[str, "Coded"]]  # per store: name -> stored codes of this view (see ``Coded``)
     masks: torch.Tensor | None = None  # [n, Hp, Wp] uint8 instance masks on the padded view (Mask R-CNN), else None
 
 
@@ -48,11 +59,13 @@ class Batch:
     image_ids: list[int]
     boxes: list[torch.Tensor]
     labels: list[torch.Tensor]
-    # per store: "fpn.p3" -> [B, C, h_l, w_l] float32 on the batch grid, in channels-last memory
-    # (strides of [B, h, w, C]): use reshape / permute, not view, to flatten.
+    # per store: "fpn.p3" -> [B, Cc, h_l, w_l] codes on the batch grid (zero codes on padding), in
+    # channels-last memory (strides of [B, h, w, Cc]); ``decode_teacher`` makes float32 maps of them.
     teacher: list[dict[str, torch.Tensor]]
     masks: dict[int, torch.Tensor]  # level -> [B, 1, h_l, w_l], 1 on valid cells
     instance_masks: list[torch.Tensor] | None = None  # per image [n, H, W] (Mask R-CNN)
+    teacher_side: list[dict[str, torch.Tensor]] | None = None  # per store: name -> [B, levels, ...] side parameters
+    mirrored: list[torch.Tensor] | None = None  # per store: [B] bool, served by mirroring the 'orig' view
 
     def to(self, device: torch.device | str) -> "Batch":
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
@@ -66,6 +79,8 @@ class Batch:
             [{k: mv(v) for k, v in t.items()} for t in self.teacher],
             {k: mv(v) for k, v in self.masks.items()},
             None if self.instance_masks is None else [mv(m) for m in self.instance_masks],
+            None if self.teacher_side is None else [{k: mv(v) for k, v in t.items()} for t in self.teacher_side],
+            None if self.mirrored is None else [mv(m) for m in self.mirrored],
         )
 
 
@@ -163,31 +178,32 @@ class DistillDataset(Dataset):
             img, meta, image_id, boxes, torch.as_tensor(ann.labels), self.teacher_targets(image_id, view), masks
         )
 
-    def teacher_targets(self, image_id: int, view: str) -> list[dict[str, list[torch.Tensor]]]:
-        """Per store: name -> per-level [C, h, w] maps of one view (views into the stored row, not copies)."""
+    def teacher_targets(self, image_id: int, view: str) -> list[dict[str, Coded]]:
+        """Per store: name -> the stored codes of one view. A store without 'hflip' serves it by mirroring
+        the 'orig' codes (every encoding codes each cell on its own, so reversing columns is exact; box dx
+        is negated after decoding)."""
         teacher = []
         for k, (r, names) in enumerate(zip(self.readers(), self.outputs)):
             mirrored = view == "hflip" and "hflip" not in r.header.views["views"]
             sample = r.sample_index(image_id, "orig" if mirrored else view)
             self._check_shard(k, r, sample, image_id, view)
             try:
-                rows = r.read_rows(sample, names)
+                rows = r.read_codes(sample, names)
             except Exception as e:  # noqa: BLE001 - a chunk failing its crc32c, or any undecodable bytes
                 self._damaged(
                     r, sample // r.header.samples_per_shard, sample, image_id, view, f"{type(e).__name__}: {e}"
                 )
-            maps = {}
-            for n, row in rows.items():
-                out_meta = r.header.outputs[n]
-                if row.dtype == np.uint8:  # a code's value depends on the code alone: one table lookup per value
-                    row = _decode_table(out_meta["encoding"])[row]
-                elif row.dtype != np.float16:  # fp16 decodes by a cast, done by collate's copy
-                    row = decode_values(row, out_meta["encoding"])
-                views = level_views(row, r.grid[sample], r.header.levels, out_meta["levels"])
+            coded = {}
+            for n, (codes, side) in rows.items():
+                maps = split_levels(codes, r.output_grid(sample, n))
                 if mirrored:
-                    views = [mirror(m, out_meta["kind"]) for m in views]
-                maps[n] = [torch.from_numpy(m).permute(2, 0, 1) for m in views]
-            teacher.append(maps)
+                    maps = [np.ascontiguousarray(m[:, ::-1]) for m in maps]
+                coded[n] = Coded(
+                    [torch.from_numpy(m).permute(2, 0, 1) for m in maps],
+                    None if side is None else torch.from_numpy(side),
+                    mirrored,
+                )
+            teacher.append(coded)
         return teacher
 
     def _check_shard(self, k: int, r: StoreReader, sample: int, image_id: int, view: str) -> None:
@@ -209,32 +225,27 @@ class DistillDataset(Dataset):
         )
 
 
-@functools.lru_cache(maxsize=None)
-def _decode_table(encoding: str) -> np.ndarray:
-    """decode_values of all 256 uint8 codes: indexing it gives decode_values' exact output, ~15x faster."""
-    return decode_values(np.arange(256, dtype=np.uint8), encoding)
-
-
-def _empty(shape: tuple[int, ...], channels_last: bool = False) -> torch.Tensor:
-    """Uninitialised float32; in a DataLoader worker, in shared memory, as default_collate allocates.
+def _empty(shape: tuple[int, ...], channels_last: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uninitialised tensor; in a DataLoader worker, in shared memory, as default_collate allocates.
 
     ``channels_last``: a [B, C, H, W] tensor laid out as [B, H, W, C].
     """
     mem = (shape[0],) + shape[2:] + (shape[1],) if channels_last else shape
     if torch.utils.data.get_worker_info() is not None:
         # Sending a tensor from a worker moves its storage to shared memory (a copy); start there instead.
-        storage = torch.empty(0)._typed_storage()._new_shared(int(np.prod(mem)))
-        t = torch.empty(0).new(storage).view(mem)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        storage = torch.UntypedStorage._new_shared(int(np.prod(mem)) * itemsize)
+        t = torch.empty(0, dtype=dtype).set_(storage, 0, mem)
     else:
-        t = torch.empty(mem)
+        t = torch.empty(mem, dtype=dtype)
     return t.permute(0, 3, 1, 2) if channels_last else t
 
 
 def _place(dst: torch.Tensor, i: int, src: torch.Tensor) -> None:
     """dst[i] = src at the top left, zeros in the padding: every element written once.
 
-    With ``dst`` channels-last and ``src`` a [C, h, w] view of [h, w, C] rows, the copy
-    (which also casts fp16 to float32: the decode) moves contiguous rows of C values.
+    With ``dst`` channels-last and ``src`` a [C, h, w] view of [h, w, C] rows, the copy moves
+    contiguous rows of C values.
     """
     h, w = src.shape[-2:]
     dst[i, :, :h, :w] = src
@@ -262,36 +273,44 @@ def valid_masks(
 
 
 def collate_teacher(
-    samples: list[Sample], stores_meta: list[dict], padded: tuple[int, int]
-) -> tuple[list[dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
-    """Teacher maps of ``samples`` on a batch grid of ``padded`` (H, W) pixels, and the valid-cell masks."""
+    samples: list[Sample], stores_meta: list[dict[str, StoredOutput]], padded: tuple[int, int]
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], list[torch.Tensor], dict[int, torch.Tensor]]:
+    """Teacher codes of ``samples`` on a batch grid of ``padded`` (H, W) pixels: (codes per store, side
+    parameters per store, mirrored flags per store, valid-cell masks)."""
     teacher: list[dict[str, torch.Tensor]] = []
+    sides: list[dict[str, torch.Tensor]] = []
+    mirrored: list[torch.Tensor] = []
     levels: set[int] = set()
     for k in range(len(samples[0].teacher)):
         out: dict[str, torch.Tensor] = {}
-        for name, per_level in samples[0].teacher[k].items():
-            for j, lvl in enumerate(stores_meta[k][name]["levels"]):
+        side: dict[str, torch.Tensor] = {}
+        for name, first in samples[0].teacher[k].items():
+            for j, lvl in enumerate(stores_meta[k][name].levels):
                 levels.add(lvl)
-                t = _empty((len(samples), per_level[j].shape[0], *grid_size(padded, lvl)), channels_last=True)
+                code = first.maps[j]
+                t = _empty((len(samples), code.shape[0], *grid_size(padded, lvl)), True, code.dtype)
                 for i, s in enumerate(samples):
-                    _place(t, i, s.teacher[k][name][j])
+                    _place(t, i, s.teacher[k][name].maps[j])
                 out[f"{name}.p{lvl}"] = t
+            if first.side is not None:
+                side[name] = torch.stack([s.teacher[k][name].side for s in samples])
         teacher.append(out)
-    return teacher, valid_masks(padded, [s.meta.size for s in samples], sorted(levels))
+        sides.append(side)
+        mirrored.append(torch.tensor([any(c.mirrored for c in s.teacher[k].values()) for s in samples]))
+    return teacher, sides, mirrored, valid_masks(padded, [s.meta.size for s in samples], sorted(levels))
 
 
 def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
     """Pad views to the batch's size and place teacher maps on the batch grid (zeros + mask outside).
 
-    ``stores_meta``: each store's ``header.outputs`` (the levels of every output).
-    Teacher maps come out float32 in channels-last memory (see the module docstring).
+    ``stores_meta``: each store's ``header.outputs``. Teacher maps stay coded (see the module docstring).
     """
     hp = max(s.image.shape[1] for s in samples)
     wp = max(s.image.shape[2] for s in samples)
     images = _empty((len(samples), 3, hp, wp))
     for i, s in enumerate(samples):
         _place(images, i, s.image)
-    teacher, masks = collate_teacher(samples, stores_meta, (hp, wp))
+    teacher, sides, mirrored, masks = collate_teacher(samples, stores_meta, (hp, wp))
     instance = None
     if samples[0].masks is not None:
         instance = [
@@ -307,6 +326,8 @@ def collate(samples: list[Sample], stores_meta: list[dict]) -> Batch:
         teacher,
         masks,
         instance,
+        sides,
+        mirrored,
     )
 
 
