@@ -124,3 +124,29 @@ def test_info_reports_bytes_per_output(tiny_stores):
         assert o["stored_bytes"] > 0 and o["raw_fp32_bytes"] > o["stored_bytes"]
         assert o["fraction_of_fp32"] == pytest.approx(o["stored_bytes"] / o["raw_fp32_bytes"])
     assert info["output_bytes"] == sum(o["stored_bytes"] for o in info["outputs"].values())
+
+
+def test_damaged_calibration_is_named(tmp_path, tiny_stores):
+    """A flipped bit in a PCA basis would change every decoded value: its crc32c catches it on open."""
+    from mtpd.cache.schema import StoreError
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_stores["tiny"], copy)
+    chunk = copy / "calib/fpn/basis/c/0/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"calibration of output fpn .*damaged.*rebuild"):
+        open_store(copy)
+
+
+def test_teacher_distance_reads_decoded_targets(digits, tiny_stores):
+    """`mtpd-plan order` compares a student with decoded teacher maps, not with stored codes: a student equal
+    to the teacher is near distance 0 even from a `tiny` store (PCA coefficients as 4-bit codes)."""
+    from mtpd.teachers.registry import TeacherSpec
+    from mtpd.trainer.teacher_order import measure
+
+    student = TeacherSpec("retinanet_tiny", "none", 10).build().model  # the stores' own seeded teacher
+    coco = CocoDataset(digits["train"]["ann"], digits["train"]["images"])
+    (near,) = measure(student, [tiny_stores["tiny"]], coco, n_images=8)
+    assert near.distance < 0.1, near

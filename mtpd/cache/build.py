@@ -21,10 +21,10 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from mtpd.cache.calibrate import fit_encodings
+from mtpd.cache.calibrate import calibrate_store
 from mtpd.cache.catalog import cache_root, store_path
 from mtpd.cache.compute import Layout, ShardWriter, plan_layout
-from mtpd.cache.flip import FLIP_CALIBRATION, measure_flip_error
+from mtpd.cache.flip import FLIP_CALIBRATION
 from mtpd.cache.lock import WriterLock
 from mtpd.cache.ray_local import ensure_ray
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
@@ -101,8 +101,7 @@ def open_or_create(
                 + ". Use another --out, or delete the store to rebuild it."
             )
         return old
-    model = teacher and dataclasses.replace(teacher, device="cpu").build()  # on the CPU: rebuilds fit the same state
-    calibration, summary = fit_encodings(model, dataset, header)
+    calibration, attrs = calibrate_store(teacher, dataset, header, flip_calibration)
     recs = dataset.images
     create_store(
         out,
@@ -116,11 +115,7 @@ def open_or_create(
         calibration=calibration,
     )
     root = open_root(out, "r+", storage_options)
-    if summary:
-        root.attrs["calibration"] = summary
-    if teacher is not None and flip_calibration > 0 and "hflip" not in header.views["views"]:
-        error = measure_flip_error(model, dataset, ViewSpec.from_dict(header.views), header.outputs, flip_calibration)
-        root.attrs["flip_error"] = error
+    root.attrs.update(attrs)
     return read_header(root, out)  # with the fitted state attached
 
 

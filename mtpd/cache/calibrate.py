@@ -1,6 +1,8 @@
 """Per-store state of encodings (a PCA basis per level), fitted before any shard is written.
 
-The builder's driver runs the teacher (on the CPU, so every rebuild computes the same numbers) over
+The builder's driver runs the teacher (on the CPU: a rebuild on the same machine and thread count
+computes the same numbers; elsewhere float sums may differ in their last bits, and so may the basis,
+which is why it is stored rather than refitted) over
 the original view of ``CALIBRATION_IMAGES`` images spread evenly over the dataset, keeps at most
 ``MAX_ROWS`` cells per level (every k-th, deterministically) and hands them to each encoding's
 ``fit``. The result goes into the store (``calib/``) before its attributes, so a store that has
@@ -9,9 +11,12 @@ attributes always has its state.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
+from mtpd.cache.flip import measure_flip_error
 from mtpd.cache.rows import flatten
 from mtpd.cache.schema import StoreError, StoreHeader
 from mtpd.data import CocoDataset, DatasetError, grid_size, prepare_view
@@ -19,6 +24,22 @@ from mtpd.data.views import ViewSpec
 
 CALIBRATION_IMAGES = 8
 MAX_ROWS = 32768  # cells per level handed to ``fit``
+
+
+def calibrate_store(teacher, dataset: CocoDataset, header: StoreHeader, flip_images: int) -> tuple[dict, dict]:
+    """What a new store needs from its teacher before any shard: (encoding state for ``create_store``, root
+    attributes: the calibration summary and, for a store without 'hflip', the mirroring error
+    (``mtpd.cache.flip``)). ``teacher`` (a TeacherSpec) is built on the CPU, and only when needed."""
+    fit = any(o.encoding.needs_fit for o in header.outputs.values())
+    flip = teacher is not None and flip_images > 0 and "hflip" not in header.views["views"]
+    model = dataclasses.replace(teacher, device="cpu").build() if teacher is not None and (fit or flip) else None
+    state, summary = fit_encodings(model, dataset, header)
+    attrs: dict = {"calibration": summary} if summary else {}
+    if flip:
+        attrs["flip_error"] = measure_flip_error(
+            model, dataset, ViewSpec.from_dict(header.views), header.outputs, flip_images
+        )
+    return state, attrs
 
 
 def calibration_images(n_images: int, wanted: int = CALIBRATION_IMAGES) -> list[int]:

@@ -165,7 +165,7 @@ class ShardComputer:
         by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for sample, x in views:
             by_shape.setdefault(tuple(x.shape[1:]), []).append((sample, x))
-        on_device = self.device.type != "cpu"
+        on_device = self.device.type == "cuda"
         raw: list = []
         for group in by_shape.values():
             for b in range(0, len(group), self.batch_size):

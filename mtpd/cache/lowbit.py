@@ -114,6 +114,10 @@ class PCA(Encoding):
     bits: int = 8
     state: dict = field(default_factory=dict, compare=False, repr=False)  # "mean" [L, C], "basis" [L, C, rank]
 
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8) or self.rank < 1:
+            raise EncodingError(f"pca needs bits 2, 4 or 8 and rank >= 1, got bits={self.bits}, rank={self.rank}")
+
     def params(self) -> dict:
         return {"rank": self.rank, "bits": self.bits}
 
@@ -134,6 +138,8 @@ class PCA(Encoding):
         so that each vector's largest entry is positive: the same basis on every rebuild)."""
         means, bases = [], []
         for x in rows:
+            if x.shape[1] < self.rank:
+                raise EncodingError(f"pca rank {self.rank} exceeds the output's {x.shape[1]} channels")
             x = x.double().cpu()
             mean = x.mean(dim=0)
             xc = x - mean

@@ -64,6 +64,11 @@ def read_header(root: zarr.Group, where: str) -> StoreHeader:
                     f"{where}: output {name} has no calibration arrays (calib/{name}); the store was damaged or "
                     "created by an interrupted build: delete it and rebuild with `mtpd-cache build`"
                 ) from None
+            except Exception as e:  # noqa: BLE001 - a checksum failure or undecodable bytes in the state
+                raise StoreError(
+                    f"{where}: the calibration of output {name} (calib/{name}) is damaged ({type(e).__name__}: {e}); "
+                    "every shard depends on it: delete the store and rebuild it with `mtpd-cache build`"
+                ) from None
             header.outputs[name] = dataclasses.replace(o, encoding=o.encoding.with_state(state))
     return header
 
@@ -136,7 +141,10 @@ def create_store(
                 shards=(spi, *o.side_shape), compressors=compressors, fill_value=0,
             )  # fmt: skip
         for key, arr in (calibration or {}).get(name, {}).items():
-            root.require_group("calib").require_group(name).create_array(key, data=np.ascontiguousarray(arr))
+            # crc32c here too: a flipped bit in a basis would change every decoded value of the output.
+            root.require_group("calib").require_group(name).create_array(
+                key, data=np.ascontiguousarray(arr), compressors=compressors
+            )
     # Attributes last: a store without them is recognisably unfinished and gets recreated.
     root.attrs.update(header.to_attrs())
     return root

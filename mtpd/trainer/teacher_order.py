@@ -20,6 +20,7 @@ from mtpd.data import CocoDataset, ViewSpec
 from mtpd.models import output_specs
 from mtpd.models.detect import detector_forward
 from mtpd.trainer.plan import Plan, PlanError
+from mtpd.trainer.sources import StoreTargets
 from mtpd.trainer.store_refs import stage_stores
 from mtpd.trainer.targets import DistillDataset, check_store, make_loader
 
@@ -66,16 +67,17 @@ def measure(
         ys: dict[int, list[Tensor]] = {lvl: [] for lvl in levels}
         seen = 0
         for batch in loader:
+            teacher = StoreTargets([reader])(batch.to(device))[0][0]  # decoded as the trainer decodes them
             out = detector_forward(
                 student, batch.images.to(device), batch.image_sizes, None, names=("fpn",), detect=False
             )
             for lvl in levels:
                 key = f"fpn.p{lvl}"
-                if key not in batch.teacher[0]:
+                if key not in teacher:
                     continue
                 m = batch.masks[lvl].to(device).bool().flatten()  # [B*H*W] valid cells
                 s = out.outputs[key].permute(0, 2, 3, 1).reshape(-1, out.outputs[key].shape[1])[m]
-                t = batch.teacher[0][key].to(device).permute(0, 2, 3, 1).reshape(-1, batch.teacher[0][key].shape[1])[m]
+                t = teacher[key].permute(0, 2, 3, 1).reshape(-1, teacher[key].shape[1])[m]
                 xs[lvl].append(s.cpu())
                 ys[lvl].append(t.cpu())
             seen += len(batch.image_ids)
