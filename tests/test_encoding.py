@@ -92,6 +92,12 @@ def test_topk_keeps_each_cells_largest_scores():
     assert enc.within_bound(logits, y, 0)
     top = logits.topk(4, dim=1).indices
     assert torch.equal(y.topk(4, dim=1).indices.sort(1).values, top.sort(1).values)
+    per_anchor = TopK(2, 720, groups=9)  # the 2 largest of each anchor's 80 classes
+    codes, _, y = roundtrip(per_anchor, logits)
+    assert codes.shape == (400, 36) and per_anchor.within_bound(logits, y, 0)
+    assert torch.equal((y > y.min()).reshape(400, 9, 80).sum(-1), torch.full((400, 9), 2))
+    with pytest.raises(EncodingError, match="topk"):
+        TopK(2, 720, groups=7)
 
 
 def test_pack_unpack_inverse():
@@ -131,7 +137,7 @@ def test_pca_without_state_is_an_error():
 
 
 def test_attrs_round_trip_and_format1_names():
-    for enc in (Fp16(), Fp16(5), LogProbU8(), Affine(4), PCA(rank=7, bits=4), TopK(4, 720)):
+    for enc in (Fp16(), Fp16(5), LogProbU8(), Affine(4), PCA(rank=7, bits=4), TopK(4, 720), TopK(2, 720, 9)):
         assert encoding_from_attrs(enc.to_attrs()) == enc
     assert encoding_from_v1("fp16-bitround5") == Fp16(5)
     assert encoding_from_v1("logprob-uint8") == LogProbU8()
@@ -148,7 +154,7 @@ def test_presets_pick_encodings_by_kind():
     assert PRECISIONS["small"].encoding_for(fpn) == Affine(4)
     assert PRECISIONS["tiny"].encoding_for(fpn) == PCA(rank=128, bits=4)
     assert PRECISIONS["tiny"].encoding_for(box) == Affine(8)
-    assert PRECISIONS["tiny"].encoding_for(cls) == TopK(4, 90) and PRECISIONS["small"].encoding_for(cls) == TopK(8, 90)
+    assert PRECISIONS["tiny"].encoding_for(cls) == TopK(8, 90) and PRECISIONS["small"].encoding_for(cls) == LogProbU8()
 
 
 def test_describe_differences_names_the_key():

@@ -21,7 +21,7 @@ def test_wheel_carries_the_demo_teachers(tmp_path: Path) -> None:
     )
     (wheel,) = (tmp_path / "dist").glob("mtpd-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ("weak.pt", "strong.pt", "manifest.json"):
+    for f in ("weak.pt", "strong.pt", "mbv2.pt", "manifest.json"):
         assert f"mtpd/demo/teachers/{f}" in names, f
     # Installed on its own (no source tree in reach), the demo finds them through importlib.resources.
     site = tmp_path / "site"
@@ -32,7 +32,7 @@ def test_wheel_carries_the_demo_teachers(tmp_path: Path) -> None:
         "from mtpd.checkpoint import sha256_file\n"
         "folder = shipped_teachers()\n"
         "manifest = json.loads((folder / 'manifest.json').read_text())\n"
-        "ok = {k: sha256_file(folder / f'{k}.pt') == manifest[k]['sha256'] for k in ('weak', 'strong')}\n"
+        "ok = {k: sha256_file(folder / f'{k}.pt') == manifest[k]['sha256'] for k in ('weak', 'strong', 'mbv2')}\n"
         "print(json.dumps({'pkg': mtpd.__file__, 'folder': str(folder), 'ok': ok}))\n"
     )
     r = subprocess.run(
@@ -46,4 +46,4 @@ def test_wheel_carries_the_demo_teachers(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["pkg"].startswith(str(site)) and got["folder"].startswith(str(site)), got
-    assert got["ok"] == {"weak": True, "strong": True}
+    assert got["ok"] == {"weak": True, "strong": True, "mbv2": True}

@@ -175,42 +175,54 @@ def _logprob_table(device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class TopK(Encoding):
-    """Sparse class scores: per cell, the ``k`` largest of its ``channels`` logits as (channel, LogProbU8
-    code) pairs; every other channel decodes to the code's floor (p = 1e-4). The soft-label form that
-    caches of trained classifiers keep; for a trained detector most cells' scores sit below the floor."""
+    """Sparse class scores: in each of a cell's ``groups`` (its anchors), the ``k`` largest of the group's
+    logits as (class, LogProbU8 code) pairs; every other score decodes to the code's floor (p = 1e-4).
+    The soft-label form that caches of trained classifiers keep, per anchor: for a trained detector
+    most scores sit below the floor, and an anchor's few classes above it are the ones kept."""
 
     kind: ClassVar[str] = "topk"
-    code_dtype: ClassVar[str] = "uint16"  # channel indices beyond 255 (COCO: 9 anchors x 80 classes)
+    code_dtype: ClassVar[str] = "uint16"  # class indices of any class count
     zero_is_zero: ClassVar[bool] = False
-    k: int = 4
+    k: int = 2
     channels: int = 0
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.channels % self.groups or not 1 <= self.k <= self.channels // self.groups:
+            raise EncodingError(f"topk needs 1 <= k <= channels / groups, got {self.params()}")
 
     def params(self) -> dict:
-        return {"k": self.k, "channels": self.channels}
+        return {"k": self.k, "channels": self.channels, "groups": self.groups}
 
     def bound(self) -> str:
         return (
-            f"each cell's {self.k} largest scores as logprob-u8 (relative error <= {LogProbU8.prob_bound():.4f} "
-            "per probability above 1e-4); the others decode to p = 1e-4"
+            f"the {self.k} largest scores of each of a cell's {self.groups} anchor(s) as logprob-u8 (relative error "
+            f"<= {LogProbU8.prob_bound():.4f} per probability above 1e-4); the others decode to p = 1e-4"
         )
 
     def code_channels(self, channels: int) -> int:
-        return 2 * self.k
+        return 2 * self.k * self.groups
+
+    def _grouped(self, x: Tensor) -> Tensor:
+        return x.reshape(*x.shape[:-1], self.groups, self.channels // self.groups)
 
     def within_bound(self, x: Tensor, y: Tensor, level: int) -> bool:
-        idx = x.topk(self.k, dim=-1).indices
-        top = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+        gx = self._grouped(x)
+        top = torch.zeros_like(gx, dtype=torch.bool).scatter_(-1, gx.topk(self.k, dim=-1).indices, True)
+        top = top.reshape(x.shape)
         floor = float(_logprob_table(y.device)[0])
         kept = LogProbU8().within_bound(x[top], y[top], level)
         return kept and bool(torch.all(y[~top] == floor))
 
     def encode(self, x: Tensor, level: int) -> tuple[Tensor, None]:
-        values, idx = x.float().topk(self.k, dim=-1)
+        values, idx = self._grouped(x.float()).topk(self.k, dim=-1)
         codes, _ = LogProbU8().encode(values, level)
-        return torch.cat([idx, codes.long()], dim=-1).to(torch.int32).to(torch.uint16), None
+        pairs = torch.cat([idx, codes.long()], dim=-1)  # [..., groups, 2k]
+        return pairs.reshape(*x.shape[:-1], -1).to(torch.int32).to(torch.uint16), None
 
     def decode(self, codes: Tensor, side: Tensor | None, level: int) -> Tensor:
         table = _logprob_table(codes.device)
-        idx, val = codes[..., : self.k].long(), codes[..., self.k :].long()
-        out = table[0].expand(*codes.shape[:-1], self.channels).clone()
-        return out.scatter_(-1, idx, table[val])
+        pairs = codes.reshape(*codes.shape[:-1], self.groups, 2 * self.k).long()
+        shape = (*codes.shape[:-1], self.groups, self.channels // self.groups)
+        out = table[0].expand(shape).clone().scatter_(-1, pairs[..., : self.k], table[pairs[..., self.k :]])
+        return out.reshape(*codes.shape[:-1], self.channels)

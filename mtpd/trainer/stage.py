@@ -267,7 +267,7 @@ class Stage:
             self.stores = self.given_stores if self.given_stores is not None else stage_stores(self.plan, self.cfg)
             readers = [StoreReader(p) for p in self.stores]
             for r in readers:
-                if self.plan.data.flip and "hflip" not in r.header.views["views"]:
+                if self.plan.data.flip and "hflip" not in r.header.view_names:
                     self.mirrored[r.location] = r.root.attrs.get("flip_error")
                     self.emit({"event": "mirrored", "store": r.location, "flip_error": self.mirrored[r.location]})
             return StoreTargets(readers)

@@ -76,7 +76,7 @@ def describe(path: str) -> dict:
         "teacher": h.teacher.get("name"),
         "weights": h.teacher.get("weights"),
         "weights_sha256": h.teacher.get("weights_sha256", ""),
-        "dataset": h.dataset.get("manifest_sha256"),
+        "dataset": h.manifest_sha256,
         "precision": h.precision,
         "outputs": sorted(h.outputs),
     }

@@ -87,14 +87,14 @@ class Batch:
 def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec) -> None:
     """Refuse a store whose dataset or views differ from the student's data, saying what differs."""
     h, loc = reader.header, reader.location
-    if h.dataset["manifest_sha256"] != dataset.manifest_hash():
+    if h.manifest_sha256 != dataset.manifest_hash():
         raise StoreError(
-            f"{loc} was built on another dataset ({h.dataset['ann_file']}, {h.dataset['num_images']} images, manifest "
-            f"{h.dataset['manifest_sha256'][:12]}) than {dataset.ann_file} ({len(dataset)} images, manifest "
+            f"{loc} was built on another dataset ({h.ann_file}, {h.num_images} images, manifest "
+            f"{h.manifest_sha256[:12]}) than {dataset.ann_file} ({len(dataset)} images, manifest "
             f"{dataset.manifest_hash()[:12]}); build a store for this dataset with `mtpd-cache build --ann "
             f"{dataset.ann_file}`"
         )
-    sv = ViewSpec.from_dict(h.views)
+    sv = h.view_spec
     for key in ("short", "long", "pad", "mean", "std"):
         if getattr(sv, key) != getattr(spec, key):
             raise StoreError(
@@ -184,7 +184,7 @@ class DistillDataset(Dataset):
         is negated after decoding)."""
         teacher = []
         for k, (r, names) in enumerate(zip(self.readers(), self.outputs)):
-            mirrored = view == "hflip" and "hflip" not in r.header.views["views"]
+            mirrored = view == "hflip" and "hflip" not in r.header.view_names
             sample = r.sample_index(image_id, "orig" if mirrored else view)
             self._check_shard(k, r, sample, image_id, view)
             try:
