@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from mtpd.cache.schema import PRECISIONS
+
 DESCRIPTION = """\
 Runs the whole mtpd pipeline on the digits benchmark and prints a table
 (model, params, AP, AP50, AP75, train time, store size):
@@ -60,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default="lossless",
-        choices=("lossless", "high", "compact"),
-        help="store precision (default: %(default)s)",
+        choices=list(PRECISIONS),
+        help="store precision preset (README: Precision presets; default: %(default)s)",
     )
     p.add_argument(
         "--threads",
