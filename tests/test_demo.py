@@ -49,7 +49,28 @@ def test_quick_demo_runs_end_to_end_and_reports_metrics(
     for png in ("ap_per_stage.png", "loss_curves.png"):
         assert (root / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The table's latency column: every model timed as deployed.
+    assert all(r["cpu_ms"] > 0 for r in rows.values())
+    assert "CPU ms/img" in report
+    _export_and_eval_the_students(root, rows, capsys)
+
     # A second run reuses everything: no stage retrains, no store rebuilds.
     assert main(["--out", "demo_out", "--quick"]) == 0
     again = capsys.readouterr().out
     assert again.count("reusing") >= 6 and "shards," not in again
+
+
+def _export_and_eval_the_students(root: Path, rows: dict, capsys: pytest.CaptureFixture) -> None:
+    """The quick demo's MTPD student through mtpd-export and mtpd-eval --onnx: the same AP as its checkpoint."""
+    from mtpd.cli.eval import main as eval_main
+    from mtpd.cli.export import main as export_main
+
+    (student,) = [r for m, r in rows.items() if m.startswith("student MTPD")]
+    ckpt = Path(student["run_dir"]) / "stage_2" / "final.pt"
+    onnx_path = root / "student.onnx"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(onnx_path)]) == 0
+    capsys.readouterr()
+    data = ["--ann", str(root / "digits/annotations/instances_val.json"), "--images", str(root / "digits/images/val")]
+    assert eval_main(["--onnx", str(onnx_path), "--checkpoint", str(ckpt), "--json", *data]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert abs(both["AP"] - both["pytorch"]["AP"]) <= 0.002 and both["parity"]["fraction"] >= 0.95

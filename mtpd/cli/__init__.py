@@ -1,4 +1,4 @@
-"""Command-line entry points: mtpd-data, mtpd-cache, mtpd-train, mtpd-eval, mtpd-plan, mtpd-demo."""
+"""Command-line entry points: mtpd-data, mtpd-cache, mtpd-train, mtpd-eval, mtpd-export, mtpd-plan, mtpd-demo."""
 
 import argparse
 

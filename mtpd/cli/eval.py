@@ -1,4 +1,4 @@
-"""`mtpd-eval`: COCO box AP of a student checkpoint on a COCO-format set."""
+"""`mtpd-eval`: COCO box AP of a student checkpoint, or of its ONNX export, on a COCO-format set."""
 
 from __future__ import annotations
 
@@ -8,58 +8,102 @@ import sys
 
 from mtpd.cli import HelpFormatter, add_trust_flag, apply_trust_flag
 
+STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-def main(argv: list[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mtpd-eval",
-        description="COCO box AP, AP50, AP75, APs/m/l of a checkpoint (faster-coco-eval where installed, else "
-        "pycocotools).",
+        description="COCO box AP, AP50, AP75, APs/m/l of a checkpoint or an ONNX export (faster-coco-eval where "
+        "installed, else pycocotools). Given both --onnx and --checkpoint, evaluates both on the export's views and "
+        "reports their parity image by image.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="student checkpoint written by mtpd-train (stage_K/final.pt)")
+    p.add_argument("--checkpoint", default=None, help="student checkpoint written by mtpd-train (stage_K/final.pt)")
+    p.add_argument("--onnx", default=None, help="ONNX file written by mtpd-export (run with ONNX Runtime)")
     p.add_argument("--ann", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument(
         "--short",
         type=int,
         default=None,
-        help="view short side (default: the plan's, saved beside the checkpoint, else 800)",
+        help="view short side (default: the ONNX file's recipe, else the plan's saved beside the checkpoint, else 800)",
     )
-    p.add_argument("--long", type=int, default=None, help="view long side bound (default: the plan's, else 1333)")
-    p.add_argument("--batch-size", type=int, default=8, help="views per forward")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--long", type=int, default=None, help="view long side bound (default: as --short, else 1333)")
+    p.add_argument("--batch-size", type=int, default=8, help="views per forward (PyTorch)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda (a checkpoint alone; next to --onnx it runs on the cpu)"
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_trust_flag(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     a = p.parse_args(argv)
+    if not (a.checkpoint or a.onnx):
+        p.error("give --checkpoint, --onnx, or both")
     apply_trust_flag(a)
 
     from mtpd.data import CocoDataset, ViewSpec
-    from mtpd.errors import MtpdError
+    from mtpd.errors import MtpdError, message
     from mtpd.trainer.evaluate import evaluate
     from mtpd.trainer.student import load_student
 
+    progress = sys.stderr.isatty()
     try:
-        short, long = _view_sizes(a.checkpoint, a.short, a.long)
-        model = load_student(a.checkpoint, a.device)
-        stats = evaluate(
-            model,
-            CocoDataset(a.ann, a.images),
-            ViewSpec(short=short, long=long),
-            a.batch_size,
-            a.device,
-            progress=sys.stderr.isatty(),
-        )
+        dataset = CocoDataset(a.ann, a.images)
+        if a.onnx:
+            stats = _eval_onnx(a, dataset, progress)
+        else:
+            short, long = _view_sizes(a.checkpoint, a.short, a.long)
+            model = load_student(a.checkpoint, a.device)
+            stats = evaluate(
+                model, dataset, ViewSpec(short=short, long=long), a.batch_size, a.device, progress=progress
+            )
     except MtpdError as e:
-        print(f"mtpd-eval: error: {e}", file=sys.stderr)
+        print(f"mtpd-eval: error: {message(e)}", file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps(stats, indent=2))
-    else:
-        print(
-            "  ".join(f"{k} {stats[k] * 100:.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
-            + f"  ({stats['backend']})"
-        )
+        return 0
+    print("  ".join(f"{k} {stats[k] * 100:.1f}" for k in STATS) + f"  ({stats['backend']})")
+    if "pytorch" in stats:
+        torch_stats, parity = stats["pytorch"], stats["parity"]
+        print("  ".join(f"{k} {torch_stats[k] * 100:.1f}" for k in STATS) + "  (PyTorch checkpoint)")
+        print(f"AP difference {(stats['AP'] - torch_stats['AP']) * 100:+.2f}; {parity['line']}")
+        if stats.get("input_size") and abs(stats["AP"] - torch_stats["AP"]) > 0.002:
+            print(
+                f"note: the export's fixed {stats['input_size']} input pads views beyond their own padding, which "
+                "changes detections (parity compares both on the same padded views); export at the views' own "
+                "padded size or without --size"
+            )
     return 0
+
+
+def _eval_onnx(a: argparse.Namespace, dataset, progress: bool) -> dict:
+    """The export's stats; with a checkpoint too, the checkpoint's stats and parity on the same views."""
+    from dataclasses import asdict, replace
+
+    from mtpd.export import OnnxDetector, compare, evaluate_onnx
+    from mtpd.trainer.evaluate import evaluate
+    from mtpd.trainer.student import load_student
+
+    detector = OnnxDetector(a.onnx)
+    spec = detector.spec
+    if a.short or a.long:
+        spec = replace(spec, short=a.short or spec.short, long=a.long or max(spec.long, a.short or 0))
+    stats = evaluate_onnx(detector, dataset, spec, progress)
+    if detector.input_size:
+        stats["input_size"] = "x".join(map(str, detector.input_size))
+    if a.checkpoint:
+        model = load_student(a.checkpoint, "cpu")
+        # batch size 1: each view padded on its own, as the export sees it
+        stats["pytorch"] = evaluate(model, dataset, spec, 1, "cpu", progress=progress)
+        report = compare(model, detector, dataset, spec)
+        stats["parity"] = asdict(report) | {"fraction": report.fraction, "line": report.line()}
+    return stats
 
 
 def _view_sizes(checkpoint: str, short: int | None, long: int | None) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mtpd.demo.run import DemoResult, Row
 
-COLUMNS = ("model", "arch", "params", "AP", "AP50", "AP75", "train time", "store")
+COLUMNS = ("model", "arch", "params", "AP", "AP50", "AP75", "CPU ms/img", "train time", "store")
 
 
 def _fmt_time(s: float | None) -> str:
@@ -27,6 +27,7 @@ def _cells(r: Row) -> list[str]:
         f"{100 * m['AP']:.1f}",
         f"{100 * m['AP50']:.1f}",
         f"{100 * m['AP75']:.1f}",
+        "-" if r.cpu_ms is None else f"{r.cpu_ms:.1f}",
         _fmt_time(r.train_seconds),
         f"{r.store_bytes / 2**20:.1f} MiB" if r.store_bytes else "-",
     ]

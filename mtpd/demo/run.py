@@ -35,6 +35,7 @@ class Row:
     store_bytes: int | None = None
     stage_metrics: list[dict] = field(default_factory=list)  # per stage, for the plots
     run_dir: str | None = None
+    cpu_ms: float | None = None  # deployed forward (post-processing included), batch 1, one thread
 
 
 @dataclass
@@ -201,6 +202,7 @@ class _Demo:
                     self.teacher_eval[k],
                     ti.train_seconds,
                     steps.store_size(self.store_paths[k]),
+                    cpu_ms=steps.cpu_ms(ti.checkpoint, self.paths),
                 )
             )
         student_arch = (
@@ -224,6 +226,7 @@ class _Demo:
                     sum(m["train_seconds"] for m in metrics),
                     stage_metrics=metrics,
                     run_dir=str(self.students[name].out_dir),
+                    cpu_ms=steps.cpu_ms(self.students[name].out_dir / "stage_2" / "final.pt", self.paths),
                 )
             )
         return rows

@@ -269,6 +269,18 @@ def count_params(ckpt: Path) -> int:
     return sum(p.numel() for p in load_student(ckpt).parameters())
 
 
+def cpu_ms(ckpt: Path, paths: Paths) -> float:
+    """CPU ms per image of the model as deployed (``mtpd.export``: post-processing included), batch 1, one
+    thread, on the first val view: the demo table's latency column (bench/latency.py adds ONNX Runtime)."""
+    from mtpd.data import CocoDataset, ViewSpec, prepare_view
+    from mtpd.export.latency import cpu_ms_per_image
+    from mtpd.trainer.student import load_student
+
+    ds = CocoDataset(paths.ann("val"), paths.images("val"))
+    view, meta = prepare_view(ds.load_image(0), ViewSpec(short=recipes.SIZE, long=recipes.SIZE))
+    return cpu_ms_per_image(load_student(ckpt).eval(), view, meta.size, threads=1)
+
+
 # -------------------------------------------------------------------- stores
 
 

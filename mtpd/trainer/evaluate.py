@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from mtpd.data import CocoDataset, ViewSpec, boxes_from_view
+from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_from_view
 from mtpd.models.detect import detector_forward
 from mtpd.trainer.coco_eval import coco_box_ap, detections_to_coco
 from mtpd.trainer.student import label_offset
@@ -33,12 +34,19 @@ def predict(
         out = detector_forward(model, batch.images.to(device), batch.image_sizes, None, names=(), detect=True)
         for image_id, meta, det in zip(batch.image_ids, batch.metas, out.detections):
             labels = det["labels"].cpu().numpy() - offset
-            keep = labels >= 0
-            boxes = boxes_from_view(det["boxes"].cpu().numpy()[keep], meta)
-            results += detections_to_coco(
-                image_id, boxes, det["scores"].cpu().numpy()[keep], labels[keep], dataset.label_to_cat
+            results += view_detections_to_coco(
+                image_id, meta, det["boxes"].cpu().numpy(), det["scores"].cpu().numpy(), labels, dataset.label_to_cat
             )
     return results
+
+
+def view_detections_to_coco(
+    image_id: int, meta: ViewMeta, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, label_to_cat: list[int]
+) -> list[dict]:
+    """COCO results of one view's detections (boxes in view pixels, labels as dataset class indices; negative
+    labels, an R-CNN's background, are dropped): shared by PyTorch and ONNX evaluation."""
+    keep = labels >= 0
+    return detections_to_coco(image_id, boxes_from_view(boxes[keep], meta), scores[keep], labels[keep], label_to_cat)
 
 
 def evaluate(
