@@ -129,7 +129,7 @@ def plot(prepared: dict, ms: dict[str, float]) -> None:
         ax.annotate(name, (x, 100 * p["ap"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("CPU ms / image (ONNX Runtime, 1 thread, batch 1, 128x128)")
     ax.set_ylabel("val AP (digits)")
-    ax.set_xscale("log")
+    ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     PLOT.parent.mkdir(exist_ok=True)
