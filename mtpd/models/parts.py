@@ -78,6 +78,23 @@ class NoExtraLevels(ExtraFPNBlock):
         return results, names
 
 
+class LastLevelP6(ExtraFPNBlock):
+    """P6 alone: the first half of RetinaNet's P6P7 (a stride-2 3x3 conv on P5, or on C5 when the widths
+    differ), for students and teachers that end at P6."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        nn.init.kaiming_uniform_(self.p6.weight, a=1)  # as torchvision's LastLevelP6P7
+        nn.init.constant_(self.p6.bias, 0)
+        self.use_p5 = in_channels == out_channels
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        results.append(self.p6(results[-1] if self.use_p5 else x[-1]))
+        names.append("p6")
+        return results, names
+
+
 def extra_block(
     levels: tuple[int, ...], style: str, fpn_channels: int, c5_channels: int | None = None
 ) -> ExtraFPNBlock:
@@ -89,6 +106,8 @@ def extra_block(
         return NoExtraLevels()
     if style == "p6p7" and extra == 2:
         return LastLevelP6P7(c5_channels or fpn_channels, fpn_channels)
+    if style == "p6p7" and extra == 1:
+        return LastLevelP6(c5_channels or fpn_channels, fpn_channels)
     if style == "pool" and extra == 1:
         return LastLevelMaxPool()
     top = 7 if style == "p6p7" else 6

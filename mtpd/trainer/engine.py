@@ -37,18 +37,33 @@ class TrainError(MtpdError, RuntimeError):
     """A stage that stopped; the message says where and what was kept."""
 
 
+def auto_weight(b: BoundLoss, detection: float, raw: float) -> float:
+    """The weight that makes ``b``'s loss ``b.auto_ratio`` times the detection loss at this step."""
+    if not (raw > 0 and detection > 0):
+        raise TrainError(
+            f"weight: auto for {b.name}: its first loss is {raw:.4g} and the detection loss {detection:.4g}; a ratio "
+            "needs both positive: give the loss a number as its weight"
+        )
+    return float(b.auto_ratio) * detection / raw
+
+
 class NonFiniteLoss(TrainError):
     """The step's loss was NaN or infinite; the stage adds which checkpoint is kept."""
 
 
 @dataclass
 class BoundLoss:
-    """A distillation loss with its weight, the store that feeds it and its key in the logs."""
+    """A distillation loss with its weight, the store that feeds it and its key in the logs.
+
+    ``auto_ratio`` (``weight: auto``): the weight is None until the first step, which sets it once so that
+    the weighted loss equals ``auto_ratio`` times that step's detection loss (``Engine.distill``).
+    """
 
     loss: DistillLoss
-    weight: float
+    weight: float | None
     store: int
     name: str
+    auto_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +215,7 @@ class Engine:
         )
         parts = {f"det_{k}": v for k, v in det_losses.items()}
         clock.lap("student")
-        parts.update(self.distill(batch, outputs, teacher, masks))
+        parts.update(self.distill(batch, outputs, teacher, masks, sum(parts.values()).detach()))
         total = sum(parts.values())
         clock.lap("distill")
         if not torch.isfinite(total):
@@ -224,9 +239,15 @@ class Engine:
         return targets
 
     def distill(
-        self, batch: Batch, outputs: dict[str, Tensor], teacher: list[dict[str, Tensor]], masks: dict[int, Tensor]
+        self,
+        batch: Batch,
+        outputs: dict[str, Tensor],
+        teacher: list[dict[str, Tensor]],
+        masks: dict[int, Tensor],
+        detection: Tensor | float = 0.0,
     ) -> dict[str, Tensor]:
-        """Each bound loss on the student's outputs and its store's targets, weighted."""
+        """Each bound loss on the student's outputs and its store's targets, weighted (an automatic weight
+        is set here, once, from this step's ``detection`` loss)."""
         if not self.losses:
             return {}
         anchors = model_anchors(self.student, tuple(batch.images.shape[-2:])) if self.needs_anchors else None
@@ -244,7 +265,10 @@ class Engine:
                 info.num_classes,
                 info.levels,
             )
-            out[b.name] = b.weight * b.loss(db)
+            raw = b.loss(db)
+            if b.weight is None:
+                b.weight = auto_weight(b, float(detection), float(raw.detach()))
+            out[b.name] = b.weight * raw
         return out
 
     # -- helpers ----------------------------------------------------------------------------

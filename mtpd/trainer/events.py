@@ -45,6 +45,16 @@ def format_event(ev: Event, epochs: int | None = None, iters: int | None = None)
                 for lvl, e in levels.items()
             )
         return f"stage {k}: {ev['store']} has no hflip view, so flipped samples mirror its maps; {measured}"
+    if kind == "levels_skipped":
+        return (
+            f"stage {k}: {ev['loss']} distills {', '.join(ev['levels'])}; skips {', '.join(ev['skipped'])}, which "
+            f"{ev['store']} lacks"
+        )
+    if kind == "auto_weight":
+        return (
+            f"stage {k}: weight: auto for {ev['loss']} set to {ev['weight']:.4g} (its first loss at {ev['ratio']:g}x "
+            "the detection loss); saved in plan.resolved.yaml"
+        )
     if kind == "stage_end":
         shown = ", ".join(f"{n}={v:.4f}" for n, v in ev["metrics"].items() if isinstance(v, float))
         return f"stage {k} ({ev['name']}) done: {shown}"

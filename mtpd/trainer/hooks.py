@@ -49,7 +49,7 @@ class MetricsLogger(HookBase):
 
     def after_step(self, engine: Engine) -> None:
         s = engine.state
-        if s.step % self.every and not s.epoch_done:
+        if s.step % self.every and not s.epoch_done and s.step != 1:  # the first step is always logged
             return
         rec = {
             "stage": self.stage,
@@ -140,6 +140,8 @@ class Checkpointer(HookBase):
                 "epoch": epoch,
                 "iteration": it,
                 "step": engine.state.step,
+                # weight: auto values, set at the stage's first step: a resume keeps them
+                "auto_weights": {b.name: b.weight for b in engine.losses if b.auto_ratio is not None},
             },
             self.last,
         )
@@ -153,6 +155,23 @@ class Checkpointer(HookBase):
         engine.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         engine.state.epoch, engine.state.iter, engine.state.step = ck["epoch"], ck["iteration"], ck["step"]
+        for b in engine.losses:
+            if b.auto_ratio is not None and (ck.get("auto_weights") or {}).get(b.name) is not None:
+                b.weight = float(ck["auto_weights"][b.name])
+
+
+class AutoWeights(HookBase):
+    """Reports each ``weight: auto`` value once the first step has set it: ``report(loss name, weight)``."""
+
+    def __init__(self, report: Callable[[str, float], None]) -> None:
+        self.report = report
+        self._done: set[str] = set()
+
+    def after_step(self, engine: Engine) -> None:
+        for b in engine.losses:
+            if b.auto_ratio is not None and b.weight is not None and b.name not in self._done:
+                self._done.add(b.name)
+                self.report(b.name, b.weight)
 
 
 class Evaluator(HookBase):

@@ -25,8 +25,10 @@ class PlanError(MtpdError, ValueError):
 
 @dataclass
 class StudentConfig:
+    # A registered arch, or package.module:factory returning a torchvision RetinaNet/FCOS/FasterRCNN/MaskRCNN
+    # (called as factory(num_classes=N, **options); the current directory is importable)
     arch: str
-    init: str = "none"  # ImageNet backbone checkpoint path, or none
+    init: str = "none"  # ImageNet backbone checkpoint path, or none (registered archs only)
     num_classes: int | None = None  # default: the dataset's
     options: dict = field(default_factory=dict)  # architecture options (fpn_channels, levels, width ...)
 
@@ -48,7 +50,10 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str
-    weight: float | None = None  # default: the loss's own (mgd 2e-5, rm 4, pfi 1.5, ...)
+    # default: the loss's own (mgd 2e-5, rm 4, pfi 1.5, ...); "auto": set at the stage's first step so that the
+    # weighted loss starts at ``ratio`` times the detection loss (the value goes into plan.resolved.yaml)
+    weight: float | str | None = None
+    ratio: float = 1.0  # for weight: auto
     store: int = 0  # which of the stage's stores feeds this loss
     params: dict = field(default_factory=dict)
 
@@ -132,6 +137,13 @@ class Plan:
                 _check_teacher_ref(s.teacher, f"{where}.teacher")
             n = 1 if s.teacher is not None else len(s.stores)
             for j, loss in enumerate(s.losses):
+                if isinstance(loss.weight, str) and loss.weight != "auto":
+                    raise PlanError(
+                        f"{where}.losses[{j}].weight: {loss.weight!r} is neither a number nor auto (YAML reads 2e-5 "
+                        "as text: write 2.0e-5)"
+                    )
+                if not loss.ratio > 0:
+                    raise PlanError(f"{where}.losses[{j}].ratio: must be positive, got {loss.ratio}")
                 if not (0 <= loss.store < n):
                     raise PlanError(f"{where}.losses[{j}].store: index {loss.store} but the stage has {n} store(s)")
         if self.data.batch_size < 1:

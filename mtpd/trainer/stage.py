@@ -67,11 +67,19 @@ def stage_done(plan: Plan, k: int) -> bool:
 
 
 def build_losses(
-    stage: StageConfig, student: nn.Module, teachers: list[dict[str, OutputSpec]], sources: list[str], where: str
+    stage: StageConfig,
+    student: nn.Module,
+    teachers: list[dict[str, OutputSpec]],
+    sources: list[str],
+    where: str,
+    on_skip: Callable[[dict], None] | None = None,
 ) -> list[BoundLoss]:
-    """Losses of a stage, checked against the student's and each teacher's levels, channels and classes."""
+    """Losses of a stage, checked against the student's and each teacher's levels, channels and classes.
+
+    A feature loss distills the levels the student and its store share and reports the others through
+    ``on_skip``; losses over anchors (RM) need every student level in the store."""
     specs = output_specs(student)
-    levels = tuple(specs["fpn"].levels)
+    student_levels = tuple(specs["fpn"].levels)
     a = specs["cls"].num_anchors if "cls" in specs else 1
     k = specs["cls"].num_classes if "cls" in specs else 0
     out: list[BoundLoss] = []
@@ -83,13 +91,11 @@ def build_losses(
             raise PlanError(f"{where}.losses[{j}].name: {e}") from None
         have, src = teachers[lc.store], sources[lc.store]
         t_fpn = have.get("fpn")
-        missing = [lvl for lvl in levels if t_fpn is None or lvl not in t_fpn.levels]
-        if missing:
-            raise PlanError(
-                f"{at}: the student has levels {['P%d' % x for x in levels]} but {src} lacks "
-                f"{['P%d' % x for x in missing]}; no adapter bridges missing levels: use a teacher with those "
-                "levels or a student without them"
-            )
+        levels = tuple(lvl for lvl in student_levels if t_fpn is not None and lvl in t_fpn.levels)
+        missing = [f"P{x}" for x in student_levels if x not in levels]
+        lacks = f"{at}: the student has levels {['P%d' % x for x in student_levels]} but {src} lacks {missing}"
+        if not levels:
+            raise PlanError(f"{lacks}; use a teacher with those levels or a student without them")
         try:
             loss = build_loss(
                 lc.name,
@@ -102,6 +108,11 @@ def build_losses(
             )
         except ValueError as e:
             raise PlanError(f"{at}: {e}") from None
+        if missing and loss.needs_anchors:
+            raise PlanError(f"{lacks}; {lc.name} ranks the anchors of every level: use a teacher with all of them")
+        if missing and on_skip is not None:
+            on_skip({"event": "levels_skipped", "loss": lc.name, "store": src, "levels": [f"P{x}" for x in levels],
+                     "skipped": missing})  # fmt: skip
         for name in loss.needs:
             if name not in have:
                 raise PlanError(
@@ -114,9 +125,11 @@ def build_losses(
                 f"{at}: teacher has {t_cls.num_anchors} anchors x {t_cls.num_classes} classes per cell, the "
                 f"student {a} x {k}; class-output losses need the same anchors and classes"
             )
-        weight = defaults["weight"] if lc.weight is None else lc.weight
         key = lc.name if all(b.name != lc.name for b in out) else f"{lc.name}_{lc.store}"
-        out.append(BoundLoss(loss, float(weight), lc.store, key))
+        if lc.weight == "auto":
+            out.append(BoundLoss(loss, None, lc.store, key, auto_ratio=lc.ratio))
+        else:
+            out.append(BoundLoss(loss, float(defaults["weight"] if lc.weight is None else lc.weight), lc.store, key))
     return out
 
 
@@ -203,7 +216,7 @@ class Stage:
         spec = ViewSpec(short=data.short, long=data.long, views=("orig", "hflip") if data.flip else ("orig",))
         student = self.init_student(train.num_classes)
         source = self.target_source(where)
-        losses = build_losses(cfg, student, source.outputs(), source.names(), where)
+        losses = self.losses = build_losses(cfg, student, source.outputs(), source.names(), where, self.emit)
         needs = [sorted({n for b in losses if b.store == s for n in b.loss.needs}) for s in range(self.n_sources)]
         if isinstance(source, OnlineTargets):
             source.needs = needs
@@ -236,7 +249,7 @@ class Stage:
             device=self.device,
             grad_clip=cfg.grad_clip,
             label_offset=label_offset(student),
-            hooks=[hooks.EpochData(ds, sampler, data.batch_size)]
+            hooks=[hooks.EpochData(ds, sampler, data.batch_size), hooks.AutoWeights(self.auto_weight_set)]
             + self.logging(len(loader))
             + ([checkpointer, evaluator] if self.rank == 0 else []),
         )
@@ -304,6 +317,17 @@ class Stage:
             )
         )
         return [hooks.MetricsLogger(self.k, self.plan.log_every, sinks)]
+
+    def auto_weight_set(self, name: str, weight: float) -> None:
+        """A ``weight: auto`` value, once chosen: logged, and written into the stage's plan and the resolved plan,
+        so that a rerun of either reproduces the run with a fixed weight."""
+        for b, lc in zip(self.losses, self.cfg.losses):
+            if b.name == name:
+                lc.weight = weight
+                self.emit({"event": "auto_weight", "loss": name, "weight": weight, "ratio": lc.ratio})
+        if self.rank == 0:
+            save_plan(self.plan, self.dir / "plan.yaml")
+            save_plan(self.plan, Path(self.plan.output_dir) / "plan.resolved.yaml")
 
     # -- the end of a stage --------------------------------------------------------------
     def save_final(self, student: nn.Module) -> None:

@@ -1,0 +1,61 @@
+"""`weight: auto`: each distillation loss's weight is set once, at the stage's first step, so that the weighted
+loss starts at the stated ratio of the detection loss; the value is logged, saved in the resolved plan, kept
+by a resume, and a rerun of the resolved plan reproduces the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_trainer import write_plan
+
+from mtpd.trainer.plan import PlanError, load_plan
+from mtpd.trainer.stage import Stage, run_plan
+
+AUTO_STAGE = {
+    "name": "auto",
+    "losses": [{"name": "mgd", "weight": "auto"}, {"name": "pfi", "weight": "auto", "ratio": 0.5}],
+    "epochs": 1,
+    "optimizer": {"type": "adamw", "lr": 0.002},
+    "schedule": {"warmup_iters": 2},
+}
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stage_1" / "log.jsonl").read_text().splitlines()]
+
+
+def test_auto_weight_starts_at_the_stated_ratio_and_is_saved(tmp_path, digits, tiny_store):
+    plan_path = write_plan(tmp_path, digits, [tiny_store], stages=[{**AUTO_STAGE, "stores": [tiny_store]}])
+    events = []
+    run_plan(load_plan(plan_path), [1], log=None, on_event=events.append)
+    first = _records(tmp_path / "run")[0]
+    assert first["step"] == 1  # the first step is always logged
+    det = sum(v for k, v in first.items() if k.startswith("det_"))
+    assert first["mgd"] / det == pytest.approx(1.0, rel=0.1)
+    assert first["pfi"] / det == pytest.approx(0.5, rel=0.1)
+    chosen = {e["loss"]: e["weight"] for e in events if e["event"] == "auto_weight"}
+    assert set(chosen) == {"mgd", "pfi"} and all(w > 0 for w in chosen.values())
+    resolved = yaml.safe_load((tmp_path / "run" / "plan.resolved.yaml").read_text())
+    assert [lc["weight"] for lc in resolved["stages"][0]["losses"]] == [chosen["mgd"], chosen["pfi"]]
+
+
+def test_resume_keeps_the_chosen_weights(tmp_path, digits, tiny_store):
+    stage = {**AUTO_STAGE, "stores": [tiny_store], "epochs": 2}
+    plan_path = write_plan(tmp_path, digits, [tiny_store], stages=[stage], checkpoint_every=2)
+    events = []
+    run_plan(load_plan(plan_path), [1], log=None, on_event=events.append)
+    chosen = {e["loss"]: e["weight"] for e in events if e["event"] == "auto_weight"}
+    # A resume restores them from last.pt rather than choosing again on its first step.
+    stage = Stage(load_plan(plan_path), 1, resume=True, log=None)
+    engine, checkpointer, _ = stage.build()
+    assert all(b.weight is None for b in engine.losses)
+    checkpointer.restore(engine)
+    assert {b.name: b.weight for b in engine.losses} == chosen
+
+
+def test_weight_must_be_a_number_or_auto(tmp_path, digits, tiny_store):
+    stage = {**AUTO_STAGE, "stores": [tiny_store], "losses": [{"name": "mgd", "weight": "2e-5"}]}
+    with pytest.raises(PlanError, match=r"losses\[0\]\.weight: '2e-5' is neither a number nor auto"):
+        load_plan(write_plan(tmp_path, digits, [tiny_store], stages=[stage]))
