@@ -1,6 +1,7 @@
-"""mtpd-data: write benchmark datasets in COCO format.
+"""mtpd-data: make COCO-format datasets (the digits benchmark, or an import of VOC/YOLO/CSV boxes).
 
 mtpd-data digits --out data/digits --train 2000 --val 400 --size 128 --seed 0
+mtpd-data import --format voc --images VOC2012/JPEGImages --annotations VOC2012/Annotations --out data/voc
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from mtpd.errors import MtpdError, message
 
 DIGITS_HELP = """\
 Write the digits detection benchmark: real handwritten digits (scikit-learn's
@@ -26,6 +29,40 @@ Output:
   OUT/images/val/000000.png ...
   OUT/annotations/instances_train.json   COCO instances (file_name relative
   OUT/annotations/instances_val.json     to the split's image folder)
+"""
+
+IMPORT_HELP = """\
+Convert box annotations to mtpd's COCO layout (the digits set's), split by
+image into train and val, and optionally cut large images into tiles.
+
+Formats (--annotations):
+  voc   a folder of Pascal VOC XML files; <filename> is relative to --images;
+        coordinates are read as written; <difficult>1 becomes iscrowd (ignored)
+  yolo  a folder of .txt files, one per image of the same name under --images,
+        one box a line: class cx cy w h, normalised to 0..1; needs --classes;
+        an image without a .txt is a negative (no objects)
+  csv   one file, one box a row: image,xmin,ymin,xmax,ymax,label (pixels;
+        image relative to --images); an optional header row may name the
+        columns in another order; a row `image,,,,,` is an image with no boxes
+
+Classes: category ids are 1..K in --classes order (a names.txt with one name
+a line, a data.yaml's names, or a list like cat,dog), else sorted by name;
+with --classes, any other name in the annotations is an error.
+
+Tiling (--tile N): tiles of N x N pixels, stride N - overlap, the last tile
+flush with the border; a box goes to every tile that shows at least
+--min-visible of its area, clipped to the tile. Tiles without boxes are kept
+(negatives); images no larger than a tile are kept whole.
+
+Output:
+  OUT/images/{train,val}/<path under IMAGES>    hard links (copies across file
+                                                systems) of untiled images
+  OUT/images/{train,val}/<stem>_x<X>_y<Y>.png   tiles
+  OUT/annotations/instances_{train,val}.json    COCO instances (file_name
+                                                relative to the split's folder)
+
+Errors name the file and line at fault, e.g.
+  labels/img3.txt:2: 5 values expected (class cx cy w h), got 4
 """
 
 
@@ -53,15 +90,72 @@ def _size(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import",
+        help="convert Pascal VOC XML, YOLO txt or CSV boxes to COCO, with a train/val split and optional tiling",
+        description=IMPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--format", required=True, choices=["voc", "yolo", "csv"], help="annotation format")
+    p.add_argument(
+        "--images", type=Path, required=True, metavar="DIR", help="folder the annotations' image names are relative to"
+    )
+    p.add_argument(
+        "--annotations",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="VOC: folder of .xml; YOLO: folder of .txt; CSV: the file",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="output folder (a rerun replaces what an earlier import wrote there)",
+    )
+    p.add_argument(
+        "--classes", metavar="FILE_OR_LIST", help="names.txt, data.yaml or a,b,c: class names in category-id order"
+    )
+    p.add_argument("--tile", type=_count, metavar="N", help="cut images larger than N x N pixels into N x N tiles")
+    p.add_argument("--overlap", type=_count, metavar="M", help="pixels shared by neighbouring tiles (default: 0)")
+    p.add_argument(
+        "--min-visible", type=float, metavar="F", help="area fraction a tile must show to keep a box (default: 0.5)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.2,
+        metavar="F",
+        help="share of images (before tiling) in val (default: 0.2)",
+    )
+    p.add_argument(
+        "--seed", type=_count, default=0, metavar="S", help="seed of the split; same seed, same split (default: 0)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtpd-data",
-        description="Write benchmark datasets in COCO format (images/ + annotations/instances_*.json).",
+        description="Make datasets in COCO format (images/{train,val}/ + annotations/instances_{train,val}.json).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="DATASET", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     digits = sub.add_parser(
         "digits",
-        help="handwritten digits on cluttered backgrounds (10 classes, offline, seconds to build)",
+        help="write the digits benchmark: handwritten digits on cluttered backgrounds (10 classes, offline)",
         description=DIGITS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -75,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_count, default=0, help="random seed; same seed, same bytes (default: %(default)s)"
     )
     digits.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_import(sub)
     return parser
 
 
@@ -93,18 +188,53 @@ def _run_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_import(args: argparse.Namespace) -> int:
+    from mtpd.data.importer import import_dataset
+    from mtpd.data.tiling import TileSpec
+
+    if args.tile is None and (args.overlap is not None or args.min_visible is not None):
+        raise ValueError("--overlap and --min-visible apply to tiles: add --tile N")
+    overlap = 0 if args.overlap is None else args.overlap
+    min_visible = 0.5 if args.min_visible is None else args.min_visible
+    tile = None if args.tile is None else TileSpec(args.tile, overlap, min_visible)
+    result = import_dataset(
+        args.format,
+        args.images,
+        args.annotations,
+        args.out,
+        classes=args.classes,
+        tile=tile,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    names = result["categories"]
+    print(f"  categories 1..{len(names)}: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}")
+    for split in ("train", "val"):
+        r = result[split]
+        tiles = f" ({r['num_sources']} source images)" if tile is not None else ""
+        print(f"  {split}: {r['num_images']} images{tiles}, {r['num_boxes']} boxes -> {r['images']} + {r['ann']}")
+    lost = result["train"]["lost_boxes"] + result["val"]["lost_boxes"]
+    if lost:
+        print(f"  {lost} boxes are in no tile (no tile shows --min-visible {min_visible} of them)")
+    images = result["train"]["num_images"] + result["val"]["num_images"]
+    boxes = result["train"]["num_boxes"] + result["val"]["num_boxes"]
+    print(f"wrote {images} images and {boxes} boxes to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help and bad arguments; callers get an exit code instead
         return e.code if isinstance(e.code, int) else 2
-    handlers = {"digits": _run_digits}  # argparse has already rejected unknown names
+    handlers = {"digits": _run_digits, "import": _run_import}  # argparse has already rejected unknown names
     try:
         return handlers[args.command](args)
-    except (ValueError, TypeError, ImportError, OSError) as e:
-        # Expected failures (unwritable --out, missing scikit-learn) get one line, not a traceback.
-        print(f"mtpd-data {args.command}: error: {e}", file=sys.stderr)
+    except (MtpdError, ValueError, TypeError, ImportError, OSError) as e:
+        # Expected failures (a bad annotation, unwritable --out, missing scikit-learn) get one line, not a traceback.
+        print(f"mtpd-data: error: {message(e)}", file=sys.stderr)
         return 2
 
 

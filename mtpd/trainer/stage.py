@@ -113,24 +113,30 @@ def build_losses(
         if missing and on_skip is not None:
             on_skip({"event": "levels_skipped", "loss": lc.name, "store": src, "levels": [f"P{x}" for x in levels],
                      "skipped": missing})  # fmt: skip
-        for name in loss.needs:
-            if name not in have:
-                raise PlanError(
-                    f"{at} needs teacher output {name!r} but {src} has {list(have)}; "
-                    f"rebuild it with --outputs {','.join(sorted(set(have) | {name}))}"
-                )
-        t_cls = have.get("cls")
-        if "cls" in loss.needs and t_cls and (t_cls.num_anchors, t_cls.num_classes) != (a, k):
-            raise PlanError(
-                f"{at}: teacher has {t_cls.num_anchors} anchors x {t_cls.num_classes} classes per cell, the "
-                f"student {a} x {k}; class-output losses need the same anchors and classes"
-            )
+        _check_outputs(loss, have, src, at, (a, k))
         key = lc.name if all(b.name != lc.name for b in out) else f"{lc.name}_{lc.store}"
         if lc.weight == "auto":
             out.append(BoundLoss(loss, None, lc.store, key, auto_ratio=lc.ratio))
         else:
             out.append(BoundLoss(loss, float(defaults["weight"] if lc.weight is None else lc.weight), lc.store, key))
     return out
+
+
+def _check_outputs(loss, have: dict[str, OutputSpec], src: str, at: str, anchors_classes: tuple[int, int]) -> None:
+    """The teacher outputs ``loss`` needs are in its store, with the student's anchors and classes."""
+    for name in loss.needs:
+        if name not in have:
+            raise PlanError(
+                f"{at} needs teacher output {name!r} but {src} has {list(have)}; "
+                f"rebuild it with --outputs {','.join(sorted(set(have) | {name}))}"
+            )
+    t_cls = have.get("cls")
+    if "cls" in loss.needs and t_cls and (t_cls.num_anchors, t_cls.num_classes) != anchors_classes:
+        a, k = anchors_classes
+        raise PlanError(
+            f"{at}: teacher has {t_cls.num_anchors} anchors x {t_cls.num_classes} classes per cell, the "
+            f"student {a} x {k}; class-output losses need the same anchors and classes"
+        )
 
 
 class Stage:
