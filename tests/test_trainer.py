@@ -182,13 +182,18 @@ def test_store_of_another_dataset_or_view_is_refused(tmp_path, digits, tiny_stor
         run_plan(load_plan(plan), [1], log=lambda s: None)
 
 
-def test_level_mismatch_without_adapter_is_refused(tmp_path, digits, tiny_store):
-    plan = write_plan(tmp_path, digits, [tiny_store])
-    d = yaml.safe_load(plan.read_text())
-    d["student"]["options"]["levels"] = [3, 4, 5, 6, 7]
-    plan.write_text(yaml.safe_dump(d))
-    with pytest.raises(PlanError, match=r"lacks \[.P6., .P7.\]"):
-        run_plan(load_plan(plan), [1], log=lambda s: None)
+def test_a_store_without_any_student_level_is_refused():
+    """Shared levels are distilled and the others skipped (tests/test_levels.py); none shared is an error."""
+    from mtpd.models import build_arch
+    from mtpd.output_spec import OutputSpec
+    from mtpd.trainer.plan import LossConfig, StageConfig
+    from mtpd.trainer.stage import build_losses
+
+    student = build_arch("retinanet_tiny", 10, fpn_channels=32, width=8)  # P3-P5
+    stage = StageConfig(name="s", losses=[LossConfig(name="mgd")])
+    store = [{"fpn": OutputSpec("fpn", "feature", (6, 7), 64)}]
+    with pytest.raises(PlanError, match=r"lacks \['P3', 'P4', 'P5'\]; use a teacher with those levels"):
+        build_losses(stage, student, store, ["store s"], "stages[0]")
 
 
 def test_non_finite_loss_stops_with_iteration(tmp_path, digits, tiny_store):

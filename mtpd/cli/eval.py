@@ -1,4 +1,8 @@
-"""`mtpd-eval`: COCO box AP of a student checkpoint, or of its ONNX export, on a COCO-format set."""
+"""`mtpd-eval`: COCO box AP of a student checkpoint, or of its ONNX export, on a COCO-format set.
+
+Any checkpoint mtpd can rebuild: its own (the arch travels in the file), or a plain torchvision
+state dict given ``--arch NAME_OR_PACKAGE.MODULE:FACTORY [--num-classes K] [--options JSON]``.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,30 @@ def _parser() -> argparse.ArgumentParser:
         "reports their parity image by image.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", default=None, help="student checkpoint written by mtpd-train (stage_K/final.pt)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="student checkpoint written by mtpd-train (stage_K/final.pt), or a plain state dict with --arch",
+    )
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="what the checkpoint was saved from: a registered arch or package.module:factory (needed for a plain "
+        "torchvision state dict; the current directory is importable)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes the model was built with, as torchvision counts them (R-CNNs include the background); "
+        "default: read off the checkpoint",
+    )
+    p.add_argument(
+        "--options",
+        type=_json_object,
+        default=None,
+        help="the arch's options as a JSON object, e.g. '{\"width\": 8}' (default: the checkpoint's, else none)",
+    )
     p.add_argument("--onnx", default=None, help="ONNX file written by mtpd-export (run with ONNX Runtime)")
     p.add_argument("--ann", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="image folder")
@@ -39,17 +66,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 8}}', got {text!r}")
+    return value
+
+
+def _load(a: argparse.Namespace, device: str):
+    from mtpd.trainer.student import load_student
+
+    return load_student(a.checkpoint, device, arch=a.arch, num_classes=a.num_classes, options=a.options)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
     if not (a.checkpoint or a.onnx):
         p.error("give --checkpoint, --onnx, or both")
+    if not a.checkpoint and (a.arch or a.num_classes or a.options is not None):
+        p.error("--arch, --num-classes and --options describe a --checkpoint; give one")
     apply_trust_flag(a)
 
     from mtpd.data import CocoDataset, ViewSpec
     from mtpd.errors import MtpdError, message
     from mtpd.trainer.evaluate import evaluate
-    from mtpd.trainer.student import load_student
 
     progress = sys.stderr.isatty()
     try:
@@ -58,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = _eval_onnx(a, dataset, progress)
         else:
             short, long = _view_sizes(a.checkpoint, a.short, a.long)
-            model = load_student(a.checkpoint, a.device)
+            model = _load(a, a.device)
             stats = evaluate(
                 model, dataset, ViewSpec(short=short, long=long), a.batch_size, a.device, progress=progress
             )
@@ -88,7 +132,6 @@ def _eval_onnx(a: argparse.Namespace, dataset, progress: bool) -> dict:
 
     from mtpd.export import OnnxDetector, compare, evaluate_onnx
     from mtpd.trainer.evaluate import evaluate
-    from mtpd.trainer.student import load_student
 
     detector = OnnxDetector(a.onnx)
     spec = detector.spec
@@ -98,7 +141,7 @@ def _eval_onnx(a: argparse.Namespace, dataset, progress: bool) -> dict:
     if detector.input_size:
         stats["input_size"] = "x".join(map(str, detector.input_size))
     if a.checkpoint:
-        model = load_student(a.checkpoint, "cpu")
+        model = _load(a, "cpu")
         # batch size 1: each view padded on its own, as the export sees it
         stats["pytorch"] = evaluate(model, dataset, spec, 1, "cpu", progress=progress)
         report = compare(model, detector, dataset, spec)

@@ -1,6 +1,14 @@
 """Detector architectures shared by teachers and students, and the one definition of their
-dense outputs. A leaf package: imports torch, torchvision and ``mtpd.output_spec`` only."""
+dense outputs. A leaf package: imports torch, torchvision and the leaf modules (``mtpd.output_spec``,
+``mtpd.factory``) only."""
 
+from mtpd.models.factory_arch import (
+    build_factory_arch,
+    build_factory_student,
+    build_model,
+    infer_num_classes,
+    model_num_classes,
+)
 from mtpd.models.outputs import (
     DenseOutputs,
     dense_outputs,
@@ -31,12 +39,17 @@ __all__ = [
     "arch_family",
     "arch_info",
     "build_arch",
+    "build_factory_arch",
+    "build_factory_student",
+    "build_model",
     "dense_outputs",
     "feature_levels",
     "flatten_level",
+    "infer_num_classes",
     "level_grid_sizes",
     "list_archs",
     "model_anchors",
+    "model_num_classes",
     "output_specs",
     "register_arch",
     "unflatten_level",

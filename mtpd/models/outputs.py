@@ -59,10 +59,15 @@ def feature_levels(model: nn.Module) -> dict[str, int]:
     levels: dict[str, int] = {}
     for key, f in feats.items():
         stride = _PROBE_HW[0] // f.shape[-2]
-        lvl = int(round(math.log2(stride)))
-        if 2**lvl != stride or lvl in levels.values():
+        lvl = int(round(math.log2(stride))) if stride > 0 else -1
+        if 2**lvl != stride:
             raise ValueError(
-                f"backbone output {key!r} has stride {stride} on a {_PROBE_HW[0]}-px probe: not a distinct power of two"
+                f"backbone output {key!r} has stride {stride} on a {_PROBE_HW[0]}-px probe: not a power of two"
+            )
+        twin = next((k for k, v in levels.items() if v == lvl), None)
+        if twin is not None:
+            raise ValueError(
+                f"backbone outputs {twin!r} and {key!r} both have stride {stride}, so both would be level P{lvl}"
             )
         levels[key] = lvl
     _LEVELS[backbone] = levels

@@ -96,11 +96,12 @@ def build_arch(name: str, num_classes: int, **options: Any) -> nn.Module:
         )
     model = info.factory(num_classes, **options)
     # A plain attribute (not a buffer): travels with the object, never into state_dict.
-    model.mtpd_arch_spec = {"arch": name, "num_classes": num_classes, "arch_options": _jsonable(options)}
+    model.mtpd_arch_spec = {"arch": name, "num_classes": num_classes, "arch_options": jsonable_options(options)}
     return model
 
 
-def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as a checkpoint records them: sorted, tuples as lists (plain data the safe reader accepts)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())}
 
 
@@ -129,7 +130,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def arch_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """A checkpoint dict a teacher can rebuild from the file alone:
-    ``{"model": state_dict, "arch", "num_classes", "arch_options", **extra}``.
+    ``{"model": state_dict, "arch", "num_classes", "arch_options", **extra}``; ``arch`` is a registered
+    name or, for a model from ``mtpd.models.build_factory_arch``, its ``package.module:factory``.
 
     Save it with ``torch.save``; ``build_teacher(arch, weights=path)`` reads it back.
     ``backbone_weights`` is dropped from the options (the state dict supersedes it), and
@@ -140,10 +142,12 @@ def arch_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     spec = getattr(model, "mtpd_arch_spec", None)
     if spec is None:
         raise ValueError(
-            f"{type(model).__name__} was not built by mtpd.models.build_arch; save its state_dict() instead"
+            f"{type(model).__name__} was not built by mtpd.models.build_arch or build_factory_arch; save its "
+            "state_dict() instead"
         )
     options = dict(spec["arch_options"])
-    if options.pop("backbone_weights", None) is not None:
+    # A factory's options are its own: recorded as given, so the factory rebuilds the same model.
+    if ":" not in spec["arch"] and options.pop("backbone_weights", None) is not None:
         accepted = arch_info(spec["arch"]).default_options()
         if accepted.get("norm") == "auto" and options.get("norm", "auto") == "auto":
             options["norm"] = "frozen_bn"

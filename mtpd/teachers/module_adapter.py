@@ -2,7 +2,9 @@
 
 The factory is called as ``factory(num_classes=N)`` when it takes ``num_classes``
 (else ``factory()``), and also gets ``weights=`` when it takes that (it then loads
-its own weights). It may return:
+its own weights). A student checkpoint of the same factory (``mtpd-train`` with
+``student.arch: package.module:factory``) also hands it the options it was built with.
+It may return:
 - a torchvision RetinaNet / FCOS / Faster or Mask R-CNN: wrapped in
   ``TorchvisionTeacher``; a local checkpoint path in ``weights`` is loaded into it;
 - an object following the ``Teacher`` protocol: used as is.
@@ -12,8 +14,6 @@ The teacher's identity name is the full ``package.module:factory`` string.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -22,46 +22,25 @@ import torch
 from torch import nn
 
 from mtpd.checkpoint import sha256_file
-from mtpd.models import arch_family, unwrap
+from mtpd.factory import FactoryError, import_factory
+from mtpd.factory import accepts as _accepts
+from mtpd.models import arch_family, infer_num_classes, unwrap
 from mtpd.teachers.base import INIT_SEED, Teacher, TeacherError, TeacherIdentity
-from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, infer_num_classes, load_weights, read_checkpoint
+from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, load_weights, read_checkpoint
 
 
 def _resolve(spec: str) -> Callable[..., Any]:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise TeacherError(f"teacher {spec!r}: expected package.module:factory")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TeacherError(
-            f"teacher {spec!r}: cannot import module {module_name!r} ({e}); install it or add its folder to PYTHONPATH"
-        ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise TeacherError(
-                f"teacher {spec!r}: module {module_name!r} has no {attr!r}; callables there: {', '.join(public[:20])}"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TeacherError(f"teacher {spec!r}: {attr!r} is a {type(obj).__name__}, not a callable factory")
-    return obj
+        return import_factory(spec, role="teacher")
+    except FactoryError as e:
+        raise TeacherError(str(e)) from None
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _read_weights(spec: str, weights: str, num_classes: int | None) -> tuple[dict | None, str, str, int | None]:
-    """(state dict, resolved file, sha256, class count) of ``weights`` for a factory without a weights parameter."""
+def _read_weights(spec: str, weights: str, num_classes: int | None) -> tuple[dict | None, str, str, int | None, dict]:
+    """(state dict, resolved file, sha256, class count, factory options) of ``weights`` for a factory without a
+    weights parameter. A student checkpoint of this factory carries the options it was built with."""
     if weights == "none":
-        return None, "", "", num_classes
+        return None, "", "", num_classes, {}
     if weights == "default":
         raise TeacherError(
             f"teacher {spec!r}: 'default' weights exist only for registered names; pass a checkpoint path or 'none'"
@@ -73,7 +52,9 @@ def _read_weights(spec: str, weights: str, num_classes: int | None) -> tuple[dic
         raise TeacherError(
             f"checkpoint {path} has {found} classes but --num-classes is {num_classes}; drop --num-classes"
         )
-    return state_dict, str(path.resolve()), sha256_file(path), int(found) if found is not None else num_classes
+    classes = int(found) if found is not None else num_classes
+    options = dict(meta.get("arch_options") or {}) if meta.get("arch") == spec else {}
+    return state_dict, str(path.resolve()), sha256_file(path), classes, options
 
 
 def build_module_teacher(
@@ -82,11 +63,10 @@ def build_module_teacher(
     """Build the teacher named ``package.module:factory`` (see the module docstring)."""
     factory = _resolve(spec)
     takes_weights = _accepts(factory, "weights")
-    state_dict, weights_file, digest = None, "", ""
+    state_dict, weights_file, digest, kwargs = None, "", "", {}
     if not takes_weights:  # mtpd reads the checkpoint and loads it into what the factory returns
-        state_dict, weights_file, digest, num_classes = _read_weights(spec, weights, num_classes)
+        state_dict, weights_file, digest, num_classes, kwargs = _read_weights(spec, weights, num_classes)
 
-    kwargs: dict[str, Any] = {}
     if num_classes is not None and _accepts(factory, "num_classes"):
         kwargs["num_classes"] = num_classes
     if takes_weights:

@@ -20,7 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from mtpd.checkpoint import load_state_dict, sha256_file
-from mtpd.models import arch_family, arch_info, build_arch, dense_outputs, list_archs, output_specs, unwrap
+from mtpd.models import (
+    arch_family,
+    arch_info,
+    build_arch,
+    dense_outputs,
+    infer_num_classes,
+    list_archs,
+    output_specs,
+    unwrap,
+)
 from mtpd.models.parts import hub_checkpoint_path, load_checked, name_hash_problem, set_frozen_bn_eps
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import INIT_SEED, TeacherError, TeacherIdentity, check_outputs
@@ -65,17 +74,6 @@ class TorchvisionTeacher:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(state_dict, metadata) of a local checkpoint; CheckpointError naming the file otherwise."""
     return load_state_dict(path, mmap=True)
-
-
-def infer_num_classes(state_dict: dict[str, Tensor]) -> int | None:
-    """Class count from a detector state dict's class-logit weights (None if not found)."""
-    cls = state_dict.get("head.classification_head.cls_logits.weight")
-    if cls is not None:
-        reg = state_dict.get("head.regression_head.bbox_reg.weight")
-        anchors = reg.shape[0] // 4 if reg is not None else 1
-        return int(cls.shape[0]) // anchors
-    rcnn = state_dict.get("roi_heads.box_predictor.cls_score.weight")
-    return int(rcnn.shape[0]) if rcnn is not None else None
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str, arch: str) -> None:

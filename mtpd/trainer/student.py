@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from mtpd import checkpoint
-from mtpd.checkpoint import CheckpointError
-from mtpd.models import arch_checkpoint, arch_family, build_arch
+from mtpd.checkpoint import CheckpointError, split_state_dict
+from mtpd.factory import FactoryError, is_factory_spec
+from mtpd.models import arch_checkpoint, arch_family, build_arch, build_factory_student, build_model, infer_num_classes
+from mtpd.models.parts import load_checked
 from mtpd.trainer.plan import PlanError, StudentConfig
 
 
@@ -24,8 +26,20 @@ def label_offset(arch_or_model: str | nn.Module) -> int:
 
 
 def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:
-    """The student named by the plan, with its ImageNet backbone init (or none)."""
+    """The student named by the plan, with its ImageNet backbone init (or none).
+
+    ``arch: package.module:factory`` builds the user's own detector (``mtpd.models.build_factory_student``):
+    ``factory(num_classes=N, **options)``, N counted as torchvision's constructor counts (R-CNNs add the
+    background); ``init`` does not apply (the factory loads its own backbone weights, through an option).
+    """
     options = dict(cfg.options)
+    if is_factory_spec(cfg.arch):
+        if cfg.init and cfg.init != "none":
+            raise PlanError(
+                f"student.init: {cfg.arch!r} is a factory, which loads its own backbone weights; drop init and pass "
+                "the file in student.options to a parameter of the factory"
+            )
+        return build_factory_student(cfg.arch, num_classes, **options)
     if cfg.init and cfg.init != "none":
         options["backbone_weights"] = cfg.init
     try:
@@ -50,15 +64,42 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a student from its checkpoint alone (arch, classes and options travel with it)."""
-    ckpt = load_checkpoint(path)
-    if not all(k in ckpt for k in ("arch", "num_classes", "model")):
+def load_student(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    arch: str | None = None,
+    num_classes: int | None = None,
+    options: dict | None = None,
+) -> nn.Module:
+    """Rebuild a student from its checkpoint alone (arch, classes and options travel with it; a factory's
+    ``package.module:factory`` is imported again), or a plain state dict (``torch.save(model.state_dict())``,
+    maybe inside ``{"model": ...}`` / ``{"state_dict": ...}``) given its ``arch``: a registered name or a
+    factory. ``num_classes`` counts as torchvision's constructor does (default: read off the class head);
+    ``options`` default to the checkpoint's when it was saved from the same arch."""
+    state, meta = split_state_dict(checkpoint.load(path), path)
+    saved = meta.get("arch")
+    arch = arch or saved
+    if arch is None:
         raise CheckpointError(
-            f"{path}: not an mtpd student checkpoint (needs arch, num_classes, model); save students with mtpd-train"
+            f"{path}: a plain state dict, which does not say what it was saved from; pass its architecture: "
+            "mtpd-eval --arch NAME_OR_PACKAGE.MODULE:FACTORY [--num-classes K] [--options JSON]"
         )
-    model = build_arch(ckpt["arch"], int(ckpt["num_classes"]), **ckpt.get("arch_options", {}))
-    model.load_state_dict(ckpt["model"])
+    if num_classes is None:
+        num_classes = (meta.get("num_classes") if saved == arch else None) or infer_num_classes(state)
+    if options is None:
+        options = dict(meta.get("arch_options") or {}) if saved == arch else {}
+    try:
+        model = build_model(arch, None if num_classes is None else int(num_classes), **options)
+    except FactoryError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot build {arch}: {e}") from None
+    problem = load_checked(model, state)
+    if problem:
+        raise CheckpointError(
+            f"{path} does not fit {arch}: {problem}; pass the architecture, --num-classes and --options it was "
+            "saved from"
+        )
     return model.to(device)
 
 
@@ -106,6 +147,11 @@ def inherit_from_teacher(student: nn.Module, weights: str, parts: list[str]) -> 
     copied: list[str] = []
     for part in parts:
         keys = [k for k in dst if k.startswith(_PARTS[part])]
+        if not keys:  # a factory student whose neck lives elsewhere: copying nothing is no inheritance
+            raise CheckpointError(
+                f"{weights}: cannot inherit the {part}: the student has no parameters under "
+                f"{' or '.join(_PARTS[part])}; name its {part} so in the factory, or drop {part} from inherit.parts"
+            )
         fit = [k for k in keys if k in src and src[k].shape == dst[k].shape]
         if keys and not fit:
             sample = next((k for k in keys if k in src), None)
