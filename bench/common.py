@@ -257,8 +257,17 @@ def machine() -> str:
     )
 
 
+def repo_path(value: str) -> str:
+    """``value`` relative to the repository when it is an absolute path inside it: recorded results name no
+    folder of the machine they ran on."""
+    p = Path(value)
+    if p.is_absolute() and p.is_relative_to(REPO):
+        return str(p.relative_to(REPO))
+    return value
+
+
 def command_line(script: str, argv: Sequence[str]) -> str:
-    return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(a) for a in argv])
+    return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(repo_path(a)) for a in argv])
 
 
 def write_section(title: str, body: str, key: str | None = None, path: Path = RESULTS) -> None:

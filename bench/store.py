@@ -42,7 +42,7 @@ import torch
 if __package__ in (None, ""):  # run as `python bench/store.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PHOTOS, build_stores, digits_images, natural_images, photo_images, report, table
+from bench.common import PHOTOS, build_stores, digits_images, natural_images, photo_images, repo_path, report, table
 from mtpd.cache.compute import encode_sample
 from mtpd.cache.encoding import PCA, Affine, Fp16, bitround, pack
 from mtpd.cache.inspect import store_info
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> str:
 def who(a) -> str:
     if a.backbone_weights:
         return f"{a.backbone_weights} backbone, random FPN and head"
-    return "random init" if a.weights == "none" else a.weights
+    return "random init" if a.weights == "none" else repo_path(a.weights)
 
 
 # --- the report ------------------------------------------------------------------------------------

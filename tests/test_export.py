@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 # The export extra (make test installs it); the core install runs without it.
@@ -275,28 +274,13 @@ def test_export_and_eval_onnx_clis_on_a_trained_student(tmp_path, digits, capsys
 
 
 def _train_tiny_student(tmp_path: Path, digits: dict) -> Path:
+    from test_trainer import write_plan
+
     from mtpd.cli.train import main
 
-    plan = {
-        "output_dir": str(tmp_path / "run"),
-        "seed": 0,
-        "log_every": 1000,
-        "student": {"arch": "retinanet_tiny", "options": {"fpn_channels": 32, "width": 8}},
-        "data": {
-            "train_ann": digits["train"]["ann"],
-            "train_images": digits["train"]["images"],
-            "val_ann": digits["val"]["ann"],
-            "val_images": digits["val"]["images"],
-            "short": 64,
-            "long": 64,
-            "flip": True,
-            "batch_size": 4,
-            "workers": 0,
-        },
-        "stages": [{"name": "s", "epochs": 60, "eval": False, "optimizer": {"type": "adamw", "lr": 0.01}}],
-    }
-    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
-    assert main(["--plan", str(tmp_path / "plan.yaml"), "--stage", "1", "--device", "cpu"]) == 0
+    stages = [{"name": "s", "epochs": 60, "eval": False, "optimizer": {"type": "adamw", "lr": 0.01}}]
+    plan = write_plan(tmp_path, digits, [], stages=stages, log_every=1000)
+    assert main(["--plan", str(plan), "--stage", "1", "--device", "cpu"]) == 0
     return tmp_path / "run" / "stage_1" / "final.pt"
 
 

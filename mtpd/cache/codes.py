@@ -4,6 +4,7 @@ sparse top-k scores) and the ``Encoding`` interface every encoding follows: see 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,8 +24,8 @@ class EncodingError(MtpdError, ValueError):
 
 
 @dataclass(frozen=True)
-class Encoding:
-    """Base class: an identity codec of float16 values (subclasses override what differs)."""
+class Encoding(ABC):
+    """The interface of every encoding; defaults: codes as wide as the values, no side parameters, no state."""
 
     kind: ClassVar[str] = ""
     code_dtype: ClassVar[str] = "float16"
@@ -47,19 +48,21 @@ class Encoding:
     def side_shape(self, channels: int) -> tuple[int, ...] | None:
         return None
 
+    @abstractmethod
     def bound(self) -> str:
         """The stated error bound, in words (tests check each encoding against its own)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def within_bound(self, x: Tensor, y: Tensor, level: int) -> bool:
         """Whether ``y`` (decoded, [n, C]) is within the stated bound of the original rows ``x`` [n, C]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, x: Tensor, level: int) -> tuple[Tensor, Tensor | None]:
-        raise NotImplementedError
+        """Rows [n, C] of one level -> (codes [n, code_channels], side parameters or None)."""
 
+    @abstractmethod
     def decode(self, codes: Tensor, side: Tensor | None, level: int) -> Tensor:
-        raise NotImplementedError
+        """Codes [B, ..., code_channels] and side [B, ...] -> values [B, ..., C] float32."""
 
     # Per-store state (PCA bases): none by default.
     def fit(self, rows: list[Tensor]) -> dict[str, np.ndarray]:

@@ -16,6 +16,8 @@ from mtpd.data import CocoDataset, DatasetError, grid_size, prepare_view
 from mtpd.data.views import ViewSpec
 
 FLIP_CALIBRATION = 4  # images (default): the error is a ratio of sums over all their cells
+# Box deltas' dx channels: torchvision's (dx, dy, dw, dh) per anchor. Mirroring a map negates them.
+DX = slice(0, None, 4)
 
 
 def mirror(m: np.ndarray, kind: str) -> np.ndarray:
@@ -24,7 +26,7 @@ def mirror(m: np.ndarray, kind: str) -> np.ndarray:
     are mirror-symmetric per cell, so class and objectness channels keep their meaning."""
     out = np.ascontiguousarray(m[:, ::-1])
     if kind == "deltas":
-        out[..., 0::4] = -out[..., 0::4]
+        out[..., DX] = -out[..., DX]
     return out
 
 

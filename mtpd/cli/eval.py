@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--arch, --num-classes and --options describe a --checkpoint; give one")
     apply_trust_flag(a)
 
+    from mtpd.cli.options import checkpoint_views
     from mtpd.data import CocoDataset, ViewSpec
     from mtpd.errors import MtpdError, message
     from mtpd.trainer.evaluate import evaluate
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.onnx:
             stats = _eval_onnx(a, dataset, progress)
         else:
-            short, long = _view_sizes(a.checkpoint, a.short, a.long)
+            short, long = checkpoint_views(a.checkpoint, a.short, a.long)
             model = _load(a, a.device)
             stats = evaluate(
                 model, dataset, ViewSpec(short=short, long=long), a.batch_size, a.device, progress=progress
@@ -147,20 +148,6 @@ def _eval_onnx(a: argparse.Namespace, dataset, progress: bool) -> dict:
         report = compare(model, detector, dataset, spec)
         stats["parity"] = asdict(report) | {"fraction": report.fraction, "line": report.line()}
     return stats
-
-
-def _view_sizes(checkpoint: str, short: int | None, long: int | None) -> tuple[int, int]:
-    """A stage's plan.yaml sits beside its checkpoint: evaluate at the views it trained on."""
-    from pathlib import Path
-
-    import yaml
-
-    plan = Path(checkpoint).with_name("plan.yaml")
-    if (short is None or long is None) and plan.is_file():
-        data = yaml.safe_load(plan.read_text()).get("data", {})
-        short = short or data.get("short")
-        long = long or data.get("long")
-    return short or 800, long or 1333
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     apply_trust_flag(a)
 
-    from mtpd.cli.eval import _view_sizes
+    from mtpd.cli.options import checkpoint_views
     from mtpd.data import ViewSpec
     from mtpd.errors import MtpdError, message
     from mtpd.export import DEFAULT_OPSET, ExportError, export_model, parse_size
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.format != "onnx" and a.opset is not None:
             raise ExportError("--opset applies to --format onnx only; leave it out for torchscript")
-        short, long = _view_sizes(a.checkpoint, a.short, a.long)
+        short, long = checkpoint_views(a.checkpoint, a.short, a.long)
         model = load_student(a.checkpoint)
         result = export_model(
             model,

@@ -56,3 +56,17 @@ def teacher_spec(a: argparse.Namespace):
     if num_classes is None and a.weights == "none":
         num_classes = CocoDataset(a.ann, a.images).num_classes
     return TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint), views
+
+
+def checkpoint_views(checkpoint: str, short: int | None, long: int | None) -> tuple[int, int]:
+    """A stage's plan.yaml sits beside its checkpoint: evaluate at the views it trained on."""
+    from pathlib import Path
+
+    import yaml
+
+    plan = Path(checkpoint).with_name("plan.yaml")
+    if (short is None or long is None) and plan.is_file():
+        data = yaml.safe_load(plan.read_text()).get("data", {})
+        short = short or data.get("short")
+        long = long or data.get("long")
+    return short or 800, long or 1333

@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from mtpd.cache.flip import DX
 from mtpd.cache.schema import StoredOutput
 from mtpd.cache.store import StoreReader
 from mtpd.output_spec import OutputSpec
@@ -35,8 +36,7 @@ def decode_teacher(batch: Batch, stores_meta: list[dict[str, StoredOutput]]) -> 
             if not o.encoding.zero_is_zero:
                 dec = torch.where(batch.masks[int(lvl)].permute(0, 2, 3, 1) > 0, dec, 0.0)
             if o.kind == "deltas" and batch.mirrored is not None and bool(batch.mirrored[k].any()):
-                dec = dec.clone() if dec.data_ptr() == code.data_ptr() else dec
-                dec[batch.mirrored[k], ..., 0::4] *= -1
+                dec[batch.mirrored[k], ..., DX] *= -1  # decoding made ``dec``: negating it in place is safe
             maps[key] = dec.permute(0, 3, 1, 2)
         out.append(maps)
     return out
