@@ -26,8 +26,18 @@ from mtpd.demo.steps import Log
 from mtpd.errors import MtpdError
 
 
-def _train_child(plan_path: str, stages: list[int], threads: int, events: mp.Queue, log_path: str) -> None:
-    """Child process: train ``stages`` of the plan, events to the queue, all text to ``log_path``."""
+def _train_child(
+    plan_path: str,
+    stages: list[int],
+    threads: int,
+    events: mp.Queue,
+    log_path: str,
+    online: dict[int, tuple[str, str]] | None = None,
+) -> None:
+    """Child process: train ``stages`` of the plan, events to the queue, all text to ``log_path``.
+
+    ``online``: stage -> (teacher arch, checkpoint) runs that stage with the teacher inside every step
+    (``mtpd-train --stage K --online-teacher ARCH=CKPT``) instead of reading its stores."""
     import sys
     import traceback
 
@@ -45,7 +55,15 @@ def _train_child(plan_path: str, stages: list[int], threads: int, events: mp.Que
 
     torch.set_num_threads(threads)
     try:
-        run_plan(load_plan(plan_path), stages, device="cpu", log=print, on_event=events.put)
+        plan = load_plan(plan_path)
+        if online is None:
+            run_plan(plan, stages, device="cpu", log=print, on_event=events.put)
+        else:
+            from mtpd.teachers.registry import build_teacher
+
+            for k in stages:  # one teacher per stage, so one stage per call
+                teacher = build_teacher(online[k][0], weights=online[k][1])
+                run_plan(plan, [k], device="cpu", online=[teacher], log=print, on_event=events.put)
     except MtpdError as e:
         print(f"error: {message(e)}")
         events.put({"event": "error", "message": message(e)})
@@ -118,8 +136,9 @@ class Job:
             self.proc.join()
 
 
-def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
-    """Start training the stages of ``plan_path`` an earlier demo run did not finish, in a child process."""
+def start(name: str, plan_path: Path, log: Log, threads: int, online: dict[int, tuple[str, str]] | None = None) -> Job:
+    """Start training the stages of ``plan_path`` an earlier demo run did not finish, in a child process
+    (``online``: stage -> (teacher arch, checkpoint) for stages trained with the teacher run live)."""
     steps.show(log, "mtpd-train", plan=plan_path, stage="all")
     plan, todo = steps.stages_todo(plan_path, log)
     out = Path(plan.output_dir)
@@ -131,7 +150,9 @@ def start(name: str, plan_path: Path, log: Log, threads: int) -> Job:
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited torch threads or zarr event loop
     events = ctx.Queue()
     proc = ctx.Process(
-        target=_train_child, args=(str(plan_path), todo, threads, events, str(log_path)), name=f"mtpd-{name}"
+        target=_train_child,
+        args=(str(plan_path), todo, threads, events, str(log_path), online),
+        name=f"mtpd-{name}",
     )
     # OpenMP reads its thread count when torch loads in the child: set it for the child's start only.
     saved = os.environ.get("OMP_NUM_THREADS")

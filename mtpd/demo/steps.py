@@ -203,14 +203,15 @@ def ensure_teachers(paths: Paths, scale: recipes.Scale, train_teachers: bool, lo
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     out: dict[str, TeacherInfo] = {}
     for key, model in recipes.TEACHERS.items():
-        shipped = folder / f"{key}.pt"
-        entry = manifest.get(key, {})
+        shipped = folder / f"{model['file']}.pt"
+        entry = manifest.get(model["file"], {})
         if not train_teachers and shipped.is_file():
             digest = sha256_file(shipped)
             if entry.get("sha256") not in (None, digest):
                 log(f"  warning: {shipped} does not match {manifest_path} (sha256 {digest[:12]})")
             log(
                 f"teacher {key}: shipped {shipped} ({model['arch']}, {entry.get('epochs', '?')} epochs, "
+                f"{100 * entry.get('val_AP', 0):.1f} AP on val, "
                 f"trained in {entry.get('train_seconds', 0) / 60:.0f} min; reproduce: see {folder / 'README.md'})"
             )
             out[key] = TeacherInfo(

@@ -1,0 +1,550 @@
+"""Bytes vs AP: how little a teacher store may hold before MTPD distillation loses AP.
+
+    .venv/bin/python bench/bytes_vs_ap.py --split dev --rows lossless,online   # noise floor (dev split)
+    .venv/bin/python bench/bytes_vs_ap.py --write                              # the sweep (val), ~3 h
+    .venv/bin/python bench/bytes_vs_ap.py --quick --out /tmp/bva               # smoke test (CI)
+
+Every row trains the benchmark's student (``mtpd.demo.recipes``: the student, both teachers,
+schedule and loss weights, all fixed on the dev split before the sweep) once per seed. Rows:
+
+    baseline        detection loss only
+    <preset>        MTPD (MGD from the weaker, then the stronger teacher) from stores of that
+                    precision preset: lossless, high, compact, small, tiny, and the variant pca-c4
+                    (tiny with PCA to a quarter of the channels)
+    flip_cached     lossless MTPD from orig-only stores: flips served by mirroring cached maps
+    online          MTPD with both teachers run inside every step (no store): the reference
+    direct          MGD from the stronger teacher in both stages (lossless)
+    kd_lossless     MTPD with KD on class scores from lossless stores ...
+    kd_tiny         ... and from tiny's top-8 class code (paired with kd_lossless)
+    full_schedule   (also-report row) MTPD lossless with a whole schedule per stage (twice the epochs)
+    rm_pfi          (also-report row) MTPD with RM + PFI instead of MGD, weights set by the same rule
+
+Splits: ``dev`` trains on the train split minus 400 images carved from it (``dev_split``) and
+evaluates on those; ``val`` (the default) trains on the whole train split and evaluates on val.
+The students train side by side (``--jobs`` processes, one torch thread each, as the demo does).
+Every finished stage is kept under --out: rerunning the command resumes where it stopped. Rows
+of a seed run before the next seed's, so a stopped sweep still has paired rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/bytes_vs_ap.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, command_line, machine, write_section
+
+TITLE = "Bytes vs AP (bench/bytes_vs_ap.py)"
+PLOT = REPO / "docs" / "bytes_vs_ap.png"
+PRESETS = ("lossless", "high", "compact", "small", "tiny", "pca-c4")
+DEV_IMAGES = 400  # carved from the train split: as many as val holds
+# The decision rule for mtpd-cache build's default --precision (fixed before the sweep).
+RULE_MEAN, RULE_LOW = -0.5, -1.0  # paired mean difference to lossless >= -0.5 AP, 90 % interval above -1.0 AP
+
+
+def _register_variants() -> None:
+    """The sweep's preset variants, registered for this process only (stores record their encodings, so
+    training needs no registry)."""
+    from mtpd.cache.codes import TopK
+    from mtpd.cache.lowbit import PCA, Affine
+    from mtpd.cache.schema import PRECISIONS, Precision
+
+    PRECISIONS.setdefault(
+        "pca-c4",
+        Precision(
+            "pca-c4",
+            lambda c: PCA(rank=max(1, c // 4), bits=4),
+            lambda c: TopK(k=min(8, c), channels=c),
+            lambda c: Affine(8),
+            "tiny with PCA to a quarter of the channels",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the sweep: its stages as (stage name, teacher key or None, store key, losses key)."""
+
+    name: str
+    stages: tuple[tuple[str, str | None, str, str], ...]
+    online: bool = False
+    epochs_factor: int = 1  # epochs per stage relative to the benchmark's
+
+
+def _mtpd(name: str, store: str, losses: str = "mgd", **kw) -> Row:
+    return Row(name, (("weak", "weak", store, losses), ("strong", "strong", store, losses)), **kw)
+
+
+ROWS: dict[str, Row] = {
+    r.name: r
+    for r in (
+        Row("baseline", (("plain_1", None, "", "none"), ("plain_2", None, "", "none"))),
+        *(_mtpd(p, p) for p in PRESETS),
+        _mtpd("flip_cached", "lossless-orig"),
+        _mtpd("online", "lossless", online=True),
+        Row("direct", (("strong_1", "strong", "lossless", "mgd"), ("strong_2", "strong", "lossless", "mgd"))),
+        _mtpd("kd_lossless", "lossless", "kd"),
+        _mtpd("kd_tiny", "tiny", "kd"),
+        _mtpd("full_schedule", "lossless", epochs_factor=2),
+        _mtpd("rm_pfi", "lossless", "rm_pfi"),
+    )
+}
+MAIN_ROWS = tuple(r for r in ROWS if r not in ("full_schedule", "rm_pfi"))
+# Pairs reported as differences (row, reference); presets are paired with lossless.
+PAIRS = (
+    *((p, "lossless") for p in PRESETS[1:]),
+    ("flip_cached", "lossless"),
+    ("lossless", "online"),
+    ("kd_tiny", "kd_lossless"),
+    ("lossless", "baseline"),
+    ("direct", "baseline"),
+    ("lossless", "direct"),
+    ("full_schedule", "direct"),
+    ("full_schedule", "lossless"),
+    ("rm_pfi", "baseline"),
+    ("kd_lossless", "baseline"),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/bytes_vs_ap.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default="bench_out/bytes_vs_ap", help="working folder (data, stores, runs); %(default)s")
+    p.add_argument("--split", choices=("val", "dev"), default="val", help="evaluate on val or on the dev split")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds (default: %(default)s)")
+    p.add_argument("--rows", default=",".join(MAIN_ROWS), help=f"comma-separated, among {', '.join(ROWS)}")
+    p.add_argument("--jobs", type=int, default=2, help="students trained side by side, one thread each")
+    p.add_argument("--quick", action="store_true", help="a few images, one epoch per stage: checks the script")
+    p.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md and the plot")
+    return p
+
+
+# ----------------------------------------------------------------------------- data and stores
+
+
+def dev_split(paths, n_dev: int, seed: int = 0) -> tuple[Path, Path]:
+    """Carve ``n_dev`` images out of the train split: (train-minus-dev, dev) annotation files.
+
+    Which images is decided by a hash of the seed and the file name, so the split does not depend on the
+    order of the annotation file and is the same on every machine."""
+    ann = json.loads(paths.ann("train").read_text())
+    key = lambda im: hashlib.sha256(f"dev{seed}:{im['file_name']}".encode()).hexdigest()  # noqa: E731
+    dev_ids = {im["id"] for im in sorted(ann["images"], key=key)[:n_dev]}
+    out = []
+    for name, keep in (("devtrain", lambda i: i not in dev_ids), ("dev", lambda i: i in dev_ids)):
+        part = dict(ann)
+        part["images"] = [im for im in ann["images"] if keep(im["id"])]
+        part["annotations"] = [a for a in ann["annotations"] if keep(a["image_id"])]
+        path = paths.ann(name)
+        text = json.dumps(part)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+        out.append(path)
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class Split:
+    train_ann: Path
+    train_images: Path
+    val_ann: Path
+    val_images: Path
+    train_count: int
+
+
+def _split(paths, which: str, scale) -> Split:
+    if which == "val":
+        return Split(paths.ann("train"), paths.images("train"), paths.ann("val"), paths.images("val"), scale.train)
+    n_dev = min(DEV_IMAGES, scale.train // 5)
+    train_ann, dev_ann = dev_split(paths, n_dev)
+    return Split(train_ann, paths.images("train"), dev_ann, paths.images("train"), scale.train - n_dev)
+
+
+def _store_specs(rows: list[str]) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """Store key -> (precision, outputs, views) for what ``rows`` read."""
+    keys = {s[2] for r in rows for s in ROWS[r].stages if s[1] is not None}
+    specs = {}
+    for k in sorted(keys):
+        if k == "lossless-orig":
+            specs[k] = ("lossless", ("fpn",), ("orig",))
+        else:  # every output, so the table can give bytes for FPN and for all outputs
+            specs[k] = (k, ("fpn", "cls", "box"), ("orig", "hflip"))
+    return specs
+
+
+def _store_path(paths, split: Split, teacher: str, key: str) -> Path:
+    return paths.stores / f"{split.train_ann.stem}-{teacher}-{key}"
+
+
+def _build_stores(paths, split: Split, teachers: dict, rows: list[str], log) -> dict[tuple[str, str], Path]:
+    """(teacher key, store key) -> a complete store; built once, reused on reruns."""
+    from mtpd.cache.build import build_store
+    from mtpd.data import ViewSpec
+    from mtpd.demo import recipes, steps
+    from mtpd.teachers.registry import TeacherSpec
+
+    out: dict[tuple[str, str], Path] = {}
+    todo = []
+    for tkey, t in teachers.items():
+        for skey, (prec, outputs, views) in _store_specs(rows).items():
+            path = _store_path(paths, split, tkey, skey)
+            out[(tkey, skey)] = path
+            if not steps.store_complete(path):
+                todo.append((t, path, prec, outputs, views))
+    if not todo:
+        return out
+    import ray
+
+    from mtpd.cache.ray_local import start_local_ray
+
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(num_cpus=2)
+    try:
+        for t, path, prec, outputs, views in todo:
+            t0 = time.perf_counter()
+            build_store(
+                TeacherSpec(t.arch, str(t.checkpoint)),
+                str(split.train_ann),
+                str(split.train_images),
+                str(path),
+                views=ViewSpec(short=recipes.SIZE, long=recipes.SIZE, views=views),
+                outputs=list(outputs),
+                precision=prec,
+                batch_size=16,
+                workers=1,
+                images_per_shard=64,
+            )
+            took = time.perf_counter() - t0
+            log(f"  built {path.name} ({prec}, {','.join(outputs)}, {','.join(views)}) in {took:.0f}s")
+    finally:
+        if started:
+            ray.shutdown()
+    return out
+
+
+def store_bytes(path: Path) -> dict[str, float]:
+    """Bytes per image (all its stored views): FPN, class scores, all outputs, and each as fp32 would hold it."""
+    from mtpd.cache.inspect import store_info
+
+    info = store_info(str(path))
+    n = info["images_done"]
+    outs = info["outputs"]
+    out = {"all": info["output_bytes"] / n}
+    for name in ("fpn", "cls"):
+        if name in outs:
+            out[name] = outs[name]["stored_bytes"] / n
+            out[f"{name}_fp32"] = outs[name]["raw_fp32_bytes"] / n
+    return out
+
+
+# ----------------------------------------------------------------------------- plans and runs
+
+
+def _losses(kind: str) -> list[dict]:
+    from mtpd.demo import recipes
+
+    return {
+        "none": [],
+        "mgd": [recipes.mgd_loss()],
+        "kd": [recipes.kd_loss()],
+        "rm_pfi": recipes.rm_pfi_losses(),
+    }[kind]
+
+
+def _plan(row: Row, seed: int, paths, split: Split, scale, stores: dict) -> Path:
+    from mtpd.demo import recipes, steps
+
+    ipe = -(-split.train_count // 16)
+    stages = [
+        recipes.stage(
+            sname, scale.stage_epochs * row.epochs_factor, ipe, [str(stores[(t, s)])] if t else [], _losses(loss)
+        )
+        for sname, t, s, loss in row.stages
+    ]
+    plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / f"{row.name}_s{seed}", stages, ipe, seed=seed)
+    plan["data"].update(
+        train_ann=str(split.train_ann),
+        train_images=str(split.train_images),
+        val_ann=str(split.val_ann),
+        val_images=str(split.val_images),
+    )
+    return steps.write_plan(plan, paths.plans / f"{row.name}_s{seed}.yaml")
+
+
+def _online(row: Row, teachers: dict) -> dict[int, tuple[str, str]] | None:
+    if not row.online:
+        return None
+    return {k: (teachers[t].arch, str(teachers[t].checkpoint)) for k, (_, t, _, _) in enumerate(row.stages, 1)}
+
+
+def run_all(tasks: list[tuple[str, int, Path, dict | None]], n_jobs: int, log, on_done) -> None:
+    """Train ``tasks`` (row, seed, plan, online) ``n_jobs`` at a time, each in its own one-thread process;
+    ``on_done(row, seed, job)`` after each."""
+    from mtpd.demo import jobs
+
+    pending = list(tasks)
+    running: dict[str, tuple[str, int, jobs.Job]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < n_jobs:
+                row, seed, plan, online = pending.pop(0)
+                j = jobs.start(f"{row}_s{seed}", plan, log, 1, online=online)
+                running[j.name] = (row, seed, j)
+            jobs.wait(
+                [j for _, _, j in running.values()],
+                log,
+                True,
+                until=lambda: any(not j.running() for _, _, j in running.values()),
+            )
+            for name, (row, seed, j) in list(running.items()):
+                if not j.running():
+                    del running[name]
+                    on_done(row, seed, j)
+    finally:
+        for _, _, j in running.values():
+            j.stop()
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def t90(df: int) -> float:
+    """Two-sided 90 % quantile of Student's t (df >= 1)."""
+    table = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
+    return table.get(df, 1.645 + 2.4 / df)  # beyond 10 df: within 0.01 of the exact value
+
+
+def paired(results: dict[str, dict[int, float]], a: str, b: str) -> dict | None:
+    """Mean, std and 90 % interval (t) of the per-seed differences a - b, in AP points."""
+    seeds = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+    if not seeds:
+        return None
+    d = [100 * (results[a][s] - results[b][s]) for s in seeds]
+    mean = statistics.mean(d)
+    sd = statistics.stdev(d) if len(d) > 1 else float("nan")
+    half = t90(len(d) - 1) * sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"n": len(d), "mean": mean, "std": sd, "low": mean - half, "high": mean + half, "per_seed": d}
+
+
+def default_precision(results: dict[str, dict[int, float]], fpn_bytes: dict[str, float]) -> str:
+    """The smallest preset (FPN bytes) whose paired mean difference to lossless is >= RULE_MEAN AP and whose
+    90 % interval stays above RULE_LOW AP; lossless when none qualifies."""
+    ok = ["lossless"]
+    for p in PRESETS[1:]:
+        d = paired(results, p, "lossless")
+        if d is not None and d["n"] > 1 and d["mean"] >= RULE_MEAN and d["low"] > RULE_LOW:
+            ok.append(p)
+    return min(ok, key=lambda p: fpn_bytes.get(p, math.inf))
+
+
+def _summary(results: dict, seconds: dict, bytes_: dict[str, dict[str, float]], seeds: list[int]) -> list[str]:
+    def ms(vals: list[float]) -> str:
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        return f"{100 * statistics.mean(vals):.2f} ± {100 * sd:.2f}"
+
+    def kib(b: float | None) -> str:
+        return "-" if b is None else f"{b / 1024:.1f}"
+
+    lines = [
+        "| row | FPN KiB/image | FPN vs fp32 | class scores KiB/image | all outputs KiB/image | seeds | "
+        "AP (mean ± std) | paired diff to lossless [90 % CI] | train min |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, row in ROWS.items():
+        r = {s: v for s, v in results.get(name, {}).items() if s in seeds}
+        if not r:
+            continue
+        b = bytes_.get(name) or {}
+        frac = f"1/{b['fpn_fp32'] / b['fpn']:.1f}" if "fpn" in b else "-"
+        ref = "kd_lossless" if name == "kd_tiny" else "lossless"
+        d = (
+            paired(results, name, ref)
+            if name != ref and (name in PRESETS or name in ("flip_cached", "kd_tiny"))
+            else None
+        )
+        diff = (
+            "-"
+            if d is None
+            else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            + (" (vs kd_lossless)" if ref == "kd_lossless" else "")
+        )
+        secs = [seconds[name][s] for s in r if s in seconds.get(name, {})]
+        lines.append(
+            f"| {name} | {kib(b.get('fpn'))} | {frac} | {kib(b.get('cls'))} | {kib(b.get('all'))} | {len(r)} | "
+            f"{ms(list(r.values()))} | {diff} | {statistics.mean(secs) / 60:.1f} |"
+        )
+    return lines
+
+
+def _pairs_lines(results: dict) -> list[str]:
+    lines = [
+        "| comparison | seeds | mean | std of differences | 90 % interval | per seed |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for a, b in PAIRS:
+        d = paired(results, a, b)
+        if d is None:
+            continue
+        per = ", ".join(f"{x:+.2f}" for x in d["per_seed"])
+        ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]"
+        lines.append(f"| {a} − {b} | {d['n']} | {d['mean']:+.2f} | {d['std']:.2f} | {ci} | {per} |")
+    return lines
+
+
+def _noise_lines(results: dict) -> list[str]:
+    """Std of single runs per row: the noise a one-seed comparison would carry."""
+    out = []
+    for name, r in results.items():
+        if len(r) > 1:
+            out.append(f"{name} {100 * statistics.stdev(r.values()):.2f}")
+    return ["Std of single runs (AP): " + ", ".join(out)] if out else []
+
+
+def plot(results: dict, bytes_: dict[str, dict[str, float]], path: Path) -> None:
+    """AP against FPN bytes per image (log axis): a point per preset with its 90 % interval of the mean,
+    and the baseline and online rows as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in (*PRESETS, "flip_cached"):
+        r = results.get(name)
+        if not r or name not in bytes_:
+            continue
+        vals = [100 * v for v in r.values()]
+        m = statistics.mean(vals)
+        half = t90(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
+        x = bytes_[name]["fpn"] / 1024
+        ax.errorbar([x], [m], yerr=[half], fmt="o", capsize=4, color="C3" if name == "flip_cached" else "C0")
+        ax.annotate(name, (x, m), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for name, color in (("online", "C2"), ("baseline", "C7")):
+        r = results.get(name)
+        if r:
+            ax.axhline(100 * statistics.mean(r.values()), color=color, ls="--", lw=1, label=f"{name} (mean)")
+    ax.set_xscale("log")
+    ax.set_xlabel("FPN bytes per image (KiB, log scale)")
+    ax.set_ylabel("student AP (mean of seeds, 90 % interval)")
+    ax.set_title("MTPD student AP against store size (digits, val)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mtpd.cli.demo: spinning threads stall on shared CPUs
+    from mtpd.demo import recipes, steps
+
+    _register_variants()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    for r in rows:
+        if r not in ROWS:
+            raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
+    scale = recipes.QUICK if a.quick else recipes.FULL
+    paths = steps.Paths(Path(a.out) / a.split)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    steps.ensure_data(paths, scale, log)
+    split = _split(paths, a.split, scale)
+    teachers = steps.ensure_teachers(paths, scale, False, log)
+    stores = _build_stores(paths, split, teachers, rows, log)
+    res_path = paths.root / "results.json"
+    saved = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    results = {r: {int(s): v for s, v in d.items()} for r, d in saved.get("results", {}).items()}
+    seconds = {r: {int(s): v for s, v in d.items()} for r, d in saved.get("train_seconds", {}).items()}
+
+    def on_done(row: str, seed: int, job) -> None:
+        from mtpd.demo import jobs
+
+        metrics = jobs.metrics(job)
+        results.setdefault(row, {})[seed] = metrics[-1]["AP"]
+        seconds.setdefault(row, {})[seed] = sum(m["train_seconds"] for m in metrics)
+        stage_aps = [round(100 * m["AP"], 2) for m in metrics]
+        log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.2f} (stages {stage_aps})")
+        res_path.write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=2))
+
+    tasks = []
+    # Seed-major (a stopped sweep still has paired rows), the also-report rows after every main row.
+    order = [r for r in rows if r in MAIN_ROWS] + [r for r in rows if r not in MAIN_ROWS]
+    for group in ([r for r in order if r in MAIN_ROWS], [r for r in order if r not in MAIN_ROWS]):
+        for seed in seeds:
+            for r in group:
+                row = ROWS[r]
+                plan = _plan(row, seed, paths, split, scale, stores)
+                _, todo = steps.stages_todo(plan, lambda s: None)
+                if todo or seed not in results.get(r, {}):
+                    tasks.append((r, seed, plan, _online(row, teachers)))
+    log(f"{len(tasks)} student runs to train, {a.jobs} side by side")
+    run_all(tasks, a.jobs, log, lambda r, s, j: on_done(r, s, j))
+
+    # Bytes per image: mean over both teachers' stores of the row's precision (any row run so far).
+    bytes_: dict[str, dict[str, float]] = {}
+    for r in results:
+        keys = {s[2] for s in ROWS[r].stages if s[1] is not None}
+        if len(keys) == 1 and r in (*PRESETS, "flip_cached", "kd_lossless", "kd_tiny"):
+            (k,) = keys
+            per = [store_bytes(_store_path(paths, split, t, k)) for t in teachers]
+            b = {f: statistics.mean(x[f] for x in per) for f in per[0]}
+            # KD reads class scores only: show what it reads.
+            bytes_[r] = {f: v for f, v in b.items() if f.startswith("cls")} if r.startswith("kd_") else b
+    table = _summary(results, seconds, bytes_, seeds)
+    pairs = _pairs_lines(results)
+    choice = default_precision(results, {p: b["fpn"] for p, b in bytes_.items()})
+    decision = (
+        f"Default precision by the rule (paired mean ≥ {RULE_MEAN} AP and 90 % interval above {RULE_LOW} AP "
+        f"against lossless, smallest FPN bytes): **{choice}**"
+    )
+    print("\n".join(["", *table, "", *pairs, "", *_noise_lines(results), "", decision]))
+    (paths.root / "summary.json").write_text(json.dumps({"bytes": bytes_, "default": choice}, indent=2))
+    if a.write:
+        plot(results, bytes_, PLOT)
+        students_h = sum(v for r in seconds.values() for v in r.values()) / 3600
+        body = "\n".join(
+            [
+                f"Command: `{command_line('bytes_vs_ap.py', argv if argv is not None else sys.argv[1:])}`  ",
+                f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; students trained for {students_h:.1f} h "
+                f"of single-thread time, {a.jobs} side by side (this invocation's wall time "
+                f"{(time.perf_counter() - t0) / 3600:.1f} h: a rerun reuses finished stages)  ",
+                f"Setup: {recipes.describe()}; split {a.split}; seeds {seeds}. AP is COCO box AP (×100) after the "
+                "last stage; bytes are per image (both stored views, orig-only for flip_cached), averaged over both "
+                "teachers' stores; fp32 is what the same maps would take as raw float32.",
+                "",
+                *table,
+                "",
+                *pairs,
+                "",
+                *_noise_lines(results),
+                "",
+                decision,
+                "",
+                f"![AP against bytes]({PLOT.relative_to(REPO)})",
+            ]
+        )
+        write_section(TITLE + ("" if a.split == "val" else " — dev split"), body)
+        print("wrote its section of bench/RESULTS.md and " + str(PLOT.relative_to(REPO)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
