@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             bytes_[r] = {f: v for f, v in b.items() if f.startswith("cls")} if r.startswith("kd_") else b
     table = _summary(results, seconds, bytes_, seeds)
     pairs = _pairs_lines(results)
-    choice = default_precision(results, {p: b["fpn"] for p, b in bytes_.items()})
+    choice = default_precision(results, {p: b["fpn"] for p, b in bytes_.items() if p in PRESETS})
     decision = (
         f"Default precision by the rule (paired mean ≥ {RULE_MEAN} AP and 90 % interval above {RULE_LOW} AP "
         f"against lossless, smallest FPN bytes): **{choice}**"

@@ -11,7 +11,7 @@ import yaml
 from test_trainer import write_plan
 
 from mtpd.trainer.plan import PlanError, load_plan
-from mtpd.trainer.stage import Stage, run_plan
+from mtpd.trainer.stage import Stage, run_plan, stage_done
 
 AUTO_STAGE = {
     "name": "auto",
@@ -39,6 +39,12 @@ def test_auto_weight_starts_at_the_stated_ratio_and_is_saved(tmp_path, digits, t
     assert set(chosen) == {"mgd", "pfi"} and all(w > 0 for w in chosen.values())
     resolved = yaml.safe_load((tmp_path / "run" / "plan.resolved.yaml").read_text())
     assert [lc["weight"] for lc in resolved["stages"][0]["losses"]] == [chosen["mgd"], chosen["pfi"]]
+    # The finished stage counts as done for the plan that said auto (a rerun skips it), not for another weight.
+    assert stage_done(load_plan(plan_path), 1)
+    other = write_plan(
+        tmp_path, digits, [tiny_store], stages=[{**AUTO_STAGE, "stores": [tiny_store], "losses": [{"name": "mgd"}]}]
+    )
+    assert not stage_done(load_plan(other), 1)
 
 
 def test_resume_keeps_the_chosen_weights(tmp_path, digits, tiny_store):

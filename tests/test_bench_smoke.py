@@ -71,53 +71,103 @@ def test_results_writer_replaces_only_its_own_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_quality_quick_mode_trains_every_kind_of_row(tmp_path, ray_session, capsys):
-    """bench/quality.py at the demo's quick scale: stores, a plain, a cached and an online student,
-    the per-seed results file and the table (no --write: RESULTS.md is left alone)."""
+def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, ray_session, capsys):
+    """bench/bytes_vs_ap.py at the demo's quick scale (CI's smoke test of the sweep): stores of two presets
+    with every output, an orig-only store, plain, cached, flip-from-cache, online and KD students trained
+    side by side, results per seed, the table with bytes; a rerun trains nothing (no --write: RESULTS.md and
+    the plot are left alone)."""
     import json
 
-    from bench import quality
+    from bench import bytes_vs_ap as bva
 
     results = ROOT / "bench" / "RESULTS.md"
     before = results.read_bytes() if results.exists() else None
-    rows = ["baseline", "mtpd_mgd", "mtpd_mgd_online"]
-    assert quality.main(["--quick", "--seeds", "0", "--rows", ",".join(rows), "--out", str(tmp_path)]) == 0
+    plot_before = bva.PLOT.read_bytes() if bva.PLOT.exists() else None
+    rows = ["baseline", "lossless", "tiny", "flip_cached", "online", "kd_lossless", "kd_tiny"]
+    args = ["--quick", "--seeds", "0", "--rows", ",".join(rows), "--out", str(tmp_path)]
+    assert bva.main(args) == 0
     printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "val" / "results.json").read_text())
     assert sorted(saved["results"]) == sorted(rows)
     for row in rows:
         ap = saved["results"][row]["0"]
         assert 0.0 <= ap <= 1.0, (row, ap)
-        assert (tmp_path / "runs" / f"{row}_s0" / "stage_2" / "final.pt").is_file(), row
-        assert f"| {row} | 1 |" in printed, row
-    # The four stores the rows read, each complete.
-    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == [
-        "strong_compact",
-        "strong_lossless",
-        "weak_compact",
-        "weak_lossless",
+        assert (tmp_path / "val" / "runs" / f"{row}_s0" / "stage_2" / "final.pt").is_file(), row
+    stores = sorted(p.name for p in (tmp_path / "val" / "stores").iterdir())
+    assert stores == [
+        f"instances_train-{t}-{k}" for t in ("strong", "weak") for k in ("lossless", "lossless-orig", "tiny")
     ]
-    assert "cached - online (target within ±0.3 AP)" in printed
+    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+
+    # Bytes per image: tiny's FPN is several times smaller than lossless's; the orig-only store half of it.
+    def kib(row: str, col: int) -> float:
+        return float(table[row].split("|")[col])
+
+    assert kib("tiny", 2) < kib("lossless", 2) / 4
+    assert kib("flip_cached", 2) == pytest.approx(kib("lossless", 2) / 2, rel=0.15)
+    assert kib("kd_tiny", 4) < kib("kd_lossless", 4) / 2  # top-8 class codes against fp16 scores
+    assert "(vs kd_lossless)" in table["kd_tiny"]
+    assert "Default precision by the rule" in printed
+    # A rerun finds every stage finished and trains nothing.
+    assert bva.main(args) == 0
+    assert "0 student runs to train" in capsys.readouterr().out
     assert (results.read_bytes() if results.exists() else None) == before
+    assert (bva.PLOT.read_bytes() if bva.PLOT.exists() else None) == plot_before
 
 
-def test_quality_summary_pairs_rows_by_seed_and_judges_targets():
-    from bench.quality import _summary
+def test_bytes_vs_ap_paired_intervals_and_default_rule():
+    from bench.bytes_vs_ap import default_precision, paired, t90
 
-    r = {
-        "baseline": {0: 0.070, 1: 0.060},
-        "mtpd_mgd": {0: 0.100, 1: 0.092, 2: 0.5},
-        "mtpd_mgd_online": {0: 0.102, 1: 0.094},
-        "mtpd_mgd_compact": {0: 0.106, 1: 0.098},
-        "direct": {1: 0.090},
+    # Paired by seed: seed 2 has no partner and enters no difference.
+    r = {"lossless": {0: 0.200, 1: 0.210, 2: 0.5}, "small": {0: 0.198, 1: 0.206}}
+    d = paired(r, "small", "lossless")
+    assert d["n"] == 2 and d["per_seed"] == pytest.approx([-0.2, -0.4])
+    assert d["mean"] == pytest.approx(-0.3)
+    half = t90(1) * d["std"] / 2**0.5
+    assert (d["low"], d["high"]) == pytest.approx((-0.3 - half, -0.3 + half))
+    assert t90(4) == pytest.approx(2.132) and abs(t90(30) - 1.697) < 0.01
+
+    base = {s: 0.20 + 0.01 * s for s in range(5)}
+    fpn = {"lossless": 100.0, "high": 80.0, "compact": 60.0, "small": 20.0, "tiny": 10.0}
+
+    def shifted(points: list[float]) -> dict[int, float]:
+        return {s: base[s] + p / 100 for s, p in enumerate(points)}
+
+    results = {
+        "lossless": base,
+        "high": shifted([0.1, -0.1, 0.0, 0.2, -0.2]),
+        "compact": shifted([-0.3, -0.2, -0.4, -0.3, -0.3]),  # mean -0.3, tight: qualifies
+        "small": shifted([-0.4, 0.5, -1.5, -0.9, 0.3]),  # mean -0.4 but the interval reaches below -1.0
+        "tiny": shifted([-0.7, -0.6, -0.8, -0.5, -0.9]),  # mean -0.7: below -0.5
     }
-    table, checks = _summary(r, [0, 1, 2], {"baseline": {0: 60.0, 1: 120.0}})
-    text = "\n".join(checks)
-    # Seed 2 has no partner in any other row, so it enters no paired difference.
-    assert "cached - online (target within ±0.3 AP): -0.20 AP (paired over 2 seed(s))  **met**" in text
-    assert "compact - lossless (target within ±0.3 AP): +0.60 AP (paired over 2 seed(s))  **missed**" in text
-    assert "progressive - direct (target >= 0): +0.20 AP (paired over 1 seed(s))  **met**" in text
-    assert "progressive - baseline (target >= +3 AP): +3.10 AP (paired over 2 seed(s))  **met**" in text
-    assert "RM+PFI" not in text  # no such row ran
-    assert "| baseline | 2 | 6.5 ± 0.7 | 7.0, 6.0 | 1.5 |" in table
-    assert any(line.startswith("| mtpd_mgd | 3 |") for line in table)
+    assert default_precision(results, fpn) == "compact"
+    results["small"] = shifted([-0.4, -0.3, -0.5, -0.4, -0.4])
+    assert default_precision(results, fpn) == "small"
+    assert default_precision({"lossless": base}, fpn) == "lossless"
+
+
+def test_dev_split_is_carved_from_train_deterministically(tmp_path):
+    import json
+
+    from bench.bytes_vs_ap import dev_split
+    from mtpd.demo.steps import Paths
+
+    paths = Paths(tmp_path)
+    ann = paths.ann("train")
+    ann.parent.mkdir(parents=True)
+    images = [{"id": i, "file_name": f"{i:05d}.png", "width": 8, "height": 8} for i in range(1, 51)]
+    annotations = [
+        {"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4, "iscrowd": 0} for i in range(1, 51)
+    ]
+    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}))
+    train, dev = dev_split(paths, 10)
+    t, d = json.loads(train.read_text()), json.loads(dev.read_text())
+    t_ids, d_ids = {im["id"] for im in t["images"]}, {im["id"] for im in d["images"]}
+    assert len(d_ids) == 10 and len(t_ids) == 40 and not t_ids & d_ids
+    assert {a["image_id"] for a in d["annotations"]} == d_ids
+    # The same files whatever the order of the annotation file.
+    ann.write_text(
+        json.dumps({"images": images[::-1], "annotations": annotations, "categories": [{"id": 1, "name": "a"}]})
+    )
+    _, dev2 = dev_split(paths, 10)
+    assert {im["id"] for im in json.loads(dev2.read_text())["images"]} == d_ids

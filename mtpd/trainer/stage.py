@@ -63,7 +63,17 @@ def stage_done(plan: Plan, k: int) -> bool:
     if not all((d / f).is_file() for f in ("metrics.json", "final.pt", "plan.yaml")):
         return False
     # Saved plans hold absolute paths: loading resolves nothing, so equal plans compare equal.
-    return plan_to_dict(load_plan(d / "plan.yaml")) == plan_to_dict(plan)
+    return _with_auto_weights(plan_to_dict(load_plan(d / "plan.yaml")), plan) == plan_to_dict(plan)
+
+
+def _with_auto_weights(saved: dict, plan: Plan) -> dict:
+    """``saved`` with the weights that ``plan`` leaves to ``weight: auto`` put back to auto: the stage saves
+    the number its first step chose, and that number is what `auto` asked for, not a change of plan."""
+    for s_stage, p_stage in zip(saved["stages"], plan.stages):
+        for s_loss, p_loss in zip(s_stage["losses"], p_stage.losses):
+            if p_loss.weight == "auto" and isinstance(s_loss["weight"], (int, float)):
+                s_loss["weight"] = "auto"
+    return saved
 
 
 def build_losses(
