@@ -30,6 +30,7 @@ from mtpd.cache.ray_local import ensure_ray
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
 from mtpd.cache.store import create_store, is_url, mark_done, open_root, read_header, shard_status
 from mtpd.data import CocoDataset, ViewSpec
+from mtpd.defaults import DEFAULT_PRECISION
 from mtpd.errors import MtpdError
 from mtpd.teachers.base import check_outputs
 from mtpd.teachers.registry import TeacherSpec
@@ -174,7 +175,7 @@ class BuildRequest:
     out: str
     views: ViewSpec = field(default_factory=ViewSpec)
     outputs: list[str] | None = None
-    precision: str = "lossless"
+    precision: str = DEFAULT_PRECISION
     batch_size: int = 2
     workers: int = 1
     images_per_shard: int = 16

@@ -13,6 +13,7 @@ import sys
 import time
 
 from mtpd.cache.schema import PRECISIONS
+from mtpd.defaults import DEFAULT_PRECISION
 
 DESCRIPTION = """\
 Runs the whole mtpd pipeline on the digits benchmark and prints a table
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--precision",
-        default="lossless",
+        default=DEFAULT_PRECISION,
         choices=list(PRECISIONS),
         help="store precision preset (README: Precision presets; default: %(default)s)",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mtpd.cache.schema import PRECISIONS
+from mtpd.defaults import DEFAULT_PRECISION
 
 
 def teacher_and_data(what: argparse._ArgumentGroup) -> None:
@@ -38,11 +39,11 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
     )
     what.add_argument(
         "--precision",
-        default="lossless",
+        default=DEFAULT_PRECISION,
         choices=list(PRECISIONS),
         help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities; "
         "small: features as 4-bit per-channel codes; tiny: features projected on a per-store PCA basis of half "
-        "the channels, 4-bit coefficients (README: Precision presets)",
+        "the channels, 4-bit coefficients (README: Precision presets; default: %(default)s)",
     )
 
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtpd.defaults import DEFAULT_PRECISION
 from mtpd.demo import jobs, recipes, steps
 from mtpd.demo.steps import Log, Paths
 
@@ -64,7 +65,7 @@ def run_demo(
     out: Path,
     quick: bool = False,
     train_teachers: bool = False,
-    precision: str = "lossless",
+    precision: str = DEFAULT_PRECISION,
     direct: bool = False,
     log: Log = print,
     quiet_training: bool = False,

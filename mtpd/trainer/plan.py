@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mtpd.defaults import DEFAULT_PRECISION
 from mtpd.errors import MtpdError
 
 
@@ -91,7 +92,7 @@ class TeacherRef:
     name: str
     weights: str = "none"  # checkpoint path, default or none
     outputs: list[str] = field(default_factory=lambda: ["fpn"])
-    precision: str = "lossless"
+    precision: str = DEFAULT_PRECISION
 
 
 @dataclass
