@@ -29,6 +29,7 @@ of a seed run before the next seed's, so a stopped sweep still has paired rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -52,23 +53,30 @@ DEV_IMAGES = 400  # carved from the train split: as many as val holds
 RULE_MEAN, RULE_LOW = -0.5, -1.0  # paired mean difference to lossless >= -0.5 AP, 90 % interval above -1.0 AP
 
 
-def _register_variants() -> None:
-    """The sweep's preset variants, registered for this process only (stores record their encodings, so
-    training needs no registry)."""
+@contextlib.contextmanager
+def _variants():
+    """The sweep's preset variants, registered while it runs and removed after (stores record their
+    encodings, so training needs no registry, and the library's presets stay what they are)."""
     from mtpd.cache.codes import TopK
     from mtpd.cache.lowbit import PCA, Affine
     from mtpd.cache.schema import PRECISIONS, Precision
 
-    PRECISIONS.setdefault(
-        "pca-c4",
-        Precision(
+    added = {
+        "pca-c4": Precision(
             "pca-c4",
             lambda c: PCA(rank=max(1, c // 4), bits=4),
             lambda c: TopK(k=min(8, c), channels=c),
             lambda c: Affine(8),
             "tiny with PCA to a quarter of the channels",
-        ),
-    )
+        )
+    }
+    added = {k: v for k, v in added.items() if k not in PRECISIONS}
+    PRECISIONS.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            PRECISIONS.pop(k, None)
 
 
 @dataclass(frozen=True)
@@ -456,9 +464,13 @@ def plot(results: dict, bytes_: dict[str, dict[str, float]], path: Path) -> None
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mtpd.cli.demo: spinning threads stall on shared CPUs
+    with _variants():
+        return _main(a, argv)
+
+
+def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
     from mtpd.demo import recipes, steps
 
-    _register_variants()
     seeds = [int(s) for s in a.seeds.split(",")]
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     for r in rows:

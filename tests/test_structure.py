@@ -1,6 +1,7 @@
 """The package's shape, as DESIGN.md draws it: no import cycles, arrows one way, small functions and modules.
 
-    cli, demo -> export -> trainer, cache -> teachers -> models, data -> errors, checkpoint, output_spec, factory
+    cli, demo -> export -> trainer, cache -> teachers -> models, data
+        -> errors, checkpoint, output_spec, factory, defaults
 
 The trainer never imports teachers (no teacher is built while a student trains; the
 online baseline receives its teachers from the caller), and nothing imports the CLI.
@@ -14,7 +15,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "mtpd"
 
 # What each part may import besides itself.
-LEAVES = {"errors", "checkpoint", "output_spec", "factory", "__init__"}
+LEAVES = {"errors", "checkpoint", "output_spec", "factory", "defaults", "__init__"}
 ALLOWED = {
     "leaf": set(),
     "data": {"leaf"},

@@ -153,6 +153,8 @@ def test_plan_errors_name_the_key(tmp_path, digits, tiny_store):
         return str(e.value)
 
     assert "stages[0].losses[0].wieght: unknown key" in err(lambda d: d["stages"][0]["losses"][0].update(wieght=1))
+    # A key that would break the one-line message (found by tests/test_fuzz.py) is shown quoted.
+    assert "data.'\\n': unknown key" in err(lambda d: d["data"].update({"\n": None}))
     assert "data.batch_size: expected an integer" in err(lambda d: d["data"].update(batch_size="four"))
     assert "student.arch: required key is missing" in err(lambda d: d["student"].pop("arch"))
     msg = err(lambda d: d["stages"][0]["losses"][0].update(name="fitnet2"))

@@ -215,7 +215,8 @@ def from_dict(cls: type, data: Any, path: str = "plan") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise PlanError(f"{path}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}")
+        key = unknown[0] if unknown[0].isprintable() else repr(unknown[0])  # a key with a newline: keep one line
+        raise PlanError(f"{path}.{key}: unknown key; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -271,6 +272,17 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
 
 def plan_to_dict(plan: Plan) -> dict:
     return dataclasses.asdict(plan)
+
+
+def same_plan(saved: Plan, plan: Plan) -> bool:
+    """Whether a finished stage's saved plan is ``plan``. A weight that ``plan`` leaves to ``weight: auto`` is
+    saved as the number the stage's first step chose: that is what auto asked for, not a change of plan."""
+    d = plan_to_dict(saved)
+    for s_stage, p_stage in zip(d["stages"], plan.stages):
+        for s_loss, p_loss in zip(s_stage["losses"], p_stage.losses):
+            if p_loss.weight == "auto" and isinstance(s_loss["weight"], (int, float)):
+                s_loss["weight"] = "auto"
+    return d == plan_to_dict(plan)
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:

@@ -38,7 +38,7 @@ from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.events import Event, OnEvent, format_event
 from mtpd.trainer.losses import build_loss, loss_defaults
 from mtpd.trainer.optim import make_optimizer, make_schedule
-from mtpd.trainer.plan import Plan, PlanError, StageConfig, load_plan, plan_to_dict, save_plan
+from mtpd.trainer.plan import Plan, PlanError, StageConfig, load_plan, same_plan, save_plan
 from mtpd.trainer.sampler import EpochSampler
 from mtpd.trainer.sources import OnlineTargets, OnlineTeacher, StoreTargets
 from mtpd.trainer.store_refs import note_uses, stage_stores
@@ -63,17 +63,7 @@ def stage_done(plan: Plan, k: int) -> bool:
     if not all((d / f).is_file() for f in ("metrics.json", "final.pt", "plan.yaml")):
         return False
     # Saved plans hold absolute paths: loading resolves nothing, so equal plans compare equal.
-    return _with_auto_weights(plan_to_dict(load_plan(d / "plan.yaml")), plan) == plan_to_dict(plan)
-
-
-def _with_auto_weights(saved: dict, plan: Plan) -> dict:
-    """``saved`` with the weights that ``plan`` leaves to ``weight: auto`` put back to auto: the stage saves
-    the number its first step chose, and that number is what `auto` asked for, not a change of plan."""
-    for s_stage, p_stage in zip(saved["stages"], plan.stages):
-        for s_loss, p_loss in zip(s_stage["losses"], p_stage.losses):
-            if p_loss.weight == "auto" and isinstance(s_loss["weight"], (int, float)):
-                s_loss["weight"] = "auto"
-    return saved
+    return same_plan(load_plan(d / "plan.yaml"), plan)
 
 
 def build_losses(
