@@ -48,6 +48,7 @@ from bench.common import REPO, command_line, machine, write_section
 TITLE = "Bytes vs AP (bench/bytes_vs_ap.py)"
 PLOT = REPO / "docs" / "bytes_vs_ap.png"
 PRESETS = ("lossless", "high", "compact", "small", "tiny", "pca-c4")
+LIBRARY_PRESETS = PRESETS[:5]  # what mtpd-cache build offers; pca-c4 is the sweep's own variant
 DEV_IMAGES = 400  # carved from the train split: as many as val holds
 # The decision rule for mtpd-cache build's default --precision (fixed before the sweep).
 RULE_MEAN, RULE_LOW = -0.5, -1.0  # paired mean difference to lossless >= -0.5 AP, 90 % interval above -1.0 AP
@@ -169,14 +170,17 @@ class Split:
     val_ann: Path
     val_images: Path
     train_count: int
+    val_count: int
 
 
 def _split(paths, which: str, scale) -> Split:
     if which == "val":
-        return Split(paths.ann("train"), paths.images("train"), paths.ann("val"), paths.images("val"), scale.train)
+        return Split(
+            paths.ann("train"), paths.images("train"), paths.ann("val"), paths.images("val"), scale.train, scale.val
+        )
     n_dev = min(DEV_IMAGES, scale.train // 5)
     train_ann, dev_ann = dev_split(paths, n_dev)
-    return Split(train_ann, paths.images("train"), dev_ann, paths.images("train"), scale.train - n_dev)
+    return Split(train_ann, paths.images("train"), dev_ann, paths.images("train"), scale.train - n_dev, n_dev)
 
 
 def _store_specs(rows: list[str]) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
@@ -319,6 +323,8 @@ def run_all(tasks: list[tuple[str, int, Path, dict | None]], n_jobs: int, log, o
             for name, (row, seed, j) in list(running.items()):
                 if not j.running():
                     del running[name]
+                    j.relay(log, True)  # what it sent last, and its error if it failed after wait's last check
+                    j.check()
                     on_done(row, seed, j)
     finally:
         for _, _, j in running.values():
@@ -349,11 +355,13 @@ def paired(results: dict[str, dict[int, float]], a: str, b: str) -> dict | None:
     return {"n": len(d), "mean": mean, "std": sd, "low": mean - half, "high": mean + half, "per_seed": d}
 
 
-def default_precision(results: dict[str, dict[int, float]], fpn_bytes: dict[str, float]) -> str:
-    """The smallest preset (FPN bytes) whose paired mean difference to lossless is >= RULE_MEAN AP and whose
-    90 % interval stays above RULE_LOW AP; lossless when none qualifies."""
+def default_precision(
+    results: dict[str, dict[int, float]], fpn_bytes: dict[str, float], candidates: tuple[str, ...] = LIBRARY_PRESETS
+) -> str:
+    """The smallest preset of ``candidates`` (FPN bytes) whose paired mean difference to lossless is >= RULE_MEAN
+    AP and whose 90 % interval stays above RULE_LOW AP; lossless when none qualifies."""
     ok = ["lossless"]
-    for p in PRESETS[1:]:
+    for p in candidates[1:]:
         d = paired(results, p, "lossless")
         if d is not None and d["n"] > 1 and d["mean"] >= RULE_MEAN and d["low"] > RULE_LOW:
             ok.append(p)
@@ -417,13 +425,14 @@ def _pairs_lines(results: dict) -> list[str]:
 def _noise_lines(results: dict) -> list[str]:
     """Std of single runs per row: the noise a one-seed comparison would carry."""
     out = []
-    for name, r in results.items():
+    for name in ROWS:
+        r = results.get(name, {})
         if len(r) > 1:
             out.append(f"{name} {100 * statistics.stdev(r.values()):.2f}")
     return ["Std of single runs (AP): " + ", ".join(out)] if out else []
 
 
-def plot(results: dict, bytes_: dict[str, dict[str, float]], path: Path) -> None:
+def plot(results: dict, bytes_: dict[str, dict[str, float]], path: Path, split: str = "val") -> None:
     """AP against FPN bytes per image (log axis): a point per preset with its 90 % interval of the mean,
     and the baseline and online rows as lines."""
     import matplotlib
@@ -449,7 +458,7 @@ def plot(results: dict, bytes_: dict[str, dict[str, float]], path: Path) -> None
     ax.set_xscale("log")
     ax.set_xlabel("FPN bytes per image (KiB, log scale)")
     ax.set_ylabel("student AP (mean of seeds, 90 % interval)")
-    ax.set_title("MTPD student AP against store size (digits, val)")
+    ax.set_title(f"MTPD student AP against store size (digits, {split})")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -476,8 +485,10 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
     for r in rows:
         if r not in ROWS:
             raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
+    if a.quick and a.write:
+        raise SystemExit("--quick checks the script; its numbers are not results: drop --write")
     scale = recipes.QUICK if a.quick else recipes.FULL
-    paths = steps.Paths(Path(a.out) / a.split)
+    paths = steps.Paths(Path(a.out) / (f"quick-{a.split}" if a.quick else a.split))  # never the real runs' data
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     steps.ensure_data(paths, scale, log)
@@ -497,7 +508,9 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
         seconds.setdefault(row, {})[seed] = sum(m["train_seconds"] for m in metrics)
         stage_aps = [round(100 * m["AP"], 2) for m in metrics]
         log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.2f} (stages {stage_aps})")
-        res_path.write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=2))
+        tmp = res_path.with_suffix(".tmp")  # a kill mid-write must not cost the finished runs' record
+        tmp.write_text(json.dumps({"results": results, "train_seconds": seconds}, indent=2))
+        os.replace(tmp, res_path)
 
     tasks = []
     # Seed-major (a stopped sweep still has paired rows), the also-report rows after every main row.
@@ -513,35 +526,45 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
     log(f"{len(tasks)} student runs to train, {a.jobs} side by side")
     run_all(tasks, a.jobs, log, lambda r, s, j: on_done(r, s, j))
 
-    # Bytes per image: mean over both teachers' stores of the row's precision (any row run so far).
+    # What this invocation asked for: its rows and seeds (results.json may hold more).
+    shown = {r: {s: results[r][s] for s in seeds if s in results.get(r, {})} for r in rows}
+    shown = {r: v for r, v in shown.items() if v}
+    # Bytes per image: mean over both teachers' stores of the row's precision.
     bytes_: dict[str, dict[str, float]] = {}
-    for r in results:
+    for r in shown:
         keys = {s[2] for s in ROWS[r].stages if s[1] is not None}
         if len(keys) == 1 and r in (*PRESETS, "flip_cached", "kd_lossless", "kd_tiny"):
             (k,) = keys
             per = [store_bytes(_store_path(paths, split, t, k)) for t in teachers]
             b = {f: statistics.mean(x[f] for x in per) for f in per[0]}
-            # KD reads class scores only: show what it reads.
-            bytes_[r] = {f: v for f, v in b.items() if f.startswith("cls")} if r.startswith("kd_") else b
-    table = _summary(results, seconds, bytes_, seeds)
-    pairs = _pairs_lines(results)
-    choice = default_precision(results, {p: b["fpn"] for p, b in bytes_.items() if p in PRESETS})
+            if r.startswith("kd_"):  # KD reads class scores only: show what it reads
+                b = {f: v for f, v in b.items() if f.startswith("cls")}
+            elif r == "flip_cached":  # its store holds FPN maps only
+                b.pop("all")
+            bytes_[r] = b
+    table = _summary(shown, seconds, bytes_, seeds)
+    pairs = _pairs_lines(shown)
+    fpn = {p: b["fpn"] for p, b in bytes_.items() if p in PRESETS}
+    choice, with_variant = default_precision(shown, fpn), default_precision(shown, fpn, PRESETS)
     decision = (
         f"Default precision by the rule (paired mean ≥ {RULE_MEAN} AP and 90 % interval above {RULE_LOW} AP "
-        f"against lossless, smallest FPN bytes): **{choice}**"
+        f"against lossless, smallest FPN bytes), among mtpd-cache build's presets: **{choice}**"
+        + ("" if with_variant == choice else f"; counting the sweep's variants: **{with_variant}**")
     )
-    print("\n".join(["", *table, "", *pairs, "", *_noise_lines(results), "", decision]))
-    (paths.root / "summary.json").write_text(json.dumps({"bytes": bytes_, "default": choice}, indent=2))
+    print("\n".join(["", *table, "", *pairs, "", *_noise_lines(shown), "", decision]))
+    summary = {"bytes": bytes_, "default": choice, "default_with_variants": with_variant}
+    (paths.root / "summary.json").write_text(json.dumps(summary, indent=2))
     if a.write:
-        plot(results, bytes_, PLOT)
-        students_h = sum(v for r in seconds.values() for v in r.values()) / 3600
+        plot(shown, bytes_, PLOT, a.split)
+        students_h = sum(seconds.get(r, {}).get(s, 0.0) for r, v in shown.items() for s in v) / 3600
         body = "\n".join(
             [
                 f"Command: `{command_line('bytes_vs_ap.py', argv if argv is not None else sys.argv[1:])}`  ",
                 f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; students trained for {students_h:.1f} h "
                 f"of single-thread time, {a.jobs} side by side (this invocation's wall time "
                 f"{(time.perf_counter() - t0) / 3600:.1f} h: a rerun reuses finished stages)  ",
-                f"Setup: {recipes.describe()}; split {a.split}; seeds {seeds}. AP is COCO box AP (×100) after the "
+                f"Setup: {recipes.describe(split.train_count, split.val_count)}; split {a.split}; seeds {seeds}. "
+                "AP is COCO box AP (×100) after the "
                 "last stage; bytes are per image (both stored views, orig-only for flip_cached), averaged over both "
                 "teachers' stores; fp32 is what the same maps would take as raw float32.",
                 "",
@@ -549,14 +572,14 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
                 "",
                 *pairs,
                 "",
-                *_noise_lines(results),
+                *_noise_lines(shown),
                 "",
                 decision,
                 "",
                 f"![AP against bytes]({PLOT.relative_to(REPO)})",
             ]
         )
-        write_section(TITLE + ("" if a.split == "val" else " — dev split"), body)
+        write_section(TITLE + ("" if a.split == "val" else " — dev split (noise floor)"), body)
         print("wrote its section of bench/RESULTS.md and " + str(PLOT.relative_to(REPO)))
     return 0
 

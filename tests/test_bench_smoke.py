@@ -87,13 +87,13 @@ def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, r
     args = ["--quick", "--seeds", "0", "--rows", ",".join(rows), "--out", str(tmp_path)]
     assert bva.main(args) == 0
     printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "val" / "results.json").read_text())
+    saved = json.loads((tmp_path / "quick-val" / "results.json").read_text())
     assert sorted(saved["results"]) == sorted(rows)
     for row in rows:
         ap = saved["results"][row]["0"]
         assert 0.0 <= ap <= 1.0, (row, ap)
-        assert (tmp_path / "val" / "runs" / f"{row}_s0" / "stage_2" / "final.pt").is_file(), row
-    stores = sorted(p.name for p in (tmp_path / "val" / "stores").iterdir())
+        assert (tmp_path / "quick-val" / "runs" / f"{row}_s0" / "stage_2" / "final.pt").is_file(), row
+    stores = sorted(p.name for p in (tmp_path / "quick-val" / "stores").iterdir())
     assert stores == [
         f"instances_train-{t}-{k}" for t in ("strong", "weak") for k in ("lossless", "lossless-orig", "tiny")
     ]
@@ -108,9 +108,12 @@ def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, r
     assert kib("kd_tiny", 4) < kib("kd_lossless", 4) / 2  # top-8 class codes against fp16 scores
     assert "(vs kd_lossless)" in table["kd_tiny"]
     assert "Default precision by the rule" in printed
+    assert "| - |" in table["flip_cached"]  # its store holds FPN maps only: no "all outputs" figure
     # A rerun finds every stage finished and trains nothing.
     assert bva.main(args) == 0
     assert "0 student runs to train" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="drop --write"):
+        bva.main([*args, "--write"])
     assert (results.read_bytes() if results.exists() else None) == before
     assert (bva.PLOT.read_bytes() if bva.PLOT.exists() else None) == plot_before
 
@@ -144,6 +147,11 @@ def test_bytes_vs_ap_paired_intervals_and_default_rule():
     results["small"] = shifted([-0.4, -0.3, -0.5, -0.4, -0.4])
     assert default_precision(results, fpn) == "small"
     assert default_precision({"lossless": base}, fpn) == "lossless"
+    # The sweep's own variant is no candidate for the library's default unless asked for.
+    results["pca-c4"] = shifted([0.0, 0.1, -0.1, 0.0, 0.0])
+    fpn["pca-c4"] = 5.0
+    assert default_precision(results, fpn) == "small"
+    assert default_precision(results, fpn, tuple(fpn)) == "pca-c4"
 
 
 def test_dev_split_is_carved_from_train_deterministically(tmp_path):

@@ -540,3 +540,43 @@ def test_a_finished_stage_is_not_trained_over(tmp_path, digits, capsys):
     assert len(err.splitlines()) == 1 and "has finished already" in err and "--overwrite" in err
     assert final.stat().st_mtime_ns == first  # untouched
     assert main(args + ["--overwrite"]) == 0 and final.stat().st_mtime_ns != first
+
+
+def test_a_changed_stage_stopped_midway_does_not_pass_for_finished(tmp_path, digits):
+    """A finished stage rerun under a changed plan drops its old results before it writes the new plan: stopped
+    midway, it leaves no old metrics.json beside the new plan.yaml for stage_done to take as finished."""
+    from mtpd.trainer.stage import stage_done
+
+    stages = [{"name": "s", "epochs": 1, "eval": False, "optimizer": {"type": "adamw", "lr": 0.001}}]
+    plan_path = write_plan(tmp_path, digits, [], stages)
+    run_plan(load_plan(plan_path), [1], log=None)
+    assert stage_done(load_plan(plan_path), 1)
+    changed = write_plan(tmp_path, digits, [], [{**stages[0], "optimizer": {"type": "adamw", "lr": 0.002}}])
+
+    def stop(ev: dict) -> None:
+        if ev["event"] == "step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(load_plan(changed), [1], log=None, on_event=stop)
+    d = tmp_path / "run" / "stage_1"
+    assert (d / "plan.yaml").is_file() and not (d / "metrics.json").exists() and not (d / "final.pt").exists()
+    assert not stage_done(load_plan(changed), 1)
+
+
+def test_auto_weights_match_only_what_auto_chose():
+    """same_plan: a saved number passes for `weight: auto` when that stage's auto chose it (or, for runs that
+    recorded nothing, any number), never when the stage trained with a fixed weight."""
+    from mtpd.trainer.plan import Plan, from_dict, same_plan
+
+    def plan(weight) -> Plan:
+        stage = {"name": "s", "stores": ["x"], "losses": [{"name": "mgd", "weight": weight}]}
+        data = {"train_ann": "a.json", "train_images": "i"}
+        return from_dict(Plan, {"student": {"arch": "retinanet_tiny"}, "data": data, "stages": [stage]})
+
+    saved, auto = plan(1e-4), plan("auto")
+    assert same_plan(saved, auto, [{"mgd": 1e-4}])
+    assert same_plan(saved, auto, [None])  # a stage finished before auto weights were recorded
+    assert not same_plan(saved, auto, [{}])  # trained with a fixed 1e-4
+    assert not same_plan(saved, auto, [{"mgd": 2e-4}])
+    assert same_plan(saved, plan(1e-4), [{}]) and not same_plan(saved, plan(2e-4), [{}])

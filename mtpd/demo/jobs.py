@@ -139,7 +139,11 @@ class Job:
 def start(name: str, plan_path: Path, log: Log, threads: int, online: dict[int, tuple[str, str]] | None = None) -> Job:
     """Start training the stages of ``plan_path`` an earlier demo run did not finish, in a child process
     (``online``: stage -> (teacher arch, checkpoint) for stages trained with the teacher run live)."""
-    steps.show(log, "mtpd-train", plan=plan_path, stage="all")
+    if online is None:
+        steps.show(log, "mtpd-train", plan=plan_path, stage="all")
+    else:
+        for k, (arch, ckpt) in online.items():
+            steps.show(log, "mtpd-train", plan=plan_path, stage=k, online_teacher=f"{arch}={ckpt}")
     plan, todo = steps.stages_todo(plan_path, log)
     out = Path(plan.output_dir)
     done = set(range(1, len(plan.stages) + 1)) - set(todo)

@@ -274,13 +274,21 @@ def plan_to_dict(plan: Plan) -> dict:
     return dataclasses.asdict(plan)
 
 
-def same_plan(saved: Plan, plan: Plan) -> bool:
+def same_plan(saved: Plan, plan: Plan, auto_chosen: list[dict[str, float] | None] | None = None) -> bool:
     """Whether a finished stage's saved plan is ``plan``. A weight that ``plan`` leaves to ``weight: auto`` is
-    saved as the number the stage's first step chose: that is what auto asked for, not a change of plan."""
+    saved as the number the stage's first step chose: that is what auto asked for, not a change of plan.
+    ``auto_chosen[i]``: the weights auto chose in stage i+1, by loss name (None: not recorded, any number
+    passes), so that a fixed weight saved by an earlier plan does not pass for auto."""
     d = plan_to_dict(saved)
-    for s_stage, p_stage in zip(d["stages"], plan.stages):
+    for i, (s_stage, p_stage) in enumerate(zip(d["stages"], plan.stages)):
+        chosen = (auto_chosen or [])[i] if i < len(auto_chosen or []) else None
         for s_loss, p_loss in zip(s_stage["losses"], p_stage.losses):
-            if p_loss.weight == "auto" and isinstance(s_loss["weight"], (int, float)):
+            number = isinstance(s_loss["weight"], (int, float))
+            if (
+                p_loss.weight == "auto"
+                and number
+                and (chosen is None or chosen.get(s_loss["name"]) == s_loss["weight"])
+            ):
                 s_loss["weight"] = "auto"
     return d == plan_to_dict(plan)
 

@@ -62,8 +62,10 @@ def stage_done(plan: Plan, k: int) -> bool:
     d = stage_dir(plan, k)
     if not all((d / f).is_file() for f in ("metrics.json", "final.pt", "plan.yaml")):
         return False
-    # Saved plans hold absolute paths: loading resolves nothing, so equal plans compare equal.
-    return same_plan(load_plan(d / "plan.yaml"), plan)
+    # Saved plans hold absolute paths (equal plans compare equal); metrics.json says what `auto` chose.
+    done = [stage_dir(plan, j) / "metrics.json" for j in range(1, len(plan.stages) + 1)]
+    chosen = [json.loads(m.read_text()).get("auto_weights") if m.is_file() else None for m in done]
+    return same_plan(load_plan(d / "plan.yaml"), plan, chosen)
 
 
 def build_losses(
@@ -195,6 +197,9 @@ class Stage:
             )
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
+            # A run stopped after this must not leave old results beside the new plan (stage_done: finished).
+            for name in ("metrics.json", "final.pt"):
+                (self.dir / name).unlink(missing_ok=True)
             save_plan(self.plan, self.dir / "plan.yaml")
             note_uses(self.stores, str(self.plan.output_dir), self.k, self.cfg.name)  # the use, as the stage starts
         self.emit(
@@ -355,6 +360,8 @@ class Stage:
                 metrics["stores"] = note_uses(self.stores, str(self.plan.output_dir), self.k, self.cfg.name)
             if self.mirrored:  # flipped samples mirrored from orig-only stores, with the error measured at build
                 metrics["mirrored_flips"] = self.mirrored
+            if auto := {b.name: b.weight for b in engine.losses if b.auto_ratio is not None}:
+                metrics["auto_weights"] = auto  # which saved weights auto chose (stage_done tells them apart)
             # metrics.json marks the stage done (stage_done): write it whole or not at all.
             tmp = self.dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(metrics, indent=2))
