@@ -555,7 +555,8 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
     summary = {"bytes": bytes_, "default": choice, "default_with_variants": with_variant}
     (paths.root / "summary.json").write_text(json.dumps(summary, indent=2))
     if a.write:
-        plot(shown, bytes_, PLOT, a.split)
+        if a.split == "val":  # the plot is the sweep's answer; the dev split's runs are the noise floor
+            plot(shown, bytes_, PLOT, a.split)
         students_h = sum(seconds.get(r, {}).get(s, 0.0) for r, v in shown.items() for s in v) / 3600
         body = "\n".join(
             [
@@ -575,12 +576,11 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
                 *_noise_lines(shown),
                 "",
                 decision,
-                "",
-                f"![AP against bytes]({PLOT.relative_to(REPO)})",
+                *(["", f"![AP against bytes]({PLOT.relative_to(REPO)})"] if a.split == "val" else []),
             ]
         )
         write_section(TITLE + ("" if a.split == "val" else " — dev split (noise floor)"), body)
-        print("wrote its section of bench/RESULTS.md and " + str(PLOT.relative_to(REPO)))
+        print("wrote its section of bench/RESULTS.md" + (f" and {PLOT.relative_to(REPO)}" if a.split == "val" else ""))
     return 0
 
 
