@@ -65,3 +65,20 @@ def test_weight_must_be_a_number_or_auto(tmp_path, digits, tiny_store):
     stage = {**AUTO_STAGE, "stores": [tiny_store], "losses": [{"name": "mgd", "weight": "2e-5"}]}
     with pytest.raises(PlanError, match=r"losses\[0\]\.weight: '2e-5' is neither a number nor auto"):
         load_plan(write_plan(tmp_path, digits, [tiny_store], stages=[stage]))
+
+
+def test_an_auto_weight_far_from_the_loss_default_is_flagged():
+    """RM's rule weight on the digits benchmark was 425x its default and broke training (bench/RESULTS.md):
+    beyond 100x either way the event carries the factor and its line a warning; within, neither."""
+    from types import SimpleNamespace
+
+    from mtpd.trainer.engine import BoundLoss, auto_weight_event
+    from mtpd.trainer.events import format_event
+
+    rm = BoundLoss(loss=SimpleNamespace(default_weight=4.0), weight=None, store=0, name="rm", auto_ratio=1.0)
+    ev = {**auto_weight_event(rm, 1700.0, 1.0), "stage": 1}
+    assert ev["times_default"] == pytest.approx(425.0) and ev["default"] == 4.0
+    line = format_event(ev)
+    assert "set to 1700" in line and "warning: that is 425x rm's default weight 4" in line
+    assert "warning" not in format_event({**auto_weight_event(rm, 12.0, 1.0), "stage": 1})
+    assert "times_default" in auto_weight_event(rm, 0.01, 1.0)  # 1/400 of the default

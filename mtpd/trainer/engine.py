@@ -47,6 +47,16 @@ def auto_weight(b: BoundLoss, detection: float, raw: float) -> float:
     return float(b.auto_ratio) * detection / raw
 
 
+def auto_weight_event(b: BoundLoss, weight: float, ratio: float) -> dict:
+    """The ``auto_weight`` event; beyond 100x the loss's default weight either way it says how far (measured:
+    RM's rule weight, 425x its default, broke training on the digits benchmark: bench/RESULTS.md)."""
+    ev = {"event": "auto_weight", "loss": b.name, "weight": weight, "ratio": ratio}
+    times = weight / b.loss.default_weight
+    if not 0.01 <= times <= 100:
+        ev.update(times_default=times, default=b.loss.default_weight)
+    return ev
+
+
 class NonFiniteLoss(TrainError):
     """The step's loss was NaN or infinite; the stage adds which checkpoint is kept."""
 

@@ -51,10 +51,18 @@ def format_event(ev: Event, epochs: int | None = None, iters: int | None = None)
             f"{ev['store']} lacks"
         )
     if kind == "auto_weight":
-        return (
+        line = (
             f"stage {k}: weight: auto for {ev['loss']} set to {ev['weight']:.4g} (its first loss at {ev['ratio']:g}x "
             "the detection loss); saved in plan.resolved.yaml"
         )
+        far = ev.get("times_default")
+        if far is not None:  # see Stage.auto_weight_set
+            line += (
+                f"\nwarning: that is {far:.3g}x {ev['loss']}'s default weight {ev['default']:g}: its first loss is "
+                "far from its usual size (RM's is near zero while a fresh student scores every anchor alike, and "
+                "grows); if training degrades, give a number (README: Losses)"
+            )
+        return line
     if kind == "stage_end":
         shown = ", ".join(f"{n}={v:.4f}" for n, v in ev["metrics"].items() if isinstance(v, float))
         return f"stage {k} ({ev['name']}) done: {shown}"

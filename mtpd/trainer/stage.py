@@ -33,7 +33,7 @@ from mtpd.data import CocoDataset, ViewSpec
 from mtpd.models import arch_family, output_specs, unwrap
 from mtpd.output_spec import OutputSpec
 from mtpd.trainer import hooks
-from mtpd.trainer.engine import BoundLoss, Engine, NonFiniteLoss, TrainError
+from mtpd.trainer.engine import BoundLoss, Engine, NonFiniteLoss, TrainError, auto_weight_event
 from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.events import Event, OnEvent, format_event
 from mtpd.trainer.losses import build_loss, loss_defaults
@@ -335,7 +335,7 @@ class Stage:
         for b, lc in zip(self.losses, self.cfg.losses):
             if b.name == name:
                 lc.weight = weight
-                self.emit({"event": "auto_weight", "loss": name, "weight": weight, "ratio": lc.ratio})
+                self.emit(auto_weight_event(b, weight, lc.ratio))
         if self.rank == 0:
             save_plan(self.plan, self.dir / "plan.yaml")
             save_plan(self.plan, Path(self.plan.output_dir) / "plan.resolved.yaml")
