@@ -142,13 +142,13 @@ def _parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- data and stores
 
 
-def dev_split(paths, n_dev: int, seed: int = 0) -> tuple[Path, Path]:
+def dev_split(paths, n_dev: int, seed: int = 0, digest: str = "sha256") -> tuple[Path, Path]:
     """Carve ``n_dev`` images out of the train split: (train-minus-dev, dev) annotation files.
 
-    Which images is decided by a hash of the seed and the file name, so the split does not depend on the
-    order of the annotation file and is the same on every machine."""
+    Which images is decided by a hash (``digest``) of the seed and the file name, so the split does not depend
+    on the order of the annotation file and is the same on every machine."""
     ann = json.loads(paths.ann("train").read_text())
-    key = lambda im: hashlib.sha256(f"dev{seed}:{im['file_name']}".encode()).hexdigest()  # noqa: E731
+    key = lambda im: hashlib.new(digest, f"dev{seed}:{im['file_name']}".encode()).hexdigest()  # noqa: E731
     dev_ids = {im["id"] for im in sorted(ann["images"], key=key)[:n_dev]}
     out = []
     for name, keep in (("devtrain", lambda i: i not in dev_ids), ("dev", lambda i: i in dev_ids)):

@@ -19,7 +19,6 @@ bench/bytes_vs_ap.py --split dev carves its own (SHA-256), used for the noise fl
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -70,20 +69,6 @@ RUNS = {
 }
 
 
-def _dev_split(paths) -> tuple[Path, Path]:
-    ann = json.loads(paths.ann("train").read_text())
-    order = sorted(ann["images"], key=lambda im: hashlib.sha1(f"dev0:{im['file_name']}".encode()).hexdigest())
-    dev_ids = {im["id"] for im in order[:400]}
-    out = []
-    for name, keep in (("devtrain", lambda i: i not in dev_ids), ("dev", lambda i: i in dev_ids)):
-        part = dict(ann, images=[im for im in ann["images"] if keep(im["id"])])
-        part["annotations"] = [a for a in ann["annotations"] if keep(a["image_id"])]
-        if not paths.ann(name).is_file():
-            paths.ann(name).write_text(json.dumps(part))
-        out.append(paths.ann(name))
-    return out[0], out[1]
-
-
 # The stage and store names the runs were made with (kept, so a rerun finds them finished): the first
 # two distilled runs read FPN-only stores, the later ones stores with class scores too.
 FPN_ONLY = {"w8f32_mtpd_e8", "w16f64_mtpd_e8"}
@@ -123,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_out/bva_dev", help="working folder; default: %(default)s")
     p.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     a = p.parse_args(argv)
-    from bench.bytes_vs_ap import run_all
+    from bench.bytes_vs_ap import dev_split, run_all
     from mtpd.demo import recipes, steps
 
     paths = steps.Paths(Path(a.out))
     log = lambda s: print(s, flush=True)  # noqa: E731
     steps.ensure_data(paths, recipes.FULL, log)
-    train_ann, dev_ann = _dev_split(paths)
+    train_ann, dev_ann = dev_split(paths, 400, digest="sha1")  # the carve these runs were made on
     n_train = len(json.loads(train_ann.read_text())["images"])
     ipe = -(-n_train // 16)
     tasks = []
