@@ -199,6 +199,21 @@ def _store_path(paths, split: Split, teacher: str, key: str) -> Path:
     return paths.stores / f"{split.train_ann.stem}-{teacher}-{key}"
 
 
+def _check_store(path: Path, teacher, precision: str, outputs: tuple[str, ...], views: tuple[str, ...]) -> None:
+    """A store found under --out must hold what its name says: this teacher's weights, precision, outputs, views."""
+    from mtpd.cache.store import StoreReader
+    from mtpd.checkpoint import sha256_file
+
+    h = StoreReader(str(path)).header
+    found = (h.teacher.get("weights_sha256"), h.precision, tuple(sorted(h.outputs)), h.view_names)
+    want = (sha256_file(teacher.checkpoint), precision, tuple(sorted(outputs)), views)
+    if found != want:
+        raise SystemExit(
+            f"{path} holds (weights sha256, precision, outputs, views) = {found}, not {want} as the sweep wants: "
+            "delete it (or use another --out) and rerun"
+        )
+
+
 def _build_stores(paths, split: Split, teachers: dict, rows: list[str], log) -> dict[tuple[str, str], Path]:
     """(teacher key, store key) -> a complete store; built once, reused on reruns."""
     from mtpd.cache.build import build_store
@@ -214,6 +229,8 @@ def _build_stores(paths, split: Split, teachers: dict, rows: list[str], log) -> 
             out[(tkey, skey)] = path
             if not steps.store_complete(path):
                 todo.append((t, path, prec, outputs, views))
+            else:
+                _check_store(path, t, prec, outputs, views)
     if not todo:
         return out
     import ray

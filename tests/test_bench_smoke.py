@@ -114,6 +114,14 @@ def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, r
     assert "0 student runs to train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="drop --write"):
         bva.main([*args, "--write"])
+    # A store under --out that holds another teacher's maps than its name says is refused, not reused.
+    from mtpd.demo import recipes, steps
+
+    teachers = steps.ensure_teachers(steps.Paths(tmp_path / "quick-val"), recipes.QUICK, False, lambda s: None)
+    store = tmp_path / "quick-val" / "stores" / "instances_train-weak-tiny"
+    bva._check_store(store, teachers["weak"], "tiny", ("fpn", "cls", "box"), ("orig", "hflip"))
+    with pytest.raises(SystemExit, match="delete it"):
+        bva._check_store(store, teachers["strong"], "tiny", ("fpn", "cls", "box"), ("orig", "hflip"))
     assert (results.read_bytes() if results.exists() else None) == before
     assert (bva.PLOT.read_bytes() if bva.PLOT.exists() else None) == plot_before
 
