@@ -187,3 +187,21 @@ def test_dev_split_is_carved_from_train_deterministically(tmp_path):
     )
     _, dev2 = dev_split(paths, 10)
     assert {im["id"] for im in json.loads(dev2.read_text())["images"]} == d_ids
+
+
+def test_bytes_vs_ap_plot(tmp_path):
+    """The plot of the sweep's answer draws from results and bytes alone (what --write passes it)."""
+    from PIL import Image
+
+    from bench.bytes_vs_ap import plot
+
+    results = {
+        p: {s: 0.20 + 0.002 * s + 0.001 * i for s in range(5)} for i, p in enumerate(("lossless", "small", "tiny"))
+    }
+    results["baseline"] = {s: 0.15 for s in range(5)}
+    bytes_ = {
+        p: {"fpn": kib * 1024, "fpn_fp32": 170 * 1024} for p, kib in (("lossless", 77), ("small", 24), ("tiny", 12))
+    }
+    plot(results, bytes_, tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.size[0] > 500 and im.size[1] > 300
