@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bytes_vs_ap.py --split dev --rows lossless,online   # noise floor (dev split)
     .venv/bin/python bench/bytes_vs_ap.py --write                              # the sweep (val), ~3 h
+    .venv/bin/python bench/bytes_vs_ap.py --report                             # what has finished so far
     .venv/bin/python bench/bytes_vs_ap.py --quick --out /tmp/bva               # smoke test (CI)
 
 Every row trains the benchmark's student (``mtpd.demo.recipes``: the student, both teachers,
@@ -136,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="students trained side by side, one thread each")
     p.add_argument("--quick", action="store_true", help="a few images, one epoch per stage: checks the script")
     p.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md and the plot")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print the table of what has finished so far, training and building nothing (safe while a sweep runs)",
+    )
     return p
 
 
@@ -193,6 +199,22 @@ def _store_specs(rows: list[str]) -> dict[str, tuple[str, tuple[str, ...], tuple
         else:  # every output, so the table can give bytes for FPN and for all outputs
             specs[k] = (k, ("fpn", "cls", "box"), ("orig", "hflip"))
     return specs
+
+
+def _lock(root: Path):
+    """An exclusive lock on ``root`` for this process's life: two sweeps training into one folder would write
+    the same runs at once. Returns the open lock file (closing it releases the lock)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / ".sweep.lock", "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(
+            f"another bytes_vs_ap.py trains into {root}: wait for it, look with --report, or use another --out"
+        ) from None
+    return f
 
 
 def _store_path(paths, split: Split, teacher: str, key: str) -> Path:
@@ -387,8 +409,9 @@ def default_precision(
 
 def _summary(results: dict, seconds: dict, bytes_: dict[str, dict[str, float]], seeds: list[int]) -> list[str]:
     def ms(vals: list[float]) -> str:
-        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        return f"{100 * statistics.mean(vals):.2f} ± {100 * sd:.2f}"
+        if len(vals) < 2:
+            return f"{100 * vals[0]:.2f}"
+        return f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals):.2f}"
 
     def kib(b: float | None) -> str:
         return "-" if b is None else f"{b / 1024:.1f}"
@@ -413,7 +436,8 @@ def _summary(results: dict, seconds: dict, bytes_: dict[str, dict[str, float]], 
         diff = (
             "-"
             if d is None
-            else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            else f"{d['mean']:+.2f}"
+            + (f" [{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else "")
             + (" (vs kd_lossless)" if ref == "kd_lossless" else "")
         )
         secs = [seconds[name][s] for s in r if s in seconds.get(name, {})]
@@ -434,8 +458,9 @@ def _pairs_lines(results: dict) -> list[str]:
         if d is None:
             continue
         per = ", ".join(f"{x:+.2f}" for x in d["per_seed"])
-        ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]"
-        lines.append(f"| {a} − {b} | {d['n']} | {d['mean']:+.2f} | {d['std']:.2f} | {ci} | {per} |")
+        ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else "-"
+        sd = f"{d['std']:.2f}" if d["n"] > 1 else "-"
+        lines.append(f"| {a} − {b} | {d['n']} | {d['mean']:+.2f} | {sd} | {ci} | {per} |")
     return lines
 
 
@@ -523,14 +548,21 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
             raise SystemExit(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
     if a.quick and a.write:
         raise SystemExit("--quick checks the script; its numbers are not results: drop --write")
+    if a.report and a.write:
+        raise SystemExit("--report shows runs as they stand; --write records a finished sweep: give one of them")
     scale = recipes.QUICK if a.quick else recipes.FULL
     paths = steps.Paths(Path(a.out) / (f"quick-{a.split}" if a.quick else a.split))  # never the real runs' data
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    steps.ensure_data(paths, scale, log)
+    if not a.report:
+        steps.ensure_data(paths, scale, log)
+        lock = _lock(paths.root)  # noqa: F841 - held until the process ends
     split = _split(paths, a.split, scale)
     teachers = steps.ensure_teachers(paths, scale, False, log)
-    stores = _build_stores(paths, split, teachers, rows, log)
+    if a.report:
+        stores = {(t, k): _store_path(paths, split, t, k) for t in teachers for k in _store_specs(rows)}
+    else:
+        stores = _build_stores(paths, split, teachers, rows, log)
     res_path = paths.root / "results.json"
     saved = json.loads(res_path.read_text()) if res_path.is_file() else {}
     results = {r: {int(s): v for s, v in d.items()} for r, d in saved.get("results", {}).items()}
@@ -549,8 +581,9 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
         os.replace(tmp, res_path)
 
     tasks = []
+    rows_to_run = [] if a.report else rows
     # Seed-major (a stopped sweep still has paired rows), the also-report rows after every main row.
-    order = [r for r in rows if r in MAIN_ROWS] + [r for r in rows if r not in MAIN_ROWS]
+    order = [r for r in rows_to_run if r in MAIN_ROWS] + [r for r in rows_to_run if r not in MAIN_ROWS]
     for group in ([r for r in order if r in MAIN_ROWS], [r for r in order if r not in MAIN_ROWS]):
         for seed in seeds:
             for r in group:
@@ -559,7 +592,7 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
                 _, todo = steps.stages_todo(plan, lambda s: None)
                 if todo or seed not in results.get(r, {}):
                     tasks.append((r, seed, plan, _online(row, teachers)))
-    log(f"{len(tasks)} student runs to train, {a.jobs} side by side")
+    log("--report: nothing trains" if a.report else f"{len(tasks)} student runs to train, {a.jobs} side by side")
     run_all(tasks, a.jobs, log, lambda r, s, j: on_done(r, s, j))
 
     # What this invocation asked for: its rows and seeds (results.json may hold more).
@@ -571,7 +604,9 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
         keys = {s[2] for s in ROWS[r].stages if s[1] is not None}
         if len(keys) == 1 and r in (*PRESETS, "flip_cached", "kd_lossless", "kd_tiny"):
             (k,) = keys
-            per = [store_bytes(_store_path(paths, split, t, k)) for t in teachers]
+            if not all(steps.store_complete(stores[(t, k)]) for t in teachers):
+                continue  # --report before the stores were built
+            per = [store_bytes(stores[(t, k)]) for t in teachers]
             b = {f: statistics.mean(x[f] for x in per) for f in per[0]}
             if r.startswith("kd_"):  # KD reads class scores only: show what it reads
                 b = {f: v for f, v in b.items() if f.startswith("cls")}

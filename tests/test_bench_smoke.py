@@ -114,6 +114,13 @@ def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, r
     assert "0 student runs to train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="drop --write"):
         bva.main([*args, "--write"])
+    # --report reads what has finished; a second sweep into the same folder is refused while one trains.
+    assert bva.main([*args, "--report"]) == 0
+    assert "--report: nothing trains" in capsys.readouterr().out
+    held = bva._lock(tmp_path / "quick-val")
+    with pytest.raises(SystemExit, match="another bytes_vs_ap.py trains into"):
+        bva.main(args)
+    held.close()
     # A store under --out that holds another teacher's maps than its name says is refused, not reused.
     from mtpd.demo import recipes, steps
 
