@@ -17,6 +17,7 @@ schedule and loss weights, all fixed on the dev split before the sweep) once per
     direct          MGD from the stronger teacher in both stages (lossless)
     kd_lossless     MTPD with KD on class scores from lossless stores ...
     kd_tiny         ... and from tiny's top-8 class code (paired with kd_lossless)
+    kd_small        (also-report row) ... and from small's logprob-u8 class code (paired with kd_lossless)
     full_schedule   (also-report row) MTPD lossless with a whole schedule per stage (twice the epochs)
     rm_pfi          (also-report row) MTPD with RM + PFI instead of MGD, weights set by the same rule
 
@@ -105,17 +106,19 @@ ROWS: dict[str, Row] = {
         Row("direct", (("strong_1", "strong", "lossless", "mgd"), ("strong_2", "strong", "lossless", "mgd"))),
         _mtpd("kd_lossless", "lossless", "kd"),
         _mtpd("kd_tiny", "tiny", "kd"),
+        _mtpd("kd_small", "small", "kd"),
         _mtpd("full_schedule", "lossless", epochs_factor=2),
         _mtpd("rm_pfi", "lossless", "rm_pfi"),
     )
 }
-MAIN_ROWS = tuple(r for r in ROWS if r not in ("full_schedule", "rm_pfi"))
+MAIN_ROWS = tuple(r for r in ROWS if r not in ("full_schedule", "rm_pfi", "kd_small"))
 # Pairs reported as differences (row, reference); presets are paired with lossless.
 PAIRS = (
     *((p, "lossless") for p in PRESETS[1:]),
     ("flip_cached", "lossless"),
     ("lossless", "online"),
     ("kd_tiny", "kd_lossless"),
+    ("kd_small", "kd_lossless"),
     ("lossless", "baseline"),
     ("direct", "baseline"),
     ("lossless", "direct"),
@@ -427,10 +430,10 @@ def _summary(results: dict, seconds: dict, bytes_: dict[str, dict[str, float]], 
             continue
         b = bytes_.get(name) or {}
         frac = f"1/{b['fpn_fp32'] / b['fpn']:.1f}" if "fpn" in b else "-"
-        ref = "kd_lossless" if name == "kd_tiny" else "lossless"
+        ref = "kd_lossless" if name.startswith("kd_") else "lossless"
         d = (
             paired(results, name, ref)
-            if name != ref and (name in PRESETS or name in ("flip_cached", "kd_tiny"))
+            if name != ref and (name in PRESETS or name == "flip_cached" or name.startswith("kd_"))
             else None
         )
         diff = (
@@ -602,7 +605,7 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
     bytes_: dict[str, dict[str, float]] = {}
     for r in shown:
         keys = {s[2] for s in ROWS[r].stages if s[1] is not None}
-        if len(keys) == 1 and r in (*PRESETS, "flip_cached", "kd_lossless", "kd_tiny"):
+        if len(keys) == 1 and (r in (*PRESETS, "flip_cached") or r.startswith("kd_")):
             (k,) = keys
             if not all(steps.store_complete(stores[(t, k)]) for t in teachers):
                 continue  # --report before the stores were built
