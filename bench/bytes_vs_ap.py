@@ -377,12 +377,10 @@ def run_all(tasks: list[tuple[str, int, Path, dict | None]], n_jobs: int, log, o
 
 
 def t90(df: int) -> float:
-    """Two-sided 90 % quantile of Student's t (df >= 1)."""
-    table = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
-    if df in table:
-        return table[df]
-    z = 1.6449  # beyond 10 df: the Cornish-Fisher expansion around the normal quantile, within 0.002
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    """Two-sided 90 % quantile of Student's t (df >= 1); scipy comes with scikit-learn, a core dependency."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.95, df))
 
 
 def paired(results: dict[str, dict[int, float]], a: str, b: str) -> dict | None:

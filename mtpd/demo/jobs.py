@@ -51,19 +51,10 @@ def _train_child(
 
     from mtpd.errors import MtpdError, message
     from mtpd.trainer.plan import load_plan
-    from mtpd.trainer.stage import run_plan
 
     torch.set_num_threads(threads)
     try:
-        plan = load_plan(plan_path)
-        if online is None:
-            run_plan(plan, stages, device="cpu", log=print, on_event=events.put)
-        else:
-            from mtpd.teachers.registry import build_teacher
-
-            for k in stages:  # one teacher per stage, so one stage per call
-                teacher = build_teacher(online[k][0], weights=online[k][1])
-                run_plan(plan, [k], device="cpu", online=[teacher], log=print, on_event=events.put)
+        steps.run_stages(load_plan(plan_path), stages, online, log=print, on_event=events.put)
     except MtpdError as e:
         print(f"error: {message(e)}")
         events.put({"event": "error", "message": message(e)})
@@ -139,11 +130,7 @@ class Job:
 def start(name: str, plan_path: Path, log: Log, threads: int, online: dict[int, tuple[str, str]] | None = None) -> Job:
     """Start training the stages of ``plan_path`` an earlier demo run did not finish, in a child process
     (``online``: stage -> (teacher arch, checkpoint) for stages trained with the teacher run live)."""
-    if online is None:
-        steps.show(log, "mtpd-train", plan=plan_path, stage="all")
-    else:
-        for k, (arch, ckpt) in online.items():
-            steps.show(log, "mtpd-train", plan=plan_path, stage=k, online_teacher=f"{arch}={ckpt}")
+    steps.show_train(log, plan_path, online)
     plan, todo = steps.stages_todo(plan_path, log)
     out = Path(plan.output_dir)
     done = set(range(1, len(plan.stages) + 1)) - set(todo)

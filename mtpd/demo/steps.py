@@ -151,30 +151,33 @@ def progress_printer(log: Log, quiet: bool, prefix: str = "  "):
 def train(
     plan_path: Path, log: Log, quiet: bool = False, online: dict[int, tuple[str, Path]] | None = None
 ) -> list[dict]:
-    """``mtpd-train --plan PLAN --stage all``, skipping stages an earlier demo run finished.
+    """``mtpd-train --plan PLAN --stage all``, skipping stages an earlier demo run finished; ``online``: stage ->
+    (teacher arch, checkpoint) runs that stage with its teacher live (``--online-teacher ARCH=CKPT``)."""
+    show_train(log, plan_path, online)
+    plan, todo = stages_todo(plan_path, log)
+    if todo:
+        run_stages(plan, todo, online, log=None, on_event=progress_printer(log, quiet))
+    return stage_metrics(plan)
 
-    ``online``: stage -> (teacher arch, checkpoint) runs each stage with that teacher inside every
-    step (``mtpd-train --stage K --online-teacher ARCH=CKPT``) instead of reading the stage's stores.
-    """
+
+def show_train(log: Log, plan_path: Path, online: dict[int, tuple[str, Path]] | None) -> None:
+    """The mtpd-train command(s) a training of ``plan_path`` corresponds to (one per stage with a live teacher)."""
+    if online is None:
+        show(log, "mtpd-train", plan=plan_path, stage="all")
+    for k, (arch, ckpt) in (online or {}).items():
+        show(log, "mtpd-train", plan=plan_path, stage=k, online_teacher=f"{arch}={ckpt}")
+
+
+def run_stages(plan, stages: list[int], online: dict[int, tuple[str, Path]] | None, log, on_event) -> None:
+    """``run_plan`` of ``stages``, or with ``online`` one stage per call, each with its teacher run live."""
+    from mtpd.teachers.registry import build_teacher
     from mtpd.trainer.stage import run_plan
 
     if online is None:
-        show(log, "mtpd-train", plan=plan_path, stage="all")
-    else:
-        for k, (arch, ckpt) in online.items():
-            show(log, "mtpd-train", plan=plan_path, stage=k, online_teacher=f"{arch}={ckpt}")
-    plan, todo = stages_todo(plan_path, log)
-    on_event = progress_printer(log, quiet)
-    if online is None:
-        if todo:
-            run_plan(plan, todo, device="cpu", log=None, on_event=on_event)
-    else:
-        from mtpd.teachers.registry import build_teacher
-
-        for k in todo:  # one teacher per stage, so one stage per run
-            teacher = build_teacher(online[k][0], weights=str(online[k][1]))
-            run_plan(plan, [k], device="cpu", online=[teacher], log=None, on_event=on_event)
-    return stage_metrics(plan)
+        run_plan(plan, stages, device="cpu", log=log, on_event=on_event)
+    for k in stages if online else []:
+        teacher = build_teacher(online[k][0], weights=str(online[k][1]))
+        run_plan(plan, [k], device="cpu", online=[teacher], log=log, on_event=on_event)
 
 
 def stage_metrics(plan) -> list[dict]:

@@ -280,8 +280,8 @@ def same_plan(saved: Plan, plan: Plan, auto_chosen: list[dict[str, float] | None
     ``auto_chosen[i]``: the weights auto chose in stage i+1, by loss name (None: not recorded, any number
     passes), so that a fixed weight saved by an earlier plan does not pass for auto."""
     d = plan_to_dict(saved)
-    for i, (s_stage, p_stage) in enumerate(zip(d["stages"], plan.stages)):
-        chosen = (auto_chosen or [])[i] if i < len(auto_chosen or []) else None
+    chosen_by_stage = list(auto_chosen or []) + [None] * len(plan.stages)
+    for s_stage, p_stage, chosen in zip(d["stages"], plan.stages, chosen_by_stage):
         for s_loss, p_loss in zip(s_stage["losses"], p_stage.losses):
             number = isinstance(s_loss["weight"], (int, float))
             if (
