@@ -73,6 +73,8 @@ def test_rebuild_finds_the_store_and_writes_nothing(tmp_path, digits, capsys) ->
         "0",
         "--images-per-shard",
         "4",
+        "--precision",
+        "lossless",  # as tiny_build's; the CLI's default precision would name another store
         "--root",
         str(tmp_path),
     )

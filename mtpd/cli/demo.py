@@ -1,7 +1,7 @@
 """`mtpd-demo`: distill a student progressively on the digits benchmark and show the gain.
 
-mtpd-demo --out demo_out            # the full demo (~6 min on 2 CPU cores)
-mtpd-demo --out demo_out --direct   # add the direct-distillation student (~12 min)
+mtpd-demo --out demo_out            # the full demo (~7 min on 2 CPU cores)
+mtpd-demo --out demo_out --direct   # add the direct-distillation student (a third student: minutes more)
 mtpd-demo --out demo_out --quick    # a smoke test of the same pipeline (~2 min)
 """
 
@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--direct",
         action="store_true",
-        help="also train the student distilled from the stronger teacher in both stages (the full demo then takes ~12 "
-        "min; always on with --quick)",
+        help="also train the student distilled from the stronger teacher in both stages (a third student on the same "
+        "cores: the full demo takes minutes longer; always on with --quick)",
     )
     p.add_argument(
         "--train-teachers",

@@ -1,9 +1,9 @@
 """Students trained side by side, each in its own process running the trainer's ``run_plan``.
 
 A small student's training step cannot keep two CPU cores busy: trained one
-after the other with 2 torch threads each, the demo's two students used 15.9
-CPU-min in 15.3 min wall on 2 cores. Trained side by side with one thread each,
-the whole demo takes 8.4–9.2 min instead of 15.2 (same recipes). Each
+after the other with 2 torch threads each, an earlier demo's two students (width 8)
+used 15.9 CPU-min in 15.3 min wall on 2 cores. Trained side by side with one thread
+each, that demo took 8.4–9.2 min instead of 15.2 (same recipes). Each
 process keeps one thread count for its whole run: a count that followed what
 else is running would make the weights depend on timing.
 
