@@ -107,6 +107,17 @@ def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, r
     assert kib("flip_cached", 2) == pytest.approx(kib("lossless", 2) / 2, rel=0.15)
     assert kib("kd_tiny", 4) < kib("kd_lossless", 4) / 2  # top-8 class codes against fp16 scores
     assert "(vs kd_lossless)" in table["kd_tiny"]
+    # bench/kd_targets.py reads the same stores: lossless against itself moves KD's targets by nothing.
+    from bench import kd_targets
+
+    st = str(tmp_path / "quick-val" / "stores")
+    assert kd_targets.main(["--stores", st, "--presets", "lossless,tiny", "--samples", "3"]) == 0
+    moved = {
+        ln.split(", ")[1].split("'")[0]: float(ln.split()[-1])
+        for ln in capsys.readouterr().out.splitlines()
+        if "KD loss" in ln
+    }
+    assert moved["lossless"] == 0.0 and moved["tiny"] > 0.0
     assert "Default precision by the rule" in printed
     assert "| - |" in table["flip_cached"]  # its store holds FPN maps only: no "all outputs" figure
     # A rerun finds every stage finished and trains nothing.

@@ -1,0 +1,69 @@
+"""How far a store's class-score code moves KD's targets: the KD loss between fp16 logits and decoded codes.
+
+    .venv/bin/python bench/kd_targets.py                       # the bytes-vs-AP sweep's val stores (strong teacher)
+    .venv/bin/python bench/kd_targets.py --stores DIR --teacher weak --samples 32
+
+For each preset's store of the same teacher and images, it decodes ``cls`` with ``open_store(...).read`` and
+reports the loss KD (``mtpd.trainer.losses.kd``, τ as its default) would give if the student reproduced the
+`lossless` logits exactly while the targets came from the preset: a target error of zero costs nothing; one of
+the size of the training KD loss moves what the student learns. It also reports how many teacher scores lie below
+the uint8 log-probability code's floor (p = 1e-4), where that code and top-k both clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/kd_targets.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from mtpd.cache.codes import LOGPROB_MIN
+    from mtpd.cache.store import open_store
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stores", default="bench_out/bytes_vs_ap/val/stores", help="the sweep's stores folder")
+    p.add_argument("--teacher", default="strong", help="weak or strong (default: %(default)s)")
+    p.add_argument("--presets", default="small,tiny", help="presets to compare with lossless (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=16, help="samples read, spread over the store (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=2.0, help="KD temperature (default: the kd loss's, %(default)s)")
+    a = p.parse_args(argv)
+
+    def store(preset: str):
+        path = Path(a.stores) / f"instances_train-{a.teacher}-{preset}"
+        if not path.exists():
+            raise SystemExit(f"no store {path}: run bench/bytes_vs_ap.py first, or pass --stores")
+        return open_store(path)
+
+    ref = store("lossless")
+    presets = a.presets.split(",")
+    others = {k: store(k) for k in presets}
+    samples = np.linspace(0, ref.num_samples - 1, a.samples).round().astype(int)
+    loss = {k: [] for k in presets}
+    below = []
+    for i in samples:
+        t_levels = ref.read(int(i), ["cls"])["cls"]
+        below += [float((lv < LOGPROB_MIN - math.log1p(-math.exp(LOGPROB_MIN))).mean()) for lv in t_levels]
+        for k, st in others.items():
+            for t, s in zip(t_levels, st.read(int(i), ["cls"])["cls"]):
+                t, s = torch.from_numpy(t) / a.tau, torch.from_numpy(s) / a.tau
+                pt = t.sigmoid()
+                kl = F.binary_cross_entropy_with_logits(s, pt) - F.binary_cross_entropy_with_logits(t, pt)
+                loss[k].append(float(kl) * a.tau**2)
+    print(f"teacher {a.teacher}, {len(samples)} samples, tau {a.tau}")
+    print(f"teacher class scores below p = 1e-4 (the uint8 code's floor): {100 * np.mean(below):.1f} %")
+    for k in presets:
+        print(f"KD loss, {k}'s decoded targets against lossless logits, per entry: {np.mean(loss[k]):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
