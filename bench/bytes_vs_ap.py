@@ -19,6 +19,7 @@ schedule and loss weights, all fixed on the dev split before the sweep) once per
     kd_tiny         ... and from tiny's top-8 class code (paired with kd_lossless)
     kd_small        (also-report row) ... and from small's logprob-u8 class code (paired with kd_lossless)
     full_schedule   (also-report row) MTPD lossless with a whole schedule per stage (twice the epochs)
+    baseline_full   (also-report row) the baseline with as many epochs as full_schedule
     rm_pfi          (also-report row) MTPD with RM + PFI instead of MGD, weights set by the same rule
 
 Splits: ``dev`` trains on the train split minus 400 images carved from it (``dev_split``) and
@@ -108,10 +109,11 @@ ROWS: dict[str, Row] = {
         _mtpd("kd_tiny", "tiny", "kd"),
         _mtpd("kd_small", "small", "kd"),
         _mtpd("full_schedule", "lossless", epochs_factor=2),
+        Row("baseline_full", (("plain_1", None, "", "none"), ("plain_2", None, "", "none")), epochs_factor=2),
         _mtpd("rm_pfi", "lossless", "rm_pfi"),
     )
 }
-MAIN_ROWS = tuple(r for r in ROWS if r not in ("full_schedule", "rm_pfi", "kd_small"))
+MAIN_ROWS = tuple(r for r in ROWS if r not in ("full_schedule", "baseline_full", "rm_pfi", "kd_small"))
 # Pairs reported as differences (row, reference); presets are paired with lossless.
 PAIRS = (
     *((p, "lossless") for p in PRESETS[1:]),
@@ -124,6 +126,7 @@ PAIRS = (
     ("lossless", "direct"),
     ("full_schedule", "direct"),
     ("full_schedule", "lossless"),
+    ("full_schedule", "baseline_full"),
     ("rm_pfi", "baseline"),
     ("kd_lossless", "baseline"),
 )
