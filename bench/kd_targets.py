@@ -13,7 +13,6 @@ the uint8 log-probability code's floor (p = 1e-4), where that code and top-k bot
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -24,10 +23,11 @@ if __package__ in (None, ""):  # run as `python bench/kd_targets.py`
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    from mtpd.cache.codes import LOGPROB_MIN
+    from mtpd.cache.codes import logprob_logits
     from mtpd.cache.store import open_store
+    from mtpd.trainer.losses.base import DistillBatch
+    from mtpd.trainer.losses.kd import KDLoss
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stores", default="bench_out/bytes_vs_ap/val/stores", help="the sweep's stores folder")
@@ -46,18 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     ref = store("lossless")
     presets = a.presets.split(",")
     others = {k: store(k) for k in presets}
+    levels = tuple(ref.header.outputs["cls"].levels)
+    kd = KDLoss(levels=levels, tau=a.tau)  # the trainer's own loss: lossless logits as student, preset as teacher
+    floor = float(logprob_logits(np.zeros(1, np.uint8))[0])
     samples = np.linspace(0, ref.num_samples - 1, a.samples).round().astype(int)
     loss = {k: [] for k in presets}
     below = []
     for i in samples:
         t_levels = ref.read(int(i), ["cls"])["cls"]
-        below += [float((lv < LOGPROB_MIN - math.log1p(-math.exp(LOGPROB_MIN))).mean()) for lv in t_levels]
+        below += [float((lv <= floor).mean()) for lv in t_levels]
+        student = {f"cls.p{lv}": torch.from_numpy(x)[None] for lv, x in zip(levels, t_levels)}
+        masks = {lv: torch.ones(1, 1, *x.shape[-2:]) for lv, x in zip(levels, t_levels)}
         for k, st in others.items():
-            for t, s in zip(t_levels, st.read(int(i), ["cls"])["cls"]):
-                t, s = torch.from_numpy(t) / a.tau, torch.from_numpy(s) / a.tau
-                pt = t.sigmoid()
-                kl = F.binary_cross_entropy_with_logits(s, pt) - F.binary_cross_entropy_with_logits(t, pt)
-                loss[k].append(float(kl) * a.tau**2)
+            teacher = {
+                f"cls.p{lv}": torch.from_numpy(x)[None] for lv, x in zip(levels, st.read(int(i), ["cls"])["cls"])
+            }
+            batch = DistillBatch(student, teacher, masks, [], [], None, 0, 0, levels)
+            loss[k].append(float(kd(batch)))
     print(f"teacher {a.teacher}, {len(samples)} samples, tau {a.tau}")
     print(f"teacher class scores below p = 1e-4 (the uint8 code's floor): {100 * np.mean(below):.1f} %")
     for k in presets:
