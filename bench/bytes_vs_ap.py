@@ -97,10 +97,11 @@ def _mtpd(name: str, store: str, losses: str = "mgd", **kw) -> Row:
     return Row(name, (("weak", "weak", store, losses), ("strong", "strong", store, losses)), **kw)
 
 
+PLAIN = (("plain_1", None, "", "none"), ("plain_2", None, "", "none"))  # the student alone, two stages
 ROWS: dict[str, Row] = {
     r.name: r
     for r in (
-        Row("baseline", (("plain_1", None, "", "none"), ("plain_2", None, "", "none"))),
+        Row("baseline", PLAIN),
         *(_mtpd(p, p) for p in PRESETS),
         _mtpd("flip_cached", "lossless-orig"),
         _mtpd("online", "lossless", online=True),
@@ -109,7 +110,7 @@ ROWS: dict[str, Row] = {
         _mtpd("kd_tiny", "tiny", "kd"),
         _mtpd("kd_small", "small", "kd"),
         _mtpd("full_schedule", "lossless", epochs_factor=2),
-        Row("baseline_full", (("plain_1", None, "", "none"), ("plain_2", None, "", "none")), epochs_factor=2),
+        Row("baseline_full", PLAIN, epochs_factor=2),
         _mtpd("rm_pfi", "lossless", "rm_pfi"),
     )
 }
