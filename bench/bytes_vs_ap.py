@@ -208,7 +208,7 @@ def _store_specs(rows: list[str]) -> dict[str, tuple[str, tuple[str, ...], tuple
     return specs
 
 
-def _lock(root: Path):
+def _lock(root: Path, script: str = "bytes_vs_ap.py"):
     """An exclusive lock on ``root`` for this process's life: two sweeps training into one folder would write
     the same runs at once. Returns the open lock file (closing it releases the lock)."""
     import fcntl
@@ -219,7 +219,7 @@ def _lock(root: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SystemExit(
-            f"another bytes_vs_ap.py trains into {root}: wait for it, look with --report, or use another --out"
+            f"another {script} trains into {root}: wait for it, look with --report, or use another --out"
         ) from None
     return f
 
@@ -321,13 +321,16 @@ def _losses(kind: str) -> list[dict]:
     }[kind]
 
 
-def _plan(row: Row, seed: int, paths, split: Split, scale, stores: dict) -> Path:
+def _plan(row: Row, seed: int, paths, split: Split, scale, stores: dict, losses=None) -> Path:
+    """The plan of ``row`` at ``seed``; ``losses(key, iters_per_epoch)`` gives each stage's losses (default:
+    this sweep's ``_losses``)."""
     from mtpd.demo import recipes, steps
 
     ipe = -(-split.train_count // 16)
+    pick = losses or (lambda key, _ipe: _losses(key))
     stages = [
         recipes.stage(
-            sname, scale.stage_epochs * row.epochs_factor, ipe, [str(stores[(t, s)])] if t else [], _losses(loss)
+            sname, scale.stage_epochs * row.epochs_factor, ipe, [str(stores[(t, s)])] if t else [], pick(loss, ipe)
         )
         for sname, t, s, loss in row.stages
     ]

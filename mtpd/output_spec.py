@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# How a map of the original view becomes the flipped view's (columns are always reversed; this says what
+# happens to the channels). Adapters declare one per output; a header without one falls back to its kind's.
+REVERSE = "reverse"  # channels keep their meaning: features, class and objectness maps (anchors are symmetric)
+NEGATE_DX = "negate_dx"  # (dx, dy, dw, dh) per anchor: dx changes sign (RetinaNet, RPN, ATSS deltas)
+SWAP_LR = "swap_lr"  # (l, t, r, b) per anchor, each one value or a group of distribution bins: l and r swap
+NONE = "none"  # no known rule: such an output cannot be mirrored (build the store with both views)
+MIRRORS = (REVERSE, NEGATE_DX, SWAP_LR, NONE)
+_KIND_MIRROR = {"feature": REVERSE, "logits": REVERSE, "objectness": REVERSE, "deltas": NEGATE_DX}
+
 
 @dataclass(frozen=True)
 class OutputSpec:
@@ -14,6 +23,7 @@ class OutputSpec:
     as a [B, channels, H/stride, W/stride] tensor.
     ``kind``: ``feature`` (FPN/neck maps), ``logits`` (class logits, sigmoid
     per anchor and class), ``deltas`` (box regression) or ``objectness``.
+    ``mirror``: one of ``MIRRORS`` (see above); empty means the kind's default.
     """
 
     name: str
@@ -22,6 +32,40 @@ class OutputSpec:
     channels: int
     num_anchors: int = 1
     num_classes: int = 0
+    mirror: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mirror and self.mirror not in MIRRORS:
+            raise ValueError(f"output {self.name!r}: mirror rule {self.mirror!r} is not one of {', '.join(MIRRORS)}")
+
+    @property
+    def mirror_rule(self) -> str:
+        """The rule, the kind's default when none was declared (box deltas: dx negated)."""
+        return self.mirror or _KIND_MIRROR.get(self.kind, NONE)
+
+    def mirror_channels(self) -> tuple[list[int], list[float]]:
+        """(source channel, sign) per channel: the flipped view's channel c is ``sign[c] * orig[perm[c]]`` after
+        the columns are reversed. ValueError when the output cannot be mirrored."""
+        rule, c = self.mirror_rule, self.channels
+        perm, sign = list(range(c)), [1.0] * c
+        if rule == REVERSE:
+            return perm, sign
+        group = c // max(1, self.num_anchors)  # one anchor's 4 coordinates (x bins each)
+        if rule == NONE or group % 4 or group * self.num_anchors != c:
+            raise ValueError(
+                f"output {self.name!r} ({self.kind}, {c} channels) has no mirror rule; build the store with both "
+                "views (--views orig,hflip) or train with flip: false"
+            )
+        bins = group // 4
+        for a in range(self.num_anchors):
+            base = a * group
+            if rule == NEGATE_DX:
+                for b in range(bins):
+                    sign[base + b] = -1.0
+            else:  # SWAP_LR: the l group and the r group trade places
+                for b in range(bins):
+                    perm[base + b], perm[base + 2 * bins + b] = base + 2 * bins + b, base + b
+        return perm, sign
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -45,4 +89,5 @@ class OutputSpec:
             channels=int(d["channels"]),
             num_anchors=int(d.get("num_anchors", 1)),
             num_classes=int(d.get("num_classes", 0)),
+            mirror=str(d.get("mirror", "")),
         )

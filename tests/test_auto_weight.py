@@ -47,6 +47,19 @@ def test_auto_weight_starts_at_the_stated_ratio_and_is_saved(tmp_path, digits, t
     assert not stage_done(load_plan(other), 1)
 
 
+def test_auto_after_measures_after_a_warm_up(tmp_path, digits, tiny_store):
+    """With ``auto_after: 2`` the loss adds nothing for two steps, then starts at the stated ratio."""
+    stage = {**AUTO_STAGE, "stores": [tiny_store], "losses": [{"name": "rm", "weight": "auto", "auto_after": 2}]}
+    events = []
+    run_plan(load_plan(write_plan(tmp_path, digits, [tiny_store], stages=[stage])), [1], log=None,
+             on_event=events.append)  # fmt: skip
+    recs = {r["step"]: r for r in _records(tmp_path / "run")}
+    assert recs[1]["rm"] == 0.0 and recs[2]["rm"] == 0.0
+    det = sum(v for k, v in recs[3].items() if k.startswith("det_"))
+    assert recs[3]["rm"] / det == pytest.approx(1.0, rel=0.1)
+    assert [e["loss"] for e in events if e["event"] == "auto_weight"] == ["rm"]
+
+
 def test_resume_keeps_the_chosen_weights(tmp_path, digits, tiny_store):
     stage = {**AUTO_STAGE, "stores": [tiny_store], "epochs": 2}
     plan_path = write_plan(tmp_path, digits, [tiny_store], stages=[stage], checkpoint_every=2)

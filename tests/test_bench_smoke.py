@@ -223,3 +223,29 @@ def test_bytes_vs_ap_plot(tmp_path):
     plot(results, bytes_, tmp_path / "p.png")
     with Image.open(tmp_path / "p.png") as im:
         assert im.size[0] > 500 and im.size[1] > 300
+
+
+def test_rm_pfi_quick_mode_trains_its_dev_rows_and_resumes(tmp_path, ray_session, capsys):
+    """bench/rm_pfi.py at the quick scale on its dev split (CI's smoke test of the RM + PFI study): a plain, an
+    RM-with-warm-up, an earlier-form PFI and a chain row train; weights chosen by the rule are read back; a rerun
+    trains nothing; --terms counts RM's candidates."""
+    import json
+
+    from bench import rm_pfi
+
+    rows = ["baseline", "rm_auto", "pfi_ours", "rmpfi_auto_chain"]
+    args = ["--quick", "--split", "dev", "--rows", ",".join(rows), "--out", str(tmp_path), "--jobs", "2"]
+    assert rm_pfi.main(args) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "quick-dev" / "results.json").read_text())
+    assert sorted(saved) == sorted(rows) and all(0.0 <= saved[r]["0"] <= 1.0 for r in rows)
+    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    assert "rm " in table["rm_auto"] and "pfi 0.13" in table["pfi_ours"]
+    plan = (tmp_path / "quick-dev" / "runs" / "rm_auto_s0" / "stage_1" / "plan.yaml").read_text()
+    assert "auto_after: 10" in plan  # one epoch of the quick dev split: 192 - 38 images, batch 16
+    assert rm_pfi.main(args) == 0
+    assert "0 student runs to train" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="drop --write"):
+        rm_pfi.main([*args, "--write"])
+    assert rm_pfi.main(["--quick", "--out", str(tmp_path), "--split", "dev", "--terms"]) == 0
+    assert "low-quality" in capsys.readouterr().out

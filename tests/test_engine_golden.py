@@ -17,6 +17,11 @@ import torch
 from test_trainer import write_plan
 
 GOLDEN_SHA256 = "3c26560c2ce0008f12c1d585e5c96dc2bea2415a6aeefa735167c27f9654ab8b"
+# The plan of test_trainer.write_plan with RM and PFI in the forms they had when the digest was made (the
+# defaults since follow the paper's reimplementation: RM with low-quality matches, PFI not detached, norm).
+STAGE = {"epochs": 1, "optimizer": {"type": "adamw", "lr": 0.002}, "schedule": {"warmup_iters": 2}}
+PFI_THEN = {"name": "pfi", "params": {"detach_pred": True, "reduction": "mean"}}
+RM_THEN = {"name": "rm", "params": {"low_quality": False}}
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -34,7 +39,11 @@ def test_two_stage_plan_weights_equal_the_pre_engine_trainer(tmp_path, digits, t
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        plan = load_plan(write_plan(tmp_path, digits, [tiny_store], checkpoint_every=2))
+        stages = [
+            {"name": "weak", "stores": [tiny_store], "losses": [{"name": "mgd", "weight": 2.0e-4}, PFI_THEN], **STAGE},
+            {"name": "strong", "stores": [tiny_store], "losses": [RM_THEN, {"name": "mse", "weight": 0.1}], **STAGE},
+        ]
+        plan = load_plan(write_plan(tmp_path, digits, [tiny_store], stages, checkpoint_every=2))
         for s in plan.stages:
             s.eval = False  # evaluation reads the weights, never writes them
         run_plan(plan, [1, 2], device="cpu", log=lambda s: None)

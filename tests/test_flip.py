@@ -76,7 +76,7 @@ def test_the_recorded_error_is_the_error_against_real_flipped_maps(digits, orig_
                 f = both.read(both.sample_index(image_id, "hflip"), [name])[name]
                 j = meta.levels.index(lvl)
                 ref = f[j].transpose(1, 2, 0).astype(np.float64)
-                got = mirror(o[j].transpose(1, 2, 0), meta.kind).astype(np.float64)
+                got = mirror(o[j].transpose(1, 2, 0), meta.spec).astype(np.float64)
                 border = np.zeros(ref.shape[:2], bool)
                 border[:, [0, -1]] = True
                 for part, cells in (("border", border), ("inside", ~border)):

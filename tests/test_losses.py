@@ -185,43 +185,59 @@ def iou(a: list[float], b: list[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def ref_rm(batch: DistillBatch, thr: float = 0.5) -> torch.Tensor:
+def ref_rm(batch: DistillBatch, thr: float = 0.5, low_quality: bool = True, temp: float = 1.0) -> torch.Tensor:
+    """The formula with loops: each valid anchor to its best box at IoU >= thr; with ``low_quality``, then each
+    box in order takes the valid anchors at its own highest IoU (mmdet's MaxIoUAssigner, min_pos_iou=0)."""
     anchors = batch.anchors.tolist()
     kls = []
     for b in range(B):
         boxes = batch.gt_boxes[b].tolist()
-        groups: dict[int, list[tuple[int, int, int, int]]] = {}
+        owner: dict[tuple[int, int, int, int], int] = {}
+        ious: dict[tuple[int, int, int, int], list[float]] = {}
         for lvl in LEVELS:
             vh, vw = VALID[b][lvl]
             for h in range(vh):
                 for w in range(vw):
                     for a in range(A):
-                        ious = [iou(anchors[anchor_row(lvl, h, w, a)], box) for box in boxes]
-                        if not ious or max(ious) < thr:
-                            continue
-                        groups.setdefault(ious.index(max(ious)), []).append((lvl, h, w, a))
+                        cell = (lvl, h, w, a)
+                        ious[cell] = [iou(anchors[anchor_row(*cell)], box) for box in boxes]
+                        if ious[cell] and max(ious[cell]) >= thr:
+                            owner[cell] = ious[cell].index(max(ious[cell]))
+        if low_quality:
+            for m in range(len(boxes)):
+                top = max((v[m] for v in ious.values()), default=0.0)
+                if top > 0:
+                    owner.update({cell: m for cell, v in ious.items() if v[m] == top})
+        groups: dict[int, list[tuple[int, int, int, int]]] = {}
+        for cell, m in owner.items():
+            groups.setdefault(m, []).append(cell)
         for m, cells in groups.items():
             k = int(batch.gt_labels[b][m])
             st = torch.stack([batch.student[f"cls.p{l}"][b, a * K + k, h, w] for l, h, w, a in cells]).sigmoid()
             tt = torch.stack([batch.teacher[f"cls.p{l}"][b, a * K + k, h, w] for l, h, w, a in cells]).sigmoid()
-            p, q = torch.softmax(tt, 0), torch.softmax(st, 0)
+            p, q = torch.softmax(tt / temp, 0), torch.softmax(st / temp, 0)
             kls.append((p * (p.log() - q.log())).sum())
     return torch.stack(kls).mean()
 
 
-def ref_pfi(loss, batch: DistillBatch) -> torch.Tensor:
+def ref_pfi(loss, batch: DistillBatch, pred: str = "logits", reduction: str = "norm") -> torch.Tensor:
+    """The formula with loops over levels and images, on each image's valid cells."""
     total = torch.zeros(())
     for lvl in LEVELS:
-        cells = []
+        cells, norms = [], []
         for b in range(B):
             h, w = VALID[b][lvl]
             ps, pt = batch.student[f"cls.p{lvl}"][b], batch.teacher[f"cls.p{lvl}"][b]
+            if pred == "probs":
+                ps, pt = ps.sigmoid(), pt.sigmoid()
             fs = conv1x1(batch.student[f"fpn.p{lvl}"][b : b + 1], loss.adapters[f"p{lvl}"])[0]
             ft = batch.teacher[f"fpn.p{lvl}"][b]
             p_dif = ((ps - pt)[:, :h, :w] ** 2).mean(0)
             f_dif = ((fs - ft)[:, :h, :w] ** 2).mean(0)
             cells.append((p_dif * f_dif).flatten())
-        total = total + torch.cat(cells).mean()
+            norms.append((p_dif * f_dif).flatten().norm())
+        padded_cells = batch.student[f"cls.p{lvl}"].shape[-2] * batch.student[f"cls.p{lvl}"].shape[-1]
+        total = total + (torch.cat(cells).mean() if reduction == "mean" else sum(norms) / (B * padded_cells) / B)
     return total / len(LEVELS)
 
 
@@ -262,18 +278,20 @@ def test_kd_matches_reference() -> None:
     close(build("kd", tau=2.5)(batch), ref_kd(batch, 2.5))
 
 
-def test_rm_matches_reference_on_random_boxes() -> None:
+@pytest.mark.parametrize("low_quality,temp", [(True, 1.0), (False, 1.0), (True, 0.2)])
+def test_rm_matches_reference_on_random_boxes(low_quality: bool, temp: float) -> None:
     batch = make_batch(seed=3)
-    expected = ref_rm(batch)
+    expected = ref_rm(batch, low_quality=low_quality, temp=temp)
     assert expected.numel() == 1  # the random case has positives
-    close(build("rm")(batch), expected)
+    close(build("rm", low_quality=low_quality, temperature=temp)(batch), expected)
 
 
 @pytest.mark.parametrize("cs,ct", [(4, 6), (6, 6)])
-def test_pfi_matches_reference(cs: int, ct: int) -> None:
+@pytest.mark.parametrize("pred,reduction", [("logits", "norm"), ("logits", "mean"), ("probs", "norm")])
+def test_pfi_matches_reference(cs: int, ct: int, pred: str, reduction: str) -> None:
     batch = make_batch(cs, ct)
-    loss = build("pfi", cs, ct)
-    close(loss(batch), ref_pfi(loss, batch))
+    loss = build("pfi", cs, ct, pred=pred, reduction=reduction)
+    close(loss(batch), ref_pfi(loss, batch, pred, reduction))
 
 
 # ---------------------------------------------------------------- rank mimicking, by hand
@@ -316,9 +334,9 @@ def test_rm_hand_built_two_boxes() -> None:
         p, q = torch.softmax(t, 0), torch.softmax(s, 0)
         kls.append((p * (p / q).log()).sum())
     expected = (kls[0] + kls[1]) / 2  # image 1's box has no valid positive: not in the mean
-    got = build("rm")(batch)
+    got = build("rm", low_quality=False)(batch)
     close(got, expected)
-    close(got, ref_rm(batch))
+    close(got, ref_rm(batch, low_quality=False))
     got.backward()
     grads = [batch.student[f"cls.p{l}"].grad for l in LEVELS]
     assert grads[0][0, 1 * K + 1, 1, 0] != 0 and grads[1][0, 0 * K + 2, 1, 1] != 0
@@ -357,8 +375,7 @@ def test_gradients_reach_student_and_loss_parameters(name: str) -> None:
     batch = make_batch(seed=3)
     loss = fresh(name)
     loss(batch).backward()
-    # pfi detaches the prediction gap by default, so only its features get gradient.
-    read = ["fpn"] if name == "pfi" else [n for n in ("fpn", "cls") if n in loss.needs]
+    read = [n for n in ("fpn", "cls") if n in loss.needs]
     for n in read:
         grads = [batch.student[f"{n}.p{l}"].grad for l in LEVELS]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), n
@@ -417,14 +434,14 @@ def test_mgd_mask_rate_and_determinism() -> None:
     assert abs(masks_drawn[0].mean().item() - 0.35) < 0.01  # a location is dropped with probability λ
 
 
-def test_pfi_detaches_prediction_gap_by_default() -> None:
+def test_pfi_keeps_the_prediction_gap_gradient_by_default() -> None:
     batch = make_batch()
     build("pfi")(batch).backward()
+    assert all(batch.student[f"cls.p{l}"].grad is not None for l in LEVELS)
+    batch = make_batch()
+    build("pfi", detach_pred=True)(batch).backward()
     assert all(batch.student[f"cls.p{l}"].grad is None for l in LEVELS)
     assert all(batch.student[f"fpn.p{l}"].grad is not None for l in LEVELS)
-    batch = make_batch()
-    build("pfi", detach_pred=False)(batch).backward()
-    assert all(batch.student[f"cls.p{l}"].grad is not None for l in LEVELS)
 
 
 # ---------------------------------------------------------------- registry
@@ -433,7 +450,8 @@ def test_pfi_detaches_prediction_gap_by_default() -> None:
 def test_registry_contents_and_defaults() -> None:
     assert sorted(LOSSES) == sorted(ALL)
     assert loss_defaults("mgd") == {"weight": 2e-5, "lambda_mask": 0.65}
-    assert loss_defaults("rm") == {"weight": 4.0, "iou_threshold": 0.5}
+    assert loss_defaults("rm") == {"weight": 4.0, "iou_threshold": 0.5, "low_quality": True, "temperature": 1.0}
+    assert loss_defaults("pfi") == {"weight": 1.5, "detach_pred": False, "pred": "logits", "reduction": "norm"}
     assert loss_defaults("pfi")["weight"] == 1.5 and loss_defaults("kd")["tau"] == 2.0
     assert loss_defaults("cwd") == {"weight": 1.0, "tau": 4.0, "target": "fpn"}
     for name, cls in LOSSES.items():

@@ -152,3 +152,57 @@ def test_the_checker_sees_a_cycle_and_a_wrong_arrow(tmp_path, monkeypatch) -> No
         assert "mtpd.trainer.a -> mtpd.trainer.b -> mtpd.trainer.a" in str(e)
     else:
         raise AssertionError("the cycle check missed a -> b -> a")
+
+
+def family_branches(path: Path, families: set[str], detector_classes: set[str], root: Path = PKG.parent) -> list[str]:
+    """Places in ``path`` that branch on a detector family: a comparison with a family name (``family ==
+    "fcos"``, ``family in ("fasterrcnn", "maskrcnn")``), a dict keyed by family names, or an ``isinstance``
+    test against a torchvision detector class."""
+    found = []
+
+    def names_in(node: ast.AST) -> set[str]:
+        return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in families}
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        hit = ""
+        if isinstance(node, ast.Compare) and names_in(node):
+            hit = f"compares with {sorted(names_in(node))}"
+        elif isinstance(node, ast.Dict) and {k.value for k in node.keys if isinstance(k, ast.Constant)} & families:
+            hit = "a dict keyed by family names"
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
+            used = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} if len(node.args) > 1 else set()
+            if used & detector_classes:
+                hit = f"isinstance against {sorted(used & detector_classes)}"
+        if hit:
+            found.append(f"{path.relative_to(root)}:{node.lineno} {hit}")
+    return found
+
+
+def test_only_the_adapters_branch_on_a_family_name() -> None:
+    """What differs between detector families lives in that family's adapter (mtpd/models/adapters)."""
+    from mtpd.models.adapters import ADAPTERS
+
+    families = {a.family for a in ADAPTERS}
+    classes = {a.model_type.__name__ for a in ADAPTERS}
+    adapters = PKG / "models" / "adapters"
+    wrong = [
+        hit
+        for path in sorted(PKG.rglob("*.py"))
+        if adapters not in path.parents
+        for hit in family_branches(path, families, classes)
+    ]
+    assert not wrong, "family branches outside mtpd/models/adapters:\n" + "\n".join(wrong)
+
+
+def test_the_family_check_can_fail(tmp_path) -> None:
+    bad = tmp_path / "mtpd" / "m.py"
+    bad.parent.mkdir()
+    bad.write_text(
+        "def f(family, model):\n"
+        "    if family in ('fasterrcnn', 'maskrcnn'):\n"
+        "        return 1\n"
+        "    names = {'retinanet': 'RetinaNet'}\n"
+        "    return isinstance(model, (RetinaNet, FCOS))\n"
+    )
+    hits = family_branches(bad, {"fasterrcnn", "maskrcnn", "retinanet"}, {"RetinaNet", "FCOS"}, tmp_path)
+    assert [h.split(" ", 1)[0].rsplit(":", 1)[1] for h in hits] == ["2", "4", "5"], hits

@@ -14,20 +14,19 @@ import torch
 
 from mtpd.data import CocoDataset, DatasetError, grid_size, prepare_view
 from mtpd.data.views import ViewSpec
+from mtpd.output_spec import OutputSpec
 
 FLIP_CALIBRATION = 4  # images (default): the error is a ratio of sums over all their cells
-# Box deltas' dx channels: torchvision's (dx, dy, dw, dh) per anchor. Mirroring a map negates them.
-DX = slice(0, None, 4)
 
 
-def mirror(m: np.ndarray, kind: str) -> np.ndarray:
-    """A [h, w, C] map of the original view as the flipped view's map: columns reversed, and box
-    deltas' dx negated (channels 0, 4, 8, ...: torchvision's (dx, dy, dw, dh) per anchor). Anchors
-    are mirror-symmetric per cell, so class and objectness channels keep their meaning."""
-    out = np.ascontiguousarray(m[:, ::-1])
-    if kind == "deltas":
-        out[..., DX] = -out[..., DX]
-    return out
+def mirror(m: np.ndarray, spec: OutputSpec) -> np.ndarray:
+    """A [h, w, C] map of the original view as the flipped view's map: columns reversed, then the channels
+    as the output's mirror rule says (``OutputSpec.mirror_channels``: RetinaNet/RPN deltas negate dx,
+    FCOS/GFL distances swap l and r). Anchors are mirror-symmetric per cell, so class and objectness
+    channels keep their meaning."""
+    perm, sign = spec.mirror_channels()
+    out = m[:, ::-1][..., perm] * np.asarray(sign, dtype=m.dtype)
+    return np.ascontiguousarray(out)
 
 
 @torch.inference_mode()
@@ -55,7 +54,7 @@ def measure_flip_error(
                 h, w = grid_size(meta.size, 2**lvl)
                 key = f"{name}.p{lvl}"
                 ref = res["hflip"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy()
-                got = mirror(res["orig"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy(), o.kind)
+                got = mirror(res["orig"][key][0, :, :h, :w].permute(1, 2, 0).float().cpu().numpy(), o.spec)
                 border = np.zeros((h, w), bool)
                 border[:, [0, w - 1]] = True
                 for part, cells in (("border", border), ("inside", ~border)):

@@ -49,6 +49,7 @@ from mtpd.cache.encoding import (
 )
 from mtpd.data.views import ViewSpec
 from mtpd.errors import MtpdError
+from mtpd.models.adapters import mirror_rule
 from mtpd.output_spec import OutputSpec
 
 FORMAT_VERSION = 2
@@ -180,6 +181,16 @@ class StoredOutput:
 # --- header --------------------------------------------------------------------------
 
 
+def _with_mirror(d: dict, teacher: dict) -> dict:
+    """An output's attributes with its mirror rule: as recorded, or, in a store written before headers
+    recorded one, the rule its teacher family's adapter declares (FCOS boxes swap l and r; without this,
+    they would fall back to the deltas' dx negation)."""
+    if "mirror" not in d:
+        family = str((teacher.get("extra") or {}).get("family", ""))
+        d["mirror"] = mirror_rule(family, str(d.get("name", "")))
+    return d
+
+
 @dataclass
 class StoreHeader:
     """Root attributes: everything that identifies a store and how to read it."""
@@ -270,7 +281,10 @@ class StoreHeader:
                 dataset=dict(attrs["dataset"]),
                 precision=str(attrs["precision"]),
                 images_per_shard=int(attrs["images_per_shard"]),
-                outputs={str(k): StoredOutput.from_attrs(dict(v), int(version)) for k, v in attrs["outputs"].items()},
+                outputs={
+                    str(k): StoredOutput.from_attrs(_with_mirror(dict(v), attrs["teacher"]), int(version))
+                    for k, v in attrs["outputs"].items()
+                },
                 levels=[int(x) for x in attrs["levels"]],
                 format_version=int(version),
                 created_by=str(attrs.get("created_by", "mtpd")),

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.image_list import ImageList
 
 from mtpd.errors import MtpdError
-from mtpd.models import arch_family, feature_levels, unwrap
+from mtpd.models import adapter_for, feature_levels, unwrap
+from mtpd.models.adapters import UnknownDetector, supported
 from mtpd.models.detect import detector_forward
-from mtpd.models.outputs import _features
 
 INPUT_NAMES = ("image", "image_size")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -52,11 +51,11 @@ def describe(model: nn.Module, name: str | None = None, where: str | os.PathLike
     model = unwrap(model)
     label = error_label(name or model_name(model), where)
     try:
-        family = arch_family(model)
-    except ValueError:
+        adapter = adapter_for(model)
+    except UnknownDetector:
         raise ExportError(
-            f"cannot export {label}: it is not a torchvision RetinaNet, FCOS, FasterRCNN or MaskRCNN, the detectors "
-            "mtpd exports; build the student from a registered arch or a factory that returns one of them"
+            f"cannot export {label}: it is not a torchvision {supported()}, the detectors mtpd exports; build the "
+            "student from a registered arch or a factory that returns one of them"
         ) from None
     try:
         feature_levels(model)  # probes the backbone once; a backbone mtpd cannot drive fails here
@@ -66,24 +65,9 @@ def describe(model: nn.Module, name: str | None = None, where: str | os.PathLike
             f"cannot export {label}: its backbone fails on a 256x32 probe ({type(e).__name__}: {first}); its "
             "backbone must take [B, 3, H, W] and return feature maps at distinct power-of-two strides"
         ) from None
-    if family in ("retinanet", "fcos"):
-        k, offset = int(model.head.classification_head.num_classes), 0
-        post = {
-            "score_thresh": float(model.score_thresh),
-            "nms_thresh": float(model.nms_thresh),
-            "detections_per_img": int(model.detections_per_img),
-            "topk_candidates": int(model.topk_candidates),
-        }
-    else:
-        rh = model.roi_heads
-        k, offset = int(rh.box_predictor.cls_score.out_features) - 1, 1
-        post = {
-            "score_thresh": float(rh.score_thresh),
-            "nms_thresh": float(rh.nms_thresh),
-            "detections_per_img": int(rh.detections_per_img),
-            "rpn_post_nms_top_n": int(model.rpn._post_nms_top_n["testing"]),
-        }
-    return DetectorInfo(name or model_name(model), family, k, offset, post)
+    offset = adapter.label_offset
+    k = int(adapter.num_classes() or 0) - offset
+    return DetectorInfo(name or model_name(model), adapter.family, k, offset, adapter.postprocess())
 
 
 def model_name(model: nn.Module) -> str:
@@ -107,24 +91,8 @@ class DeployableDetector(nn.Module):
 
     def forward(self, image: Tensor, image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # Under tracing the valid size stays a tensor, so the exported graph clips to the size it is fed.
-        sizes = [(image_size[0], image_size[1])]
-        if self.info.family in ("retinanet", "fcos"):
-            det = detector_forward(self.model, image, sizes, None, names=(), detect=True).detections[0]
-            return det["boxes"], det["scores"], det["labels"] - self.info.label_offset
-        boxes, scores, labels = rcnn_boxes(self.model, image, sizes)
+        boxes, scores, labels = adapter_for(self.model).deploy(image, [(image_size[0], image_size[1])])
         return boxes, scores, labels - self.info.label_offset
-
-
-def rcnn_boxes(model: nn.Module, images: Tensor, image_sizes: list) -> tuple[Tensor, Tensor, Tensor]:
-    """The box path of a Faster/Mask R-CNN's ``roi_heads`` in eval mode (mask head skipped), for one image:
-    the same calls, in the same order, as ``RoIHeads.forward`` makes for boxes."""
-    feats = _features(model, images)
-    proposals, _ = model.rpn(ImageList(images, image_sizes), feats, None)
-    rh = model.roi_heads
-    box_features = rh.box_head(rh.box_roi_pool(feats, proposals, image_sizes))
-    class_logits, box_regression = rh.box_predictor(box_features)
-    boxes, scores, labels = rh.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
-    return boxes[0], scores[0], labels[0]
 
 
 @torch.no_grad()
@@ -134,5 +102,5 @@ def reference_detections(model: nn.Module, image: Tensor, size: tuple[int, int])
     model = unwrap(model).eval()
     det = detector_forward(model, image[None] if image.ndim == 3 else image, [size], None, names=(), detect=True)
     out = det.detections[0]
-    offset = 1 if arch_family(model) in ("fasterrcnn", "maskrcnn") else 0
+    offset = adapter_for(model).label_offset
     return {"boxes": out["boxes"], "scores": out["scores"], "labels": out["labels"] - offset}

@@ -1,7 +1,9 @@
-"""Detector architectures shared by teachers and students, and the one definition of their
-dense outputs. A leaf package: imports torch, torchvision and the leaf modules (``mtpd.output_spec``,
-``mtpd.factory``) only."""
+"""Detector architectures shared by teachers and students, one adapter per detector family
+(``mtpd.models.adapters``: output specs with mirror rules, dense and training forwards, prediction,
+export), and the one definition of their dense outputs. A leaf package: imports torch, torchvision
+and the leaf modules (``mtpd.output_spec``, ``mtpd.factory``) only."""
 
+from mtpd.models.adapters import DetectorAdapter, adapter_class, adapter_for
 from mtpd.models.factory_arch import (
     build_factory_arch,
     build_factory_student,
@@ -33,6 +35,9 @@ from mtpd.models.registry import (
 
 __all__ = [
     "DenseOutputs",
+    "DetectorAdapter",
+    "adapter_class",
+    "adapter_for",
     "FAMILIES",
     "ArchInfo",
     "arch_checkpoint",

@@ -1,5 +1,5 @@
-"""What the architecture registry holds about one architecture (a leaf module: the arch modules
-and the registry both import it, and nothing here imports them)."""
+"""What the architecture registry holds about one architecture (the arch modules and the registry both
+import it, and nothing here imports them; the families are the adapters')."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-FAMILIES = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+from mtpd.models.adapters import FAMILIES
 
 # factory(num_classes, **options) -> torchvision detection model
 ArchFactory = Callable[..., nn.Module]

@@ -20,11 +20,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from mtpd.factory import FactoryError, accepts, first_line, import_factory, is_factory_spec
-from mtpd.models.outputs import feature_levels
-from mtpd.models.registry import arch_family, build_arch, jsonable_options
-
-RCNN = ("fasterrcnn", "maskrcnn")
-_FAMILY_NAMES = {"retinanet": "RetinaNet", "fcos": "FCOS", "fasterrcnn": "FasterRCNN", "maskrcnn": "MaskRCNN"}
+from mtpd.models.adapters import adapter_class, adapter_for, find_adapter, supported
+from mtpd.models.levels import feature_levels
+from mtpd.models.registry import build_arch, jsonable_options
 
 
 def build_model(arch: str, num_classes: int | None, **options: Any) -> nn.Module:
@@ -54,7 +52,7 @@ def build_factory_student(spec: str, classes: int, **options: Any) -> nn.Module:
     factory = import_factory(spec)
     takes = accepts(factory, "num_classes")
     model, family = _call(spec, factory, classes if takes else None, options)
-    want = classes + (1 if family in RCNN else 0)
+    want = classes + adapter_class(family).label_offset
     if takes and want != classes:
         model, family = _call(spec, factory, want, options)
     _check_classes(spec, model, family, want, takes)
@@ -63,10 +61,7 @@ def build_factory_student(spec: str, classes: int, **options: Any) -> nn.Module:
 
 def model_num_classes(model: nn.Module) -> int | None:
     """Classes as torchvision counts them (R-CNNs include the background); None when the head hides it."""
-    if arch_family(model) in RCNN:
-        cls_score = getattr(getattr(model.roi_heads, "box_predictor", None), "cls_score", None)
-        return int(cls_score.out_features) if isinstance(cls_score, nn.Linear) else None
-    return int(model.head.classification_head.num_classes)
+    return adapter_for(model).num_classes()
 
 
 def infer_num_classes(state_dict: dict[str, Tensor]) -> int | None:
@@ -104,16 +99,14 @@ def _no_out_channels(spec: str, what: str) -> str:
 
 def _check_structure(spec: str, model: Any) -> str:
     """The model's family, after checking what mtpd reads of it: the family, out_channels, one stride per level."""
-    try:
-        family = arch_family(model) if isinstance(model, nn.Module) else ""
-    except ValueError:
-        family = ""
-    if not family:
+    adapter = find_adapter(model)
+    if adapter is None:
         kind = f"{type(model).__module__}.{type(model).__qualname__}"
         raise FactoryError(
-            f"student {spec!r} returned a {kind}: mtpd students are torchvision RetinaNet, FCOS, FasterRCNN or "
-            "MaskRCNN models; return one of them built on your backbone and neck"
+            f"student {spec!r} returned a {kind}: mtpd students are torchvision {supported()} models; return one "
+            "of them built on your backbone and neck"
         )
+    family = adapter.family
     backbone = getattr(model, "backbone", None)
     if not isinstance(getattr(backbone, "out_channels", None), int):
         raise FactoryError(_no_out_channels(spec, f"{type(backbone).__name__}.out_channels is not an int"))
@@ -139,8 +132,9 @@ def _check_classes(spec: str, model: nn.Module, family: str, want: int | None, t
     found = model_num_classes(model)
     if want is None or found is None or found == want:
         return
-    name = _FAMILY_NAMES[family]
-    counted = " (R-CNNs count the background)" if family in RCNN else ""
+    cls = adapter_class(family)
+    name = cls.display
+    counted = " (R-CNNs count the background)" if cls.label_offset else ""
     if takes:
         raise FactoryError(
             f"student {spec!r} was given num_classes={want} but returned a {name} with {found} classes{counted}; "

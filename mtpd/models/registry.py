@@ -3,9 +3,9 @@
 Every detector mtpd builds, whether it runs as a teacher or trains as a
 student, comes from ``build_arch(name, num_classes, **options)``: a plain
 torchvision detection model (RetinaNet, FCOS, Faster/Mask R-CNN), never
-downloading anything. The built-in names come from the
-lists ``mtpd.models.torchvision_archs.ARCHS`` and ``mtpd.models.tiny.ARCHS``, read here explicitly;
-``register_arch`` adds more.
+downloading anything. The built-in names come from the lists
+``mtpd.models.torchvision_archs.ARCHS``, ``mtpd.models.tiny.ARCHS`` and ``mtpd.models.swin.ARCHS``,
+read here explicitly; ``register_arch`` adds more.
 
 Each model built here remembers how it was built (``model.mtpd_arch_spec``) so
 a checkpoint can carry its architecture (``arch_checkpoint``) and a teacher can
@@ -17,16 +17,17 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
-from mtpd.models import tiny, torchvision_archs
+from mtpd.models import swin, tiny, torchvision_archs
+from mtpd.models.adapters import adapter_for
 from mtpd.models.arch_info import FAMILIES, ArchFactory, ArchInfo
+from mtpd.models.levels import unwrap
 from mtpd.models.parts import PRETRAINED_TRAINABLE_LAYERS
 
 
 def _builtin() -> dict[str, ArchInfo]:
     table: dict[str, ArchInfo] = {}
-    for info in [*tiny.ARCHS, *torchvision_archs.ARCHS]:
+    for info in [*tiny.ARCHS, *swin.ARCHS, *torchvision_archs.ARCHS]:
         if info.name in table:
             raise ValueError(f"arch {info.name!r} is registered twice")
         table[info.name] = info
@@ -106,26 +107,11 @@ def jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def arch_family(name_or_model: str | nn.Module) -> str:
-    """``retinanet`` | ``fcos`` | ``fasterrcnn`` | ``maskrcnn`` for a registered name or a
-    torchvision detection model (DDP wrappers are unwrapped)."""
+    """The family (``mtpd.models.adapters.FAMILIES``) of a registered name or a detection model (DDP wrappers
+    are unwrapped); ValueError for a model no adapter handles."""
     if isinstance(name_or_model, str):
         return arch_info(name_or_model).family
-    model = unwrap(name_or_model)
-    # MaskRCNN subclasses FasterRCNN: test it first.
-    for cls, family in ((MaskRCNN, "maskrcnn"), (FasterRCNN, "fasterrcnn"), (RetinaNet, "retinanet"), (FCOS, "fcos")):
-        if isinstance(model, cls):
-            return family
-    raise ValueError(
-        f"{type(model).__name__} is not a torchvision RetinaNet, FCOS, FasterRCNN or MaskRCNN; "
-        "wrap other detectors in an object following the mtpd Teacher protocol"
-    )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    return adapter_for(name_or_model).family
 
 
 def arch_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def _tiny_backbone(
     )
 
 
-def _head_convs(channels: int, n: int) -> nn.Sequential:
+def tiny_head_convs(channels: int, n: int) -> nn.Sequential:
     # Same module layout and init as torchvision's RetinaNet head convs (conv+ReLU, std 0.01).
     convs = nn.Sequential(*[Conv2dNormActivation(channels, channels, norm_layer=None) for _ in range(n)])
     for m in convs.modules():
@@ -100,8 +100,8 @@ def _retinanet_tiny(
     backbone = _tiny_backbone(width, lv, fpn_channels, norm, backbone_weights, name)
     anchors = retinanet_anchors(lv, base=anchor_base, scales=anchor_scales, aspect_ratios=aspect_ratios)
     head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
-    head.classification_head.conv = _head_convs(fpn_channels, head_convs)
-    head.regression_head.conv = _head_convs(fpn_channels, head_convs)
+    head.classification_head.conv = tiny_head_convs(fpn_channels, head_convs)
+    head.regression_head.conv = tiny_head_convs(fpn_channels, head_convs)
     return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, head=head)
 
 

@@ -303,7 +303,7 @@ def fcos_resnet50_fpn(
     return FCOS(backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=point_anchors(lv))
 
 
-def _register_rcnn(name: str, family: str, coco: Any, eps: float | None) -> None:
+def _register_rcnn(name: str, family: str, coco: Any, eps: float | None, masks: bool) -> None:
     def factory(
         num_classes: int,
         *,
@@ -327,15 +327,15 @@ def _register_rcnn(name: str, family: str, coco: Any, eps: float | None) -> None
             rpn_anchor_generator=rpn_anchors(lv),
             box_roi_pool=MultiScaleRoIAlign(keys, output_size=7, sampling_ratio=2),
         )
-        if family == "maskrcnn":
+        if masks:
             kwargs["mask_roi_pool"] = MultiScaleRoIAlign(keys, output_size=14, sampling_ratio=2)
             return tvd.MaskRCNN(backbone, num_classes, **kwargs)
         return tvd.FasterRCNN(backbone, num_classes, **kwargs)
 
     factory.__name__ = name
-    factory.__doc__ = f"{'Mask' if family == 'maskrcnn' else 'Faster'} R-CNN, ResNet-50 FPN backbone (P2–P6)."
+    factory.__doc__ = f"{'Mask' if masks else 'Faster'} R-CNN, ResNet-50 FPN backbone (P2–P6)."
     register_arch(name, family=family, coco_weights=coco, coco_bn_eps=eps)(factory)
 
 
-_register_rcnn("fasterrcnn_resnet50_fpn", "fasterrcnn", tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1, 0.0)
-_register_rcnn("maskrcnn_resnet50_fpn", "maskrcnn", tvd.MaskRCNN_ResNet50_FPN_Weights.COCO_V1, 0.0)
+_register_rcnn("fasterrcnn_resnet50_fpn", "fasterrcnn", tvd.FasterRCNN_ResNet50_FPN_Weights.COCO_V1, 0.0, False)
+_register_rcnn("maskrcnn_resnet50_fpn", "maskrcnn", tvd.MaskRCNN_ResNet50_FPN_Weights.COCO_V1, 0.0, True)

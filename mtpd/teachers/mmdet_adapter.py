@@ -30,7 +30,7 @@ from torch import nn
 
 from mtpd.checkpoint import sha256_file
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
-from mtpd.output_spec import OutputSpec
+from mtpd.output_spec import NEGATE_DX, NONE, SWAP_LR, OutputSpec
 from mtpd.teachers.base import INIT_SEED, TeacherError, TeacherIdentity, check_outputs
 from mtpd.teachers.mmdet_config import config_digest, load_model_config, load_weights, one_line, resolve_config
 
@@ -39,6 +39,9 @@ Triple = tuple[float, float, float]
 # returning a third output without one of these (VFNet, PAA, DDOD) returns
 # something else, which is not offered.
 _CENTERNESS_CONVS = ("conv_centerness", "atss_centerness")
+# How a box map mirrors, by the head's box coder: deltas (dx, dy, dw, dh) negate dx; distances (l, t, r, b),
+# one value each (FCOS) or reg_max + 1 distribution bins each (GFL), swap l and r. Any other coder: unknown.
+_BOX_MIRROR = {"DeltaXYWHBBoxCoder": NEGATE_DX, "DistancePointBBoxCoder": SWAP_LR}
 
 # --------------------------------------------------------------------------- input
 
@@ -216,6 +219,8 @@ class MMDetTeacher:
                     "storable"
                 )
             is_pred = name != "fpn"
+            coder = type(getattr(head, "bbox_coder", None)).__name__
+            mirror = _BOX_MIRROR.get(coder, NONE) if kinds[name] == "deltas" else ""
             specs[name] = OutputSpec(
                 name=name,
                 kind=kinds[name],
@@ -223,6 +228,7 @@ class MMDetTeacher:
                 channels=chans.pop(),
                 num_anchors=num_anchors if is_pred else 1,
                 num_classes=num_classes if name == "cls" else 0,
+                mirror=mirror,
             )
         return specs
 

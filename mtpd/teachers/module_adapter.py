@@ -25,6 +25,7 @@ from mtpd.checkpoint import sha256_file
 from mtpd.factory import FactoryError, import_factory
 from mtpd.factory import accepts as _accepts
 from mtpd.models import arch_family, infer_num_classes, unwrap
+from mtpd.models.adapters import find_adapter
 from mtpd.teachers.base import INIT_SEED, Teacher, TeacherError, TeacherIdentity
 from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, load_weights, read_checkpoint
 
@@ -109,8 +110,4 @@ def build_module_teacher(
 
 
 def _is_detector(module: nn.Module) -> bool:
-    try:
-        arch_family(module)
-    except ValueError:
-        return False
-    return True
+    return find_adapter(module) is not None

@@ -65,8 +65,9 @@ class NonFiniteLoss(TrainError):
 class BoundLoss:
     """A distillation loss with its weight, the store that feeds it and its key in the logs.
 
-    ``auto_ratio`` (``weight: auto``): the weight is None until the first step, which sets it once so that
-    the weighted loss equals ``auto_ratio`` times that step's detection loss (``Engine.distill``).
+    ``auto_ratio`` (``weight: auto``): the weight is None until step ``auto_after`` (0: the first), which sets
+    it once so that the weighted loss equals ``auto_ratio`` times that step's detection loss
+    (``Engine.distill``); before it the loss is computed but contributes nothing.
     """
 
     loss: DistillLoss
@@ -74,6 +75,7 @@ class BoundLoss:
     store: int
     name: str
     auto_ratio: float | None = None
+    auto_after: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,9 @@ class Engine:
                 info.levels,
             )
             raw = b.loss(db)
+            if b.weight is None and self.state.step < b.auto_after:
+                out[b.name] = raw * 0.0  # warm-up before the rule measures: in the graph, adding nothing
+                continue
             if b.weight is None:
                 b.weight = auto_weight(b, float(detection), float(raw.detach()))
             out[b.name] = b.weight * raw

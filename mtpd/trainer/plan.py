@@ -55,6 +55,9 @@ class LossConfig:
     # weighted loss starts at ``ratio`` times the detection loss (the value goes into plan.resolved.yaml)
     weight: float | str | None = None
     ratio: float = 1.0  # for weight: auto
+    # for weight: auto: steps the stage runs before the rule measures (the loss is off until then). RM's first
+    # loss is near zero on a fresh student, so measuring at step 1 overshoots; after a warm-up it does not.
+    auto_after: int = 0
     store: int = 0  # which of the stage's stores feeds this loss
     params: dict = field(default_factory=dict)
 
@@ -138,11 +141,14 @@ class Plan:
                 _check_teacher_ref(s.teacher, f"{where}.teacher")
             n = 1 if s.teacher is not None else len(s.stores)
             for j, loss in enumerate(s.losses):
+                _check_loss(loss, f"{where}.losses[{j}]")
                 if isinstance(loss.weight, str) and loss.weight != "auto":
                     raise PlanError(
                         f"{where}.losses[{j}].weight: {loss.weight!r} is neither a number nor auto (YAML reads 2e-5 "
                         "as text: write 2.0e-5)"
                     )
+                if loss.auto_after < 0:
+                    raise PlanError(f"{where}.losses[{j}].auto_after: must be 0 or more steps, got {loss.auto_after}")
                 if not loss.ratio > 0:
                     raise PlanError(f"{where}.losses[{j}].ratio: must be positive, got {loss.ratio}")
                 if not (0 <= loss.store < n):
@@ -151,6 +157,20 @@ class Plan:
             raise PlanError("data.batch_size: must be at least 1")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise PlanError("log_every: must be at least 1; checkpoint_every: 0 (epoch ends only) or more")
+
+
+def _check_loss(loss: LossConfig, where: str) -> None:
+    """The loss's name and parameters, without a student or a store (stores are checked at ``check_plan``)."""
+    from mtpd.trainer.losses import LOSSES, check_params
+
+    if loss.name not in LOSSES:
+        raise PlanError(
+            f"{where}.name: unknown distillation loss {loss.name!r}; registered: {', '.join(sorted(LOSSES))}"
+        )
+    try:
+        check_params(loss.name, loss.params)
+    except ValueError as e:
+        raise PlanError(f"{where}.params: {e}") from None
 
 
 def _check_teacher_ref(ref: TeacherRef, where: str) -> None:

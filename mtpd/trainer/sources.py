@@ -13,7 +13,6 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from mtpd.cache.flip import DX
 from mtpd.cache.schema import StoredOutput
 from mtpd.cache.store import StoreReader
 from mtpd.output_spec import OutputSpec
@@ -22,7 +21,8 @@ from mtpd.trainer.targets import Batch, grid_size, valid_masks
 
 def decode_teacher(batch: Batch, stores_meta: list[dict[str, StoredOutput]]) -> list[dict[str, torch.Tensor]]:
     """Per store: "fpn.p3" -> [B, C, h, w] float32 maps, decoded where the batch lies (the training device),
-    in channels-last memory, zero on padded cells, box dx negated on mirrored samples."""
+    in channels-last memory, zero on padded cells. Mirrored samples (their columns already reversed on the
+    codes) get their channels mirrored here, as each output's rule says (box dx negated, l and r swapped)."""
     out = []
     for k, codes in enumerate(batch.teacher):
         maps: dict[str, torch.Tensor] = {}
@@ -35,11 +35,23 @@ def decode_teacher(batch: Batch, stores_meta: list[dict[str, StoredOutput]]) -> 
             dec = o.encoding.decode(code.permute(0, 2, 3, 1), side, j)  # [B, h, w, C]
             if not o.encoding.zero_is_zero:
                 dec = torch.where(batch.masks[int(lvl)].permute(0, 2, 3, 1) > 0, dec, 0.0)
-            if o.kind == "deltas" and batch.mirrored is not None and bool(batch.mirrored[k].any()):
-                dec[batch.mirrored[k], ..., DX] *= -1  # decoding made ``dec``: negating it in place is safe
+            if batch.mirrored is not None and bool(batch.mirrored[k].any()):
+                dec = mirror_channels(dec, batch.mirrored[k], o.spec)
             maps[key] = dec.permute(0, 3, 1, 2)
         out.append(maps)
     return out
+
+
+def mirror_channels(dec: Tensor, rows: Tensor, spec: OutputSpec) -> Tensor:
+    """``dec`` [B, h, w, C] with the channels of the samples in ``rows`` (bool [B]) mirrored by ``spec``'s rule;
+    ``dec`` itself when the rule keeps channels as they are."""
+    perm, sign = spec.mirror_channels()
+    if perm == list(range(len(perm))) and all(s == 1.0 for s in sign):
+        return dec
+    p = torch.as_tensor(perm, device=dec.device)
+    s = torch.as_tensor(sign, device=dec.device, dtype=dec.dtype)
+    dec[rows] = dec[rows][..., p] * s  # decoding made ``dec``: writing into it is safe
+    return dec
 
 
 class StoreTargets:

@@ -25,24 +25,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 from mtpd.cache.schema import StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.checkpoint import CheckpointError
 from mtpd.data import CocoDataset, ViewSpec
-from mtpd.models import arch_family, output_specs, unwrap
-from mtpd.output_spec import OutputSpec
+from mtpd.models import adapter_for, unwrap
 from mtpd.trainer import hooks
+from mtpd.trainer.checks import build_losses, check_mirrors, check_plan, loss_needs
 from mtpd.trainer.engine import BoundLoss, Engine, NonFiniteLoss, TrainError, auto_weight_event
 from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.events import Event, OnEvent, format_event
-from mtpd.trainer.losses import build_loss, loss_defaults
 from mtpd.trainer.optim import make_optimizer, make_schedule
-from mtpd.trainer.plan import Plan, PlanError, StageConfig, load_plan, same_plan, save_plan
+from mtpd.trainer.plan import Plan, PlanError, load_plan, same_plan, save_plan
 from mtpd.trainer.sampler import EpochSampler
 from mtpd.trainer.sources import OnlineTargets, OnlineTeacher, StoreTargets
 from mtpd.trainer.store_refs import note_uses, stage_stores
-from mtpd.trainer.student import build_student, inherit_from_teacher, label_offset, load_checkpoint, save_student
+from mtpd.trainer.student import build_student, inherit_from_teacher, load_checkpoint, save_student
 from mtpd.trainer.targets import DistillDataset, make_loader
 
 
@@ -66,79 +66,6 @@ def stage_done(plan: Plan, k: int) -> bool:
     done = [stage_dir(plan, j) / "metrics.json" for j in range(1, len(plan.stages) + 1)]
     chosen = [json.loads(m.read_text()).get("auto_weights") if m.is_file() else None for m in done]
     return same_plan(load_plan(d / "plan.yaml"), plan, chosen)
-
-
-def build_losses(
-    stage: StageConfig,
-    student: nn.Module,
-    teachers: list[dict[str, OutputSpec]],
-    sources: list[str],
-    where: str,
-    on_skip: Callable[[dict], None] | None = None,
-) -> list[BoundLoss]:
-    """Losses of a stage, checked against the student's and each teacher's levels, channels and classes.
-
-    A feature loss distills the levels the student and its store share and reports the others through
-    ``on_skip``; losses over anchors (RM) need every student level in the store."""
-    specs = output_specs(student)
-    student_levels = tuple(specs["fpn"].levels)
-    a = specs["cls"].num_anchors if "cls" in specs else 1
-    k = specs["cls"].num_classes if "cls" in specs else 0
-    out: list[BoundLoss] = []
-    for j, lc in enumerate(stage.losses):
-        at = f"{where}.losses[{j}] ({lc.name})"
-        try:
-            defaults = loss_defaults(lc.name)
-        except ValueError as e:
-            raise PlanError(f"{where}.losses[{j}].name: {e}") from None
-        have, src = teachers[lc.store], sources[lc.store]
-        t_fpn = have.get("fpn")
-        levels = tuple(lvl for lvl in student_levels if t_fpn is not None and lvl in t_fpn.levels)
-        missing = [f"P{x}" for x in student_levels if x not in levels]
-        lacks = f"{at}: the student has levels {['P%d' % x for x in student_levels]} but {src} lacks {missing}"
-        if not levels:
-            raise PlanError(f"{lacks}; use a teacher with those levels or a student without them")
-        try:
-            loss = build_loss(
-                lc.name,
-                levels=levels,
-                student_channels=specs["fpn"].channels,
-                teacher_channels=t_fpn.channels,
-                num_anchors=a,
-                num_classes=k,
-                **lc.params,
-            )
-        except ValueError as e:
-            raise PlanError(f"{at}: {e}") from None
-        if missing and loss.needs_anchors:
-            raise PlanError(f"{lacks}; {lc.name} ranks the anchors of every level: use a teacher with all of them")
-        if missing and on_skip is not None:
-            on_skip({"event": "levels_skipped", "loss": lc.name, "store": src, "levels": [f"P{x}" for x in levels],
-                     "skipped": missing})  # fmt: skip
-        _check_outputs(loss, have, src, at, (a, k))
-        key = lc.name if all(b.name != lc.name for b in out) else f"{lc.name}_{lc.store}"
-        if lc.weight == "auto":
-            out.append(BoundLoss(loss, None, lc.store, key, auto_ratio=lc.ratio))
-        else:
-            out.append(BoundLoss(loss, float(defaults["weight"] if lc.weight is None else lc.weight), lc.store, key))
-    return out
-
-
-def _check_outputs(loss, have: dict[str, OutputSpec], src: str, at: str, anchors_classes: tuple[int, int]) -> None:
-    """The teacher outputs ``loss`` needs are in its store, with the student's anchors and classes."""
-    for name in loss.needs:
-        if name not in have:
-            raise PlanError(
-                f"{at} needs teacher output {name!r} but {src} has {list(have)}; "
-                f"rebuild it with --outputs {','.join(sorted(set(have) | {name}))}"
-            )
-    t_cls = have.get("cls")
-    if "cls" in loss.needs and t_cls and (t_cls.num_anchors, t_cls.num_classes) != anchors_classes:
-        a, k = anchors_classes
-        raise PlanError(
-            f"{at}: teacher has {t_cls.num_anchors} anchors x {t_cls.num_classes} classes per cell, the "
-            f"student {a} x {k}; class-output losses need the same anchors and classes"
-        )
 
 
 class Stage:
@@ -221,50 +148,66 @@ class Stage:
 
     # -- building the parts --------------------------------------------------------------
     def build(self) -> tuple[Engine, hooks.Checkpointer, hooks.Evaluator]:
-        plan, cfg, where = self.plan, self.cfg, f"stages[{self.k - 1}] ({self.cfg.name})"
-        data = plan.data
+        """The stage's parts, one build step each (as detectron2's ``DefaultTrainer.build_*``): student,
+        target source and losses, data, optimiser and schedule, hooks; then the engine over them."""
+        data = self.plan.data
         train = CocoDataset(data.train_ann, data.train_images)
-        spec = ViewSpec(short=data.short, long=data.long, views=("orig", "hflip") if data.flip else ("orig",))
         student = self.init_student(train.num_classes)
-        source = self.target_source(where)
-        losses = self.losses = build_losses(cfg, student, source.outputs(), source.names(), where, self.emit)
-        needs = [sorted({n for b in losses if b.store == s for n in b.loss.needs}) for s in range(self.n_sources)]
-        if isinstance(source, OnlineTargets):
-            source.needs = needs
-        ds = DistillDataset(
-            train,
-            spec,
-            self.stores,
-            flip=data.flip,
-            seed=plan.seed,
-            outputs=needs,
-            with_masks=arch_family(student) == "maskrcnn",
-        )
-        sampler = EpochSampler(len(ds), plan.seed, self.rank, self.world)
-        loader = make_loader(ds, data.batch_size, shuffle=False, workers=data.workers, seed=plan.seed, sampler=sampler)
-        loss_mods = nn.ModuleList([b.loss for b in losses]).to(self.device)
-        params = [p for p in list(student.parameters()) + list(loss_mods.parameters()) if p.requires_grad]
-        opt = make_optimizer(cfg, params, data.batch_size * self.world)
-        sched = make_schedule(opt, cfg, len(loader))
-        checkpointer = hooks.Checkpointer(self.dir / "last.pt", plan.checkpoint_every, self.save_final)
+        source, losses, needs = self.build_losses(student)
+        ds, sampler, loader = self.build_data(train, student, needs)
+        opt, sched = self.build_optimizer(student, losses, len(loader))
+        checkpointer = hooks.Checkpointer(self.dir / "last.pt", self.plan.checkpoint_every, self.save_final)
         evaluator = hooks.Evaluator(self.evaluate)
+        stage_hooks = [hooks.EpochData(ds, sampler, data.batch_size), hooks.AutoWeights(self.auto_weight_set)]
+        stage_hooks += self.logging(len(loader)) + ([checkpointer, evaluator] if self.rank == 0 else [])
+        adapter = adapter_for(student)
         engine = Engine(
             student,
             loader,
             opt,
             sched,
-            epochs=cfg.epochs,
+            epochs=self.cfg.epochs,
             losses=losses,
             targets=source,
             model=self.wrap(student),
             device=self.device,
-            grad_clip=cfg.grad_clip,
-            label_offset=label_offset(student),
-            hooks=[hooks.EpochData(ds, sampler, data.batch_size), hooks.AutoWeights(self.auto_weight_set)]
-            + self.logging(len(loader))
-            + ([checkpointer, evaluator] if self.rank == 0 else []),
+            grad_clip=self.cfg.grad_clip,
+            label_offset=adapter.label_offset,
+            hooks=stage_hooks,
         )
         return engine, checkpointer, evaluator
+
+    def build_losses(self, student: nn.Module) -> tuple[StoreTargets | OnlineTargets, list[BoundLoss], list[list[str]]]:
+        """The target source, the losses checked against it, and what each source must give."""
+        where = f"stages[{self.k - 1}] ({self.cfg.name})"
+        source = self.target_source(where)
+        losses = self.losses = build_losses(self.cfg, student, source.outputs(), source.names(), where, self.emit)
+        needs = loss_needs(losses, self.n_sources)
+        if isinstance(source, OnlineTargets):
+            source.needs = needs
+        else:
+            mirrored = [f"store {p}" if p in self.mirrored else "" for p in self.stores]
+            check_mirrors(source.outputs(), needs, mirrored, where)
+        return source, losses, needs
+
+    def build_data(
+        self, train: CocoDataset, student: nn.Module, needs: list[list[str]]
+    ) -> tuple[DistillDataset, EpochSampler, DataLoader]:
+        data, seed = self.plan.data, self.plan.seed
+        spec = ViewSpec(short=data.short, long=data.long, views=("orig", "hflip") if data.flip else ("orig",))
+        with_masks = adapter_for(student).needs_masks
+        ds = DistillDataset(train, spec, self.stores, flip=data.flip, seed=seed, outputs=needs, with_masks=with_masks)
+        sampler = EpochSampler(len(ds), seed, self.rank, self.world)
+        loader = make_loader(ds, data.batch_size, shuffle=False, workers=data.workers, seed=seed, sampler=sampler)
+        return ds, sampler, loader
+
+    def build_optimizer(self, student: nn.Module, losses: list[BoundLoss], iters_per_epoch: int) -> tuple:
+        """The optimiser over the student's and the losses' trainable parameters (generators, adapters), and
+        its schedule."""
+        loss_mods = nn.ModuleList([b.loss for b in losses]).to(self.device)
+        params = [p for p in list(student.parameters()) + list(loss_mods.parameters()) if p.requires_grad]
+        opt = make_optimizer(self.cfg, params, self.plan.data.batch_size * self.world)
+        return opt, make_schedule(opt, self.cfg, iters_per_epoch)
 
     def init_student(self, num_classes: int) -> nn.Module:
         student = build_student(self.plan.student, num_classes)
@@ -388,10 +331,12 @@ def run_plan(
     on_event: OnEvent | None = None,
 ) -> list[StageResult]:
     """Run ``stages`` of ``plan`` in order; progress goes to ``on_event`` (dicts) and ``log`` (lines)."""
-    # Every named teacher's store is found before the first stage trains, once.
-    stores = {
-        k: stage_stores(plan, plan.stages[k - 1]) for k in stages if online is None and 1 <= k <= len(plan.stages)
-    }
+    # Every named teacher's store is found, and every stage checked whole, before the first stage trains.
+    bad = [k for k in stages if not 1 <= k <= len(plan.stages)]
+    if bad:
+        raise PlanError(f"--stage {bad[0]}: the plan has stages 1..{len(plan.stages)}")
+    stores = {k: stage_stores(plan, plan.stages[k - 1]) for k in stages if online is None}
+    check_plan(plan, stages, stores, online)
     Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(plan.output_dir) / "plan.resolved.yaml")
     return [Stage(plan, k, device, resume, online, log, on_event, stores.get(k)).run() for k in stages]

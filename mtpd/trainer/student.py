@@ -15,14 +15,25 @@ from torch import nn
 from mtpd import checkpoint
 from mtpd.checkpoint import CheckpointError, split_state_dict
 from mtpd.factory import FactoryError, is_factory_spec
-from mtpd.models import arch_checkpoint, arch_family, build_arch, build_factory_student, build_model, infer_num_classes
+from mtpd.models import (
+    adapter_class,
+    adapter_for,
+    arch_checkpoint,
+    arch_info,
+    build_arch,
+    build_factory_student,
+    build_model,
+    infer_num_classes,
+)
 from mtpd.models.parts import load_checked
 from mtpd.trainer.plan import PlanError, StudentConfig
 
 
 def label_offset(arch_or_model: str | nn.Module) -> int:
-    """torchvision's R-CNNs reserve class 0 for background; RetinaNet and FCOS do not."""
-    return 1 if arch_family(arch_or_model) in ("fasterrcnn", "maskrcnn") else 0
+    """1 where the family reserves class 0 for the background (torchvision's R-CNNs), else 0: its adapter says."""
+    if isinstance(arch_or_model, str):
+        return adapter_class(arch_info(arch_or_model).family).label_offset
+    return adapter_for(arch_or_model).label_offset
 
 
 def build_student(cfg: StudentConfig, num_classes: int) -> nn.Module:

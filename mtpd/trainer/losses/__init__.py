@@ -43,6 +43,20 @@ def _params(cls: type[DistillLoss]) -> dict[str, inspect.Parameter]:
     return {p.name: p for p in sig.parameters.values() if p.name != "self" and p.name not in _CONTEXT}
 
 
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """ValueError when ``name`` is not a registered loss or ``params`` names a parameter it does not take:
+    what a plan can be checked for before any store or student exists."""
+    cls = _lookup(name)
+    accepted = _params(cls)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        hint = " ('weight' belongs to the stage, not the loss)" if "weight" in unknown else ""
+        raise ValueError(
+            f"loss {name!r} got unknown parameter(s) {', '.join(unknown)}; accepted: "
+            f"{', '.join(sorted(accepted)) or '(none)'}{hint}"
+        )
+
+
 def build_loss(
     name: str,
     *,
@@ -54,15 +68,8 @@ def build_loss(
     **params: Any,
 ) -> DistillLoss:
     """Build loss ``name`` for one stage; unknown names and parameters raise ValueError."""
+    check_params(name, params)
     cls = _lookup(name)
-    accepted = _params(cls)
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        hint = " ('weight' belongs to the stage, not the loss)" if "weight" in unknown else ""
-        raise ValueError(
-            f"loss {name!r} got unknown parameter(s) {', '.join(unknown)}; accepted: "
-            f"{', '.join(sorted(accepted)) or '(none)'}{hint}"
-        )
     context = dict(
         levels=tuple(levels),
         student_channels=student_channels,
@@ -89,4 +96,4 @@ def loss_defaults(name: str) -> dict[str, Any]:
     return out
 
 
-__all__ = ["LOSSES", "DistillBatch", "DistillLoss", "build_loss", "loss_defaults"]
+__all__ = ["LOSSES", "DistillBatch", "DistillLoss", "build_loss", "check_params", "loss_defaults"]

@@ -1,0 +1,112 @@
+"""The adapter contract: everything that differs between detector families, in one class per family.
+
+A ``DetectorAdapter`` is bound to one model (``adapter_for(model)`` finds the family's class). Teachers,
+students, stores and export ask it, never the model's type or a family name:
+
+- ``output_specs()``: each dense output's kind, levels, channels, anchors, classes and mirror rule;
+- ``dense(images, names, sizes)``: those outputs on prepared views (``sizes``: each view's valid
+  (h, w) before padding, for models that must not attend to padding);
+- ``forward(images, sizes, targets, names, detect)``: detection losses, dense outputs, detections;
+- ``anchor_generator()``, ``num_classes()`` (torchvision's count), ``label_offset`` (1 where class 0
+  is background), ``needs_masks`` (instance masks in the training targets);
+- ``postprocess()`` and ``deploy(image, sizes)``: what export needs.
+
+Written after detectron2's model contract (one forward that returns losses in training and
+detections in eval) and timm's explicit registries (``mtpd.models.adapters.ADAPTERS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+from mtpd.models.levels import feature_levels, level_grid_sizes, unwrap
+from mtpd.output_spec import OutputSpec
+
+Sizes = Sequence[tuple[int, int]]
+
+
+@dataclass
+class DetectorOutput:
+    losses: dict[str, Tensor]  # torchvision's detection losses (training only)
+    outputs: dict[str, Tensor]  # "fpn.p3", "cls.p3", ... on the padded batch grid
+    detections: list[dict[str, Tensor]] | None  # per image boxes (view pixels), scores, labels (eval only)
+
+
+class DetectorAdapter:
+    """One detector family's answers (see the module docstring); subclasses set the class attributes."""
+
+    family: ClassVar[str] = ""
+    display: ClassVar[str] = ""  # the class users know it by, for messages
+    model_type: ClassVar[type[nn.Module]] = nn.Module
+    label_offset: ClassVar[int] = 0
+    needs_masks: ClassVar[bool] = False
+    # Output name -> mirror rule (mtpd.output_spec.MIRRORS) where it differs from the kind's default.
+    mirrors: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = unwrap(model)
+
+    # -- what the family produces --------------------------------------------------------
+    def output_specs(self) -> dict[str, OutputSpec]:
+        raise NotImplementedError
+
+    def dense(self, images: Tensor, names: Sequence[str], sizes: Sizes | None = None) -> dict[str, Tensor]:
+        """``{name}.p{level}`` -> [B, C, h, w] for each name, in the model's mode, keeping gradients."""
+        raise NotImplementedError
+
+    def forward(
+        self, images: Tensor, sizes: Sizes, targets: list[dict] | None, names: Sequence[str], detect: bool
+    ) -> DetectorOutput:
+        raise NotImplementedError
+
+    def anchor_generator(self) -> AnchorGenerator:
+        raise NotImplementedError
+
+    def num_classes(self) -> int | None:
+        """Classes as torchvision's constructor counts them (with the background where ``label_offset``)."""
+        raise NotImplementedError
+
+    # -- export ----------------------------------------------------------------------------
+    def postprocess(self) -> dict:
+        """The post-processing settings an exported model runs with (thresholds, caps)."""
+        raise NotImplementedError
+
+    def deploy(self, image: Tensor, sizes: Sizes) -> tuple[Tensor, Tensor, Tensor]:
+        """(boxes, scores, labels) of one prepared view after NMS, labels as the model numbers them."""
+        det = self.forward(image, sizes, None, (), detect=True).detections
+        assert det is not None
+        return det[0]["boxes"], det[0]["scores"], det[0]["labels"]
+
+    # -- shared helpers --------------------------------------------------------------------
+    def levels(self) -> tuple[int, ...]:
+        return tuple(feature_levels(self.model).values())
+
+    def spec(self, name: str, kind: str, channels: int, num_anchors: int = 1, num_classes: int = 0) -> OutputSpec:
+        return OutputSpec(name, kind, self.levels(), channels, num_anchors, num_classes, self.mirrors.get(name, ""))
+
+    def check_names(self, names: Sequence[str]) -> None:
+        specs = self.output_specs()
+        unknown = [n for n in names if n not in specs]
+        if unknown:
+            raise ValueError(
+                f"{type(self.model).__name__} cannot produce {', '.join(unknown)}; it has: {', '.join(specs)}"
+            )
+
+    def anchors(self, image_size: tuple[int, int], grid_sizes: Sizes | None = None) -> Tensor:
+        """All anchors for a padded image of ``image_size`` (H, W) as one [Σ_l H_l·W_l·A, 4] xyxy tensor in
+        ``flatten_level`` order over levels, from the model's own generator (strides as image // grid)."""
+        if grid_sizes is None:
+            grid_sizes = level_grid_sizes(image_size, list(self.levels()))
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        h, w = image_size
+        # Zero-channel stand-ins: the generator reads only shapes, dtype and device.
+        images = ImageList(torch.empty(1, 0, h, w, device=device), [(h, w)])
+        feats = [torch.empty(1, 0, gh, gw, device=device) for gh, gw in grid_sizes]
+        return self.anchor_generator()(images, feats)[0]
