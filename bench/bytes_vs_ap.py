@@ -68,9 +68,9 @@ def _variants():
     added = {
         "pca-c4": Precision(
             "pca-c4",
-            lambda c: PCA(rank=max(1, c // 4), bits=4),
-            lambda c: TopK(k=min(8, c), channels=c),
-            lambda c: Affine(8),
+            lambda s: PCA(rank=max(1, s.channels // 4), bits=4),
+            lambda s: TopK(k=min(8, s.channels), channels=s.channels),
+            lambda s: Affine(8),
             "tiny with PCA to a quarter of the channels",
         )
     }

@@ -157,6 +157,32 @@ def test_presets_pick_encodings_by_kind():
     assert PRECISIONS["tiny"].encoding_for(cls) == TopK(8, 90) and PRECISIONS["small"].encoding_for(cls) == LogProbU8()
 
 
+def test_encoding_parameters_keep_their_types():
+    """Parameters come back as their fields' types; a value of another type is a one-line error, not a cast."""
+    enc = encoding_from_attrs({"kind": "topk", "k": 2, "channels": 90, "groups": 9})
+    assert enc == TopK(2, 90, 9) and all(type(v) is int for v in (enc.k, enc.channels, enc.groups))
+    assert encoding_from_attrs({"kind": "fp16", "keepbits": None}) == Fp16()
+    for bad in ({"kind": "fp16", "keepbits": 5.5}, {"kind": "affine", "bits": "4"}, {"kind": "topk", "k": True}):
+        with pytest.raises(EncodingError, match="is not int"):
+            encoding_from_attrs(bad)
+    with pytest.raises(EncodingError, match="unknown parameter"):
+        encoding_from_attrs({"kind": "affine", "bits": 4, "scale": 1})
+
+
+def test_a_preset_rule_sees_the_whole_output_spec():
+    """Rules receive the spec, so a per-anchor code can be chosen (TopK with one group per anchor)."""
+    from mtpd.cache.schema import Precision
+
+    per_anchor = Precision(
+        "per-anchor",
+        lambda s: Fp16(),
+        lambda s: TopK(k=2, channels=s.channels, groups=s.num_anchors),
+        lambda s: Fp16(),
+    )
+    cls = OutputSpec("cls", "logits", (3, 4), 90, 9, 10)
+    assert per_anchor.encoding_for(cls) == TopK(2, 90, 9)
+
+
 def test_describe_differences_names_the_key():
     d = describe_differences({"teacher": {"name": "a", "w": 1}}, {"teacher": {"name": "b", "w": 1}})
     assert d == ["teacher.name: 'a' (store) vs 'b' (this run)"]

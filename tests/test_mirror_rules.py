@@ -41,7 +41,7 @@ BOXES = torch.tensor([[10.0, 20.0, 50.0, 44.0], [70.0, 5.0, 90.0, 100.0], [30.0,
 ANCHORS = torch.tensor([[16.0, 16.0, 48.0, 48.0], [60.0, 20.0, 100.0, 90.0], [20.0, 40.0, 36.0, 56.0]])
 
 
-@pytest.mark.parametrize("arch", ["retinanet_tiny", "fcos_tiny", "fasterrcnn_resnet50_fpn"])
+@pytest.mark.parametrize("arch", ["retinanet_tiny", "fcos_tiny", "fasterrcnn_resnet50_fpn", "ssd_tiny"])
 def test_rules_match_each_familys_box_coder(arch) -> None:
     """encode(flip(box), flip(anchor)) == rule(encode(box, anchor)), with the model's own coder."""
     model = build_arch(arch, 3, **({"levels": (2, 3, 4, 5)} if "rcnn" in arch else {}))
@@ -124,7 +124,10 @@ def test_every_adapter_declares_a_rule_for_each_box_output() -> None:
     """A new family that forgets its box rule would mirror with the deltas default: each adapter says its own."""
     for cls in ADAPTERS:
         model = build_arch(
-            {"retinanet": "retinanet_tiny", "fcos": "fcos_tiny"}.get(cls.family, f"{cls.family}_resnet50_fpn"), 3
+            {"retinanet": "retinanet_tiny", "fcos": "fcos_tiny", "ssd": "ssd_tiny"}.get(
+                cls.family, f"{cls.family}_resnet50_fpn"
+            ),
+            3,
         )
         assert adapter_for(model).family == cls.family
         for spec in adapter_for(model).output_specs().values():

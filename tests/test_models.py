@@ -23,7 +23,7 @@ from mtpd.models import (
     unflatten_level,
 )
 
-TINY = ["retinanet_tiny", "retinanet_tiny_wide", "retinanet_swin_tiny", "fcos_tiny"]
+TINY = ["retinanet_tiny", "retinanet_tiny_wide", "retinanet_swin_tiny", "fcos_tiny", "ssd_tiny"]
 HEAVY = [n for n in list_archs() if n not in TINY]
 EXPECTED = {
     "retinanet_resnet18_fpn",
@@ -144,7 +144,7 @@ def test_tiny_archs_train_from_scratch(name):
         assert "boxes" in model([torch.rand(3, 64, 64)])[0]
 
 
-@pytest.mark.parametrize("name", ["retinanet_tiny", "fcos_tiny"])
+@pytest.mark.parametrize("name", ["retinanet_tiny", "fcos_tiny", "ssd_tiny"])
 def test_dense_outputs_equal_torchvision_head(name):
     model = _seeded(name, 5).eval()
     x = torch.randn(2, 3, 96, 64)

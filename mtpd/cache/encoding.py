@@ -18,6 +18,10 @@ whether it decodes to 0 (otherwise the trainer zeroes padded cells after decodin
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from typing import Any
+
 from mtpd.cache.codes import (
     FP16_MAX,
     LOGPROB_MIN,
@@ -60,11 +64,32 @@ def encoding_from_attrs(d: dict) -> Encoding:
         raise EncodingError(
             f"unknown encoding {kind!r} (this mtpd knows {', '.join(ENCODINGS)}); the store needs a newer mtpd"
         )
+    cls = ENCODINGS[d["kind"]]
     params = {k: v for k, v in d.items() if k != "kind"}
+    types = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     try:
-        return ENCODINGS[d["kind"]](**{k: (None if v is None else int(v)) for k, v in params.items()})
-    except TypeError as e:
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise TypeError(f"unknown parameter(s) {', '.join(unknown)}")
+        return cls(**{k: _typed(k, v, types[k]) for k, v in params.items()})
+    except (TypeError, ValueError) as e:
         raise EncodingError(f"encoding {d!r}: {e}") from None
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type says (JSON keeps ints, floats, booleans and strings apart; a value of
+    another type is an error, not a silent cast): int, float, bool, str, or None where the field allows it."""
+    args = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in args:
+        return None
+    for t in (bool, int, float, str):  # bool before int: True is an int to isinstance
+        if t in args:
+            if t is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, t) and not (t is int and isinstance(value, bool)):
+                return value
+    raise TypeError(f"{name}={value!r} is not {' or '.join(getattr(a, '__name__', str(a)) for a in args)}")
 
 
 def encoding_from_v1(name: str) -> Encoding:

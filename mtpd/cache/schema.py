@@ -62,11 +62,12 @@ class StoreError(MtpdError, ValueError):
     """A store that cannot be opened, resumed or read as asked; the message says what to do."""
 
 
-Rule = Callable[[int], Encoding]  # channel count -> the encoding of an output with that many channels
+# The whole output spec -> its encoding: a rule can read channels, anchors and classes (a per-anchor top-k).
+Rule = Callable[[OutputSpec], Encoding]
 
 
 def _fixed(enc: Encoding) -> Rule:
-    return lambda channels: enc
+    return lambda spec: enc
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Precision:
 
     def encoding_for(self, spec: OutputSpec) -> Encoding:
         rule = {"feature": self.features, "logits": self.logits}.get(spec.kind, self.other)
-        return rule(spec.channels)
+        return rule(spec)
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -98,8 +99,8 @@ PRECISIONS: dict[str, Precision] = {
     # classes); `small` keeps the code whose error is bounded everywhere.
     "tiny": Precision(
         "tiny",
-        lambda c: PCA(rank=max(1, c // 2), bits=4),
-        lambda c: TopK(k=min(8, c), channels=c),
+        lambda s: PCA(rank=max(1, s.channels // 2), bits=4),
+        lambda s: TopK(k=min(8, s.channels), channels=s.channels),
         _fixed(Affine(8)),
         "features: PCA to half the channels, 4-bit coefficients; class scores: top 8 per cell",
     ),

@@ -15,9 +15,11 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops.misc import Conv2dNormActivation
 
 from mtpd.models.arch_info import ArchInfo, arch_table
@@ -208,6 +210,30 @@ def fcos_tiny(
         anchor_generator=point_anchors(lv, anchor_base),
         head=head,
     )
+
+
+@register_arch("ssd_tiny", family="ssd")
+def ssd_tiny(
+    num_classes: int,
+    *,
+    width: int = 16,
+    fpn_channels: int = 64,
+    levels: Sequence[int] = (3, 4, 5),
+    aspect_ratios: Sequence[float] = (2.0,),
+    min_ratio: float = 0.08,
+    max_ratio: float = 0.5,
+    norm: str = "bn",
+    backbone_weights: str | None = None,
+    size: int = 128,
+) -> SSD:
+    """Tiny SSD: retinanet_tiny's backbone and FPN (so its P3–P5 maps distil from the same stores), torchvision's
+    SSD head (one 3×3 conv per level for class scores, one for boxes) and default boxes of 8–50 % of the image
+    side (10–64 px at 128 px: the digits' sizes), 4 per location; ``num_classes`` counts the background."""
+    lv = check_levels(levels, 2, 7, "ssd_tiny")
+    backbone = _tiny_backbone(width, lv, fpn_channels, norm, backbone_weights, "ssd_tiny")
+    boxes = DefaultBoxGenerator([list(aspect_ratios)] * len(lv), min_ratio=min_ratio, max_ratio=max_ratio)
+    head = SSDHead([fpn_channels] * len(lv), boxes.num_anchors_per_location(), num_classes)
+    return SSD(backbone, boxes, (size, size), num_classes, head=head)
 
 
 def example_detector(num_classes: int = 3) -> nn.Module:

@@ -10,9 +10,10 @@ from torch import nn
 from mtpd.models.adapters.base import DetectorAdapter, DetectorOutput
 from mtpd.models.adapters.onestage import FCOSAdapter, RetinaNetAdapter
 from mtpd.models.adapters.rcnn import FasterRCNNAdapter, MaskRCNNAdapter
+from mtpd.models.adapters.ssd import SSDAdapter
 from mtpd.models.levels import unwrap
 
-ADAPTERS: list[type[DetectorAdapter]] = [RetinaNetAdapter, FCOSAdapter, FasterRCNNAdapter, MaskRCNNAdapter]
+ADAPTERS: list[type[DetectorAdapter]] = [RetinaNetAdapter, FCOSAdapter, FasterRCNNAdapter, MaskRCNNAdapter, SSDAdapter]
 FAMILIES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
 _BY_FAMILY = {a.family: a for a in ADAPTERS}
 _BY_TYPE = {a.model_type: a for a in ADAPTERS}

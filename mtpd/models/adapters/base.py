@@ -84,6 +84,16 @@ class DetectorAdapter:
         return det[0]["boxes"], det[0]["scores"], det[0]["labels"]
 
     # -- shared helpers --------------------------------------------------------------------
+    def dense_postprocess(self) -> dict:
+        """The settings of torchvision's one-stage ``postprocess_detections`` (RetinaNet, FCOS, SSD)."""
+        m = self.model
+        return {
+            "score_thresh": float(m.score_thresh),
+            "nms_thresh": float(m.nms_thresh),
+            "detections_per_img": int(m.detections_per_img),
+            "topk_candidates": int(m.topk_candidates),
+        }
+
     def levels(self) -> tuple[int, ...]:
         return tuple(feature_levels(self.model).values())
 

@@ -104,13 +104,7 @@ class RetinaNetAdapter(DetectorAdapter):
         return int(self.model.head.classification_head.num_classes)
 
     def postprocess(self) -> dict:
-        m = self.model
-        return {
-            "score_thresh": float(m.score_thresh),
-            "nms_thresh": float(m.nms_thresh),
-            "detections_per_img": int(m.detections_per_img),
-            "topk_candidates": int(m.topk_candidates),
-        }
+        return self.dense_postprocess()
 
 
 class FCOSAdapter(RetinaNetAdapter):
