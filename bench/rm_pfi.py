@@ -22,21 +22,16 @@ paired by seed with the baseline and with MGD.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python bench/rm_pfi.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bytes_vs_ap import Row, _build_stores, _lock, _plan, _split, paired, run_all
-from bench.common import command_line, machine, write_section
-
-TITLE = "RM + PFI (bench/rm_pfi.py)"
-STORE = "lossless"  # bytes_vs_ap's store key: fpn, cls and box, both views
+from bench.bytes_vs_ap import Row
+from bench.study import STORE, Study
+from bench.study import main as study_main
 
 # Loss sets by key; "auto1" measures the rule's weight after one epoch (RM's first loss is near zero).
 PAPER_RM = {"name": "rm"}  # the paper's form and weight (4): the loss's defaults
@@ -89,31 +84,14 @@ DEV_ROWS: dict[str, Row] = {
 # The val rows are set from the dev study's table (bench/RESULTS.md "RM + PFI ... dev split") before any val run.
 VAL_ROWS: dict[str, Row] = {}
 
-
-def _losses(key: str, iters_per_epoch: int) -> list[dict]:
-    out = []
-    for lc in LOSS_SETS[key]:
-        lc = json.loads(json.dumps(lc))  # a copy: plans are written from it
-        if lc.get("auto_after") == "epoch":
-            lc["auto_after"] = iters_per_epoch
-        out.append(lc)
-    return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bench/rm_pfi.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default="bench_out/rm_pfi", help="working folder (data, stores, runs); %(default)s")
-    p.add_argument("--split", choices=("val", "dev"), default="val", help="evaluate on val or on the dev split")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0 on dev, 0,1,2,3,4 on val)")
-    p.add_argument("--rows", default=None, help="comma-separated rows (default: every row of the split)")
-    p.add_argument("--jobs", type=int, default=1, help="students trained side by side, one thread each")
-    p.add_argument("--quick", action="store_true", help="a few images, one epoch per stage: checks the script")
-    p.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
-    p.add_argument("--report", action="store_true", help="the table of what has finished, training nothing")
-    p.add_argument("--terms", action="store_true", help="RM's candidates per box on the train split, then stop")
-    return p
+STUDY = Study(
+    prog="bench/rm_pfi.py",
+    title="RM + PFI (bench/rm_pfi.py)",
+    doc=__doc__ or "",
+    rows={"dev": DEV_ROWS, "val": VAL_ROWS},
+    loss_sets=LOSS_SETS,
+    refs=("baseline", "mgd"),
+)
 
 
 def terms(ann: Path, size: int) -> list[str]:
@@ -160,121 +138,17 @@ def terms(ann: Path, size: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mtpd.cli.demo: spinning threads stall on shared CPUs
-    from mtpd.demo import jobs, recipes, steps
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--terms" in args:  # RM's candidates per box: reads the train split's boxes, trains nothing
+        from mtpd.demo import recipes, steps
 
-    if a.terms:
-        scale = recipes.QUICK if a.quick else recipes.FULL
-        paths = steps.Paths(Path(a.out) / (f"quick-{a.split}" if a.quick else a.split))
-        steps.ensure_data(paths, scale, lambda s: None)
+        quick = "--quick" in args
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else Path("bench_out/rm_pfi")
+        paths = steps.Paths(out / ("quick-dev" if quick else "dev"))
+        steps.ensure_data(paths, recipes.QUICK if quick else recipes.FULL, lambda s: None)
         print("\n".join(terms(paths.ann("train"), recipes.SIZE)))
         return 0
-    table_rows = DEV_ROWS if a.split == "dev" else VAL_ROWS
-    if not table_rows:
-        raise SystemExit("no val rows yet: run the dev study (--split dev) and set VAL_ROWS from its table first")
-    rows = [r.strip() for r in (a.rows or ",".join(table_rows)).split(",") if r.strip()]
-    unknown = [r for r in rows if r not in table_rows]
-    if unknown:
-        raise SystemExit(f"unknown row {unknown[0]!r} for --split {a.split}; choose from {', '.join(table_rows)}")
-    seeds = [int(s) for s in (a.seeds or ("0" if a.split == "dev" else "0,1,2,3,4")).split(",")]
-    if a.quick and a.write:
-        raise SystemExit("--quick checks the script; its numbers are not results: drop --write")
-    scale = recipes.QUICK if a.quick else recipes.FULL
-    paths = steps.Paths(Path(a.out) / (f"quick-{a.split}" if a.quick else a.split))
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    if not a.report:
-        steps.ensure_data(paths, scale, log)
-        lock = _lock(paths.root, "rm_pfi.py")  # noqa: F841 - held until the process ends
-    split = _split(paths, a.split, scale)
-    teachers = steps.ensure_teachers(paths, scale, False, log)
-    stores = {} if a.report else _build_stores(paths, split, teachers, [STORE], log)
-    res_path = paths.root / "results.json"
-    results: dict[str, dict[int, float]] = {}
-    if res_path.is_file():
-        results = {r: {int(s): v for s, v in d.items()} for r, d in json.loads(res_path.read_text()).items()}
-
-    def on_done(row: str, seed: int, job) -> None:
-        metrics = jobs.metrics(job)
-        results.setdefault(row, {})[seed] = metrics[-1]["AP"]
-        stage_aps = [round(100 * m["AP"], 2) for m in metrics]
-        log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.2f} (stages {stage_aps})")
-        tmp = res_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, res_path)
-
-    tasks = []
-    for seed in [] if a.report else seeds:  # seed-major: a stopped run still has paired rows
-        for r in rows:
-            plan = _plan(table_rows[r], seed, paths, split, scale, stores, _losses)
-            if steps.stages_todo(plan, lambda s: None)[1] or seed not in results.get(r, {}):
-                tasks.append((r, seed, plan, None))
-    log("--report: nothing trains" if a.report else f"{len(tasks)} student runs to train, {a.jobs} side by side")
-    run_all(tasks, a.jobs, log, on_done)
-
-    lines = _table(rows, seeds, results, paths)
-    print("\n".join(["", *lines]))
-    if a.write:
-        body = "\n".join(
-            [
-                f"Command: `{command_line('rm_pfi.py', argv if argv is not None else sys.argv[1:])}`  ",
-                f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time of this invocation "
-                f"{(time.perf_counter() - t0) / 3600:.1f} h  ",
-                f"Setup: {recipes.describe(split.train_count, split.val_count)}; split {a.split}; seeds {seeds}. "
-                "AP is COCO box AP (×100) after the last stage. Weights: as given, or `auto` → the value the rule "
-                "chose (stage 1 / stage 2, from each run's resolved plan).",
-                "",
-                *lines,
-            ]
-        )
-        write_section(TITLE + (" — dev split" if a.split == "dev" else ""), body)
-        print("wrote its section of bench/RESULTS.md")
-    return 0
-
-
-def _weights(paths, run: str) -> str:
-    """The losses' weights per stage as the run resolved them (auto → chosen; "auto" when the stage ended
-    before its warm-up did)."""
-    import yaml
-
-    def one(x: dict) -> str:
-        w = x.get("weight")
-        return x["name"] if w is None else f"{x['name']} {w:.3g}" if isinstance(w, (int, float)) else f"{x['name']} {w}"
-
-    out = []
-    for k in (1, 2):
-        f = paths.runs / run / f"stage_{k}" / "plan.yaml"
-        if not f.is_file():
-            return "-"
-        out.append(", ".join(one(x) for x in yaml.safe_load(f.read_text())["stages"][k - 1]["losses"]))
-    return " / ".join(out) if any(out) else "-"
-
-
-def _table(rows: list[str], seeds: list[int], results: dict, paths) -> list[str]:
-    shown = {r: {s: results[r][s] for s in seeds if s in results.get(r, {})} for r in rows}
-    lines = ["| row | losses (weights per stage) | AP | vs baseline | vs MGD |", "|---|---|---:|---:|---:|"]
-    for r in rows:
-        if not shown[r]:
-            continue
-        aps = [100 * v for v in shown[r].values()]
-        mean = sum(aps) / len(aps)
-        ap = (
-            f"{mean:.2f}"
-            if len(aps) == 1
-            else f"{mean:.2f} ± {(sum((x - mean) ** 2 for x in aps) / (len(aps) - 1)) ** 0.5:.2f}"
-        )
-        cells = []
-        for ref in ("baseline", "mgd"):
-            d = paired(shown, r, ref) if r != ref else None
-            if d is None:
-                cells.append("-")
-            elif d["n"] == 1:
-                cells.append(f"{d['mean']:+.2f}")
-            else:
-                cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
-        lines.append(f"| {r} | {_weights(paths, f'{r}_s{min(shown[r])}')} | {ap} | {cells[0]} | {cells[1]} |")
-    return lines
+    return study_main(STUDY, args)
 
 
 if __name__ == "__main__":

@@ -249,3 +249,30 @@ def test_rm_pfi_quick_mode_trains_its_dev_rows_and_resumes(tmp_path, ray_session
         rm_pfi.main([*args, "--write"])
     assert rm_pfi.main(["--quick", "--out", str(tmp_path), "--split", "dev", "--terms"]) == 0
     assert "low-quality" in capsys.readouterr().out
+
+
+def test_far_teachers_quick_mode_trains_direct_and_chained_rows(tmp_path, ray_session, capsys):
+    """bench/far_teachers.py at the quick scale (CI's smoke test of the far-teacher study): the transformer
+    teacher's store is built from the shipped swin.pt, a direct and a three-teacher chain train, the chain's
+    stages read weak, strong and swin in order, each MGD weight set by the rule; a rerun trains nothing."""
+    import json
+
+    import yaml
+
+    from bench import far_teachers
+
+    rows = ["baseline", "direct_swin", "weak_strong_swin"]
+    args = ["--quick", "--split", "dev", "--rows", ",".join(rows), "--out", str(tmp_path), "--jobs", "2"]
+    assert far_teachers.main(args) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "quick-dev" / "results.json").read_text())
+    assert sorted(saved) == sorted(rows)
+    run = tmp_path / "quick-dev" / "runs" / "weak_strong_swin_s0"
+    stores = [
+        yaml.safe_load((run / f"stage_{k}" / "plan.yaml").read_text())["stages"][k - 1]["stores"][0] for k in (1, 2, 3)
+    ]
+    assert [Path(s).name.split("-")[1] for s in stores] == ["weak", "strong", "swin"]
+    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    assert "weak → strong → swin" in table["weak_strong_swin"] and table["weak_strong_swin"].count("mgd ") == 3
+    assert far_teachers.main(args) == 0
+    assert "0 student runs to train" in capsys.readouterr().out

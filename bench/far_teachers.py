@@ -1,0 +1,81 @@
+"""Where progressive distillation pays: chains ending at a far teacher against that teacher alone.
+
+    .venv/bin/python bench/far_teachers.py --split dev --write      # the dev study: seed 0
+    .venv/bin/python bench/far_teachers.py --write --jobs 2         # the val rows, 5 seeds, paired
+    .venv/bin/python bench/far_teachers.py --quick --out /tmp/far   # smoke test (CI)
+
+MTPD's claim: a student learns a far teacher (much stronger, or another architecture) better through a
+sequence of nearer teachers than directly. The benchmark's student (``retinanet_tiny``, from scratch) and
+its near teachers (``weak.pt`` 20.3 AP, ``strong.pt`` 27.1 AP, both from-scratch conv nets) are joined by
+two far ones, shipped in mtpd/demo/teachers:
+
+    mbv2   mbv2_60ep.pt: ImageNet-initialised MobileNetV2 RetinaNet, 47.3 AP (far by strength and init)
+    swin   swin.pt: the Swin Transformer RetinaNet, 30.8 AP (far by architecture: MTPD's headline case)
+
+Fixed before any run: every distilled stage uses MGD with ``weight: auto`` (each teacher's features have
+their own scale, so one fixed α would favour some teachers; the rule makes each stage's MGD start at the
+size of its detection loss), λ = 0.65; lossless stores with both views. Equal total epochs, 18 per
+student: one teacher twice (2 × 9, "direct"), two teachers (9 + 9), three (6 + 6 + 6); the baseline
+trains 2 × 9 on detection alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/far_teachers.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bytes_vs_ap import Row
+from bench.study import STORE, Study
+from bench.study import main as study_main
+
+MGD = {"name": "mgd", "weight": "auto", "params": {"lambda_mask": 0.65}}
+LOSS_SETS = {"none": [], "mgd": [MGD]}
+TEACHERS = {"mbv2": ("retinanet_mobilenet_v2_fpn", "mbv2_60ep.pt"), "swin": ("retinanet_swin_tiny", "swin.pt")}
+
+
+def chain(name: str, *teachers: str) -> Row:
+    """MGD from ``teachers`` in order, one stage each; a single teacher is used twice (direct)."""
+    ts = teachers if len(teachers) > 1 else teachers * 2
+    return Row(name, tuple((f"{t}_{i}", t, STORE, "mgd") for i, t in enumerate(ts, 1)))
+
+
+PLAIN = (("plain_1", None, "", "none"), ("plain_2", None, "", "none"))
+DEV_ROWS: dict[str, Row] = {
+    r.name: r
+    for r in (
+        Row("baseline", PLAIN),
+        chain("direct_strong", "strong"),
+        chain("direct_mbv2", "mbv2"),
+        chain("direct_swin", "swin"),
+        chain("strong_mbv2", "strong", "mbv2"),
+        chain("strong_swin", "strong", "swin"),
+        chain("weak_strong_mbv2", "weak", "strong", "mbv2"),
+        chain("weak_strong_swin", "weak", "strong", "swin"),
+        chain("mbv2_swin", "mbv2", "swin"),
+    )
+}
+EPOCHS = {r: ([6, 6, 6] if len(row.stages) == 3 else [9, 9]) for r, row in DEV_ROWS.items()}
+# Set from the dev study's table before any val run.
+VAL_ROWS: dict[str, Row] = {}
+
+STUDY = Study(
+    prog="bench/far_teachers.py",
+    title="Far teachers: progressive or direct (bench/far_teachers.py)",
+    doc=__doc__ or "",
+    rows={"dev": DEV_ROWS, "val": VAL_ROWS},
+    loss_sets=LOSS_SETS,
+    refs=("baseline", "direct_strong", "direct_mbv2", "direct_swin"),
+    extra_teachers=TEACHERS,
+    epochs=EPOCHS,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main(STUDY, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""A loss or teacher study on the digits benchmark: rows of stages, trained per seed, paired by seed.
+
+The machinery bench/rm_pfi.py and bench/far_teachers.py share (the data, the dev/val splits, lossless
+stores of every teacher a row reads, students side by side with one thread each, resumable runs, the
+table of AP with paired differences) comes from bench/bytes_vs_ap.py; a study says only its rows, its
+loss sets, its extra teachers and which rows the others are paired with.
+
+A row's stage is ``(stage name, teacher key or None, store key, loss-set key)``; loss sets are lists of
+plan loss entries, where ``auto_after: "epoch"`` becomes one epoch of steps. ``epochs`` sets each
+stage's epochs per row (default: the benchmark's), so rows of different lengths can have equal totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bytes_vs_ap import Row, _build_stores, _lock, _split, paired, run_all
+from bench.common import command_line, machine, write_section
+
+STORE = "lossless"  # bytes_vs_ap's store key: fpn, cls and box, both views
+
+
+@dataclass
+class Study:
+    prog: str  # bench/<prog>
+    title: str  # its section in bench/RESULTS.md
+    doc: str
+    rows: dict[str, dict[str, Row]]  # split ("dev", "val") -> rows; val rows are set after the dev study
+    loss_sets: dict[str, list[dict]]
+    refs: tuple[str, ...] = ("baseline",)  # rows every other row is paired with
+    extra_teachers: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (arch, shipped file)
+    epochs: dict[str, list[int]] = field(default_factory=dict)  # row -> epochs per stage (default: benchmark's)
+    extra_lines: object = None  # callable(paths, shown) -> list[str] printed and recorded under the table
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(
+            prog=self.prog, description=self.doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        p.add_argument("--out", default=f"bench_out/{Path(self.prog).stem}", help="working folder; %(default)s")
+        p.add_argument("--split", choices=("val", "dev"), default="val", help="evaluate on val or on the dev split")
+        p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0 on dev, 0,1,2,3,4 on val)")
+        p.add_argument("--rows", default=None, help="comma-separated rows (default: every row of the split)")
+        p.add_argument("--jobs", type=int, default=1, help="students trained side by side, one thread each")
+        p.add_argument("--quick", action="store_true", help="a few images, one epoch per stage: checks the script")
+        p.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
+        p.add_argument("--report", action="store_true", help="the table of what has finished, training nothing")
+        return p
+
+    def losses(self, key: str, iters_per_epoch: int) -> list[dict]:
+        out = []
+        for lc in self.loss_sets[key]:
+            lc = json.loads(json.dumps(lc))  # a copy: plans are written from it
+            if lc.get("auto_after") == "epoch":
+                lc["auto_after"] = iters_per_epoch
+            out.append(lc)
+        return out
+
+
+def teachers(study: Study, paths, scale, log) -> dict:
+    """The benchmark's teachers and the study's extra ones (shipped checkpoints), by key."""
+    from mtpd.demo import steps
+
+    out = dict(steps.ensure_teachers(paths, scale, False, log))
+    for key, (arch, file) in study.extra_teachers.items():
+        out[key] = steps.TeacherInfo(key, arch, steps.shipped_teachers() / file, None, None, "shipped")
+    return out
+
+
+def plan_for(study: Study, name: str, row: Row, seed: int, paths, split, scale, stores: dict) -> Path:
+    from mtpd.demo import recipes, steps
+
+    ipe = -(-split.train_count // 16)
+    epochs = study.epochs.get(name) if scale is recipes.FULL else None
+    epochs = epochs or [scale.stage_epochs] * len(row.stages)
+    stages = [
+        recipes.stage(sname, e, ipe, [str(stores[(t, s)])] if t else [], study.losses(loss, ipe))
+        for (sname, t, s, loss), e in zip(row.stages, epochs)
+    ]
+    plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / f"{name}_s{seed}", stages, ipe, seed=seed)
+    plan["data"].update(
+        train_ann=str(split.train_ann),
+        train_images=str(split.train_images),
+        val_ann=str(split.val_ann),
+        val_images=str(split.val_images),
+    )
+    return steps.write_plan(plan, paths.plans / f"{name}_s{seed}.yaml")
+
+
+def main(study: Study, argv: list[str] | None = None) -> int:
+    a = study.parser().parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mtpd.cli.demo: spinning threads stall on shared CPUs
+    from mtpd.demo import jobs, recipes, steps
+
+    table_rows = study.rows.get(a.split) or {}
+    if not table_rows:
+        raise SystemExit(f"no {a.split} rows yet: run the dev study (--split dev) and set the val rows from it first")
+    rows = [r.strip() for r in (a.rows or ",".join(table_rows)).split(",") if r.strip()]
+    unknown = [r for r in rows if r not in table_rows]
+    if unknown:
+        raise SystemExit(f"unknown row {unknown[0]!r} for --split {a.split}; choose from {', '.join(table_rows)}")
+    seeds = [int(s) for s in (a.seeds or ("0" if a.split == "dev" else "0,1,2,3,4")).split(",")]
+    if a.quick and a.write:
+        raise SystemExit("--quick checks the script; its numbers are not results: drop --write")
+    scale = recipes.QUICK if a.quick else recipes.FULL
+    paths = steps.Paths(Path(a.out) / (f"quick-{a.split}" if a.quick else a.split))
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    if not a.report:
+        steps.ensure_data(paths, scale, log)
+        lock = _lock(paths.root, Path(study.prog).name)  # noqa: F841 - held until the process ends
+    split = _split(paths, a.split, scale)
+    keys = sorted({s[1] for r in rows for s in table_rows[r].stages if s[1] is not None})
+    ts = {k: v for k, v in teachers(study, paths, scale, log).items() if k in keys}
+    stores = {} if a.report else _build_stores(paths, split, ts, [STORE], log)
+    res_path = paths.root / "results.json"
+    results: dict[str, dict[int, float]] = {}
+    if res_path.is_file():
+        results = {r: {int(s): v for s, v in d.items()} for r, d in json.loads(res_path.read_text()).items()}
+
+    def on_done(row: str, seed: int, job) -> None:
+        metrics = jobs.metrics(job)
+        results.setdefault(row, {})[seed] = metrics[-1]["AP"]
+        stage_aps = [round(100 * m["AP"], 2) for m in metrics]
+        log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.2f} (stages {stage_aps})")
+        tmp = res_path.with_suffix(".tmp")  # a kill mid-write must not cost the finished runs' record
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, res_path)
+
+    tasks = []
+    for seed in [] if a.report else seeds:  # seed-major: a stopped run still has paired rows
+        for r in rows:
+            plan = plan_for(study, r, table_rows[r], seed, paths, split, scale, stores)
+            if steps.stages_todo(plan, lambda s: None)[1] or seed not in results.get(r, {}):
+                tasks.append((r, seed, plan, None))
+    log("--report: nothing trains" if a.report else f"{len(tasks)} student runs to train, {a.jobs} side by side")
+    run_all(tasks, a.jobs, log, on_done)
+
+    shown = {r: {s: results[r][s] for s in seeds if s in results.get(r, {})} for r in rows}
+    lines = table(study, rows, shown, paths, quick=a.quick)
+    if study.extra_lines is not None:
+        lines += ["", *study.extra_lines(paths, shown)]
+    print("\n".join(["", *lines]))
+    if a.write:
+        body = "\n".join(
+            [
+                f"Command: `{command_line(Path(study.prog).name, argv if argv is not None else sys.argv[1:])}`  ",
+                f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time of this invocation "
+                f"{(time.perf_counter() - t0) / 3600:.1f} h  ",
+                f"Setup: {recipes.describe(split.train_count, split.val_count)}; split {a.split}; seeds {seeds}. "
+                "AP is COCO box AP (×100) after the last stage; differences are paired by seed, with 90 % t-intervals "
+                "where there are several. Weights: as given, or `auto` → the value the rule chose (per stage, from "
+                "each run's resolved plan).",
+                "",
+                *lines,
+            ]
+        )
+        write_section(study.title + (" — dev split" if a.split == "dev" else ""), body)
+        print("wrote its section of bench/RESULTS.md")
+    return 0
+
+
+def weights(paths, run: str) -> str:
+    """The losses' weights per stage as the run resolved them (auto → chosen; "auto" when a stage ended before
+    its warm-up did)."""
+    import yaml
+
+    def one(x: dict) -> str:
+        w = x.get("weight")
+        return x["name"] if w is None else f"{x['name']} {w:.3g}" if isinstance(w, (int, float)) else f"{x['name']} {w}"
+
+    out = []
+    for k in range(1, 10):
+        f = paths.runs / run / f"stage_{k}" / "plan.yaml"
+        if not f.is_file():
+            break
+        out.append(", ".join(one(x) for x in yaml.safe_load(f.read_text())["stages"][k - 1]["losses"]))
+    return " / ".join(out) if any(out) else "-"
+
+
+def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False) -> list[str]:
+    refs = [r for r in study.refs if r in rows]
+    head = "| row | stages | losses (weights per stage) | AP | " + " | ".join(f"vs {r}" for r in refs) + " |"
+    lines = [head, "|---|---|---|---:|" + "---:|" * len(refs)]
+    rows_of = study.rows.get("val", {}) | study.rows.get("dev", {})
+    for r in rows:
+        if not shown.get(r):
+            continue
+        aps = [100 * v for v in shown[r].values()]
+        mean = statistics.mean(aps)
+        ap = f"{mean:.2f}" if len(aps) == 1 else f"{mean:.2f} ± {statistics.stdev(aps):.2f}"
+        cells = []
+        for ref in refs:
+            d = paired(shown, r, ref) if r != ref else None
+            if d is None:
+                cells.append("-")
+            elif d["n"] == 1:
+                cells.append(f"{d['mean']:+.2f}")
+            else:
+                cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
+        teachers_ = " → ".join(t or "-" for _, t, _, _ in rows_of[r].stages)
+        epochs = None if quick else study.epochs.get(r)
+        stages = f"{teachers_} ({' + '.join(map(str, epochs))} ep)" if epochs else teachers_
+        lines.append(f"| {r} | {stages} | {weights(paths, f'{r}_s{min(shown[r])}')} | {ap} | {' | '.join(cells)} |")
+    return lines
