@@ -21,6 +21,7 @@ from mtpd.cache.rows import flatten
 from mtpd.cache.schema import StoreError, StoreHeader
 from mtpd.data import CocoDataset, DatasetError, grid_size, prepare_view
 from mtpd.data.views import ViewSpec
+from mtpd.teachers.base import run_teacher
 
 CALIBRATION_IMAGES = 8
 MAX_ROWS = 32768  # cells per level handed to ``fit``
@@ -72,7 +73,7 @@ def fit_encodings(
             continue
         used.append(dataset.images[i].file_name)
         x, meta = prepare_view(img, spec, "orig")
-        res = teacher(x[None], names)
+        res = run_teacher(teacher, x[None], names, [meta.size])
         for n in names:
             levels = header.outputs[n].levels
             grid = np.array([grid_size(meta.size, 2**lvl) for lvl in levels])

@@ -18,7 +18,7 @@ from mtpd.cache.schema import Precision, StoredOutput, StoreHeader
 from mtpd.cache.store import empty_blocks, open_root, read_header, write_shard
 from mtpd.data import CocoDataset, DatasetError, ViewSpec, grid_size, prepare_view, view_meta
 from mtpd.output_spec import OutputSpec
-from mtpd.teachers.base import Teacher
+from mtpd.teachers.base import Teacher, run_teacher
 from mtpd.teachers.registry import TeacherSpec
 
 
@@ -121,8 +121,10 @@ class ShardComputer:
         io_threads: int = 4,
         encode_threads: int = 2,
         skip_bad: bool = False,
+        view_sizes: np.ndarray | None = None,
     ) -> None:
         self.teacher = teacher
+        self.view_sizes = view_sizes  # [N*V, 2]: each view's valid size, for teachers that mask padding
         self.skip_bad = skip_bad
         self.bad: dict[int, list[int]] = {}  # shard -> images that could not be read (skip_bad)
         self.dataset = dataset
@@ -171,7 +173,8 @@ class ShardComputer:
             for b in range(0, len(group), self.batch_size):
                 batch = group[b : b + self.batch_size]
                 x = torch.stack([t for _, t in batch]).to(self.device, non_blocking=True)
-                res = self.teacher(x, self.names)
+                sizes = None if self.view_sizes is None else [tuple(self.view_sizes[s]) for s, _ in batch]
+                res = run_teacher(self.teacher, x, self.names, sizes)
                 for k, (sample, _) in enumerate(batch):
                     one = {key: val[k] for key, val in res.items()}
                     if on_device:
@@ -240,6 +243,7 @@ class ShardWriter:
         self.header = read_header(self.root, store)
         self.dataset = CocoDataset(ann, images)
         grids = np.asarray(self.root["index/grid"][:])
+        view_sizes = np.asarray(self.root["index/view_size"][:])
         self.computer = ShardComputer(
             teacher.build(),
             self.dataset,
@@ -249,6 +253,7 @@ class ShardWriter:
             teacher.device,
             encode_threads=max(1, threads),
             skip_bad=skip_bad,
+            view_sizes=view_sizes,
         )
         self._teacher_lock = threading.Lock()
 

@@ -15,6 +15,7 @@ import torch
 from mtpd.data import CocoDataset, DatasetError, grid_size, prepare_view
 from mtpd.data.views import ViewSpec
 from mtpd.output_spec import OutputSpec
+from mtpd.teachers.base import run_teacher
 
 FLIP_CALIBRATION = 4  # images (default): the error is a ratio of sums over all their cells
 
@@ -48,7 +49,7 @@ def measure_flip_error(
         res = {}
         for view in ("orig", "hflip"):
             x, meta = prepare_view(img, spec, view)
-            res[view] = teacher(x[None], list(outputs))
+            res[view] = run_teacher(teacher, x[None], list(outputs), [meta.size])
         for name, o in outputs.items():
             for lvl in o.levels:
                 h, w = grid_size(meta.size, 2**lvl)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -49,8 +50,27 @@ class Teacher(Protocol):
     def __call__(self, images: torch.Tensor, outputs: Sequence[str]) -> dict[str, torch.Tensor]:
         """images: [B, 3, H, W], normalised and padded by ``mtpd.data.prepare_view``
         (H, W multiples of 32). Returns ``{name}.p{level}`` -> [B, C, h, w] for each
-        requested output name."""
+        requested output name. A teacher may also take ``sizes=[(h, w), ...]``, each view's
+        valid size before padding (attention models mask the padding with it): ``run_teacher``
+        passes it to those that do."""
         ...
+
+
+def run_teacher(
+    teacher: Teacher, images: torch.Tensor, outputs: Sequence[str], sizes: Sequence[tuple[int, int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """``teacher(images, outputs)``, with ``sizes=`` when the teacher's ``__call__`` takes it (a user's Teacher
+    written before sizes existed keeps working)."""
+    if sizes is not None and _takes_sizes(type(teacher)):
+        return teacher(images, outputs, sizes=[tuple(int(v) for v in s) for s in sizes])
+    return teacher(images, outputs)
+
+
+def _takes_sizes(cls: type) -> bool:
+    try:
+        return "sizes" in inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def check_outputs(teacher: Teacher, outputs: Sequence[str], teacher_name: str) -> None:

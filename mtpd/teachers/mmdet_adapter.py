@@ -33,6 +33,7 @@ from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
 from mtpd.output_spec import NEGATE_DX, NONE, SWAP_LR, OutputSpec
 from mtpd.teachers.base import INIT_SEED, TeacherError, TeacherIdentity, check_outputs
 from mtpd.teachers.mmdet_config import config_digest, load_model_config, load_weights, one_line, resolve_config
+from mtpd.teachers.mmdet_detr import MMDetDETRTeacher, is_detr
 
 Triple = tuple[float, float, float]
 # Attribute names of the centerness conv in mmdet's FCOS and ATSS heads; a head
@@ -126,8 +127,8 @@ class MMDetTeacher:
         self.head = model.rpn_head if self.two_stage else getattr(model, "bbox_head", None)
         if self.head is None or not hasattr(self.head, "prior_generator") or not hasattr(model, "extract_feat"):
             raise TeacherError(
-                f"{identity.name}: {type(model).__name__} has no dense head with a prior generator "
-                "(query-based detectors such as DETR are not supported); use a one-stage or RPN-based config"
+                f"{identity.name}: {type(model).__name__} has no dense head with a prior generator; use a one-stage, "
+                "RPN-based or DETR-family config"
             )
         self.levels = tuple(
             _level_of(s, f"{type(self.head).__name__}.prior_generator") for s in self.head.prior_generator.strides
@@ -271,7 +272,7 @@ def build_mmdet_teacher(
     view_mean: Triple = IMAGENET_MEAN,
     view_std: Triple = IMAGENET_STD,
     cfg_options: dict[str, Any] | None = None,
-) -> MMDetTeacher:
+) -> MMDetTeacher | MMDetDETRTeacher:
     """Build an mmdet detector as a teacher in eval mode on ``device``.
 
     ``config``: a config file, or the name of a config bundled with mmdet.
@@ -310,6 +311,7 @@ def build_mmdet_teacher(
 
     model_cfg = cfg.model.to_dict()
     conversion = input_conversion(model_cfg.get("data_preprocessor"), tuple(view_mean), tuple(view_std))
+    detr = is_detr(model)
     identity = TeacherIdentity(
         name="mmdet:" + config,
         config=config_digest(model_cfg),
@@ -321,4 +323,6 @@ def build_mmdet_teacher(
             **({"init_seed": INIT_SEED} if wpath is None else {}),
         },
     )
+    if detr:  # DETR family: neck maps and encoder memory only (the queries' predictions are not cacheable)
+        return MMDetDETRTeacher(model, identity, conversion, device=device)
     return MMDetTeacher(model, identity, conversion, device=device)

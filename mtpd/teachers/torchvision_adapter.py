@@ -57,14 +57,16 @@ class TorchvisionTeacher:
         return self
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, outputs: Sequence[str]) -> dict[str, Tensor]:
+    def __call__(
+        self, images: Tensor, outputs: Sequence[str], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> dict[str, Tensor]:
         # no_grad rather than inference_mode: online distillation uses these tensors as
         # loss targets, and inference tensors cannot be saved for backward.
         check_outputs(self, outputs, self.identity.name)
         if self.model.training:
             self.model.eval()
         param = next(self.model.parameters())
-        return dense_outputs(self.model, images.to(param.device, param.dtype, non_blocking=True), outputs)
+        return dense_outputs(self.model, images.to(param.device, param.dtype, non_blocking=True), outputs, sizes)
 
     def __repr__(self) -> str:
         i = self.identity

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou
 
 from mtpd.models.adapters.base import DetectorAdapter, DetectorOutput, Sizes
