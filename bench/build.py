@@ -39,16 +39,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/build.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleave, median, natural_images, ratio, report, table
+from bench.common import cpu_seconds, interleave, median, natural_images, ratio, report, table
 
 TITLE = "Build (bench/build.py)"
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pid_of(title: str) -> int | None:
@@ -119,7 +112,7 @@ class TeacherOnly:
                     nxt = pre.submit(self.computer.load, s + 1)  # decode ahead, as a DataLoader would
                 raw = self.computer.infer(s, views)
                 del raw
-                done.append((time.time(), _cpu_seconds(os.getpid())))
+                done.append((time.time(), cpu_seconds(os.getpid())))
         return done
 
 
@@ -201,7 +194,7 @@ def main(argv: list[str] | None = None) -> str:
                 def landed(shard: int, nbytes: int) -> None:
                     if not pid:
                         pid.append(_pid_of("ray::ShardWriter"))
-                    done.append((time.time(), _cpu_seconds(pid[0]) if pid[0] else float("nan")))
+                    done.append((time.time(), cpu_seconds(pid[0]) if pid[0] else float("nan")))
 
                 t0 = time.time()
                 build_store(

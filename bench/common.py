@@ -247,6 +247,27 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join([line(header), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in cells])
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """utime + stime of a process (all its threads), from /proc: a benchmark's CPU-seconds of a worker."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CycleSampler:
+    """Indices 0..n-1 over and over, ``length`` in all: one loader iterator lasts a whole benchmark (a new
+    epoch would respawn the DataLoader's workers, which is not what a step or a read costs)."""
+
+    def __init__(self, n: int, length: int) -> None:
+        self.n, self.length = n, length
+
+    def __iter__(self):
+        return (i % self.n for i in range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def machine() -> str:
     import torch
 
@@ -338,7 +359,10 @@ def build_stores(
     keep_raw: bool = False,
 ):
     """Several stores from one teacher pass, in this process (no Ray), through the library's own
-    layout, encode and write path: ``stores`` maps an output path to (precision, outputs).
+    layout, encode and write path: ``stores`` maps an output path to (precision, outputs). What
+    ``build_store`` cannot do, and why this exists: one teacher forward feeding several presets, with
+    the teacher's and each encoder's time apart (bench/store.py, bench/reader.py). A single store is
+    ``build_store_local``, the product's own builder.
 
     Returns (seconds of the teacher pass, CPU-seconds of encode + write per store (all threads of
     this process: what a build worker's host cores spend), raw outputs per shard if ``keep_raw``:
@@ -413,17 +437,23 @@ def build_store_local(
     weights: str = "none",
     num_classes: int | None = None,
 ) -> float:
-    """One store in this process (no Ray); returns the seconds spent."""
+    """One store through the product's own ``build_store`` in this process (no Ray: ``workers=0``), with its
+    writer lock, calibration and flip measurement; returns the seconds spent."""
+    from mtpd.cache.build import build_store
+    from mtpd.teachers.registry import TeacherSpec
+
     t0 = time.perf_counter()
-    build_stores(
-        teacher_name,
+    build_store(
+        TeacherSpec(teacher_name, weights, num_classes),
         ann,
         images,
-        {out: (precision, outputs)},
-        views,
-        num_classes,
-        batch_size,
-        images_per_shard,
-        weights,
+        out,
+        views=views,
+        outputs=list(outputs),
+        precision=precision,
+        batch_size=batch_size,
+        images_per_shard=images_per_shard,
+        workers=0,
+        progress=False,
     )
     return time.perf_counter() - t0

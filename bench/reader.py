@@ -34,20 +34,19 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python bench/reader.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_stores, interleave, median, natural_images, ratio, report, table
+from bench.common import (
+    CycleSampler,
+    build_stores,
+    cpu_seconds,
+    interleave,
+    median,
+    natural_images,
+    ratio,
+    report,
+    table,
+)
 
 TITLE = "Reader (bench/reader.py)"
-
-
-class CycleSampler:
-    def __init__(self, n: int, length: int) -> None:
-        self.n, self.length = n, length
-
-    def __iter__(self):
-        return (i % self.n for i in range(self.length))
-
-    def __len__(self) -> int:
-        return self.length
 
 
 class TargetsOnly:
@@ -82,15 +81,6 @@ class TargetsCollate:
         return collate_teacher(samples, self.metas, padded)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (the DataLoader's worker processes)."""
-    import os
-
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(dataset, collate_fn, batch: int, workers: int, samples: int) -> tuple[float, float]:
     """(samples/s wall, samples per worker CPU-second) over ``samples`` samples after the first batch."""
     import multiprocessing
@@ -117,14 +107,14 @@ def measure(dataset, collate_fn, batch: int, workers: int, samples: int) -> tupl
     it = iter(loader)
     next(it)  # worker start-up excluded
     pids = [w.pid for w in getattr(it, "_workers", [])]
-    cpu0 = sum(_cpu_seconds(p) for p in pids) if pids else time.process_time()
+    cpu0 = sum(cpu_seconds(p) for p in pids) if pids else time.process_time()
     t0 = time.perf_counter()
     count = 0
     for _ in range(n_batches - 1):  # not to exhaustion: the workers exit then, and their CPU counters go with them
         next(it)
         count += batch
     wall = time.perf_counter() - t0
-    cpu = (sum(_cpu_seconds(p) for p in pids) if pids else time.process_time()) - cpu0
+    cpu = (sum(cpu_seconds(p) for p in pids) if pids else time.process_time()) - cpu0
     del it, loader
     return count / wall, count / max(cpu, 1e-9)
 

@@ -33,7 +33,9 @@ if __package__ in (None, ""):  # run as `python bench/step.py`: make `bench` imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    CycleSampler,
     build_store_local,
+    cpu_seconds,
     interleave,
     median,
     natural_images,
@@ -69,20 +71,6 @@ class Config:
     store: str = ""
     teacher_channels: int = 256
     warmup: tuple[int, int] = (128, 192)
-
-
-class CycleSampler:
-    """Indices 0..n-1 over and over: one loader iterator lasts the whole benchmark
-    (a new epoch would respawn the workers, which is not a step cost)."""
-
-    def __init__(self, n: int, length: int) -> None:
-        self.n, self.length = n, length
-
-    def __iter__(self):
-        return (i % self.n for i in range(self.length))
-
-    def __len__(self) -> int:
-        return self.length
 
 
 class Candidate:
@@ -222,15 +210,6 @@ class Candidate:
             "teacher_params": foreign_params(self.modules),
             "teacher_imported": "mtpd.teachers" in sys.modules,
         }
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    import os
-
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def foreign_params(own: list) -> int:
