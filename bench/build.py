@@ -130,6 +130,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--outputs", default="fpn,cls,box")
     p.add_argument("--precision", default="compact", help="the preset with the most encoding work")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--amp", default="off", choices=["off", "bf16", "fp16"], help="the teacher's forward (both candidates)"
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-min", type=float, default=9.0)
     p.add_argument("--work-dir", default=None)
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> str:
     from mtpd.teachers.registry import TeacherSpec
 
     views = ViewSpec(short=short, long=long)
-    spec = TeacherSpec(a.teacher, "none", a.classes, a.device)
+    spec = TeacherSpec(a.teacher, "none", a.classes, a.device, amp=a.amp)
     outputs = a.outputs.split(",")
     started = False
     if TeacherOnly.__module__ != "__main__":

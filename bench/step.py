@@ -71,6 +71,7 @@ class Config:
     store: str = ""
     teacher_channels: int = 256
     warmup: tuple[int, int] = (128, 192)
+    amp: str = "off"  # the student's forward under autocast (the trainer's `amp`)
 
 
 class Candidate:
@@ -149,6 +150,7 @@ class Candidate:
             grad_clip=35.0,  # MTPD's max-norm
             hooks=[self.timer],
             sync_phases=True,  # exact phase times on a GPU
+            amp=cfg.amp,
         )
         self._warmup()
         self.engine.batches = iter(loader)  # one iterator for the whole benchmark
@@ -326,6 +328,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, default=1, help="DataLoader workers of every candidate")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every candidate")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows of RESULTS.md)")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="every candidate's student forward")
     p.add_argument("--rounds", type=int, default=3, help="measured steps per candidate (fewer if the budget runs out)")
     p.add_argument("--budget-min", type=float, default=9.0, help="stop starting rounds that would end after this")
     p.add_argument("--work-dir", default=None, help="where data and the store go (default: a temporary folder)")
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> str:
             data["ann"],
             data["images"],
             str(work / "store"),
+            amp=a.amp,
         )
         from mtpd.data import ViewSpec
 

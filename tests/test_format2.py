@@ -107,6 +107,7 @@ def test_batch_decode_equals_per_sample_cpu_decode(digits, tiny_stores, precisio
             assert not t[b, :, h:].any() and not t[b, :, :, w:].any()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare GPU decoding with CPU")
 def test_decode_on_gpu_equals_cpu(digits, tiny_stores):
     batch, ds = _batch_and_reader(digits, tiny_stores["tiny"])

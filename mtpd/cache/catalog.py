@@ -51,6 +51,8 @@ def identity(h: StoreHeader) -> dict:
             "config": t.get("config", ""),
             "weights_sha256": t.get("weights_sha256", ""),
             "init_seed": (t.get("extra") or {}).get("init_seed"),
+            # only when set, so that stores catalogued before AMP builds keep their names
+            **({"amp": (t.get("extra") or {})["amp"]} if (t.get("extra") or {}).get("amp") else {}),
         },
         "dataset": h.dataset["manifest_sha256"],
         "views": h.views,

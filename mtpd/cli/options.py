@@ -27,6 +27,13 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
         default=None,
         help="classes of a randomly initialised teacher (default: the dataset's)",
     )
+    what.add_argument(
+        "--amp",
+        default="off",
+        choices=["off", "bf16", "fp16"],
+        help="run the teacher's forward under autocast (outputs go to fp32 before encoding; part of the store's "
+        "identity). bf16 on CPUs and recent GPUs, fp16 on GPUs; default: %(default)s",
+    )
     what.add_argument("--ann", required=True, help="COCO instances JSON")
     what.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
     what.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
@@ -57,7 +64,8 @@ def teacher_spec(a: argparse.Namespace):
     num_classes = a.num_classes
     if num_classes is None and a.weights == "none":
         num_classes = CocoDataset(a.ann, a.images).num_classes
-    return TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint), views
+    spec = TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint, amp=a.amp)
+    return spec, views
 
 
 def checkpoint_views(checkpoint: str, short: int | None, long: int | None) -> tuple[int, int]:

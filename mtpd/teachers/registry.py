@@ -51,10 +51,16 @@ class TeacherSpec:
     num_classes: int | None = None
     device: str = "cpu"
     trust_checkpoint: bool = False  # --trust-checkpoint: unpickle a weights file the safe reader refuses
+    amp: str = "off"  # --amp bf16|fp16: the teacher's forward under autocast (part of its identity)
 
     def build(self) -> Teacher:
         with checkpoint.trusted(self.trust_checkpoint):  # for this teacher's files only
-            return build_teacher(self.name, weights=self.weights, num_classes=self.num_classes, device=self.device)
+            teacher = build_teacher(self.name, weights=self.weights, num_classes=self.num_classes, device=self.device)
+        if self.amp == "off":
+            return teacher
+        from mtpd.teachers.autocast import AutocastTeacher
+
+        return AutocastTeacher(teacher, self.amp)
 
     def to_dict(self) -> dict:
         return asdict(self)

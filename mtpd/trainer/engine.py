@@ -33,6 +33,13 @@ from mtpd.trainer.targets import Batch
 PHASES = ("data", "teacher", "student", "distill", "backward")
 
 
+# Mixed precision of the student's forward (convolutions, matmuls). What stays fp32, and why: the dense
+# heads' outputs before the detection losses (the adapters cast them: focal and box losses sum over every
+# anchor), the student's outputs before the distillation losses (MGD and MSE sum squares over every cell,
+# KD/RM/CWD sum KL terms: bf16's 8 mantissa bits would lose the small terms), and the optimiser's state.
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class TrainError(MtpdError, RuntimeError):
     """A stage that stopped; the message says where and what was kept."""
 
@@ -156,6 +163,7 @@ class Engine:
         label_offset: int = 0,
         hooks: list[HookBase] = (),
         sync_phases: bool = False,
+        amp: str = "off",
     ) -> None:
         self.student, self.loader, self.optimizer, self.scheduler = student, loader, optimizer, scheduler
         self.losses = list(losses)
@@ -174,6 +182,11 @@ class Engine:
         self.state = EngineState(epochs, len(loader))
         self.sync = torch.cuda.synchronize if sync_phases and self.device.type == "cuda" else None
         self.batches: Iterator[Batch] | None = None  # the current epoch's loader iterator
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}")
+        self.amp = amp
+        # fp16's narrow range needs a loss scale; bf16 keeps fp32's range and needs none. Its state is in last.pt.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> EngineState:
@@ -222,9 +235,14 @@ class Engine:
         clock.lap("data")
         teacher, masks = self.targets(batch) if self.targets is not None else ([], batch.masks)
         clock.lap("teacher")
-        det_losses, outputs = self.model(
-            batch.images, batch.image_sizes, self.ground_truth(batch), self.student_outputs
-        )
+        with self.autocast():
+            det_losses, outputs = self.model(
+                batch.images, batch.image_sizes, self.ground_truth(batch), self.student_outputs
+            )
+        if self.amp != "off":
+            # Distillation losses sum squares and KL terms over every cell: always in fp32 (AMP_DTYPES' note).
+            outputs = {k: v.float() for k, v in outputs.items()}
+            det_losses = {k: v.float() for k, v in det_losses.items()}
         parts = {f"det_{k}": v for k, v in det_losses.items()}
         clock.lap("student")
         parts.update(self.distill(batch, outputs, teacher, masks, sum(parts.values()).detach()))
@@ -233,15 +251,22 @@ class Engine:
         if not torch.isfinite(total):
             self._non_finite(parts)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         clock.lap("backward")
         self.state.total = float(total.detach())
         self.state.losses = {n: float(v.detach()) for n, v in parts.items()}
         self.state.phases = clock.phases
+
+    def autocast(self):
+        """The student's forward under autocast (``amp``: bf16 or fp16), or a no-op context when off."""
+        dtype = AMP_DTYPES[self.amp]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def ground_truth(self, batch: Batch) -> list[dict[str, Tensor]]:
         """torchvision's training targets; R-CNN labels shift by one (class 0 is background)."""

@@ -142,6 +142,8 @@ class Checkpointer(HookBase):
                 "step": engine.state.step,
                 # weight: auto values, set at the stage's first step: a resume keeps them
                 "auto_weights": {b.name: b.weight for b in engine.losses if b.auto_ratio is not None},
+                # fp16's loss scale: a resume continues with the scale the run had reached
+                **({"scaler": engine.scaler.state_dict()} if engine.scaler.is_enabled() else {}),
             },
             self.last,
         )
@@ -155,6 +157,8 @@ class Checkpointer(HookBase):
         engine.scheduler.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         engine.state.epoch, engine.state.iter, engine.state.step = ck["epoch"], ck["iteration"], ck["step"]
+        if engine.scaler.is_enabled() and "scaler" in ck:
+            engine.scaler.load_state_dict(ck["scaler"])
         for b in engine.losses:
             if b.auto_ratio is not None and (ck.get("auto_weights") or {}).get(b.name) is not None:
                 b.weight = float(ck["auto_weights"][b.name])

@@ -19,6 +19,8 @@ import yaml
 from mtpd.defaults import DEFAULT_PRECISION
 from mtpd.errors import MtpdError
 
+AMP_MODES = ("off", "bf16", "fp16")
+
 
 class PlanError(MtpdError, ValueError):
     """A plan that cannot be run; the message names the key and what to do."""
@@ -110,6 +112,7 @@ class StageConfig:
     grad_clip: float | None = 35.0
     inherit: InheritConfig | None = None
     eval: bool = True
+    amp: str | None = None  # off | bf16 | fp16 for this stage; default: the plan's
 
 
 @dataclass
@@ -122,6 +125,9 @@ class Plan:
     log_every: int = 20
     checkpoint_every: int = 0  # iterations between mid-epoch checkpoints (0: end of each epoch only)
     cache_root: str | None = None  # where stages' teachers are found (default: $MTPD_CACHE_ROOT, ~/.cache/mtpd)
+    # Mixed precision of the student's forward: off, bf16 (CPU and recent GPUs) or fp16 (GPUs, with a loss
+    # scale kept in last.pt); losses are computed in fp32 either way (mtpd.trainer.engine.AMP_DTYPES).
+    amp: str = "off"
 
     def validate(self) -> None:
         if not self.stages:
@@ -153,6 +159,11 @@ class Plan:
                     raise PlanError(f"{where}.losses[{j}].ratio: must be positive, got {loss.ratio}")
                 if not (0 <= loss.store < n):
                     raise PlanError(f"{where}.losses[{j}].store: index {loss.store} but the stage has {n} store(s)")
+        for where, amp in [("amp", self.amp)] + [
+            (f"stages[{i}] ({s.name}).amp", s.amp) for i, s in enumerate(self.stages)
+        ]:
+            if amp is not None and amp not in AMP_MODES:
+                raise PlanError(f"{where}: {amp!r} is not one of {', '.join(AMP_MODES)}")
         if self.data.batch_size < 1:
             raise PlanError("data.batch_size: must be at least 1")
         if self.log_every < 1 or self.checkpoint_every < 0:

@@ -174,6 +174,7 @@ class Stage:
             grad_clip=self.cfg.grad_clip,
             label_offset=adapter.label_offset,
             hooks=stage_hooks,
+            amp=self.cfg.amp or self.plan.amp,
         )
         return engine, checkpointer, evaluator
 
@@ -198,7 +199,10 @@ class Stage:
         with_masks = adapter_for(student).needs_masks
         ds = DistillDataset(train, spec, self.stores, flip=data.flip, seed=seed, outputs=needs, with_masks=with_masks)
         sampler = EpochSampler(len(ds), seed, self.rank, self.world)
-        loader = make_loader(ds, data.batch_size, shuffle=False, workers=data.workers, seed=seed, sampler=sampler)
+        pin = self.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps its work
+        loader = make_loader(
+            ds, data.batch_size, shuffle=False, workers=data.workers, seed=seed, sampler=sampler, pin_memory=pin
+        )
         return ds, sampler, loader
 
     def build_optimizer(self, student: nn.Module, losses: list[BoundLoss], iters_per_epoch: int) -> tuple:

@@ -68,7 +68,15 @@ class Batch:
     mirrored: list[torch.Tensor] | None = None  # per store: [B] bool, served by mirroring the 'orig' view
 
     def to(self, device: torch.device | str) -> "Batch":
-        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """The DataLoader's ``pin_memory=True`` calls this: page-locked copies, so ``to(cuda, non_blocking)``
+        overlaps the copy with the GPU's work."""
+        return self.map(lambda t: t.pin_memory())
+
+    def map(self, mv) -> "Batch":
+        """Every tensor of the batch through ``mv``."""
         return Batch(
             mv(self.images),
             self.image_sizes,
@@ -349,8 +357,10 @@ def make_loader(
     workers: int,
     seed: int,
     sampler: torch.utils.data.Sampler | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """DataLoader with spawn/forkserver workers: forking after zarr's event loop started misbehaves."""
+    """DataLoader with spawn/forkserver workers: forking after zarr's event loop started misbehaves.
+    ``pin_memory``: batches in page-locked memory (for a CUDA device: asynchronous copies)."""
     metas = [r.header.outputs for r in ds.readers()]
     ctx = None
     if workers > 0:
@@ -370,6 +380,7 @@ def make_loader(
         persistent_workers=False,
         generator=g,
         drop_last=False,
+        pin_memory=pin_memory,
     )
 
 

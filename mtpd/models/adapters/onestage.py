@@ -66,12 +66,13 @@ class RetinaNetAdapter(DetectorAdapter):
         return out
 
     def head_dict(self, outs: dict[str, Tensor], levels: list[int]) -> dict[str, Tensor]:
-        """The head's outputs as torchvision's ``compute_loss`` / ``postprocess_detections`` take them."""
+        """The head's outputs as torchvision's ``compute_loss`` / ``postprocess_detections`` take them, in fp32
+        (under autocast the head convs run in bf16/fp16; the losses sum over every anchor)."""
         specs = self.output_specs()
         a, k = specs["cls"].num_anchors, specs["cls"].num_classes
         return {
-            "cls_logits": torch.cat([flatten_level(outs[f"cls.p{lvl}"], a, k) for lvl in levels], 1),
-            "bbox_regression": torch.cat([flatten_level(outs[f"box.p{lvl}"], a, 4) for lvl in levels], 1),
+            "cls_logits": torch.cat([flatten_level(outs[f"cls.p{lvl}"], a, k) for lvl in levels], 1).float(),
+            "bbox_regression": torch.cat([flatten_level(outs[f"box.p{lvl}"], a, 4) for lvl in levels], 1).float(),
         }
 
     def compute_loss(self, targets: list[dict], head: dict, anchors: list[Tensor], feats: list[Tensor]) -> dict:
@@ -128,7 +129,7 @@ class FCOSAdapter(RetinaNetAdapter):
     def head_dict(self, outs: dict[str, Tensor], levels: list[int]) -> dict[str, Tensor]:
         head = super().head_dict(outs, levels)
         a = self.output_specs()["cls"].num_anchors
-        head["bbox_ctrness"] = torch.cat([flatten_level(outs[f"ctr.p{lvl}"], a, 1) for lvl in levels], 1)
+        head["bbox_ctrness"] = torch.cat([flatten_level(outs[f"ctr.p{lvl}"], a, 1) for lvl in levels], 1).float()
         return head
 
     def compute_loss(self, targets: list[dict], head: dict, anchors: list[Tensor], feats: list[Tensor]) -> dict:

@@ -69,9 +69,9 @@ class SSDAdapter(DetectorAdapter):
         feats = [outs[f"fpn.p{lvl}"] for lvl in levels]
         specs = self.output_specs()
         a, k = specs["cls"].num_anchors, specs["cls"].num_classes
-        head = {  # torchvision SSDHead's own flattening: location-major, then default box
-            "cls_logits": torch.cat([flatten_level(outs[f"cls.p{lvl}"], a, k) for lvl in levels], 1),
-            "bbox_regression": torch.cat([flatten_level(outs[f"box.p{lvl}"], a, 4) for lvl in levels], 1),
+        head = {  # torchvision SSDHead's own flattening: location-major, then default box; fp32 for the loss
+            "cls_logits": torch.cat([flatten_level(outs[f"cls.p{lvl}"], a, k) for lvl in levels], 1).float(),
+            "bbox_regression": torch.cat([flatten_level(outs[f"box.p{lvl}"], a, 4) for lvl in levels], 1).float(),
         }
         image_sizes = [tuple(s) for s in sizes]
         anchors = m.anchor_generator(ImageList(images, image_sizes), feats)

@@ -1,0 +1,126 @@
+"""Mixed precision on the CPU (bf16 autocast): the student's forward in bf16, every loss in fp32; the first
+step's losses stay close to fp32's, a bf16 stage trains, and a resume reproduces the uninterrupted run
+bitwise. fp16 keeps its loss scale in last.pt."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_build
+from test_trainer import write_plan
+
+from mtpd.trainer.plan import PlanError, load_plan
+from mtpd.trainer.stage import Stage, run_plan
+
+LOSSES = [{"name": "mgd", "weight": 2.0e-4}, {"name": "kd", "weight": 1.0}, {"name": "pfi"}]
+
+
+def stage(store: str, **over) -> dict:
+    return {
+        "name": "s",
+        "stores": [store],
+        "losses": LOSSES,
+        "epochs": 2,
+        "eval": False,
+        "optimizer": {"type": "adamw", "lr": 0.002},
+        "schedule": {"warmup_iters": 2},
+        **over,
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits, tiny_teacher_ckpt) -> str:
+    from mtpd.teachers.registry import TeacherSpec
+
+    out = tmp_path_factory.mktemp("amp") / "store"
+    return tiny_build(digits, out, TeacherSpec("retinanet_tiny", tiny_teacher_ckpt)).store
+
+
+def first_step_losses(tmp_path: Path, digits: dict, store: str, amp: str) -> dict[str, float]:
+    plan = load_plan(write_plan(tmp_path / amp, digits, [], [stage(store)], amp=amp))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    engine, _, _ = Stage(plan, 1, log=None).build()
+    engine.step()
+    return engine.state.losses
+
+
+def test_bf16_losses_stay_close_to_fp32(tmp_path, digits, store) -> None:
+    (tmp_path / "off").mkdir(), (tmp_path / "bf16").mkdir()
+    fp32 = first_step_losses(tmp_path, digits, store, "off")
+    bf16 = first_step_losses(tmp_path, digits, store, "bf16")
+    assert set(fp32) == set(bf16) >= {"det_classification", "det_bbox_regression", "mgd", "kd", "pfi"}
+    for k, v in fp32.items():
+        # bf16 keeps 8 mantissa bits (relative 0.4 %) per product; the student's outputs drift by a few of
+        # those through its layers, and every loss then sums in fp32.
+        assert bf16[k] == pytest.approx(v, rel=0.05), (k, v, bf16[k])
+        assert bf16[k] != v  # the forward did run in bf16
+
+
+def test_a_bf16_stage_resumes_bitwise(tmp_path, digits, store) -> None:
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    ref_plan = load_plan(write_plan(tmp_path / "a", digits, [], [stage(store)], amp="bf16", checkpoint_every=1))
+    run_plan(ref_plan, [1], log=None)
+    ref = torch.load(Path(ref_plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
+    plan = load_plan(write_plan(tmp_path / "b", digits, [], [stage(store)], amp="bf16", checkpoint_every=1))
+    calls = []
+
+    def killer(msg: str) -> None:
+        calls.append(msg)
+        if len(calls) == 4:  # stops in epoch 2 (3 iterations per epoch), after a checkpointed step
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Stage(plan, 1, log=killer).run()
+    Stage(plan, 1, resume=True, log=lambda s: None).run()
+    got = torch.load(Path(plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_fp16_keeps_its_loss_scale_in_last_pt(tmp_path, digits, store) -> None:
+    plan = load_plan(write_plan(tmp_path, digits, [], [stage(store, epochs=1, amp="fp16")]))
+    run_plan(plan, [1], log=None)
+    last = torch.load(Path(plan.output_dir) / "stage_1" / "last.pt", weights_only=True)
+    assert last["scaler"]["scale"] > 0
+    engine, checkpointer, _ = Stage(plan, 1, resume=True, log=None).build()
+    checkpointer.restore(engine)
+    assert engine.scaler.get_scale() == last["scaler"]["scale"]
+
+
+def test_amp_values_are_checked(tmp_path, digits, store) -> None:
+    with pytest.raises(PlanError, match=r"stages\[0\] \(s\)\.amp: 'fp8' is not one of off, bf16, fp16"):
+        load_plan(write_plan(tmp_path, digits, [], [stage(store, amp="fp8")]))
+    with pytest.raises(PlanError, match=r"^amp: 'half'"):
+        load_plan(write_plan(tmp_path, digits, [], [stage(store)], amp="half"))
+
+
+def test_an_amp_build_is_another_store(tmp_path, digits, tiny_teacher_ckpt) -> None:
+    """--amp bf16: the teacher's forward under autocast, its identity (and so the catalog's name) says so, and
+    its decoded maps stay near the fp32 build's."""
+    from mtpd.cache import open_store
+    from mtpd.cache.catalog import identity_digest
+    from mtpd.teachers.registry import TeacherSpec
+
+    fp32 = tiny_build(digits, tmp_path / "fp32", TeacherSpec("retinanet_tiny", tiny_teacher_ckpt))
+    bf16 = tiny_build(digits, tmp_path / "bf16", TeacherSpec("retinanet_tiny", tiny_teacher_ckpt, amp="bf16"))
+    assert bf16.header.teacher["extra"]["amp"] == "bf16" and "amp" not in fp32.header.teacher["extra"]
+    assert identity_digest(bf16.header) != identity_digest(fp32.header)
+    a, b = open_store(fp32.store), open_store(bf16.store)
+    for name in ("fpn", "cls", "box"):
+        x, y = a.read(0, [name])[name], b.read(0, [name])[name]
+        for xs, ys in zip(x, y):
+            err = np.sqrt(((xs - ys) ** 2).mean() / (xs**2).mean())
+            assert 0 < err < 0.05, (name, err)  # bf16 moved the maps, by far less than small's ~10 %
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: fp16 autocast with a loss scale")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_an_amp_stage_trains_on_cuda(tmp_path, digits, store, amp) -> None:
+    plan = load_plan(write_plan(tmp_path, digits, [], [stage(store, epochs=1)], amp=amp))
+    (result,) = run_plan(plan, [1], device="cuda", log=None)
+    state = torch.load(result.checkpoint, weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
