@@ -13,7 +13,8 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
     what.add_argument(
         "--teacher",
         required=True,
-        help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, or package.module:factory",
+        help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, onnx:MAPPING.yaml (an ONNX graph and "
+        "the file naming its tensors: README, Teachers), or package.module:factory",
     )
     what.add_argument(
         "--weights",

@@ -32,6 +32,7 @@ from mtpd.checkpoint import sha256_file
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
 from mtpd.output_spec import NEGATE_DX, NONE, SWAP_LR, OutputSpec
 from mtpd.teachers.base import INIT_SEED, TeacherError, TeacherIdentity, check_outputs
+from mtpd.teachers.convert import InputConversion
 from mtpd.teachers.mmdet_config import config_digest, load_model_config, load_weights, one_line, resolve_config
 from mtpd.teachers.mmdet_detr import MMDetDETRTeacher, is_detr
 
@@ -45,37 +46,6 @@ _CENTERNESS_CONVS = ("conv_centerness", "atss_centerness")
 _BOX_MIRROR = {"DeltaXYWHBBoxCoder": NEGATE_DX, "DistancePointBBoxCoder": SWAP_LR}
 
 # --------------------------------------------------------------------------- input
-
-
-class InputConversion(nn.Module):
-    """Maps a view normalised with (view_mean, view_std) on RGB 0-255 to what the
-    model's data_preprocessor would have produced: per-channel affine plus an
-    optional RGB->BGR flip. Identity (and skipped) for ImageNet-RGB models.
-    Padding (0 in view space, the view's mean pixel) maps to 0 in model space
-    exactly when the model's mean is the same pixel, as for Caffe configs."""
-
-    def __init__(self, perm: Sequence[int], scale: Sequence[float], shift: Sequence[float]) -> None:
-        super().__init__()
-        self.perm = list(perm)
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.identity = (
-            self.perm == [0, 1, 2]
-            and torch.allclose(self.scale, torch.ones(()))
-            and torch.allclose(self.shift, torch.zeros(()), atol=1e-6)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.identity:
-            return x
-        return x[:, self.perm] * self.scale + self.shift
-
-    def describe(self) -> dict:
-        return {
-            "channels": "rgb" if self.perm == [0, 1, 2] else "bgr",
-            "scale": [round(float(v), 6) for v in self.scale.flatten()],
-            "shift": [round(float(v), 6) for v in self.shift.flatten()],
-        }
 
 
 def input_conversion(preprocessor_cfg: dict | None, view_mean: Triple, view_std: Triple) -> InputConversion:

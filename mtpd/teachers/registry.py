@@ -1,9 +1,11 @@
 """Flat teacher registry: names to factories, filled explicitly from the torchvision adapter's table.
 
-Three ways to name a teacher:
+Four ways to name a teacher:
 - a registered name (``retinanet_resnet50_fpn``, ``retinanet_tiny`` …): see ``available()``;
 - ``mmdet:CONFIG``: an mmdet detector from a config file or a config name
   bundled with mmdet (``mmdet:retinanet_r50_fpn_1x_coco``);
+- ``onnx:MAPPING.yaml``: an ONNX graph from any framework, its tensors named by the mapping file
+  (``mtpd.teachers.onnx_adapter``), run in ONNX Runtime;
 - ``package.module:factory``: any importable callable returning a torchvision
   detector or an object following the ``Teacher`` protocol.
 """
@@ -74,6 +76,10 @@ def build_teacher(name: str, weights: str = "none", num_classes: int | None = No
     (random init, for smoke tests). ``num_classes`` sets the class count when
     the weights do not fix it (``none``); checkpoints carry their own.
     """
+    if name.startswith("onnx:"):
+        from mtpd.teachers.onnx_adapter import build_onnx_teacher
+
+        return build_onnx_teacher(name[len("onnx:") :], weights=weights, num_classes=num_classes, device=device)
     if name.startswith("mmdet:"):
         from mtpd.teachers.mmdet_adapter import build_mmdet_teacher
 
