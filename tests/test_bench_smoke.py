@@ -276,3 +276,19 @@ def test_far_teachers_quick_mode_trains_direct_and_chained_rows(tmp_path, ray_se
     assert "weak → strong → swin" in table["weak_strong_swin"] and table["weak_strong_swin"].count("mgd ") == 3
     assert far_teachers.main(args) == 0
     assert "0 student runs to train" in capsys.readouterr().out
+
+
+def test_cls_codes_quick_mode_compares_per_anchor_and_per_cell_top_k(tmp_path, capsys):
+    from bench import cls_codes
+
+    assert cls_codes.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = {
+        (ln.split("|")[1].strip(), ln.split("|")[2].strip()): ln
+        for ln in capsys.readouterr().out.splitlines()
+        if "|" in ln
+    }
+    kd = {k: float(v.split("|")[6]) for k, v in rows.items() if k[0] == "strong"}
+    assert kd[("strong", "lossless")] == 0.0 < kd[("strong", "logprob-u8")] < kd[("strong", "top8-cell")]
+    assert kd[("strong", "top3-anchor")] < kd[("strong", "top1-anchor")]  # more kept per anchor: closer targets
+    with pytest.raises(SystemExit, match="drop --write"):
+        cls_codes.main(["--quick", "--write", "--out", str(tmp_path)])
