@@ -61,6 +61,39 @@ EPOCHS = {r: ([6, 6, 6] if len(row.stages) == 3 else [9, 9]) for r, row in DEV_R
 # Set from the dev study's table before any val run.
 VAL_ROWS: dict[str, Row] = {}
 
+
+def order_lines(paths, shown: dict) -> list[str]:
+    """What ``mtpd-plan order`` measures (the library's ``measure``: 1 − linear CKA of the baseline student's FPN
+    maps against each teacher's stored ones, 64 train images), nearest first: the order it would pick."""
+    import yaml
+
+    from mtpd.data import CocoDataset
+    from mtpd.trainer.student import load_student
+    from mtpd.trainer.teacher_order import measure
+
+    ckpt = paths.runs / "baseline_s0" / "stage_2" / "final.pt"
+    stores = {t: next(iter(sorted(paths.stores.glob(f"*-{t}-{STORE}"))), None) for t in ("weak", "strong", *TEACHERS)}
+    stores = {t: p for t, p in stores.items() if p is not None}
+    if not ckpt.is_file() or len(stores) < 2:
+        return ["(mtpd-plan order: needs the baseline row and the stores; not run yet)"]
+    plan = yaml.safe_load((paths.runs / "baseline_s0" / "plan.resolved.yaml").read_text())
+    data = CocoDataset(plan["data"]["train_ann"], plan["data"]["train_images"])
+    res = measure(load_student(ckpt), [str(p) for p in stores.values()], data, 64)
+    key = {str(p): t for t, p in stores.items()}
+    lines = [
+        "`mtpd-plan order` from the baseline student (seed 0), nearest first — distance = 1 − mean linear CKA over "
+        "P3–P5:",
+        "",
+        "| teacher | distance | CKA P3 / P4 / P5 |",
+        "|---|---:|---|",
+    ]
+    for r in res:
+        lines.append(
+            f"| {key[r.store]} | {r.distance:.3f} | {' / '.join(f'{r.cka[lv]:.3f}' for lv in sorted(r.cka))} |"
+        )
+    return lines
+
+
 STUDY = Study(
     prog="bench/far_teachers.py",
     title="Far teachers: progressive or direct (bench/far_teachers.py)",
@@ -70,6 +103,7 @@ STUDY = Study(
     refs=("baseline", "direct_strong", "direct_mbv2", "direct_swin"),
     extra_teachers=TEACHERS,
     epochs=EPOCHS,
+    extra_lines=order_lines,
 )
 
 
