@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import TINY_VIEW, tiny_build
 
+from mtpd.cache.batch import mirror_channels
 from mtpd.cache.flip import mirror
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewSpec, grid_size, prepare_view
@@ -21,7 +22,7 @@ from mtpd.models import adapter_for, build_arch, output_specs
 from mtpd.models.adapters import ADAPTERS, mirror_rule
 from mtpd.output_spec import NEGATE_DX, NONE, REVERSE, SWAP_LR, OutputSpec
 from mtpd.teachers.registry import TeacherSpec
-from mtpd.trainer.sources import decode_teacher, mirror_channels
+from mtpd.trainer.sources import decode_teacher
 from mtpd.trainer.targets import DistillDataset, collate
 
 W = 128.0  # image width the boxes below are mirrored in

@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from mtpd.cache.batch import decode_codes
 from mtpd.cache.schema import StoredOutput
 from mtpd.cache.store import StoreReader
 from mtpd.output_spec import OutputSpec
@@ -21,37 +22,13 @@ from mtpd.trainer.targets import Batch, grid_size, valid_masks
 
 def decode_teacher(batch: Batch, stores_meta: list[dict[str, StoredOutput]]) -> list[dict[str, torch.Tensor]]:
     """Per store: "fpn.p3" -> [B, C, h, w] float32 maps, decoded where the batch lies (the training device),
-    in channels-last memory, zero on padded cells. Mirrored samples (their columns already reversed on the
-    codes) get their channels mirrored here, as each output's rule says (box dx negated, l and r swapped)."""
-    out = []
-    for k, codes in enumerate(batch.teacher):
-        maps: dict[str, torch.Tensor] = {}
-        sides = batch.teacher_side[k] if batch.teacher_side else {}
-        for key, code in codes.items():
-            name, lvl = key.rsplit(".p", 1)
-            o = stores_meta[k][name]
-            j = o.levels.index(int(lvl))
-            side = sides[name][:, j] if name in sides else None
-            dec = o.encoding.decode(code.permute(0, 2, 3, 1), side, j)  # [B, h, w, C]
-            if not o.encoding.zero_is_zero:
-                dec = torch.where(batch.masks[int(lvl)].permute(0, 2, 3, 1) > 0, dec, 0.0)
-            if batch.mirrored is not None and bool(batch.mirrored[k].any()):
-                dec = mirror_channels(dec, batch.mirrored[k], o.spec)
-            maps[key] = dec.permute(0, 3, 1, 2)
-        out.append(maps)
-    return out
-
-
-def mirror_channels(dec: Tensor, rows: Tensor, spec: OutputSpec) -> Tensor:
-    """``dec`` [B, h, w, C] with the channels of the samples in ``rows`` (bool [B]) mirrored by ``spec``'s rule;
-    ``dec`` itself when the rule keeps channels as they are."""
-    perm, sign = spec.mirror_channels()
-    if perm == list(range(len(perm))) and all(s == 1.0 for s in sign):
-        return dec
-    p = torch.as_tensor(perm, device=dec.device)
-    s = torch.as_tensor(sign, device=dec.device, dtype=dec.dtype)
-    dec[rows] = dec[rows][..., p] * s  # decoding made ``dec``: writing into it is safe
-    return dec
+    zero on padded cells, mirrored samples' channels mirrored by each output's rule (``mtpd.cache.batch``)."""
+    sides = batch.teacher_side or [{} for _ in batch.teacher]
+    mirrored = batch.mirrored or [None for _ in batch.teacher]
+    return [
+        decode_codes(codes, side, meta, batch.masks, flags)
+        for codes, side, meta, flags in zip(batch.teacher, sides, stores_meta, mirrored)
+    ]
 
 
 class StoreTargets:
@@ -107,10 +84,12 @@ class OnlineTargets:
         levels: set[int] = set()
         for teacher, names in zip(self.teachers, self.needs):
             maps: dict[str, Tensor] = {}
+            specs = teacher.output_specs()
             for i, meta in enumerate(batch.metas):
                 x = batch.images[i : i + 1, :, : meta.padded[0], : meta.padded[1]]
-                for key, t in teacher(x, names).items():
-                    lvl = int(key.split(".p")[1])
+                res = teacher(x, names)
+                for key, lvl in ((f"{n}.p{lvl}", lvl) for n in names for lvl in specs[n].levels):
+                    t = res[key]
                     levels.add(lvl)
                     vh, vw = grid_size(meta.size, lvl)
                     dst = maps.setdefault(key, t.new_zeros(len(batch.metas), t.shape[1], *grid_size(padded, lvl)))
