@@ -45,7 +45,12 @@ class OutputSpec:
 
     def mirror_channels(self) -> tuple[list[int], list[float]]:
         """(source channel, sign) per channel: the flipped view's channel c is ``sign[c] * orig[perm[c]]`` after
-        the columns are reversed. ValueError when the output cannot be mirrored."""
+        the columns are reversed. ValueError when the output cannot be mirrored.
+
+        Exact for what the channels mean; not for where anchors sit: torchvision and mmdet place a cell's
+        anchor at its top-left corner (``i·stride``), so a mirrored cell's anchor is up to one stride from the
+        flipped view's (FCOS/GFL distances and RetinaNet dx are off by that shift over the anchor's size).
+        That residue is part of the ``flip_error`` the builder measures; SSD's centred boxes have none."""
         rule, c = self.mirror_rule, self.channels
         perm, sign = list(range(c)), [1.0] * c
         if rule == REVERSE:
@@ -57,6 +62,11 @@ class OutputSpec:
                 "views (--views orig,hflip) or train with flip: false"
             )
         bins = group // 4
+        if rule == NEGATE_DX and bins != 1:
+            raise ValueError(
+                f"output {self.name!r}: negate_dx needs 4 channels (dx, dy, dw, dh) per anchor, got {group} with "
+                f"{self.num_anchors} anchor(s); declare the anchors, or a rule that fits the code"
+            )
         for a in range(self.num_anchors):
             base = a * group
             if rule == NEGATE_DX:

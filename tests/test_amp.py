@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_build
 from test_trainer import write_plan
+from torchvision.models.detection.image_list import ImageList
 
 from mtpd.trainer.plan import PlanError, load_plan
 from mtpd.trainer.stage import Stage, run_plan
@@ -124,3 +125,24 @@ def test_an_amp_stage_trains_on_cuda(tmp_path, digits, store, amp) -> None:
     (result,) = run_plan(plan, [1], device="cuda", log=None)
     state = torch.load(result.checkpoint, weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_anchors_stay_fp32_under_autocast() -> None:
+    """The anchor generator reads its dtype from the maps it is given: the adapters hand it fp32 stand-ins."""
+    from mtpd.models import adapter_for, build_arch
+
+    model = build_arch("retinanet_tiny", 3).train()
+    x = torch.randn(2, 3, 64, 64)
+    t = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    a = adapter_for(model)
+    ref = a.forward(x, [(64, 64)] * 2, t, (), detect=False).losses
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = a.forward(x, [(64, 64)] * 2, t, (), detect=False).losses
+    assert all(v.dtype == torch.float32 for v in got.values())
+    torch.testing.assert_close(got["bbox_regression"], ref["bbox_regression"], rtol=0.05, atol=1e-3)
+    feats = list(model.backbone(x).values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = model.anchor_generator(ImageList(x, [(64, 64)] * 2), [f.bfloat16() for f in feats])[0]
+        fp = model.anchor_generator(ImageList(x, [(64, 64)] * 2), a.stand_ins(feats))[0]
+    assert fp.dtype == torch.float32 and bf.dtype == torch.bfloat16
+    torch.testing.assert_close(fp, a.anchors((64, 64)))

@@ -196,3 +196,16 @@ def test_the_fcos_flip_error_is_measured_with_its_rule(digits, fcos_orig_store) 
     swap, negate = ((e / r) ** 0.5 for e, r in err.values())
     assert recorded == pytest.approx(swap, rel=1e-3)
     assert swap < negate, (swap, negate)
+
+
+def test_negate_dx_needs_four_channels_per_anchor_and_old_unknown_deltas_do_not_mirror() -> None:
+    """A 9-anchor box map declared with one anchor would negate 9 channels of every 36: refused. A store written
+    before headers carried rules, whose teacher recorded no family (mmdet, factories): its deltas get none."""
+    from mtpd.cache.schema import _with_mirror
+
+    with pytest.raises(ValueError, match="negate_dx needs 4 channels"):
+        OutputSpec("box", "deltas", (3,), 36, 1, 0, NEGATE_DX).mirror_channels()
+    old = {"name": "box", "kind": "deltas"}
+    assert _with_mirror(dict(old), {"name": "mmdet:gfl", "extra": {}})["mirror"] == NONE
+    assert _with_mirror(dict(old), {"name": "fcos_tiny", "extra": {"family": "fcos"}})["mirror"] == SWAP_LR
+    assert _with_mirror({"name": "fpn", "kind": "feature"}, {"extra": {}})["mirror"] == ""

@@ -55,6 +55,8 @@ def test_detr_teachers_offer_neck_maps_and_memory_and_refuse_queries(tmp_path, b
     specs = teacher.output_specs()
     assert set(specs) == {"fpn", "memory"}
     assert specs["fpn"].levels == (3, 4, 5, 6) and specs["fpn"].channels == 256 == specs["memory"].channels
+    # Neck maps and memory are features: an orig-only store serves flips with their columns reversed.
+    assert specs["fpn"].mirror_rule == specs["memory"].mirror_rule == "reverse"
     x = torch.randn(2, 3, 64, 128)
     out = teacher(x, ["fpn", "memory"])
     for lvl in (3, 4, 5, 6):

@@ -70,3 +70,13 @@ def test_an_unknown_stage_number_fails_first(tmp_path, digits, fpn_store) -> Non
     plan = load_plan(write_plan(tmp_path, digits, [], [stage("one", fpn_store, [])]))
     with pytest.raises(PlanError, match=r"--stage 3: the plan has stages 1\.\.1"):
         run_plan(plan, [1, 3], log=None)
+
+
+def test_an_online_stage_with_too_few_teachers_is_a_plan_error(tmp_path, digits, fpn_store) -> None:
+    plan = load_plan(write_plan(tmp_path, digits, [], [stage("one", fpn_store, [{"name": "mgd", "weight": 1e-4}])]))
+    plan.stages[0].stores = [fpn_store, fpn_store]
+    from mtpd.teachers.registry import TeacherSpec
+
+    teacher = TeacherSpec("retinanet_tiny", "none", 10).build()
+    with pytest.raises(PlanError, match=r"1 online teacher\(s\) for 2 store\(s\); give one per store"):
+        run_plan(plan, [1], log=None, online=[teacher])

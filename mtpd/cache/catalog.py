@@ -152,6 +152,7 @@ def _row(path: Path, reader: StoreReader) -> dict:
         "teacher": t.get("name"),
         "weights": t.get("weights"),
         "weights_sha256": t.get("weights_sha256", ""),
+        "amp": (t.get("extra") or {}).get("amp") or "off",
         "dataset": h.dataset.get("ann_file"),
         "manifest_sha256": h.dataset.get("manifest_sha256"),
         "images_done": done_images,
@@ -216,10 +217,12 @@ def find_store(
     views: dict,
     outputs: list[str],
     precision: str,
+    amp: str = "off",
 ) -> str | None:
     """The newest complete store under ``root`` with this teacher and weights (a file's sha256, or
     ``none`` / ``default`` by name), dataset, views (a ``ViewSpec.to_dict()``: sizes, padding,
-    normalisation and at least these views), precision and at least these outputs; None if none."""
+    normalisation and at least these views), precision, at least these outputs and this teacher precision
+    (``amp``: an AMP store never stands in for an fp32 one); None if none."""
     best = None
     for row in scan(root)[0]:
         if not (
@@ -228,6 +231,7 @@ def find_store(
             and row["manifest_sha256"] == manifest_sha256
             and row["precision"] == precision
             and set(outputs) <= set(row["outputs"])
+            and row.get("amp", "off") == amp
         ):
             continue
         if weights_sha256 and row["weights_sha256"]:

@@ -189,6 +189,10 @@ def _with_mirror(d: dict, teacher: dict) -> dict:
     if "mirror" not in d:
         family = str((teacher.get("extra") or {}).get("family", ""))
         d["mirror"] = mirror_rule(family, str(d.get("name", "")))
+        if not family and d.get("kind") == "deltas":
+            # mmdet, factory and other teachers recorded no family: their box code (deltas, FCOS/GFL
+            # distances?) is unknown, so such a store serves flips only from a stored hflip view.
+            d["mirror"] = "none"
     return d
 
 

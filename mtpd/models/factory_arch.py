@@ -134,7 +134,7 @@ def _check_classes(spec: str, model: nn.Module, family: str, want: int | None, t
         return
     cls = adapter_class(family)
     name = cls.display
-    counted = " (R-CNNs count the background)" if cls.label_offset else ""
+    counted = f" ({cls.display} counts the background)" if cls.label_offset else ""
     if takes:
         raise FactoryError(
             f"student {spec!r} was given num_classes={want} but returned a {name} with {found} classes{counted}; "

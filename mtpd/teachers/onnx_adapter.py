@@ -125,6 +125,8 @@ class OnnxTeacher:
             if not isinstance(o, dict) or not isinstance(o.get("levels"), dict) or not o["levels"]:
                 raise TeacherError(f"{where}: give 'kind' and 'levels' (level -> graph tensor name)")
             kind, mirror, layout = o.get("kind", "feature"), str(o.get("mirror", "")), o.get("layout", "nchw")
+            if kind == "deltas" and not mirror:
+                mirror = "none"  # a graph's box code is unknown until the mapping says (negate_dx, swap_lr)
             if kind not in KINDS or (mirror and mirror not in MIRRORS) or layout not in ("nchw", "flat"):
                 raise TeacherError(f"{where}: kind one of {KINDS}, mirror one of {MIRRORS}, layout nchw or flat")
             per = {int(lvl): str(t) for lvl, t in o["levels"].items()}

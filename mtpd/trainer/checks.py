@@ -76,7 +76,8 @@ def build_losses(
         if lc.weight == "auto":
             out.append(BoundLoss(loss, None, lc.store, key, auto_ratio=lc.ratio, auto_after=lc.auto_after))
         else:
-            out.append(BoundLoss(loss, float(defaults["weight"] if lc.weight is None else lc.weight), lc.store, key))
+            weight = float(defaults["weight"] if lc.weight is None else lc.weight)
+            out.append(BoundLoss(loss, weight, lc.store, key, auto_after=lc.auto_after))
     return out
 
 
@@ -132,6 +133,11 @@ def check_plan(
         cfg = plan.stages[k - 1]
         where = f"stages[{k - 1}] ({cfg.name})"
         if online is not None:
+            n_sources = 1 if cfg.teacher is not None else len(cfg.stores)
+            if len(online) != n_sources:
+                raise PlanError(
+                    f"{where}: {len(online)} online teacher(s) for {n_sources} store(s); give one per store"
+                )
             specs = [t.output_specs() for t in online]
             names, mirrored = [f"online teacher {i}" for i in range(len(online))], [""] * len(online)
         else:

@@ -303,8 +303,10 @@ class Engine:
                 info.levels,
             )
             raw = b.loss(db)
-            if b.weight is None and self.state.step < b.auto_after:
-                out[b.name] = raw * 0.0  # warm-up before the rule measures: in the graph, adding nothing
+            if self.state.step < b.auto_after:
+                # warm-up (before weight: auto measures, and in a rerun of the resolved plan with the weight it
+                # chose): in the graph, adding nothing
+                out[b.name] = raw * 0.0
                 continue
             if b.weight is None:
                 b.weight = auto_weight(b, float(detection), float(raw.detach()))

@@ -108,6 +108,12 @@ class DetectorAdapter:
                 f"{type(self.model).__name__} cannot produce {', '.join(unknown)}; it has: {', '.join(specs)}"
             )
 
+    @staticmethod
+    def stand_ins(feats: Sequence[Tensor]) -> list[Tensor]:
+        """Zero-channel fp32 stand-ins of ``feats`` for an anchor generator, which reads only their shapes, dtype
+        and device: under autocast the maps are bf16/fp16, and anchors made in that dtype would be rounded."""
+        return [torch.empty(f.shape[0], 0, *f.shape[-2:], device=f.device) for f in feats]
+
     def anchors(self, image_size: tuple[int, int], grid_sizes: Sizes | None = None) -> Tensor:
         """All anchors for a padded image of ``image_size`` (H, W) as one [Σ_l H_l·W_l·A, 4] xyxy tensor in
         ``flatten_level`` order over levels, from the model's own generator (strides as image // grid)."""

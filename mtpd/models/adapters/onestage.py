@@ -86,7 +86,7 @@ class RetinaNetAdapter(DetectorAdapter):
         feats = [outs[f"fpn.p{lvl}"] for lvl in levels]
         head = self.head_dict(outs, levels)
         image_sizes = [tuple(s) for s in sizes]
-        anchors = self.model.anchor_generator(ImageList(images, image_sizes), feats)
+        anchors = self.model.anchor_generator(ImageList(images, image_sizes), self.stand_ins(feats))
         losses = self.compute_loss(targets, head, anchors, feats) if targets is not None else {}
         detections = None
         if detect:

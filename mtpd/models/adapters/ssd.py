@@ -74,7 +74,8 @@ class SSDAdapter(DetectorAdapter):
             "bbox_regression": torch.cat([flatten_level(outs[f"box.p{lvl}"], a, 4) for lvl in levels], 1).float(),
         }
         image_sizes = [tuple(s) for s in sizes]
-        anchors = m.anchor_generator(ImageList(images, image_sizes), feats)
+        self.check_sizes(images, image_sizes)
+        anchors = m.anchor_generator(ImageList(images, image_sizes), self.stand_ins(feats))
         losses: dict[str, Tensor] = {}
         if targets is not None:  # SSD.forward's matching, then its loss (hard negative mining)
             matched = []
@@ -89,6 +90,18 @@ class SSDAdapter(DetectorAdapter):
             with torch.no_grad():
                 detections = m.postprocess_detections(head, anchors, image_sizes)
         return DetectorOutput(losses, {n: v for n, v in outs.items() if n.split(".")[0] in names}, detections)
+
+    @staticmethod
+    def check_sizes(images: Tensor, sizes: Sizes) -> None:
+        """SSD's default boxes scale with the image (torchvision resizes every input to one size): a batch of
+        views of different sizes would give each view boxes of the padded batch's shape."""
+        padded = tuple(images.shape[-2:])
+        plain = [tuple(int(v) for v in s) for s in sizes if all(isinstance(v, int) for v in s)]  # traced: tensors
+        if any(s != padded for s in plain):
+            raise ValueError(
+                f"SSD default boxes scale with the view, so every view must be {padded} here, got "
+                f"{sorted(set(plain))}: train SSD students on views of one size (square images, short == long)"
+            )
 
     def anchor_generator(self) -> DefaultBoxGenerator:
         return self.model.anchor_generator

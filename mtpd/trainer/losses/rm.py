@@ -86,8 +86,8 @@ class RankMimickingLoss(DistillLoss):
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"rm: temperature must be positive, got {temperature}")
+        if not temperature >= 0.02:  # exp(σ / T) of a score near 1 overflows fp32 below T ≈ 0.011
+            raise ValueError(f"rm: temperature must be at least 0.02, got {temperature}")
         self.levels = tuple(levels)
         self.iou_threshold = float(iou_threshold)
         self.low_quality = bool(low_quality)
