@@ -233,6 +233,22 @@ def _weights_path(weights: str) -> Path | None:
     return wpath
 
 
+def _build_model(registry, cfg, path: Path, wpath: Path | None) -> nn.Module:
+    # `none` weights come from a fixed seed, so every Ray worker of one build holds
+    # the same random teacher; fork_rng keeps the caller's RNG stream untouched.
+    with _quiet_mmengine(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        try:
+            model = registry.build(cfg.model)
+        except Exception as exc:  # registry errors wrap the real cause in a long chain
+            raise TeacherError(f"cannot build the model of mmdet config {path}: {one_line(exc)}") from exc
+        if wpath is None:
+            model.init_weights()  # mmdet's own init (e.g. focal-loss bias prior); pretrained entries were removed
+        else:
+            load_weights(model, wpath)
+    return model
+
+
 def build_mmdet_teacher(
     config: str,
     weights: str = "none",
@@ -266,22 +282,10 @@ def build_mmdet_teacher(
     path = resolve_config(config)
     cfg = load_model_config(path, num_classes, cfg_options, config)
     register_all_modules(init_default_scope=True)
-    # `none` weights come from a fixed seed, so every Ray worker of one build holds
-    # the same random teacher; fork_rng keeps the caller's RNG stream untouched.
-    with _quiet_mmengine(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        try:
-            model = MODELS.build(cfg.model)
-        except Exception as exc:  # registry errors wrap the real cause in a long chain
-            raise TeacherError(f"cannot build the model of mmdet config {path}: {one_line(exc)}") from exc
-        if wpath is None:
-            model.init_weights()  # mmdet's own init (e.g. focal-loss bias prior); pretrained entries were removed
-        else:
-            load_weights(model, wpath)
+    model = _build_model(MODELS, cfg, path, wpath)
 
     model_cfg = cfg.model.to_dict()
     conversion = input_conversion(model_cfg.get("data_preprocessor"), tuple(view_mean), tuple(view_std))
-    detr = is_detr(model)
     identity = TeacherIdentity(
         name="mmdet:" + config,
         config=config_digest(model_cfg),
@@ -293,6 +297,6 @@ def build_mmdet_teacher(
             **({"init_seed": INIT_SEED} if wpath is None else {}),
         },
     )
-    if detr:  # DETR family: neck maps and encoder memory only (the queries' predictions are not cacheable)
-        return MMDetDETRTeacher(model, identity, conversion, device=device)
-    return MMDetTeacher(model, identity, conversion, device=device)
+    # DETR family: neck maps and encoder memory only (the queries' predictions are not cacheable)
+    cls = MMDetDETRTeacher if is_detr(model) else MMDetTeacher
+    return cls(model, identity, conversion, device=device)
