@@ -6,7 +6,7 @@
 # It checks what is there first and stops with one line when something is missing (no GPU, no torch
 # that sees it, mtpd not importable). Then, each under its own time limit:
 #   1. the CUDA-marked tests (decode on the GPU against the CPU, ...);
-#   2. bench/step.py on cuda: undistilled / online / cached steps, AMP off and bf16, peak memory;
+#   2. bench/step.py on cuda: undistilled / online / cached steps, AMP off, then bf16 with channels-last;
 #   3. bench/build.py on cuda: build against teacher-only time, AMP off and fp16;
 #   4. a two-process torchrun stage on the one GPU (nccl, else gloo).
 # Everything printed goes to $OUT/gpu.log (OUT defaults to bench_out/gpu) and the tables into
@@ -41,7 +41,7 @@ run() {  # run SECONDS NAME COMMAND...: one step, its output kept, its end (and 
 
 run 120 cuda_tests "$PY" -m pytest -q -rs -m cuda tests
 run 100 step_fp32 "$PY" bench/step.py --device cuda --rounds 3 --budget-min 1.2 --no-write
-run 100 step_bf16 "$PY" bench/step.py --device cuda --amp bf16 --rounds 3 --budget-min 1.2 --no-write
+run 100 step_bf16 "$PY" bench/step.py --device cuda --amp bf16 --channels-last --rounds 3 --budget-min 1.2 --no-write
 run 80 build_fp32 "$PY" bench/build.py --device cuda --rounds 2 --budget-min 1.0 --no-write
 run 80 build_fp16 "$PY" bench/build.py --device cuda --amp fp16 --rounds 2 --budget-min 1.0 --no-write
 

@@ -72,6 +72,7 @@ class Config:
     teacher_channels: int = 256
     warmup: tuple[int, int] = (128, 192)
     amp: str = "off"  # the student's forward under autocast (the trainer's `amp`)
+    channels_last: bool = False  # the trainer's `channels_last`
 
 
 class Candidate:
@@ -151,6 +152,7 @@ class Candidate:
             hooks=[self.timer],
             sync_phases=True,  # exact phase times on a GPU
             amp=cfg.amp,
+            channels_last=cfg.channels_last,
         )
         self._warmup()
         self.engine.batches = iter(loader)  # one iterator for the whole benchmark
@@ -329,6 +331,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads of every candidate")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows of RESULTS.md)")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="every candidate's student forward")
+    p.add_argument("--channels-last", action="store_true", help="every candidate's student and images in NHWC")
     p.add_argument("--rounds", type=int, default=3, help="measured steps per candidate (fewer if the budget runs out)")
     p.add_argument("--budget-min", type=float, default=9.0, help="stop starting rounds that would end after this")
     p.add_argument("--work-dir", default=None, help="where data and the store go (default: a temporary folder)")
@@ -377,6 +380,7 @@ def main(argv: list[str] | None = None) -> str:
             data["images"],
             str(work / "store"),
             amp=a.amp,
+            channels_last=a.channels_last,
         )
         from mtpd.data import ViewSpec
 

@@ -146,3 +146,20 @@ def test_anchors_stay_fp32_under_autocast() -> None:
         fp = model.anchor_generator(ImageList(x, [(64, 64)] * 2), a.stand_ins(feats))[0]
     assert fp.dtype == torch.float32 and bf.dtype == torch.bfloat16
     torch.testing.assert_close(fp, a.anchors((64, 64)))
+
+
+def test_channels_last_trains_the_same_student(tmp_path, digits, store) -> None:
+    """channels_last changes the memory layout of weights and images, not what is computed: the final weights
+    match the contiguous run's up to float rounding, and the checkpoint loads into a plain model."""
+    from mtpd.trainer.student import load_student
+
+    finals = []
+    for cl in (False, True):
+        (tmp_path / str(cl)).mkdir()
+        plan = load_plan(write_plan(tmp_path / str(cl), digits, [], [stage(store, epochs=1)], channels_last=cl))
+        (result,) = run_plan(plan, [1], log=None)
+        finals.append(torch.load(result.checkpoint, weights_only=True)["model"])
+    for k, v in finals[0].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(finals[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
+    assert load_student(tmp_path / "True" / "run" / "stage_1" / "final.pt") is not None

@@ -164,6 +164,7 @@ class Engine:
         hooks: list[HookBase] = (),
         sync_phases: bool = False,
         amp: str = "off",
+        channels_last: bool = False,
     ) -> None:
         self.student, self.loader, self.optimizer, self.scheduler = student, loader, optimizer, scheduler
         self.losses = list(losses)
@@ -185,6 +186,9 @@ class Engine:
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp {amp!r} is not one of {', '.join(AMP_DTYPES)}")
         self.amp = amp
+        self.channels_last = channels_last
+        if channels_last:  # the weights' memory layout (values unchanged): conv kernels pick NHWC paths
+            self.student.to(memory_format=torch.channels_last)
         # fp16's narrow range needs a loss scale; bf16 keeps fp32's range and needs none. Its state is in last.pt.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
@@ -232,6 +236,8 @@ class Engine:
                     "iterations of this epoch; was data.batch_size changed before --resume?"
                 )
         batch = batch.to(self.device)
+        if self.channels_last:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         clock.lap("data")
         teacher, masks = self.targets(batch) if self.targets is not None else ([], batch.masks)
         clock.lap("teacher")

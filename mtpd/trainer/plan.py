@@ -128,6 +128,9 @@ class Plan:
     # Mixed precision of the student's forward: off, bf16 (CPU and recent GPUs) or fp16 (GPUs, with a loss
     # scale kept in last.pt); losses are computed in fp32 either way (mtpd.trainer.engine.AMP_DTYPES).
     amp: str = "off"
+    # The student's weights and input images in channels-last memory (NHWC): faster convolutions on recent GPUs
+    # with AMP; the same arithmetic otherwise (checkpoints hold the same values).
+    channels_last: bool = False
 
     def validate(self) -> None:
         if not self.stages:

@@ -175,6 +175,7 @@ class Stage:
             label_offset=adapter.label_offset,
             hooks=stage_hooks,
             amp=self.cfg.amp or self.plan.amp,
+            channels_last=self.plan.channels_last,
         )
         return engine, checkpointer, evaluator
 
