@@ -1,7 +1,7 @@
 """Where progressive distillation pays: chains ending at a far teacher against that teacher alone.
 
     .venv/bin/python bench/far_teachers.py --split dev --write      # the dev study: seed 0
-    .venv/bin/python bench/far_teachers.py --write --jobs 2         # the val rows, 5 seeds, paired
+    .venv/bin/python bench/far_teachers.py --write --jobs 2         # the val rows, 5 seeds, paired (~3.5 h)
     .venv/bin/python bench/far_teachers.py --quick --out /tmp/far   # smoke test (CI)
 
 MTPD's claim: a student learns a far teacher (much stronger, or another architecture) better through a
@@ -58,8 +58,15 @@ DEV_ROWS: dict[str, Row] = {
     )
 }
 EPOCHS = {r: ([6, 6, 6] if len(row.stages) == 3 else [9, 9]) for r, row in DEV_ROWS.items()}
-# Set from the dev study's table before any val run.
-VAL_ROWS: dict[str, Row] = {}
+# Set from the dev study's table (bench/RESULTS.md "Far teachers ... dev split") before any val run: every dev row
+# but mbv2 → swin (the conv → transformer chain is strong → swin), and, with a whole schedule per stage (18 + 18,
+# as MTPD trains each stage), the pair where the chain paid on dev: strong → mbv2 against mbv2 alone (+4.95 AP).
+VAL_ROWS: dict[str, Row] = {
+    **{k: v for k, v in DEV_ROWS.items() if k != "mbv2_swin"},
+    "full_direct_mbv2": chain("full_direct_mbv2", "mbv2"),
+    "full_strong_mbv2": chain("full_strong_mbv2", "strong", "mbv2"),
+}
+EPOCHS.update({"full_direct_mbv2": [18, 18], "full_strong_mbv2": [18, 18]})
 
 
 def order_lines(paths, shown: dict) -> list[str]:
