@@ -321,18 +321,17 @@ def _losses(kind: str) -> list[dict]:
     }[kind]
 
 
-def _plan(row: Row, seed: int, paths, split: Split, scale, stores: dict, losses=None) -> Path:
+def _plan(row: Row, seed: int, paths, split: Split, scale, stores: dict, losses=None, epochs=None) -> Path:
     """The plan of ``row`` at ``seed``; ``losses(key, iters_per_epoch)`` gives each stage's losses (default:
-    this sweep's ``_losses``)."""
+    this sweep's ``_losses``), ``epochs`` each stage's epochs (default: the scale's times ``row.epochs_factor``)."""
     from mtpd.demo import recipes, steps
 
     ipe = -(-split.train_count // 16)
     pick = losses or (lambda key, _ipe: _losses(key))
+    epochs = epochs or [scale.stage_epochs * row.epochs_factor] * len(row.stages)
     stages = [
-        recipes.stage(
-            sname, scale.stage_epochs * row.epochs_factor, ipe, [str(stores[(t, s)])] if t else [], pick(loss, ipe)
-        )
-        for sname, t, s, loss in row.stages
+        recipes.stage(sname, e, ipe, [str(stores[(t, s)])] if t else [], pick(loss, ipe))
+        for (sname, t, s, loss), e in zip(row.stages, epochs)
     ]
     plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / f"{row.name}_s{seed}", stages, ipe, seed=seed)
     plan["data"].update(

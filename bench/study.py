@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bytes_vs_ap import Row, _build_stores, _lock, _split, paired, run_all
+from bench.bytes_vs_ap import Row, _build_stores, _lock, _plan, _split, paired, run_all
 from bench.common import command_line, machine, write_section
 
 STORE = "lossless"  # bytes_vs_ap's store key: fpn, cls and box, both views
@@ -77,23 +77,12 @@ def teachers(study: Study, paths, scale, log) -> dict:
 
 
 def plan_for(study: Study, name: str, row: Row, seed: int, paths, split, scale, stores: dict) -> Path:
-    from mtpd.demo import recipes, steps
+    """bytes_vs_ap's plan of ``row``, with the study's losses and its epochs per stage (the quick scale's 1
+    epoch per stage in --quick)."""
+    from mtpd.demo import recipes
 
-    ipe = -(-split.train_count // 16)
     epochs = study.epochs.get(name) if scale is recipes.FULL else None
-    epochs = epochs or [scale.stage_epochs] * len(row.stages)
-    stages = [
-        recipes.stage(sname, e, ipe, [str(stores[(t, s)])] if t else [], study.losses(loss, ipe))
-        for (sname, t, s, loss), e in zip(row.stages, epochs)
-    ]
-    plan = recipes.plan(recipes.STUDENT, paths.data, paths.runs / f"{name}_s{seed}", stages, ipe, seed=seed)
-    plan["data"].update(
-        train_ann=str(split.train_ann),
-        train_images=str(split.train_images),
-        val_ann=str(split.val_ann),
-        val_images=str(split.val_images),
-    )
-    return steps.write_plan(plan, paths.plans / f"{name}_s{seed}.yaml")
+    return _plan(row, seed, paths, split, scale, stores, study.losses, epochs)
 
 
 def main(study: Study, argv: list[str] | None = None) -> int:

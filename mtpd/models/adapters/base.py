@@ -17,6 +17,7 @@ detections in eval) and timm's explicit registries (``mtpd.models.adapters.ADAPT
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -38,7 +39,7 @@ class DetectorOutput:
     detections: list[dict[str, Tensor]] | None  # per image boxes (view pixels), scores, labels (eval only)
 
 
-class DetectorAdapter:
+class DetectorAdapter(ABC):
     """One detector family's answers (see the module docstring); subclasses set the class attributes."""
 
     family: ClassVar[str] = ""
@@ -53,29 +54,32 @@ class DetectorAdapter:
         self.model = unwrap(model)
 
     # -- what the family produces --------------------------------------------------------
-    def output_specs(self) -> dict[str, OutputSpec]:
-        raise NotImplementedError
+    @abstractmethod
+    def output_specs(self) -> dict[str, OutputSpec]: ...
 
+    @abstractmethod
     def dense(self, images: Tensor, names: Sequence[str], sizes: Sizes | None = None) -> dict[str, Tensor]:
         """``{name}.p{level}`` -> [B, C, h, w] for each name, in the model's mode, keeping gradients."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def forward(
         self, images: Tensor, sizes: Sizes, targets: list[dict] | None, names: Sequence[str], detect: bool
-    ) -> DetectorOutput:
-        raise NotImplementedError
+    ) -> DetectorOutput: ...
 
-    def anchor_generator(self) -> AnchorGenerator:
-        raise NotImplementedError
+    @abstractmethod
+    def anchor_generator(self) -> AnchorGenerator: ...
 
+    @abstractmethod
     def num_classes(self) -> int | None:
         """Classes as torchvision's constructor counts them (with the background where ``label_offset``)."""
-        raise NotImplementedError
+        ...
 
     # -- export ----------------------------------------------------------------------------
+    @abstractmethod
     def postprocess(self) -> dict:
         """The post-processing settings an exported model runs with (thresholds, caps)."""
-        raise NotImplementedError
+        ...
 
     def deploy(self, image: Tensor, sizes: Sizes) -> tuple[Tensor, Tensor, Tensor]:
         """(boxes, scores, labels) of one prepared view after NMS, labels as the model numbers them."""
