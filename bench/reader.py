@@ -10,7 +10,7 @@ workers, one thread each) and reports wall-clock samples/s and samples per
 CPU-second the workers used (the per-core rate, which, unlike wall time, does
 not move with the load other jobs put on this shared machine). Workers hand the
 stored codes over; the training process decodes them on its device
-(``decode_teacher``): its cost is measured apart, on this CPU with one thread
+(``CodedBatch.decode``): its cost is measured apart, on this CPU with one thread
 (an upper bound for a GPU). Modes:
 
 - ``targets``: what the cache adds to a loader: store read and collate of the
@@ -69,16 +69,16 @@ class TargetsOnly:
 
 
 class TargetsCollate:
-    """Collate of ``TargetsOnly`` samples: the library's ``collate_teacher``."""
+    """Collate of ``TargetsOnly`` samples: the store's own ``collate_codes``."""
 
     def __init__(self, metas: list[dict]) -> None:
         self.metas = metas
 
     def __call__(self, samples: list):
-        from mtpd.trainer.targets import collate_teacher
+        from mtpd.cache.read import collate_codes
 
         padded = (max(s.meta.padded[0] for s in samples), max(s.meta.padded[1] for s in samples))
-        return collate_teacher(samples, self.metas, padded)
+        return [collate_codes([s.teacher[k] for s in samples], m, padded) for k, m in enumerate(self.metas)]
 
 
 def measure(dataset, collate_fn, batch: int, workers: int, samples: int) -> tuple[float, float]:
@@ -189,14 +189,14 @@ def breakdown(ds, samples: int, batch: int) -> dict[str, float]:
     """
     import torch
 
-    from mtpd.trainer.sources import decode_teacher
-    from mtpd.trainer.targets import Batch, collate_teacher, worker_init
+    from mtpd.cache.read import code_levels, collate_codes, valid_masks
+    from mtpd.trainer.targets import worker_init
 
     threads = torch.get_num_threads()
     worker_init(0)  # zarr and Blosc keep these settings: the bench reads nothing after this
     t = TargetsOnly(ds)
-    r = ds.readers()[0]
-    metas = [r.header.outputs]
+    feed = ds.feeds[0]
+    r, outputs = feed.reader, feed.header.outputs
     read = coll = dec = 0.0
     for i in range(0, samples, batch):
         c0 = time.process_time()
@@ -205,9 +205,12 @@ def breakdown(ds, samples: int, batch: int) -> dict[str, float]:
         c1 = time.process_time()
         smps = [t[(i + k) % len(t)] for k in range(batch)]
         c2 = time.process_time()
-        codes, sides, mirrored, masks = collate_teacher(smps, metas, smps[0].meta.padded)
+        coded = [s.teacher[0] for s in smps]
+        padded = smps[0].meta.padded
+        cb = collate_codes(coded, outputs, padded)
+        masks = valid_masks(padded, [s.meta.size for s in smps], sorted(code_levels(coded, outputs)))
         c3 = time.process_time()
-        decode_teacher(Batch(None, [], [], [], [], [], codes, masks, None, sides, mirrored), metas)
+        cb.decode(outputs, masks)
         c4 = time.process_time()
         read, coll, dec = read + c1 - c0, coll + c3 - c2, dec + c4 - c3
     torch.set_num_threads(threads)
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> str:
         recodec(paths["small"], paths[NOCRC], crc=False)
         coco = CocoDataset(data["ann"], data["images"])
         ds = {k: DistillDataset(coco, views, [p]) for k, p in paths.items()}
-        metas = {k: [r.header.outputs for r in d.readers()] for k, d in ds.items()}
+        metas = {k: [f.header.outputs for f in d.feeds] for k, d in ds.items()}
         configs = [("targets", k, TargetsOnly(ds[k]), TargetsCollate(metas[k]), workers[:1]) for k in paths]
         configs += [
             ("full", "small", ds["small"], Collate(metas["small"]), workers),

@@ -17,7 +17,7 @@ from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewSpec, grid_size
 from mtpd.teachers.registry import TeacherSpec
 from mtpd.trainer.plan import load_plan
-from mtpd.trainer.sources import decode_teacher
+from mtpd.trainer.sources import StoreTargets
 from mtpd.trainer.stage import run_plan
 from mtpd.trainer.targets import DistillDataset, collate
 
@@ -46,13 +46,13 @@ def test_flipped_samples_are_mirrored_orig_maps(digits, orig_store) -> None:
     spec = ViewSpec(views=("orig", "hflip"), **TINY_VIEW)
     ds = DistillDataset(coco, spec, [orig_store], flip=True, seed=0)
     plain = DistillDataset(coco, ViewSpec(**TINY_VIEW), [orig_store])
-    metas = [r.header.outputs for r in ds.readers()]
+    metas = [f.header.outputs for f in ds.feeds]
     flipped = [i for i in range(len(ds)) if ds.view_of(i) == "hflip"]
     assert flipped
     bf = collate([ds[flipped[0]], ds[flipped[0]]], metas)
     bo = collate([plain[flipped[0]], plain[flipped[0]]], metas)
-    got, orig = decode_teacher(bf, metas)[0], decode_teacher(bo, metas)[0]
-    assert bf.mirrored[0].all() and not bo.mirrored[0].any()
+    got, orig = StoreTargets(ds.feeds)(bf)[0][0], StoreTargets(ds.feeds)(bo)[0][0]
+    assert bf.teacher[0].mirrored.all() and not bo.teacher[0].mirrored.any()
     for key, g in got.items():
         h, w = grid_size(bf.metas[0].size, 2 ** int(key.split(".p")[1]))
         want = torch.flip(orig[key][:, :, :h, :w], dims=[3])

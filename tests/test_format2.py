@@ -79,7 +79,7 @@ def test_format1_store_is_still_read(tmp_path, digits, tiny_stores):
     coco = CocoDataset(digits["train"]["ann"], digits["train"]["images"])
     ds = DistillDataset(coco, ViewSpec(views=("orig", "hflip"), **TINY_VIEW), [v1.location], flip=True)
     batch = next(iter(make_loader(ds, 4, shuffle=False, workers=0, seed=0)))
-    maps = StoreTargets(ds.readers())(batch)[0][0]
+    maps = StoreTargets(ds.feeds)(batch)[0][0]
     assert set(maps) == {f"{n}.p{lvl}" for n in ("fpn", "cls", "box") for lvl in (3, 4, 5)}
 
 
@@ -94,8 +94,8 @@ def test_batch_decode_equals_per_sample_cpu_decode(digits, tiny_stores, precisio
     """Workers hand over codes (here from a real worker process); the training process decodes the padded
     batch. Each sample's valid cells equal ``open_store(...).read`` (the CPU decode), padding is zero."""
     batch, ds = _batch_and_reader(digits, tiny_stores[precision])
-    assert batch.teacher[0]["fpn.p3"].dtype in (torch.float16, torch.uint8)  # codes, not float32
-    maps = StoreTargets(ds.readers())(batch)[0][0]
+    assert batch.teacher[0].codes["fpn.p3"].dtype in (torch.float16, torch.uint8)  # codes, not float32
+    maps = StoreTargets(ds.feeds)(batch)[0][0]
     store = open_store(tiny_stores[precision])
     for b, image_id in enumerate(batch.image_ids):
         ref = store.read(store.sample_index(image_id, "orig"))
@@ -111,8 +111,8 @@ def test_batch_decode_equals_per_sample_cpu_decode(digits, tiny_stores, precisio
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare GPU decoding with CPU")
 def test_decode_on_gpu_equals_cpu(digits, tiny_stores):
     batch, ds = _batch_and_reader(digits, tiny_stores["tiny"])
-    cpu = StoreTargets(ds.readers())(batch)[0][0]
-    gpu = StoreTargets(ds.readers())(batch.to("cuda"))[0][0]
+    cpu = StoreTargets(ds.feeds)(batch)[0][0]
+    gpu = StoreTargets(ds.feeds)(batch.to("cuda"))[0][0]
     for key, t in cpu.items():
         torch.testing.assert_close(gpu[key].cpu(), t, rtol=1e-5, atol=1e-5, msg=key)
 

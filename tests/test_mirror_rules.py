@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import TINY_VIEW, tiny_build
 
-from mtpd.cache.batch import mirror_channels
 from mtpd.cache.flip import mirror
+from mtpd.cache.read import mirror_channels
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewSpec, grid_size, prepare_view
 from mtpd.models import adapter_for, build_arch, output_specs
 from mtpd.models.adapters import ADAPTERS, mirror_rule
 from mtpd.output_spec import NEGATE_DX, NONE, REVERSE, SWAP_LR, OutputSpec
 from mtpd.teachers.registry import TeacherSpec
-from mtpd.trainer.sources import decode_teacher
+from mtpd.trainer.sources import StoreTargets
 from mtpd.trainer.targets import DistillDataset, collate
 
 W = 128.0  # image width the boxes below are mirrored in
@@ -158,10 +158,10 @@ def test_an_orig_only_fcos_store_serves_flips_with_l_and_r_swapped(digits, fcos_
     coco = CocoDataset(digits["train"]["ann"], digits["train"]["images"])
     ds = DistillDataset(coco, ViewSpec(views=("orig", "hflip"), **TINY_VIEW), [fcos_orig_store], flip=True)
     plain = DistillDataset(coco, ViewSpec(**TINY_VIEW), [fcos_orig_store])
-    metas = [r.header.outputs for r in ds.readers()]
+    metas = [f.header.outputs for f in ds.feeds]
     i = next(i for i in range(len(ds)) if ds.view_of(i) == "hflip")
-    got = decode_teacher(collate([ds[i]], metas), metas)[0]
-    orig = decode_teacher(collate([plain[i]], metas), metas)[0]
+    got = StoreTargets(ds.feeds)(collate([ds[i]], metas))[0][0]
+    orig = StoreTargets(ds.feeds)(collate([plain[i]], metas))[0][0]
     h, w = grid_size((TINY_VIEW["short"], TINY_VIEW["long"]), 8)
     g, o = got["box.p3"][0, :, :h, :w], orig["box.p3"][0, :, :h, :w]
     want = torch.flip(o, dims=[2])[[2, 1, 0, 3]]

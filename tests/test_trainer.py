@@ -334,7 +334,7 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     assert {m.view for m in batch.metas} == {"orig", "hflip"}  # both views exercised
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
     online = OnlineTargets([teacher], [["fpn", "cls"]])(batch)[0][0]
-    cached = StoreTargets(ds.readers())(batch)[0][0]  # decoded where the batch lies, as the engine does
+    cached = StoreTargets(ds.feeds)(batch)[0][0]  # decoded where the batch lies, as the engine does
     # The store's only change to the teacher's values is fp16 rounding (relative 2^-11; fp16
     # subnormals below 6e-5 keep 2^-25 absolute), whatever thread count each side ran with.
     for key, t in online.items():
@@ -517,7 +517,7 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
     for lvl, m in cached.masks.items():
         torch.testing.assert_close(live_masks[lvl], m, msg=f"mask level {lvl}")
         assert 0 < float(m.mean()) < 1, lvl  # some cells are padding at every level
-    decoded = StoreTargets(cached_ds.readers())(cached)[0][0]
+    decoded = StoreTargets(cached_ds.feeds)(cached)[0][0]
     assert sorted(maps) == sorted(decoded)
     for key, t in maps.items():
         torch.testing.assert_close(decoded[key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)

@@ -73,6 +73,11 @@ def read_header(root: zarr.Group, where: str) -> StoreHeader:
     return header
 
 
+def store_header(location: str | os.PathLike, storage_options: dict | None = None) -> StoreHeader:
+    """A store's header alone (no index arrays read): what a plan check needs of it."""
+    return read_header(open_root(location, "r", storage_options), str(location))
+
+
 def block_arrays(header: StoreHeader) -> dict[str, str]:
     """Shard block key -> array path. Keys are what shard checksums hash: the output's name for its
     codes (format 1's only arrays), ``name.side`` for its side parameters."""

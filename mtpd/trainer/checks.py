@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from mtpd.cache.store import StoreReader
+from mtpd.cache.store import store_header
 from mtpd.data import CocoDataset
 from mtpd.models import output_specs
 from mtpd.output_spec import OutputSpec
@@ -141,7 +141,7 @@ def check_plan(
             specs = [t.output_specs() for t in online]
             names, mirrored = [f"online teacher {i}" for i in range(len(online))], [""] * len(online)
         else:
-            headers = [StoreReader(p).header for p in stores[k]]
+            headers = [store_header(p) for p in stores[k]]  # the header alone: the stage opens the store
             specs = [{n: o.spec for n, o in h.outputs.items()} for h in headers]
             names = [f"store {p}" for p in stores[k]]
             flips = data.flip

@@ -13,40 +13,30 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from mtpd.cache.batch import decode_codes
-from mtpd.cache.schema import StoredOutput
+from mtpd.cache.read import StoreFeed, grid_size, valid_masks
 from mtpd.cache.store import StoreReader
 from mtpd.output_spec import OutputSpec
-from mtpd.trainer.targets import Batch, grid_size, valid_masks
-
-
-def decode_teacher(batch: Batch, stores_meta: list[dict[str, StoredOutput]]) -> list[dict[str, torch.Tensor]]:
-    """Per store: "fpn.p3" -> [B, C, h, w] float32 maps, decoded where the batch lies (the training device),
-    zero on padded cells, mirrored samples' channels mirrored by each output's rule (``mtpd.cache.batch``)."""
-    sides = batch.teacher_side or [{} for _ in batch.teacher]
-    mirrored = batch.mirrored or [None for _ in batch.teacher]
-    return [
-        decode_codes(codes, side, meta, batch.masks, flags)
-        for codes, side, meta, flags in zip(batch.teacher, sides, stores_meta, mirrored)
-    ]
+from mtpd.trainer.targets import Batch
 
 
 class StoreTargets:
-    """Teacher codes the DataLoader already read from stores (``DistillDataset``) and placed on the batch,
-    decoded here, on the batch's device."""
+    """Teacher codes the DataLoader already read from stores (``DistillDataset``'s feeds) and placed on the
+    batch, decoded here, on the batch's device (``mtpd.cache.read.CodedBatch.decode``)."""
 
-    def __init__(self, readers: list[StoreReader]) -> None:
-        self.readers = readers
-        self.metas = [r.header.outputs for r in readers]
+    def __init__(self, feeds: Sequence[StoreFeed | StoreReader]) -> None:
+        self.feeds = list(feeds)  # what a stage has open: the stores' readers, or a dataset's feeds
+        self.metas = [f.header.outputs for f in feeds]
 
     def outputs(self) -> list[dict[str, OutputSpec]]:
         return [{n: o.spec for n, o in meta.items()} for meta in self.metas]
 
     def names(self) -> list[str]:
-        return [f"store {r.location}" for r in self.readers]
+        return [f"store {f.location}" for f in self.feeds]
 
     def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]:
-        return decode_teacher(batch, self.metas), batch.masks
+        """Per store: ``{name}.p{level}`` -> [B, C, h, w] float32 maps (zero on padded cells, mirrored samples'
+        channels mirrored by each output's rule), and the valid-cell masks."""
+        return [cb.decode(meta, batch.masks) for cb, meta in zip(batch.teacher, self.metas)], batch.masks
 
 
 class OnlineTeacher(Protocol):

@@ -93,6 +93,7 @@ class Stage:
         self.n_sources = 1 if self.cfg.teacher is not None else len(self.cfg.stores)
         self.given_stores = stores
         self.stores: list[str] = []  # resolved in target_source (a cached stage only)
+        self.readers: list[StoreReader] = []  # ... and opened there, once in this process
         self.mirrored: dict[str, dict | None] = {}  # stores serving flips by mirroring: their measured error
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -198,7 +199,7 @@ class Stage:
         data, seed = self.plan.data, self.plan.seed
         spec = ViewSpec(short=data.short, long=data.long, views=("orig", "hflip") if data.flip else ("orig",))
         with_masks = adapter_for(student).needs_masks
-        ds = DistillDataset(train, spec, self.stores, flip=data.flip, seed=seed, outputs=needs, with_masks=with_masks)
+        ds = DistillDataset(train, spec, self.readers, flip=data.flip, seed=seed, outputs=needs, with_masks=with_masks)
         sampler = EpochSampler(len(ds), seed, self.rank, self.world)
         pin = self.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps its work
         loader = make_loader(
@@ -237,7 +238,7 @@ class Stage:
         if self.online is None:
             # A named teacher's store is found under the cache root (once: run_plan hands it over).
             self.stores = self.given_stores if self.given_stores is not None else stage_stores(self.plan, self.cfg)
-            readers = [StoreReader(p) for p in self.stores]
+            readers = self.readers = [StoreReader(p) for p in self.stores]  # opened once: the loader reads these
             for r in readers:
                 if self.plan.data.flip and "hflip" not in r.header.view_names:
                     self.mirrored[r.location] = r.root.attrs.get("flip_error")

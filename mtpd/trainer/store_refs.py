@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from mtpd.cache.catalog import cache_root, find_store, record_use, store_name
-from mtpd.cache.store import StoreReader
+from mtpd.cache.store import store_header
 from mtpd.checkpoint import sha256_file
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.trainer.plan import Plan, PlanError, StageConfig
@@ -69,7 +69,7 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
 
 def describe(path: str) -> dict:
     """What a stage records about a store it read (metrics.json): enough to find it again or tell it apart."""
-    h = StoreReader(path).header
+    h = store_header(path)
     return {
         "path": path,
         "name": store_name(h),

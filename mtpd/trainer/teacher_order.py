@@ -61,13 +61,13 @@ def measure(
         spec = ViewSpec.from_dict(reader.header.views)
         spec = ViewSpec(short=spec.short, long=spec.long, pad=spec.pad, mean=spec.mean, std=spec.std)
         check_store(reader, dataset, spec)
-        ds = DistillDataset(dataset, spec, [path], outputs=[["fpn"]])
+        ds = DistillDataset(dataset, spec, [reader], outputs=[["fpn"]])
         loader = make_loader(ds, batch_size, shuffle=False, workers=0, seed=0)
         xs: dict[int, list[Tensor]] = {lvl: [] for lvl in levels}
         ys: dict[int, list[Tensor]] = {lvl: [] for lvl in levels}
         seen = 0
         for batch in loader:
-            teacher = StoreTargets([reader])(batch.to(device))[0][0]  # decoded as the trainer decodes them
+            teacher = StoreTargets(ds.feeds)(batch.to(device))[0][0]  # decoded as the trainer decodes them
             out = detector_forward(
                 student, batch.images.to(device), batch.image_sizes, None, names=("fpn",), detect=False
             )
