@@ -5,9 +5,10 @@
 
 Both candidates run in a Ray actor with the same CPU/GPU share and torch threads:
 
-- teacher-only: ``ShardComputer.load`` and ``infer`` over every image (decode,
-  views, forward, outputs copied to the host), images of the next shard
-  decoded while the current one runs, outputs dropped: a plain inference loop;
+- teacher-only: the builder's own worker (``ShardWriter``, on a store the product laid out before
+  the rounds), of which only ``ShardComputer.load`` and ``infer`` run over every image (decode,
+  views, forward, outputs copied to the host), images of the next shard decoded while the current
+  one runs, outputs dropped: a plain inference loop;
 - build: ``mtpd.cache.build.build_store`` itself (one worker): the same, plus
   flatten, quantise, compress, write whole shards and mark them done.
 
@@ -28,7 +29,6 @@ host cores are otherwise idle.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -58,46 +58,17 @@ def _pid_of(title: str) -> int | None:
 
 
 class TeacherOnly:
-    """Ray actor: the teacher's part of a build and nothing else."""
+    """Ray actor: the teacher's part of the product's build worker and nothing else.
 
-    def __init__(
-        self,
-        teacher,
-        ann: str,
-        images: str,
-        views: dict,
-        outputs: list[str],
-        precision: str,
-        batch_size: int,
-        threads: int,
-    ) -> None:
-        import torch
+    It is the builder's own ``ShardWriter`` (same teacher, threads, zarr settings and ``ShardComputer``),
+    opened on a store ``build_store`` made before the rounds, of which only ``load`` and ``infer`` run:
+    nothing is encoded or written."""
 
-        from mtpd.cache.calibrate import fit_encodings
-        from mtpd.cache.compute import ShardComputer, plan_layout
-        from mtpd.cache.schema import get_precision
-        from mtpd.data import CocoDataset, ViewSpec
+    def __init__(self, teacher, ann: str, images: str, store: str, batch_size: int, threads: int) -> None:
+        from mtpd.cache.compute import ShardWriter
 
-        torch.set_num_threads(max(1, threads))
-        dataset = CocoDataset(ann, images)
-        model = teacher.build()
-        layout = plan_layout(
-            dataset,
-            ViewSpec.from_dict(views),
-            model.output_specs(),
-            outputs,
-            get_precision(precision),
-            batch_size,
-            model.identity.to_dict(),
-        )
-        header = layout.header
-        state, _ = fit_encodings(model, dataset, header)  # the builder's own fit (PCA bases), if any
-        for name, st in state.items():
-            header.outputs[name] = dataclasses.replace(
-                header.outputs[name], encoding=header.outputs[name].encoding.with_state(st)
-            )
-        self.computer = ShardComputer(model, dataset, header, layout.grids, batch_size, teacher.device)
-        self.shards = layout.header.num_shards
+        writer = ShardWriter(teacher, ann, images, store, batch_size, threads)
+        self.computer, self.shards = writer.computer, writer.header.num_shards
 
     def run(self) -> list[tuple[float, float]]:
         """(wall-clock time, this process's CPU-seconds) at which each shard's outputs were on the host."""
@@ -177,12 +148,29 @@ def main(argv: list[str] | None = None) -> str:
             work = Path(a.work_dir or tmp)
             data = natural_images(work / "data", a.images, round(short * 0.6), round(long * 0.6), num_classes=a.classes)
 
+            def store_options(on_shard=None) -> dict:
+                return dict(
+                    views=views,
+                    outputs=outputs,
+                    precision=a.precision,
+                    batch_size=a.batch,
+                    workers=1,
+                    images_per_shard=a.batch,
+                    progress=False,
+                    on_shard=on_shard,
+                    flip_calibration=0,  # a one-off before the first shard, not part of shard throughput
+                )
+
+            # The teacher-only worker's store: laid out and calibrated by the product, once, before the rounds.
+            layout_store = str(work / "teacher_only_store")
+            build_store(spec, data["ann"], data["images"], layout_store, **store_options())
+
             def teacher_only() -> float:
                 t0 = time.time()
                 actor = (
                     ray.remote(TeacherOnly)
                     .options(**opts)
-                    .remote(spec, data["ann"], data["images"], views.to_dict(), outputs, a.precision, a.batch, threads)
+                    .remote(spec, data["ann"], data["images"], layout_store, a.batch, threads)
                 )
                 done = ray.get(actor.run.remote())
                 ray.kill(actor)
@@ -200,21 +188,7 @@ def main(argv: list[str] | None = None) -> str:
                     done.append((time.time(), cpu_seconds(pid[0]) if pid[0] else float("nan")))
 
                 t0 = time.time()
-                build_store(
-                    spec,
-                    data["ann"],
-                    data["images"],
-                    str(out),
-                    views=views,
-                    outputs=outputs,
-                    precision=a.precision,
-                    batch_size=a.batch,
-                    workers=1,
-                    images_per_shard=a.batch,
-                    progress=False,
-                    on_shard=landed,
-                    flip_calibration=0,  # a one-off before the first shard, not part of shard throughput
-                )
+                build_store(spec, data["ann"], data["images"], str(out), **store_options(landed))
                 return _record(results["build"], t0, done, a.images, a.batch)
 
             print(

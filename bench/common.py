@@ -358,69 +358,58 @@ def build_stores(
     weights: str = "none",
     keep_raw: bool = False,
 ):
-    """Several stores from one teacher pass, in this process (no Ray), through the library's own
-    layout, encode and write path: ``stores`` maps an output path to (precision, outputs). What
-    ``build_store`` cannot do, and why this exists: one teacher forward feeding several presets, with
-    the teacher's and each encoder's time apart (bench/store.py, bench/reader.py). A single store is
-    ``build_store_local``, the product's own builder.
+    """Several stores from one teacher pass, in this process (no Ray): ``stores`` maps an output path to
+    (precision, outputs). Each store is planned, created (calibration, ``flip_error``) and written by the
+    product's own parts (``plan_store``, ``open_or_create``, one ``ShardWriter`` each, under its
+    ``WriterLock``); what ``build_store`` cannot do, and why this exists, is one teacher forward feeding
+    several presets, with the teacher's and each encoder's time apart (bench/store.py, bench/reader.py). A
+    single store is ``build_store_local``, the product's ``build_store`` itself.
 
     Returns (seconds of the teacher pass, CPU-seconds of encode + write per store (all threads of
     this process: what a build worker's host cores spend), raw outputs per shard if ``keep_raw``:
     shard -> [(sample, {"fpn.p3": [C, H, W] float32, ...})]).
     """
+    import contextlib
+
     import torch
 
-    from mtpd.cache.calibrate import fit_encodings
-    from mtpd.cache.compute import ShardComputer, plan_layout
-    from mtpd.cache.schema import get_precision
-    from mtpd.cache.store import create_store, mark_done, read_header, write_shard
-    from mtpd.data import CocoDataset
+    from mtpd.cache.build import BuildRequest, open_or_create, plan_store
+    from mtpd.cache.compute import ShardWriter
+    from mtpd.cache.lock import WriterLock
+    from mtpd.cache.store import mark_done, write_shard
     from mtpd.teachers.registry import TeacherSpec
 
-    dataset = CocoDataset(ann, images)
-    torch.manual_seed(0)  # a random-init teacher is the same one on every run
-    teacher = TeacherSpec(teacher_name, weights, num_classes).build()
-    specs = teacher.output_specs()
-    recs = dataset.images
-    computers, roots = {}, {}
-    for out, (precision, outputs) in stores.items():
-        layout = plan_layout(
-            dataset, views, specs, outputs, get_precision(precision), images_per_shard, teacher.identity.to_dict()
-        )
-        calibration, _ = fit_encodings(teacher, dataset, layout.header)  # the builder's own fit (PCA bases)
-        roots[out] = create_store(
-            out,
-            layout.header,
-            np.array([r.image_id for r in recs], np.int64),
-            np.array([[r.height, r.width] for r in recs], np.int32),
-            [r.file_name for r in recs],
-            layout.view_sizes,
-            layout.grids,
-            calibration=calibration,
-        )
-        header = read_header(roots[out], out)  # with the fitted state attached
-        computers[out] = ShardComputer(teacher, dataset, header, layout.grids, batch_size)
-    # The teacher runs once, for the union of the outputs; every store encodes its own from that.
-    union = sorted({o for _, outs in stores.values() for o in outs})
-    first = next(iter(computers.values()))
-    first.names = union
-    t_infer, t_write = 0.0, dict.fromkeys(stores, 0.0)
-    raws = {}
-    try:
-        for shard in range(first.header.num_shards):
-            t0 = time.perf_counter()
-            raw = first.infer(shard, first.load(shard))
-            t_infer += time.perf_counter() - t0
-            for out, comp in computers.items():
-                c0 = time.process_time()
-                nbytes, checksum = write_shard(roots[out], comp.header, shard, comp.encode(shard, raw))
-                mark_done(roots[out], shard, nbytes, checksum)
-                t_write[out] += time.process_time() - c0
-            if keep_raw:
-                raws[shard] = raw
-    finally:
-        for comp in computers.values():
-            comp.close()
+    spec = TeacherSpec(teacher_name, weights, num_classes)
+    writers = {}
+    with contextlib.ExitStack() as locks:
+        for out, (precision, outputs) in stores.items():
+            req = BuildRequest(
+                spec, ann, images, out, views, list(outputs), precision, batch_size, images_per_shard=images_per_shard
+            )
+            layout, dataset = plan_store(req)
+            locks.enter_context(WriterLock(out))
+            open_or_create(out, layout, dataset, None, spec, req.flip_calibration)
+            writers[out] = ShardWriter(spec, ann, images, out, batch_size, torch.get_num_threads())
+        # The teacher runs once, for the union of the outputs; every store encodes its own from that.
+        first = next(iter(writers.values())).computer
+        first.names = sorted({o for _, outs in stores.values() for o in outs})
+        t_infer, t_write = 0.0, dict.fromkeys(stores, 0.0)
+        raws = {}
+        try:
+            for shard in range(first.header.num_shards):
+                t0 = time.perf_counter()
+                raw = first.infer(shard, first.load(shard))
+                t_infer += time.perf_counter() - t0
+                for out, w in writers.items():
+                    c0 = time.process_time()
+                    nbytes, checksum = write_shard(w.root, w.header, shard, w.computer.encode(shard, raw))
+                    mark_done(w.root, shard, nbytes, checksum)
+                    t_write[out] += time.process_time() - c0
+                if keep_raw:
+                    raws[shard] = raw
+        finally:
+            for w in writers.values():
+                w.computer.close()
     return t_infer, t_write, raws
 
 

@@ -69,27 +69,27 @@ class Config:
     ann: str = ""
     image_dir: str = ""
     store: str = ""
-    teacher_channels: int = 256
     warmup: tuple[int, int] = (128, 192)
     amp: str = "off"  # the student's forward under autocast (the trainer's `amp`)
     channels_last: bool = False  # the trainer's `channels_last`
 
 
 class Candidate:
-    """One candidate: the trainer's ``Engine`` with its student, loss and target source; ``step()`` runs
-    one engine step and returns what the engine's ``StepTimer`` hook measured."""
+    """One candidate: a one-stage plan built by the trainer's own ``Stage`` build steps (student, target source
+    and losses, dataset, optimiser and schedule), the engine over them with a ``StepTimer`` as its only hook
+    (no checkpoints, logs or evaluation on the clock); ``step()`` runs one engine step and returns what the
+    timer measured."""
 
     def __init__(self, variant: str, cfg: Config, steps: int) -> None:
         import torch
 
-        from mtpd.cache.store import StoreReader
-        from mtpd.data import CocoDataset, ViewSpec
-        from mtpd.models import arch_info, build_arch, output_specs
-        from mtpd.trainer.engine import BoundLoss, Engine
+        from mtpd.data import CocoDataset
+        from mtpd.models import adapter_for, arch_info
+        from mtpd.trainer.engine import Engine
         from mtpd.trainer.hooks import StepTimer
-        from mtpd.trainer.losses import build_loss, loss_defaults
-        from mtpd.trainer.sources import OnlineTargets, StoreTargets
-        from mtpd.trainer.targets import DistillDataset, make_loader
+        from mtpd.trainer.plan import Plan, from_dict
+        from mtpd.trainer.stage import Stage
+        from mtpd.trainer.targets import make_loader
 
         set_threads(cfg.threads)
         torch.manual_seed(0)
@@ -97,47 +97,57 @@ class Candidate:
         # The mmdet RetinaNet recipe for an ImageNet-initialised backbone: frozen BN, stem and stage 1 frozen.
         accepted = arch_info(cfg.student).default_options()
         recipe = {k: v for k, v in {"norm": "frozen_bn", "trainable_backbone_layers": 3}.items() if k in accepted}
-        self.device = torch.device(cfg.device)
-        self.student = build_arch(cfg.student, cfg.classes, **recipe).train().to(self.device)
-        specs = output_specs(self.student)
-        self.levels = tuple(specs["fpn"].levels)
-        losses = []
-        if variant != "a":
-            loss = build_loss(
-                cfg.loss,
-                levels=self.levels,
-                student_channels=specs["fpn"].channels,
-                teacher_channels=cfg.teacher_channels,
-                num_anchors=specs["cls"].num_anchors,
-                num_classes=specs["cls"].num_classes,
-            ).to(self.device)
-            losses = [BoundLoss(loss, float(loss_defaults(cfg.loss)["weight"]), 0, cfg.loss)]
-        self.teacher = None
-        targets = None
+        stage_cfg = {
+            "name": variant,
+            "stores": [] if variant == "a" else [cfg.store],  # (b) names it too: one online teacher per store
+            "losses": [] if variant == "a" else [{"name": cfg.loss}],  # the loss's default weight
+            "epochs": 1,
+            "eval": False,
+            "grad_clip": 35.0,  # MTPD's max-norm
+        }
+        plan = from_dict(
+            Plan,
+            {
+                "output_dir": str(Path(cfg.store).parent / f"run_{variant}"),
+                "student": {"arch": cfg.student, "options": recipe},
+                "data": {
+                    "train_ann": cfg.ann,
+                    "train_images": cfg.image_dir,
+                    "short": cfg.short,
+                    "long": cfg.long,
+                    "flip": False,
+                    "batch_size": cfg.batch,
+                    "workers": cfg.loader_workers,
+                },
+                "amp": cfg.amp,
+                "channels_last": cfg.channels_last,
+                "stages": [stage_cfg],
+            },
+        )
+        self.teacher = online = None
         if variant == "b":
             from mtpd.teachers.registry import build_teacher  # only here: (c) must never import a teacher
 
             self.teacher = build_teacher(cfg.teacher, weights="none", num_classes=cfg.classes, device=cfg.device)
-            targets = OnlineTargets([self.teacher], [["fpn"]])
-        stores = [cfg.store] if variant == "c" else []
-        if stores:
-            targets = StoreTargets([StoreReader(cfg.store)])
-        self.modules = [self.student] + [b.loss for b in losses]
-        params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=0.01 * cfg.batch / 16, momentum=0.9, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
-        spec = ViewSpec(short=cfg.short, long=cfg.long)
-        self.ds = DistillDataset(
-            CocoDataset(cfg.ann, cfg.image_dir), spec, stores, outputs=[["fpn"]] if stores else None
-        )
+            online = [self.teacher]
+        stage = Stage(plan, 1, cfg.device, online=online, log=None)
+        self.device = stage.device
+        train = CocoDataset(cfg.ann, cfg.image_dir)
+        self.student = stage.init_student(train.num_classes)
+        self.levels = tuple(adapter_for(self.student).output_specs()["fpn"].levels)
+        targets, losses, needs = stage.build_losses(self.student)
+        self.ds, _, _ = stage.build_data(train, self.student, needs)
+        # The product's loader over the stage's dataset; the sampler cycles over the few images for every step.
         loader = make_loader(
             self.ds,
             cfg.batch,
-            shuffle=False,
-            workers=cfg.loader_workers,
-            seed=0,
+            False,
+            cfg.loader_workers,
+            0,
             sampler=CycleSampler(len(self.ds), (steps + 2) * cfg.batch),
         )
+        opt, sched = stage.build_optimizer(self.student, losses, len(loader))
+        self.modules = [self.student] + [b.loss for b in losses]
         self.timer = StepTimer()
         self.engine = Engine(
             self.student,
@@ -146,9 +156,10 @@ class Candidate:
             sched,
             epochs=1,
             losses=losses,
-            targets=targets,
+            targets=targets if variant != "a" else None,
             device=self.device,
-            grad_clip=35.0,  # MTPD's max-norm
+            grad_clip=stage.cfg.grad_clip,
+            label_offset=adapter_for(self.student).label_offset,
             hooks=[self.timer],
             sync_phases=True,  # exact phase times on a GPU
             amp=cfg.amp,
@@ -168,16 +179,26 @@ class Candidate:
         kernels) off the clock."""
         import torch
 
+        from mtpd.cache.read import CodedBatch, grid_size, valid_masks
         from mtpd.data import ViewSpec, view_meta
-        from mtpd.trainer.targets import Batch, grid_size, valid_masks
+        from mtpd.trainer.targets import Batch
 
         h, w = self.cfg.warmup
         b = self.cfg.batch
         meta = view_meta(ViewSpec(short=min(h, w), long=max(h, w)), (h, w), "orig")
         cached = self.variant == "c"
-        teacher = [
-            {f"fpn.p{lvl}": torch.randn(b, self.cfg.teacher_channels, *grid_size((h, w), lvl)) for lvl in self.levels}
-        ]
+        teacher = []
+        for feed in self.ds.feeds if cached else []:  # zero codes in each served output's own code layout
+            codes, sides = {}, {}
+            for name, o in feed.outputs.items():
+                enc, dtype = o.encoding, getattr(torch, o.encoding.code_dtype)
+                for lvl in o.levels:
+                    hw = grid_size((h, w), lvl)
+                    cl = torch.zeros(b, *hw, enc.code_channels(o.channels), dtype=dtype)
+                    codes[f"{name}.p{lvl}"] = cl.permute(0, 3, 1, 2)  # channels-last, as collate_codes lays it
+                if enc.side_shape(o.channels) is not None:
+                    sides[name] = torch.zeros(b, len(o.levels), *enc.side_shape(o.channels))
+            teacher.append(CodedBatch(codes, sides, torch.zeros(b, dtype=torch.bool)))
         boxes = [torch.tensor([[4.0, 4.0, w / 2, h / 2]])] * b
         self.engine.step(
             Batch(
@@ -187,7 +208,7 @@ class Candidate:
                 [0] * b,
                 boxes,
                 [torch.tensor([1])] * b,
-                teacher if cached else [],
+                teacher,
                 valid_masks((h, w), [(h, w)] * b, list(self.levels)) if cached else {},
             )
         )
@@ -396,9 +417,6 @@ def main(argv: list[str] | None = None) -> str:
             a.precision,
             num_classes=a.classes,
         )
-        from mtpd.cache.store import StoreReader
-
-        cfg.teacher_channels = StoreReader(cfg.store).header.outputs["fpn"].channels
         kind = Local if a.quick else Remote
         cands = {}
         try:

@@ -34,6 +34,7 @@ import math
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ if __package__ in (None, ""):  # run as `python bench/store.py`: make `bench` im
 
 from bench.common import PHOTOS, build_stores, digits_images, natural_images, photo_images, repo_path, report, table
 from mtpd.cache.compute import encode_sample
-from mtpd.cache.encoding import PCA, Affine, Fp16, bitround, pack
+from mtpd.cache.encoding import PCA, Affine, Encoding, Fp16, bitround, pack, unpack
 from mtpd.cache.inspect import store_info
 from mtpd.cache.rows import flatten
 from mtpd.cache.schema import CODEC, PRECISIONS
@@ -89,10 +90,27 @@ def gaussian_rate_bits(eigvals: np.ndarray, rel_rmse_target: float) -> float:
     return float(np.mean(np.maximum(0.0, 0.5 * np.log2(lam / max(lo, 1e-300)))))
 
 
-def abs_step_round(x: torch.Tensor, factor: float, keepbits: int) -> torch.Tensor:
-    """Round to a multiple of 2^floor(log2(factor · RMS)), then BitRound: small values lose all mantissa."""
-    step = 2.0 ** math.floor(math.log2(factor * float(x.double().pow(2).mean().sqrt()) + 1e-30))
-    return bitround((torch.round(x / step) * step).half(), keepbits)
+@dataclasses.dataclass(frozen=True)
+class AbsStepFp16(Encoding):
+    """What-if encoding (not in the library): round to a multiple of 2^floor(log2(factor · RMS)) of each sample's
+    level, then BitRound to ``keepbits``: small values lose all mantissa. fp16 codes, no side parameters."""
+
+    kind: typing.ClassVar[str] = "bench-abs-step"
+    factor: float = 0.03
+    keepbits: int = 5
+
+    def bound(self) -> str:
+        return "half the step plus BitRound's relative 2^-(keepbits+1)"
+
+    def within_bound(self, x: torch.Tensor, y: torch.Tensor, level: int) -> bool:
+        return True  # a what-if measured for its error, not a format with a promise
+
+    def encode(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, None]:
+        step = 2.0 ** math.floor(math.log2(self.factor * float(x.double().pow(2).mean().sqrt()) + 1e-30))
+        return bitround((torch.round(x / step) * step).half(), self.keepbits), None
+
+    def decode(self, codes: torch.Tensor, side: torch.Tensor | None, level: int) -> torch.Tensor:
+        return codes.float()
 
 
 # --- the presets: what each store holds, read back through the library --------------------------
@@ -197,21 +215,15 @@ def spectrum(fit: list[torch.Tensor]) -> dict:
     }
 
 
-def library_codec(enc):
-    """``code(x, level) -> (codes, side, decoded)`` of a library encoding (with its state, if any)."""
-
-    def code(x: torch.Tensor, j: int):
-        codes, side = enc.encode(x, j)
-        return codes, side, enc.decode(codes[None], None if side is None else side[None], j)[0]
-
-    return code
-
-
-def idea(label: str, code, held: list[dict], raw_bytes: float, n_images: int, blosc) -> dict:
-    """Bytes (Blosc of each sample's codes and sides, as a store chunks them), rel. RMSE and mean cell cosine."""
+def idea(label: str, enc: Encoding, held: list[dict], raw_bytes: float, n_images: int, blosc) -> dict:
+    """Bytes (Blosc of each sample's codes and sides, as a store chunks them), rel. RMSE and mean cell cosine of
+    ``enc`` (a library encoding, or a what-if written as one), through its own ``encode`` and ``decode``."""
     nbytes = err2 = ref2 = cos = cells = 0.0
     for levels in held:
-        coded = [code(x, j) for j, x in enumerate(levels)]
+        coded = []
+        for j, x in enumerate(levels):
+            codes, side = enc.encode(x, j)
+            coded.append((codes, side, enc.decode(codes[None], None if side is None else side[None], j)[0]))
         sides = [sd for _, sd, _ in coded if sd is not None]
         nbytes += _packed(blosc, torch.cat([c for c, _, _ in coded]), torch.stack(sides) if sides else None)
         for x, (_, _, y) in zip(levels, coded):
@@ -229,19 +241,48 @@ def idea(label: str, code, held: list[dict], raw_bytes: float, n_images: int, bl
     }
 
 
-def store_scaled_affine(per_level: list[torch.Tensor], bits: int):
-    """Affine codes whose (min, step) per level and channel come from calibration rows, not from each sample:
-    no side parameters, but values outside the calibration range clip (the alternative to ``Affine``)."""
-    top = 2**bits - 1
-    lo = [x.amin(0) for x in per_level]
-    step = [(x.amax(0) - m) / top for x, m in zip(per_level, lo)]
+@dataclasses.dataclass(frozen=True)
+class StoreScaledAffine(Encoding):
+    """What-if encoding (not in the library): ``Affine`` codes whose (min, step) per level and channel come from
+    calibration rows (per-store state, as ``PCA``'s basis), not from each sample: no side parameters, but values
+    outside the calibration range clip."""
 
-    def code(x: torch.Tensor, j: int):
-        safe = torch.where(step[j] > 0, step[j], torch.ones_like(step[j]))
-        q = ((x - lo[j]) / safe).round().clamp(0, top)
-        return pack(q.to(torch.uint8), bits), None, lo[j] + q * step[j]
+    kind: typing.ClassVar[str] = "bench-store-affine"
+    code_dtype: typing.ClassVar[str] = "uint8"
+    needs_fit: typing.ClassVar[bool] = True
+    zero_is_zero: typing.ClassVar[bool] = False
+    bits: int = 8
+    lo: tuple = ()  # per level [C]
+    step: tuple = ()
 
-    return code
+    def bound(self) -> str:
+        return "step / 2 inside the calibration range; clipped outside"
+
+    def within_bound(self, x: torch.Tensor, y: torch.Tensor, level: int) -> bool:
+        return True  # a what-if measured for its error, not a format with a promise
+
+    def code_channels(self, channels: int) -> int:
+        return channels * self.bits // 8
+
+    def fit(self, rows: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        top = 2**self.bits - 1
+        lo = np.stack([x.amin(0).numpy() for x in rows])
+        return {"lo": lo, "step": (np.stack([x.amax(0).numpy() for x in rows]) - lo) / top}
+
+    def with_state(self, state: dict[str, np.ndarray]) -> "StoreScaledAffine":
+        lo, step = (tuple(torch.from_numpy(v) for v in state[k]) for k in ("lo", "step"))
+        return dataclasses.replace(self, lo=lo, step=step)
+
+    def _safe(self, level: int) -> torch.Tensor:
+        return torch.where(self.step[level] > 0, self.step[level], torch.ones_like(self.step[level]))
+
+    def encode(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, None]:
+        q = ((x - self.lo[level]) / self._safe(level)).round().clamp(0, 2**self.bits - 1)
+        return pack(q.to(torch.uint8), self.bits), None
+
+    def decode(self, codes: torch.Tensor, side: torch.Tensor | None, level: int) -> torch.Tensor:
+        c = self.lo[level].numel()
+        return self.lo[level] + unpack(codes, self.bits, c).float() * self.step[level]
 
 
 def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ranks: list[int]) -> list[dict]:
@@ -249,16 +290,16 @@ def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ran
     blosc = _blosc()
     raw = sum(x.numel() * 4 for levels in held for x in levels)
     c = held[0][0].shape[1]
-    run = lambda label, code: idea(label, code, held, raw, len(held), blosc)  # noqa: E731
-    out = [run(f"{e.describe()} (library encoding)", library_codec(e)) for e in (Fp16(5), Fp16(4), Fp16(3))]
-    out += [run(f"{e.describe()} (library encoding)", library_codec(e)) for e in (Affine(8), Affine(2))]
+    run = lambda label, enc: idea(label, enc, held, raw, len(held), blosc)  # noqa: E731
+    out = [run(f"{e.describe()} (library encoding)", e) for e in (Fp16(5), Fp16(4), Fp16(3))]
+    out += [run(f"{e.describe()} (library encoding)", e) for e in (Affine(8), Affine(2))]
     for f in (0.03, 0.06):
-        code = lambda x, j, f=f: (q := abs_step_round(x, f, 5), None, q.float())  # noqa: E731
-        out.append(run(f"absolute step 2^⌊log2({f}·RMS)⌋ + fp16 5 bits", code))
+        out.append(run(f"absolute step 2^⌊log2({f}·RMS)⌋ + fp16 5 bits", AbsStepFp16(f, 5)))
     per_level = [torch.cat([levels[j] for levels in fit]) for j in range(len(fit[0]))]
     for bits in (8, 4):
         label = f"affine(bits={bits}) with scales per store (fitted on the fit images; clipped outside)"
-        out.append(run(label, store_scaled_affine(per_level, bits)))
+        enc = StoreScaledAffine(bits)
+        out.append(run(label, enc.with_state(enc.fit(per_level))))
     for k in sorted({k for k in ranks if k < c} | {max(1, c // 2)}):
         for bits in (4, 8):
             enc = PCA(rank=k, bits=bits)
@@ -267,7 +308,7 @@ def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ran
             label = f"PCA {k}/{c}, {bits} bits (basis {basis_kib:.0f} KiB per store)" + (
                 " = tiny's encoding" if (k, bits) == (max(1, c // 2), 4) else ""
             )
-            out.append(run(label, library_codec(enc)))
+            out.append(run(label, enc))
     return out
 
 
