@@ -21,7 +21,7 @@ def test_wheel_carries_the_demo_teachers(tmp_path: Path) -> None:
     )
     (wheel,) = (tmp_path / "dist").glob("mtpd-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ("weak.pt", "strong.pt", "mbv2.pt", "mbv2_60ep.pt", "swin.pt", "manifest.json"):
+    for f in ("weak.pt", "strong.pt", "mbv2.pt", "mbv2_60ep.pt", "swin.pt", "manifest.json", "nanodet_g/mapping.yaml"):
         assert f"mtpd/demo/teachers/{f}" in names, f
     # Installed on its own (no source tree in reach), the demo finds them through importlib.resources.
     site = tmp_path / "site"
