@@ -367,7 +367,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pca", default="32,64,128", help="PCA ranks to try (tiny's, C/2, is always added)")
     p.add_argument("--confident", type=float, default=0.1, help="fraction of cells whose box deltas are kept")
     p.add_argument(
-        "--datasets", default=None, help="any of digits, natural, photos [default: all three; --quick: digits,natural]"
+        "--datasets",
+        default=None,
+        help="any of digits, natural, photos, aerial (deepforest's tiles) [default: digits,natural,photos; --quick: "
+        "digits,natural]",
     )
     p.add_argument("--work-dir", default=None)
     p.add_argument("--no-write", action="store_true")
@@ -406,7 +409,30 @@ def dataset(name: str, a, work: Path, short: int, long: int) -> dict:
         return natural_images(work / "natural", a.images, round(short * 0.6), round(long * 0.6), num_classes=a.classes)
     if name == "photos":
         return photo_images(work / "photos", a.images, num_classes=a.classes)
-    raise SystemExit(f"unknown dataset {name!r}: choose from digits, natural, photos")
+    if name == "aerial":
+        return aerial_tiles(work / "aerial", a.images, short)
+    raise SystemExit(f"unknown dataset {name!r}: choose from digits, natural, photos, aerial")
+
+
+def aerial_tiles(out: Path, n: int, size: int) -> dict:
+    """``n`` tiles of ``size`` px, spread evenly over the tiles of the aerial photos (tree crowns, Pascal VOC)
+    that the PyPI package ``deepforest`` ships, imported by ``mtpd-data import``'s own code."""
+    import json
+
+    from mtpd.data.importer import import_dataset
+    from mtpd.data.tiling import TileSpec
+
+    spec = importlib.util.find_spec("deepforest")
+    if spec is None:
+        raise SystemExit("the aerial dataset needs deepforest's photos: .venv/bin/pip install --no-deps deepforest")
+    src = Path(spec.submodule_search_locations[0]) / "data"
+    train = import_dataset("voc", src, src, out, tile=TileSpec(size), val_fraction=0.0)["train"]
+    coco = json.loads(Path(train["ann"]).read_text())
+    keep = {img["id"] for img in coco["images"][:: max(1, len(coco["images"]) // n)][:n]}
+    coco["images"] = [img for img in coco["images"] if img["id"] in keep]
+    coco["annotations"] = [x for x in coco["annotations"] if x["image_id"] in keep]
+    Path(train["ann"]).write_text(json.dumps(coco))
+    return {**train, "num_images": len(coco["images"])}
 
 
 def run_dataset(name: str, a, work: Path, views, weights: str) -> dict:
@@ -427,7 +453,30 @@ def run_dataset(name: str, a, work: Path, views, weights: str) -> dict:
     )
     result = analyse(stores, raws, {p: t_write[str(stores[p])] / n for p in PRESETS}, a)
     result["teacher_s"] = t_teacher / n
+    result["flip_error"] = open_store(stores["lossless"]).root.attrs.get("flip_error")  # orig-only stores measure it
+    result["cls_scores"] = class_scores(open_store(stores["lossless"]))
     return result
+
+
+def class_scores(store, k: int = 8) -> dict | None:
+    """Over every stored cell of the class map (fp16, lossless): the share of scores below ``logprob-u8``'s floor
+    (p < 1e-4, coded as the floor), and per cell (one anchor per cell here, else per anchor) the share of
+    probability mass outside the ``k`` highest scores, which ``topk(k)`` codes as the floor."""
+    o = store.header.outputs.get("cls")
+    if o is None:
+        return None
+    o = o.spec
+    below = mass_out = total = cells = 0.0
+    for i in range(store.num_samples):
+        for m in store.read(i, ["cls"])["cls"]:
+            p = torch.sigmoid(torch.from_numpy(m).reshape(o.num_anchors, o.num_classes, -1).permute(0, 2, 1))
+            p = p.reshape(-1, o.num_classes).double()
+            below += float((p < 1e-4).sum())
+            cells += p.shape[0]
+            top = p.topk(min(k, o.num_classes), dim=1).values.sum(1)
+            mass_out += float((p.sum(1) - top).sum())
+            total += float(p.sum())
+    return {"below_floor": below / (cells * o.num_classes), "mass_outside_topk": mass_out / total, "k": k}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -446,6 +495,8 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def who(a) -> str:
+    if a.teacher.startswith("onnx:"):
+        return "an ONNX graph with its own trained weights"
     if a.backbone_weights:
         return f"{a.backbone_weights} backbone, random FPN and head"
     return "random init" if a.weights == "none" else repo_path(a.weights)
@@ -559,12 +610,35 @@ def render(a, results: dict, short: int, long: int) -> str:
         idea_table(results),
         "",
         *spectrum_notes(results),
+        *real_head_notes(results),
         "",
         target_table(results),
         "",
         summary(a, results, short, long),
     ]
     return "\n".join(lines)
+
+
+def real_head_notes(results: dict) -> list[str]:
+    """Mirroring error of each orig-only store (does one view serve?) and what the class-score codes drop."""
+    lines = []
+    for ds, r in results.items():
+        flip, cls = r.get("flip_error"), r.get("cls_scores")
+        if flip:
+            per = "; ".join(
+                f"{out} inside {100 * np.mean([v['inside'] for v in lv.values()]):.1f} %, border "
+                f"{100 * np.mean([v['border'] for v in lv.values()]):.1f} %"
+                for out, lv in flip.items()
+            )
+            lines.append(f"- {ds}: `flip_error` (mirrored orig maps against the teacher's flipped view, rel. RMSE, "
+                         f"mean over levels): {per}.")  # fmt: skip
+        if cls:
+            lines.append(
+                f"- {ds}: class scores below logprob-u8's floor (p < 1e-4): {100 * cls['below_floor']:.2f} % of all; "
+                f"probability mass outside each cell's top {cls['k']} (what `topk(k={cls['k']})` drops): "
+                f"{100 * cls['mass_outside_topk']:.1f} %."
+            )
+    return lines
 
 
 def summary(a, results: dict, short: int, long: int) -> str:
