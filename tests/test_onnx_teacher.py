@@ -178,3 +178,33 @@ def test_mapping_mistakes_are_one_line_errors(onnx_teacher, tmp_path) -> None:
         build_teacher(f"onnx:{spec}", weights="some.pt")
     with pytest.raises(TeacherError, match="not found"):
         build_teacher(f"onnx:{tmp_path / 'nope.yaml'}")
+
+
+def test_a_plan_names_an_onnx_teacher_and_finds_its_store(onnx_teacher, digits, tmp_path) -> None:
+    """``teacher: {name: onnx:MAPPING}`` in a plan: the catalogued store is found by the resolved mapping path and
+    the graph's sha256 (the graph holds the weights: no ``weights`` entry), and a missing one names its build."""
+    from mtpd.trainer.plan import Plan, PlanError, from_dict
+    from mtpd.trainer.store_refs import stage_stores
+
+    _, spec, _ = onnx_teacher
+    ann, images = digits["train"]["ann"], digits["train"]["images"]
+    views = ViewSpec(views=("orig", "hflip"), **TINY_VIEW)
+    root = tmp_path / "root"
+
+    def plan(name: str) -> Plan:
+        data = {"train_ann": ann, "train_images": images, "short": TINY_VIEW["short"], "long": TINY_VIEW["long"]}
+        stage = {"name": "s", "teacher": {"name": name, "outputs": ["fpn"], "precision": "lossless"}, "losses": []}
+        body = {"output_dir": str(tmp_path / "run"), "cache_root": str(root), "student": {"arch": "retinanet_tiny"}}
+        return from_dict(Plan, {**body, "data": {**data, "flip": True}, "stages": [stage]})
+
+    with pytest.raises(PlanError, match="mtpd-cache build --teacher onnx:"):
+        stage_stores(plan(f"onnx:{spec}"), plan(f"onnx:{spec}").stages[0])
+    built = build_store(
+        TeacherSpec(f"onnx:{spec}"), ann, images, None, root=str(root), views=views, outputs=["fpn"],
+        precision="lossless", workers=0, images_per_shard=4, progress=False,
+    )  # fmt: skip
+    relative = Path(spec).relative_to(Path.cwd()) if Path(spec).is_relative_to(Path.cwd()) else Path(spec)
+    p = plan(f"onnx:{relative}")  # the mapping named as the user wrote it
+    assert stage_stores(p, p.stages[0]) == [built.store]
+    with pytest.raises(PlanError, match="mapping file not found"):
+        stage_stores(plan("onnx:nowhere.yaml"), plan("onnx:nowhere.yaml").stages[0])

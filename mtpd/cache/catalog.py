@@ -25,6 +25,7 @@ from pathlib import Path
 from mtpd.cache.lock import WriterLock
 from mtpd.cache.schema import StoreError, StoreHeader
 from mtpd.cache.store import StoreReader
+from mtpd.checkpoint import sha256_file
 
 INDEX = ".mtpd-catalog.json"
 USES = "uses"  # one small JSON file per (run, stage) that read the store
@@ -208,6 +209,19 @@ def scan(root: Path) -> tuple[list[dict], list[str]]:
 
 
 # -- look-up by teacher ---------------------------------------------------------------------------
+def teacher_reference(name: str, weights: str) -> tuple[str, str, str | None]:
+    """(teacher name, weights, weights sha256 or None) as a store of teacher ``name`` with ``weights`` records
+    them: a weights file by its sha256; an ONNX teacher (``onnx:MAPPING``) by its resolved mapping path and graph
+    file (the graph holds the weights), read from the mapping file without loading the graph."""
+    if name.startswith("onnx:"):
+        from mtpd.teachers.onnx_adapter import onnx_reference  # parses YAML only; no ONNX Runtime is loaded
+
+        ident, model = onnx_reference(name[len("onnx:") :])
+        return ident, str(model), sha256_file(model) if model.is_file() else None
+    sha = sha256_file(weights) if weights not in ("none", "default") and Path(weights).is_file() else None
+    return name, weights, sha
+
+
 def find_store(
     root: Path,
     teacher: str,

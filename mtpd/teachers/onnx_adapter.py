@@ -60,6 +60,13 @@ def _mapping(path: Path) -> dict:
     return m
 
 
+def onnx_reference(mapping: str | Path) -> tuple[str, Path]:
+    """(the identity name, the graph file) an ONNX teacher records in its stores, from the mapping file alone (no
+    graph loaded): what a plan's ``teacher: {name: onnx:...}`` is looked up by."""
+    path = Path(mapping).expanduser().resolve()
+    return f"onnx:{path}", (path.parent / str(_mapping(path)["model"])).resolve()
+
+
 def _conversion(inp: dict, where: str) -> InputConversion:
     """View space (ImageNet-normalised RGB) -> the graph's: pixel = x·std_v + mean_v, then order, then (p − m) / s."""
     color = inp.get("color", "rgb")
@@ -82,9 +89,9 @@ class OnnxTeacher:
         import onnx
         import onnxruntime as ort
 
+        name, self.model_path = onnx_reference(mapping_path)
         self.path = Path(mapping_path).expanduser().resolve()
         m = _mapping(self.path)
-        self.model_path = (self.path.parent / str(m["model"])).resolve()
         if not self.model_path.is_file():
             raise TeacherError(f"{self.path}: model {self.model_path} not found")
         graph = onnx.load(str(self.model_path))
@@ -110,7 +117,7 @@ class OnnxTeacher:
         self.device = torch.device(device)
         digest = sha256_file(self.model_path)
         self.identity = TeacherIdentity(
-            name=f"onnx:{self.path}",
+            name=name,
             config=json.dumps(m, sort_keys=True, default=str),
             weights=str(self.model_path),
             weights_sha256=digest,

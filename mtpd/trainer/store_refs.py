@@ -6,9 +6,8 @@ import functools
 import shlex
 from pathlib import Path
 
-from mtpd.cache.catalog import cache_root, find_store, record_use, store_name
+from mtpd.cache.catalog import cache_root, find_store, record_use, store_name, teacher_reference
 from mtpd.cache.store import store_header
-from mtpd.checkpoint import sha256_file
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.trainer.plan import Plan, PlanError, StageConfig
 
@@ -27,14 +26,15 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
         return list(stage.stores)
     d = plan.data
     spec = ViewSpec(short=d.short, long=d.long, views=("orig", "hflip") if d.flip else ("orig",))
-    sha = None
-    if ref.weights not in ("none", "default"):
-        if not Path(ref.weights).is_file():
-            raise PlanError(f"stage {stage.name}: teacher weights {ref.weights} not found; fix teacher.weights")
-        sha = sha256_file(ref.weights)
+    onnx = ref.name.startswith("onnx:")
+    if not onnx and ref.weights not in ("none", "default") and not Path(ref.weights).is_file():
+        raise PlanError(f"stage {stage.name}: teacher weights {ref.weights} not found; fix teacher.weights")
+    if onnx and not Path(ref.name[len("onnx:") :]).expanduser().is_file():
+        raise PlanError(f"stage {stage.name}: teacher {ref.name}: mapping file not found; fix teacher.name")
+    name, weights, sha = teacher_reference(ref.name, ref.weights)
     manifest = _manifest(d.train_ann, d.train_images, Path(d.train_ann).stat().st_mtime_ns)
     root = cache_root(plan.cache_root)
-    found = find_store(root, ref.name, ref.weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision)
+    found = find_store(root, name, weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision)
     if found is not None:
         return [found]
     cmd = [
