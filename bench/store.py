@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as `python bench/store.py`: make `bench` im
 
 from bench.common import PHOTOS, build_stores, digits_images, natural_images, photo_images, repo_path, report, table
 from mtpd.cache.compute import encode_sample
-from mtpd.cache.encoding import PCA, Affine, Encoding, Fp16, bitround, pack, unpack
+from mtpd.cache.encoding import PCA, Affine, Encoding, Fp16, Transform, bitround, pack, unpack
 from mtpd.cache.inspect import store_info
 from mtpd.cache.rows import flatten
 from mtpd.cache.schema import CODEC, PRECISIONS
@@ -299,6 +299,10 @@ def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ran
     for bits in (8, 4):
         label = f"affine(bits={bits}) with scales per store (fitted on the fit images; clipped outside)"
         enc = StoreScaledAffine(bits)
+        out.append(run(label, enc.with_state(enc.fit(per_level))))
+    for bits in (2.0, 1.5, 1.0):  # transform coding at 1/16, 1/21 and 1/32 of fp32 (no side parameters)
+        enc = Transform(bits)
+        label = f"transform coding, {bits:g} bits/value (all components, widths by reverse water-filling)"
         out.append(run(label, enc.with_state(enc.fit(per_level))))
     for k in sorted({k for k in ranks if k < c} | {max(1, c // 2)}):
         for bits in (4, 8):

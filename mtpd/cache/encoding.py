@@ -34,6 +34,7 @@ from mtpd.cache.codes import (
     logprob_logits,
 )
 from mtpd.cache.lowbit import PCA, Affine, pack, unpack
+from mtpd.cache.transform import Transform
 
 __all__ = [
     "ENCODINGS",
@@ -46,6 +47,7 @@ __all__ = [
     "Fp16",
     "LogProbU8",
     "TopK",
+    "Transform",
     "bitround",
     "encoding_from_attrs",
     "encoding_from_v1",
@@ -54,7 +56,7 @@ __all__ = [
     "unpack",
 ]
 
-ENCODINGS: dict[str, type[Encoding]] = {cls.kind: cls for cls in (Fp16, LogProbU8, Affine, PCA, TopK)}
+ENCODINGS: dict[str, type[Encoding]] = {cls.kind: cls for cls in (Fp16, LogProbU8, Affine, PCA, TopK, Transform)}
 
 
 def encoding_from_attrs(d: dict) -> Encoding:
