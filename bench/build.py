@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> str:
     short, long = (int(x) for x in a.size.lower().split("x"))
     import ray
 
-    from mtpd.cache.build import build_store
+    from mtpd.cache.build import BuildRequest, build_store, open_or_create, plan_store
     from mtpd.data import ViewSpec
     from mtpd.teachers.registry import TeacherSpec
 
@@ -161,9 +161,12 @@ def main(argv: list[str] | None = None) -> str:
                     flip_calibration=0,  # a one-off before the first shard, not part of shard throughput
                 )
 
-            # The teacher-only worker's store: laid out and calibrated by the product, once, before the rounds.
+            # The teacher-only worker's store: laid out and calibrated by the product, once, before the rounds
+            # (created, no shard written: ShardWriter needs its header and index, nothing more).
             layout_store = str(work / "teacher_only_store")
-            build_store(spec, data["ann"], data["images"], layout_store, **store_options())
+            req = BuildRequest(spec, data["ann"], data["images"], layout_store, **store_options())
+            layout, dataset = plan_store(req)
+            open_or_create(layout_store, layout, dataset, None, spec, 0)
 
             def teacher_only() -> float:
                 t0 = time.time()

@@ -370,6 +370,7 @@ def build_stores(
     shard -> [(sample, {"fpn.p3": [C, H, W] float32, ...})]).
     """
     import contextlib
+    import shutil
 
     import torch
 
@@ -387,6 +388,7 @@ def build_stores(
                 spec, ann, images, out, views, list(outputs), precision, batch_size, images_per_shard=images_per_shard
             )
             layout, dataset = plan_store(req)
+            shutil.rmtree(out, ignore_errors=True)  # a fresh store each run, as a benchmark wants (no resume)
             locks.enter_context(WriterLock(out))
             open_or_create(out, layout, dataset, None, spec, req.flip_calibration)
             writers[out] = ShardWriter(spec, ann, images, out, batch_size, torch.get_num_threads())

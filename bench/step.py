@@ -138,14 +138,9 @@ class Candidate:
         targets, losses, needs = stage.build_losses(self.student)
         self.ds, _, _ = stage.build_data(train, self.student, needs)
         # The product's loader over the stage's dataset; the sampler cycles over the few images for every step.
-        loader = make_loader(
-            self.ds,
-            cfg.batch,
-            False,
-            cfg.loader_workers,
-            0,
-            sampler=CycleSampler(len(self.ds), (steps + 2) * cfg.batch),
-        )
+        cycle = CycleSampler(len(self.ds), (steps + 2) * cfg.batch)
+        pin = self.device.type == "cuda"  # as Stage.build_data's loader: page-locked batches on a GPU
+        loader = make_loader(self.ds, cfg.batch, False, cfg.loader_workers, 0, sampler=cycle, pin_memory=pin)
         opt, sched = stage.build_optimizer(self.student, losses, len(loader))
         self.modules = [self.student] + [b.loss for b in losses]
         self.timer = StepTimer()
@@ -199,6 +194,8 @@ class Candidate:
                 if enc.side_shape(o.channels) is not None:
                     sides[name] = torch.zeros(b, len(o.levels), *enc.side_shape(o.channels))
             teacher.append(CodedBatch(codes, sides, torch.zeros(b, dtype=torch.bool)))
+        # the masks cover every level the codes do (a store may hold levels the student lacks)
+        levels = sorted({lvl for f in self.ds.feeds for o in f.outputs.values() for lvl in o.levels})
         boxes = [torch.tensor([[4.0, 4.0, w / 2, h / 2]])] * b
         self.engine.step(
             Batch(
@@ -209,7 +206,7 @@ class Candidate:
                 boxes,
                 [torch.tensor([1])] * b,
                 teacher,
-                valid_masks((h, w), [(h, w)] * b, list(self.levels)) if cached else {},
+                valid_masks((h, w), [(h, w)] * b, levels) if cached else {},
             )
         )
 

@@ -208,3 +208,44 @@ def test_a_plan_names_an_onnx_teacher_and_finds_its_store(onnx_teacher, digits, 
     assert stage_stores(p, p.stages[0]) == [built.store]
     with pytest.raises(PlanError, match="mapping file not found"):
         stage_stores(plan("onnx:nowhere.yaml"), plan("onnx:nowhere.yaml").stages[0])
+
+
+def test_a_plan_file_names_its_onnx_teacher_relative_to_itself(onnx_teacher, digits, tmp_path, monkeypatch) -> None:
+    """In a plan file, ``onnx:MAPPING`` is relative to the plan, like every other path in it, whatever the cwd;
+    finding the teacher's store imports no teacher module (the trainer never builds a teacher)."""
+    import subprocess
+    import sys
+
+    import yaml as yaml_
+
+    from mtpd.trainer.plan import load_plan
+
+    _, spec, _ = onnx_teacher
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    model = tmp_path / "model"  # the mapping and its graph, beside the plans folder
+    model.mkdir()
+    for f in Path(spec).parent.glob("tiny.*"):
+        (model / f.name).write_bytes(f.read_bytes())
+    rel = Path("..") / "model" / Path(spec).name
+    body = {
+        "student": {"arch": "retinanet_tiny"},
+        "data": {"train_ann": digits["train"]["ann"], "train_images": digits["train"]["images"], "short": 64},
+        "output_dir": str(tmp_path / "run"),
+        "cache_root": str(tmp_path / "root"),
+        "stages": [{"name": "s", "teacher": {"name": f"onnx:{rel}", "precision": "lossless"}, "losses": []}],
+    }
+    (plans / "p.yaml").write_text(yaml_.safe_dump(body))
+    monkeypatch.chdir(digits["train"]["images"])  # anywhere but the plan's folder
+    plan = load_plan(plans / "p.yaml")
+    assert plan.stages[0].teacher.name == f"onnx:{(plans / rel).resolve()}"
+    code = (
+        "import sys\n"
+        "from mtpd.trainer.plan import load_plan\n"
+        "from mtpd.trainer.store_refs import stage_stores\n"
+        f"p = load_plan({str(plans / 'p.yaml')!r})\n"
+        "try:\n    stage_stores(p, p.stages[0])\nexcept Exception as e:\n    print(type(e).__name__)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mtpd.teachers')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert r.stdout.split("\n")[:2] == ["PlanError", "[]"], r.stdout + r.stderr  # no store yet; no teacher import

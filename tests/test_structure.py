@@ -15,7 +15,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "mtpd"
 
 # What each part may import besides itself.
-LEAVES = {"errors", "checkpoint", "output_spec", "factory", "defaults", "__init__"}
+LEAVES = {"errors", "checkpoint", "output_spec", "factory", "defaults", "onnx_mapping", "__init__"}
 ALLOWED = {
     "leaf": set(),
     "data": {"leaf"},

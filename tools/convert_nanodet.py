@@ -103,11 +103,14 @@ def run_tensorflow(model_json: Path, inputs: dict[str, np.ndarray]) -> dict[str,
     blob = (model_json.parent / model["weightsManifest"][0]["paths"][0]).read_bytes()
     weights, offset = {}, 0
     for w in model["weightsManifest"][0]["weights"]:
-        dtype = np.dtype(w["dtype"] if "quantization" not in w else w["quantization"]["dtype"])
+        quant = w.get("quantization") or {}
+        dtype = np.dtype(quant.get("dtype", w["dtype"]))
         n = int(np.prod(w["shape"])) if w["shape"] else 1
         raw = np.frombuffer(blob, dtype, n, offset).reshape(w["shape"])
         offset += n * dtype.itemsize
-        weights[w["name"]] = raw.astype(np.float32) if w["dtype"] == "float32" else raw.astype(w["dtype"])
+        if "scale" in quant:  # uint8/uint16 affine-quantised weights: value = code * scale + min
+            raw = raw.astype(np.float32) * np.float32(quant["scale"]) + np.float32(quant["min"])
+        weights[w["name"]] = raw.astype(w["dtype"])
     graph_def = tf.compat.v1.GraphDef()
     for node in model["modelTopology"]["node"]:
         nd = json_format.ParseDict(node, tf.compat.v1.NodeDef(), ignore_unknown_fields=True)

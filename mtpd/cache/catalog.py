@@ -26,6 +26,7 @@ from mtpd.cache.lock import WriterLock
 from mtpd.cache.schema import StoreError, StoreHeader
 from mtpd.cache.store import StoreReader
 from mtpd.checkpoint import sha256_file
+from mtpd.onnx_mapping import onnx_reference
 
 INDEX = ".mtpd-catalog.json"
 USES = "uses"  # one small JSON file per (run, stage) that read the store
@@ -214,9 +215,7 @@ def teacher_reference(name: str, weights: str) -> tuple[str, str, str | None]:
     them: a weights file by its sha256; an ONNX teacher (``onnx:MAPPING``) by its resolved mapping path and graph
     file (the graph holds the weights), read from the mapping file without loading the graph."""
     if name.startswith("onnx:"):
-        from mtpd.teachers.onnx_adapter import onnx_reference  # parses YAML only; no ONNX Runtime is loaded
-
-        ident, model = onnx_reference(name[len("onnx:") :])
+        ident, model = onnx_reference(name[len("onnx:") :])  # the mapping file alone: no teacher module
         return ident, str(model), sha256_file(model) if model.is_file() else None
     sha = sha256_file(weights) if weights not in ("none", "default") and Path(weights).is_file() else None
     return name, weights, sha

@@ -49,7 +49,7 @@ class StoreFeed:
 
     def __init__(self, store: StoreReader | str | os.PathLike, names: list[str] | None = None) -> None:
         self._reader: StoreReader | None = store if isinstance(store, StoreReader) else StoreReader(store)
-        self.location = self._reader.location
+        self.location, self.storage_options = self._reader.location, self._reader.storage_options
         self.header = self._reader.header
         self.names = list(names) if names is not None else list(self.header.outputs)
         unknown = [n for n in self.names if n not in self.header.outputs]
@@ -66,7 +66,7 @@ class StoreFeed:
     @property
     def reader(self) -> StoreReader:
         if self._reader is None:
-            self._reader = StoreReader(self.location)
+            self._reader = StoreReader(self.location, self.storage_options)
         return self._reader
 
     def __getstate__(self) -> dict:

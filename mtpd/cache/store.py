@@ -227,6 +227,7 @@ class StoreReader:
 
     def __init__(self, location: str | os.PathLike, storage_options: dict | None = None) -> None:
         self.location = str(location)
+        self.storage_options = storage_options  # a reader reopened elsewhere (a DataLoader worker) needs them
         self.root = open_root(self.location, "r", storage_options)
         self.header = read_header(self.root, self.location)
         idx = self.root["index"]
@@ -297,7 +298,7 @@ class StoreReader:
         its own device.
         """
         out = {}
-        for name in names or list(self.header.outputs):
+        for name in list(self.header.outputs) if names is None else names:
             length = flat_length(self.output_grid(sample, name))
             # One chunk per sample: arr[i], never fancy indexing.
             codes = np.asarray(self._arrays[name][sample])[:length]

@@ -27,7 +27,8 @@ from mtpd.cache.lowbit import pack, unpack
 
 WIDTHS = (8, 4, 2)  # bits a component may get (packed 1, 2 and 4 per byte), besides 0
 # Step (in standard deviations) and mean squared error (in variances) of the optimal uniform quantiser of a
-# unit Gaussian with 2**b levels (Max, "Quantizing for minimum distortion", 1960; Table I).
+# unit Gaussian with 2**b levels (Max, "Quantizing for minimum distortion", 1960, for 2 and 4 bits; 8 bits by
+# the high-rate approximation). The widths' allocation uses them; the steps are then fitted to the data.
 STEP = {2: 0.9957, 4: 0.3352, 8: 0.0308}
 MSE = {0: 1.0, 2: 0.1188, 4: 0.01154, 8: 0.0000846}
 

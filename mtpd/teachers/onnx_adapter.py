@@ -34,10 +34,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from mtpd.checkpoint import sha256_file
 from mtpd.data.views import IMAGENET_MEAN, IMAGENET_STD
+from mtpd.onnx_mapping import MappingError, onnx_reference, read_mapping
 from mtpd.output_spec import MIRRORS, OutputSpec
 from mtpd.teachers.base import TeacherError, TeacherIdentity, check_outputs
 from mtpd.teachers.convert import InputConversion
@@ -47,24 +47,16 @@ KINDS = ("feature", "logits", "deltas", "objectness")
 
 def _mapping(path: Path) -> dict:
     try:
-        m = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise TeacherError(f"onnx teacher: mapping file {path} not found") from None
-    except yaml.YAMLError as e:
-        raise TeacherError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(m, dict) or "model" not in m or not isinstance(m.get("outputs"), dict) or not m["outputs"]:
-        raise TeacherError(f"{path}: a mapping needs 'model' (the .onnx file) and 'outputs' (name -> levels)")
-    unknown = sorted(set(m) - {"model", "input", "outputs"})
-    if unknown:
-        raise TeacherError(f"{path}.{unknown[0]}: unknown key; allowed: model, input, outputs")
-    return m
+        return read_mapping(path)
+    except MappingError as e:
+        raise TeacherError(str(e)) from None
 
 
-def onnx_reference(mapping: str | Path) -> tuple[str, Path]:
-    """(the identity name, the graph file) an ONNX teacher records in its stores, from the mapping file alone (no
-    graph loaded): what a plan's ``teacher: {name: onnx:...}`` is looked up by."""
-    path = Path(mapping).expanduser().resolve()
-    return f"onnx:{path}", (path.parent / str(_mapping(path)["model"])).resolve()
+def _reference(mapping: str | Path) -> tuple[str, Path]:
+    try:
+        return onnx_reference(mapping)
+    except MappingError as e:
+        raise TeacherError(str(e)) from None
 
 
 def _conversion(inp: dict, where: str) -> InputConversion:
@@ -89,7 +81,7 @@ class OnnxTeacher:
         import onnx
         import onnxruntime as ort
 
-        name, self.model_path = onnx_reference(mapping_path)
+        name, self.model_path = _reference(mapping_path)
         self.path = Path(mapping_path).expanduser().resolve()
         m = _mapping(self.path)
         if not self.model_path.is_file():

@@ -301,6 +301,8 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
             s.inherit.weights = fix(s.inherit.weights)
         if s.teacher and s.teacher.weights not in ("none", "default"):
             s.teacher.weights = fix(s.teacher.weights)
+        if s.teacher and s.teacher.name.startswith("onnx:"):  # an ONNX teacher is named by its mapping file
+            s.teacher.name = "onnx:" + fix(s.teacher.name[len("onnx:") :])
     return plan
 
 

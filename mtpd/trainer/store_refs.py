@@ -9,6 +9,7 @@ from pathlib import Path
 from mtpd.cache.catalog import cache_root, find_store, record_use, store_name, teacher_reference
 from mtpd.cache.store import store_header
 from mtpd.data import CocoDataset, ViewSpec
+from mtpd.errors import MtpdError
 from mtpd.trainer.plan import Plan, PlanError, StageConfig
 
 
@@ -31,7 +32,10 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
         raise PlanError(f"stage {stage.name}: teacher weights {ref.weights} not found; fix teacher.weights")
     if onnx and not Path(ref.name[len("onnx:") :]).expanduser().is_file():
         raise PlanError(f"stage {stage.name}: teacher {ref.name}: mapping file not found; fix teacher.name")
-    name, weights, sha = teacher_reference(ref.name, ref.weights)
+    try:
+        name, weights, sha = teacher_reference(ref.name, ref.weights)
+    except MtpdError as e:  # an unreadable mapping file
+        raise PlanError(f"stage {stage.name}: teacher {ref.name}: {e}") from None
     manifest = _manifest(d.train_ann, d.train_images, Path(d.train_ann).stat().st_mtime_ns)
     root = cache_root(plan.cache_root)
     found = find_store(root, name, weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision)
