@@ -93,25 +93,17 @@ def test_attrs_round_trip_and_errors():
 
 def test_a_store_coded_by_it_reads_back_within_the_bound(tmp_path, digits, tiny_teacher_ckpt):
     """Through the builder (calibration fits the basis and widths; they are stored in calib/) and the reader."""
-    import dataclasses
-
     from conftest import TINY_VIEW
 
     from mtpd.cache import open_store
     from mtpd.cache.build import build_store
-    from mtpd.cache.schema import PRECISIONS
     from mtpd.data import ViewSpec
     from mtpd.teachers.registry import TeacherSpec
 
-    base = PRECISIONS["small"]
-    PRECISIONS["transform-test"] = dataclasses.replace(base, name="transform-test", features=lambda s: Transform(2.0))
     common = dict(views=ViewSpec(**TINY_VIEW), outputs=["fpn"], workers=0, progress=False, images_per_shard=4)
     spec = TeacherSpec("retinanet_tiny", tiny_teacher_ckpt)
     ann, images = digits["train"]["ann"], digits["train"]["images"]
-    try:
-        build_store(spec, ann, images, str(tmp_path / "t"), precision="transform-test", **common)
-    finally:
-        del PRECISIONS["transform-test"]
+    build_store(spec, ann, images, str(tmp_path / "t"), precision="small+features=transform:bits=2", **common)
     build_store(spec, ann, images, str(tmp_path / "ref"), precision="lossless", **common)
     s, ref = open_store(tmp_path / "t"), open_store(tmp_path / "ref")
     enc = s.header.outputs["fpn"].encoding
@@ -122,3 +114,28 @@ def test_a_store_coded_by_it_reads_back_within_the_bound(tmp_path, digits, tiny_
         for a, b in zip(s.read(i)["fpn"], ref.read(i)["fpn"]):
             err, num = err + float(((a - b) ** 2).sum()), num + float((b**2).sum())
     assert 0 < (err / num) ** 0.5 < 0.5  # lossy, at 2 bits a value: 1/16 of fp32
+
+
+def test_a_precision_string_replaces_a_presets_encodings():
+    """``BASE+ROLE=KIND:PARAM=VALUE,...``: what a study (or a user) names without a new preset; bad parts are
+    one-line errors naming the part."""
+    from mtpd.cache.encoding import TopK
+    from mtpd.cache.schema import StoreError, get_precision
+    from mtpd.output_spec import OutputSpec
+
+    fpn = OutputSpec("fpn", "feature", (3, 4), 64)
+    cls = OutputSpec("cls", "logits", (3, 4), 90, 9, 10)
+    box = OutputSpec("box", "deltas", (3, 4), 36, 9, 0, "negate_dx")
+    p = get_precision("small+features=transform:bits=2+logits=topk:k=2,groups=anchors")
+    assert p.encoding_for(fpn) == Transform(2.0) and p.encoding_for(cls) == TopK(2, 90, 9)
+    assert p.encoding_for(box) == get_precision("small").encoding_for(box)  # the base's, where not replaced
+    assert get_precision("tiny+features=pca:rank=c/4,bits=8").encoding_for(fpn) == PCA(rank=16, bits=8)
+    for bad, msg in (
+        ("huge", "unknown precision 'huge'"),
+        ("small+fpn=transform", "ROLE one of"),
+        ("small+features=zfp", "unknown encoding 'zfp'"),
+        ("small+features=transform:bits", "is not PARAM=VALUE"),
+        ("small+features=transform:bitz=2", "bitz"),
+    ):
+        with pytest.raises(StoreError, match=msg):
+            get_precision(bad)

@@ -29,6 +29,7 @@ Format 1 (still read): encodings named by strings (``fp16``, ``fp16-bitround5``,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from mtpd.cache.custom import parse_overrides
 from mtpd.cache.encoding import (
     PCA,
     Affine,
@@ -108,9 +110,24 @@ PRECISIONS: dict[str, Precision] = {
 
 
 def get_precision(name: str) -> Precision:
-    if name not in PRECISIONS:
-        raise StoreError(f"unknown precision {name!r}: choose from {', '.join(PRECISIONS)}")
-    return PRECISIONS[name]
+    """A preset by name, or one with encodings replaced: ``small+features=transform:bits=2`` (``mtpd.cache.custom``)."""
+    base, plus, overrides = name.partition("+")
+    if base not in PRECISIONS:
+        raise StoreError(f"unknown precision {base!r}: choose from {', '.join(PRECISIONS)} (then +ROLE=KIND:...)")
+    if not plus:
+        return PRECISIONS[base]
+    try:
+        rules = parse_overrides(overrides)
+        probes = {  # a bad parameter fails here, not mid-build: each rule on an output of its role
+            "features": OutputSpec("fpn", "feature", (3,), 64),
+            "logits": OutputSpec("cls", "logits", (3,), 90, 9, 10),
+            "other": OutputSpec("box", "deltas", (3,), 36, 9, 0),
+        }
+        for role, rule in rules.items():
+            rule(probes[role])
+    except EncodingError as e:
+        raise StoreError(f"precision {name!r}: {e}") from None
+    return dataclasses.replace(PRECISIONS[base], name=name, summary=f"{base} with {overrides}", **rules)
 
 
 @dataclass(frozen=True)

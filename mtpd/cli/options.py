@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mtpd.cache.schema import PRECISIONS
 from mtpd.defaults import DEFAULT_PRECISION
 
 
@@ -48,12 +47,24 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
     what.add_argument(
         "--precision",
         default=DEFAULT_PRECISION,
-        choices=list(PRECISIONS),
+        type=_precision,
         help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities; "
         "small: features as 4-bit per-channel codes; tiny: features projected on a per-store PCA basis of half "
         "the channels, 4-bit coefficients (README: Precision presets; default: %(default)s, the smallest that cost "
-        "distillation no measurable AP in the bytes-vs-AP sweep: README, How small can a store be)",
+        "distillation no measurable AP in the bytes-vs-AP sweep: README, How small can a store be); or a preset "
+        "with encodings replaced, e.g. small+features=transform:bits=2+logits=topk:k=2,groups=anchors",
     )
+
+
+def _precision(name: str) -> str:
+    """argparse type: a preset, or one with replaced encodings, checked here (one line naming the fault)."""
+    from mtpd.cache.schema import StoreError, get_precision
+
+    try:
+        get_precision(name)
+    except StoreError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def teacher_spec(a: argparse.Namespace):

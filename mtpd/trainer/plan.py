@@ -188,10 +188,12 @@ def _check_loss(loss: LossConfig, where: str) -> None:
 
 
 def _check_teacher_ref(ref: TeacherRef, where: str) -> None:
-    from mtpd.cache.schema import PRECISIONS
+    from mtpd.cache.schema import StoreError, get_precision
 
-    if ref.precision not in PRECISIONS:
-        raise PlanError(f"{where}.precision: {ref.precision!r} is not one of {', '.join(PRECISIONS)}")
+    try:
+        get_precision(ref.precision)
+    except StoreError as e:
+        raise PlanError(f"{where}.precision: {e}") from None
     if not ref.outputs:
         raise PlanError(f"{where}.outputs: name the outputs the stage reads, e.g. [fpn]")
 
