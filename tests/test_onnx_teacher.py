@@ -123,6 +123,10 @@ def test_a_fixed_size_graph_gets_padded_views(tmp_path, digits) -> None:
         torch.testing.assert_close(got[f"fpn.p{lvl}"], want[f"fpn.p{lvl}"][..., :g], rtol=1e-4, atol=1e-4)
     with pytest.raises(TeacherError, match=r"do not fit the graph's fixed input \(64, 96\)"):
         teacher(torch.zeros(1, 3, 64, 128), ["fpn"])
+    # the graph's own fixed size is read from it when the mapping gives none, and a wrong one is refused
+    assert build_teacher(f"onnx:{mapping(tmp_path / 'nosize.yaml', 'fixed.onnx', fpn)}").size == (64, 96)
+    with pytest.raises(TeacherError, match=r"input.size: \[64, 64\], but the graph's input is fixed at \[64, 96\]"):
+        build_teacher(f"onnx:{mapping(tmp_path / 'wrong.yaml', 'fixed.onnx', fpn, size=(64, 64))}")
 
 
 def test_stores_build_resume_and_are_catalogued(onnx_teacher, digits, tmp_path, ray_session) -> None:

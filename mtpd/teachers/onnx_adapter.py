@@ -59,6 +59,31 @@ def _reference(mapping: str | Path) -> tuple[str, Path]:
         raise TeacherError(str(e)) from None
 
 
+def _input_size(value_info, given: tuple[int, ...] | None, where: str) -> tuple[int, int] | None:
+    """The graph's fixed (H, W), from its input's shape and the mapping's ``input.size``; None when both are
+    dynamic. One-line errors for what mtpd cannot feed: not [B, 3, H, W], a batch fixed above 1, a size that
+    disagrees with the graph's, one side fixed and the other not with no ``size`` given."""
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+    name = value_info.name
+    if len(dims) != 4 or dims[1] not in (None, 3):
+        raise TeacherError(f"{where}.input: graph input {name!r} is {dims}; an image input is [B, 3, H, W] (NCHW)")
+    if dims[0] not in (None, 1):
+        raise TeacherError(
+            f"{where}.input: graph input {name!r} has its batch fixed at {dims[0]}; mtpd runs one view at a time: "
+            "export the graph with batch 1 or a dynamic batch"
+        )
+    fixed = tuple(dims[2:])
+    if given is not None and len(given) != 2:
+        raise TeacherError(f"{where}.input.size: give [H, W], got {list(given)}")
+    if all(fixed):
+        if given is not None and given != fixed:
+            raise TeacherError(f"{where}.input.size: {list(given)}, but the graph's input is fixed at {list(fixed)}")
+        return fixed  # type: ignore[return-value]
+    if any(fixed) and given is None:
+        raise TeacherError(f"{where}.input: graph input {name!r} fixes one side ({dims}); give input.size: [H, W]")
+    return given  # type: ignore[return-value]
+
+
 def _conversion(inp: dict, where: str) -> InputConversion:
     """View space (ImageNet-normalised RGB) -> the graph's: pixel = x·std_v + mean_v, then order, then (p − m) / s."""
     color = inp.get("color", "rgb")
@@ -94,7 +119,8 @@ class OnnxTeacher:
             raise TeacherError(
                 f"{self.path}.input.name: {self.input_name!r} is not a graph input; it has {[i.name for i in inputs]}"
             )
-        self.size = tuple(int(v) for v in inp["size"]) if inp.get("size") else None
+        given = tuple(int(v) for v in inp["size"]) if inp.get("size") else None
+        self.size = _input_size(next(i for i in inputs if i.name == self.input_name), given, str(self.path))
         self.conversion = _conversion(inp, str(self.path))
         self.specs, self.tensors, self.layouts = self._outputs(m["outputs"], graph)
         # onnx's own extraction: the tensors named become the graph's outputs; everything after them is cut.
