@@ -149,6 +149,14 @@ def main(study: Study, argv: list[str] | None = None) -> int:
                 "AP is COCO box AP (×100) after the last stage; differences are paired by seed, with 90 % t-intervals "
                 "where there are several. Weights: as given, or `auto` → the value the rule chose (per stage, from "
                 "each run's resolved plan).",
+                *(
+                    [
+                        "Recorded with --report while the sweep was still running: the seeds column says which seeds "
+                        "each row has finished; differences are paired over the seeds both rows have."
+                    ]
+                    if a.report
+                    else []
+                ),  # fmt: skip
                 "",
                 *lines,
             ]
@@ -178,8 +186,8 @@ def weights(paths, run: str) -> str:
 
 def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False) -> list[str]:
     refs = [r for r in study.refs if r in rows]
-    head = "| row | stages | losses (weights per stage) | AP | " + " | ".join(f"vs {r}" for r in refs) + " |"
-    lines = [head, "|---|---|---|---:|" + "---:|" * len(refs)]
+    head = "| row | stages | losses (weights per stage) | seeds | AP | " + " | ".join(f"vs {r}" for r in refs) + " |"
+    lines = [head, "|---|---|---|---|---:|" + "---:|" * len(refs)]
     rows_of = study.rows.get("val", {}) | study.rows.get("dev", {})
     for r in rows:
         if not shown.get(r):
@@ -199,5 +207,8 @@ def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False
         teachers_ = " → ".join(t or "-" for _, t, _, _ in rows_of[r].stages)
         epochs = None if quick else study.epochs.get(r)
         stages = f"{teachers_} ({' + '.join(map(str, epochs))} ep)" if epochs else teachers_
-        lines.append(f"| {r} | {stages} | {weights(paths, f'{r}_s{min(shown[r])}')} | {ap} | {' | '.join(cells)} |")
+        seeds = ",".join(str(x) for x in sorted(shown[r]))
+        lines.append(
+            f"| {r} | {stages} | {weights(paths, f'{r}_s{min(shown[r])}')} | {seeds} | {ap} | {' | '.join(cells)} |"
+        )
     return lines
