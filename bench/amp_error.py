@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.write:
         body = "\n".join(
             [
-                f"Command: `{command_line('amp_error.py', argv if argv is not None else sys.argv[1:])}`  ",
+                f"Command: `{command_line('amp_error.py', argv)}`  ",
                 f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; device {a.device}; {a.images} digits train "
                 f"images at {recipes.SIZE} px; the shipped teachers strong.pt, mbv2_60ep.pt, swin.pt. Relative RMSE "
                 "over all cells and levels against the teacher's fp32 forward; the code columns are each preset's "

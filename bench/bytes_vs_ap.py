@@ -638,7 +638,7 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
         students_h = sum(seconds.get(r, {}).get(s, 0.0) for r, v in shown.items() for s in v) / 3600
         body = "\n".join(
             [
-                f"Command: `{command_line('bytes_vs_ap.py', argv if argv is not None else sys.argv[1:])}`  ",
+                f"Command: `{command_line('bytes_vs_ap.py', argv)}`  ",
                 f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; students trained for {students_h:.1f} h "
                 f"of single-thread time, {a.jobs} side by side (this invocation's wall time "
                 f"{(time.perf_counter() - t0) / 3600:.1f} h: a rerun reuses finished stages)  ",

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.write:
         body = "\n".join(
             [
-                f"Command: `{command_line('choose_benchmark.py', argv if argv is not None else sys.argv[1:])}`  ",
+                f"Command: `{command_line('choose_benchmark.py', argv)}`  ",
                 f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; seed 0, 2 x {EPOCHS} epochs per student, "
                 f"trained on {n_train} train images, AP (×100) on the 400 dev images carved from the train split.",
                 "",

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.write:
         body = "\n".join(
             [
-                f"Command: `{command_line('cls_codes.py', argv if argv is not None else sys.argv[1:])}`  ",
+                f"Command: `{command_line('cls_codes.py', argv)}`  ",
                 f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {a.images} digits train images at 128 px, "
                 f"both views; KD loss (τ = 2) per entry over {a.samples} samples spread over each store, the lossless "
                 "logits as the student and the code's decoded logits as the teacher (0 = the targets are unmoved; "

@@ -14,6 +14,7 @@ import platform
 import re
 import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,8 +288,10 @@ def repo_path(value: str) -> str:
     return value
 
 
-def command_line(script: str, argv: Sequence[str]) -> str:
-    return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(repo_path(a)) for a in argv])
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command that reproduces this run (``argv`` None: this process's own arguments)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join([".venv/bin/python", f"bench/{script}"] + [shlex.quote(repo_path(a)) for a in args])
 
 
 def write_section(title: str, body: str, key: str | None = None, path: Path = RESULTS) -> None:

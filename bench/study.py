@@ -142,7 +142,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     if a.write:
         body = "\n".join(
             [
-                f"Command: `{command_line(Path(study.prog).name, argv if argv is not None else sys.argv[1:])}`  ",
+                f"Command: `{command_line(Path(study.prog).name, argv)}`  ",
                 f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time of this invocation "
                 f"{(time.perf_counter() - t0) / 3600:.1f} h  ",
                 f"Setup: {recipes.describe(split.train_count, split.val_count)}; split {a.split}; seeds {seeds}. "
