@@ -36,12 +36,16 @@ MSE = {0: 1.0, 2: 0.1188, 4: 0.01154, 8: 0.0000846}
 LOADING = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # step multiples tried at calibration (heavy tails want wider steps)
 
 
-def quantise(z: Tensor, step: Tensor, width: int) -> Tensor:
-    """Mid-rise uniform quantiser with 2**width levels: coefficients [n, k] -> their reconstructions."""
+def codes(z: Tensor, step: Tensor, width: int) -> Tensor:
+    """Mid-rise uniform quantiser with 2**width levels: coefficients [n, k] -> codes 0 .. 2**width - 1 (float)."""
     half = 2 ** (width - 1)
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    q = (torch.floor(z / safe) + half).clamp(0, 2 * half - 1)
-    return (q - half + 0.5) * step
+    return (torch.floor(z / safe) + half).clamp(0, 2 * half - 1)
+
+
+def values(q: Tensor, step: Tensor, width: int) -> Tensor:
+    """``codes``' reconstructions: the middle of each code's interval."""
+    return (q - 2 ** (width - 1) + 0.5) * step
 
 
 def _steps(z: Tensor, widths: tuple[int, int, int]) -> np.ndarray:
@@ -52,7 +56,9 @@ def _steps(z: Tensor, widths: tuple[int, int, int]) -> np.ndarray:
     for width, count in zip(WIDTHS, widths):
         if count:
             zs, base = z[:, start : start + count], std[start : start + count] * STEP[width]
-            errs = torch.stack([(quantise(zs, base * m, width) - zs).pow(2).sum(0) for m in LOADING])
+            errs = torch.stack(
+                [(values(codes(zs, base * m, width), base * m, width) - zs).pow(2).sum(0) for m in LOADING]
+            )
             out[start : start + count] = base * torch.tensor(LOADING, dtype=torch.float64)[errs.argmin(0)]
         start += count
     return out.float().numpy()
@@ -159,15 +165,12 @@ class Transform(Encoding):
         z = self.coefficients(x, level)
         parts = []
         for width, start, count, step in self._layout(level, z.device):
-            half = 2 ** (width - 1)
-            safe = torch.where(step > 0, step, torch.ones_like(step))
-            q = (torch.floor(z[:, start : start + count] / safe) + half).clamp(0, 2 * half - 1)
-            parts.append(pack(q.to(torch.uint8), width))
-        codes = torch.cat(parts, dim=1) if parts else z.new_zeros(z.shape[0], 0, dtype=torch.uint8)
+            parts.append(pack(codes(z[:, start : start + count], step, width).to(torch.uint8), width))
+        row = torch.cat(parts, dim=1) if parts else z.new_zeros(z.shape[0], 0, dtype=torch.uint8)
         width = self.code_channels(x.shape[1])
-        if codes.shape[1] < width:  # the allocation may leave bytes unused: zero codes, never read
-            codes = torch.nn.functional.pad(codes, (0, width - codes.shape[1]))
-        return codes, None
+        if row.shape[1] < width:  # the allocation may leave bytes unused: zero codes, never read
+            row = torch.nn.functional.pad(row, (0, width - row.shape[1]))
+        return row, None
 
     def decode(self, codes: Tensor, side: Tensor | None, level: int) -> Tensor:
         basis = self._on("basis", level, codes.device)
@@ -176,7 +179,7 @@ class Transform(Encoding):
         for width, start, count, step in self._layout(level, codes.device):
             nbytes = count * width // 8
             q = unpack(codes[..., byte : byte + nbytes], width, count).float()
-            z[..., start : start + count] = (q - 2 ** (width - 1) + 0.5) * step
+            z[..., start : start + count] = values(q, step, width)
             byte += nbytes
         return z @ basis.T + self._on("mean", level, codes.device)
 
