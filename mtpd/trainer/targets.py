@@ -113,14 +113,14 @@ class DistillDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         readers = [s if isinstance(s, StoreReader) else StoreReader(s) for s in stores or []]
-        for r in readers:
-            check_store(r, dataset, spec)
-            if not r.status().done.all():
-                raise StoreError(
-                    f"{r.location}: {int((~r.status().done).sum())} shard(s) not written yet; rerun its `mtpd-cache "
-                    "build` to finish it"
-                )
         self.feeds = [StoreFeed(r, None if outputs is None else outputs[k]) for k, r in enumerate(readers)]
+        for r, feed in zip(readers, self.feeds):
+            check_store(r, dataset, spec)
+            if not feed.status.done.all():  # the feed read the shard record once; the workers keep it
+                raise StoreError(
+                    f"{r.location}: {int((~feed.status.done).sum())} shard(s) not written yet; rerun its "
+                    "`mtpd-cache build` to finish it"
+                )
         # Images a --skip-bad build could not read are left out, the same way in every store and epoch.
         bad = {int(i) for r in readers for i in r.image_ids[r.bad_images()]}
         self.index = [i for i, rec in enumerate(dataset.images) if rec.image_id not in bad]
