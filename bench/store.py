@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as `python bench/store.py`: make `bench` im
 
 from bench.common import PHOTOS, build_stores, digits_images, natural_images, photo_images, repo_path, report, table
 from mtpd.cache.compute import encode_sample
-from mtpd.cache.encoding import PCA, Affine, Encoding, Fp16, Transform, bitround, pack, unpack
+from mtpd.cache.encoding import PCA, Affine, Encoding, Fp16, ProductQuantizer, Transform, bitround, pack, unpack
 from mtpd.cache.inspect import store_info
 from mtpd.cache.rows import flatten
 from mtpd.cache.schema import CODEC, PRECISIONS
@@ -304,6 +304,14 @@ def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ran
         enc = Transform(bits)
         label = f"transform coding, {bits:g} bits/value (all components, widths by reverse water-filling)"
         out.append(run(label, enc.with_state(enc.fit(per_level))))
+    for bits in (2.0, 1.0):  # product quantisation at 1/16 and 1/32 (one byte per sub-vector, faiss k-means)
+        for rotate in (False, True):
+            enc = ProductQuantizer(bits, rotate)
+            axes = "principal axes dealt in turn" if rotate else "channels as they are"
+            label = (
+                f"product quantisation, {bits:g} bits/value ({c * bits / 8:.0f} sub-vectors of 256 codewords; {axes})"
+            )
+            out.append(run(label, enc.with_state(enc.fit(per_level))))
     for k in sorted({k for k in ranks if k < c} | {max(1, c // 2)}):
         for bits in (4, 8):
             enc = PCA(rank=k, bits=bits)

@@ -24,10 +24,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bytes_vs_ap import Row, _build_stores, _lock, _plan, _split, paired, run_all
+from bench.bytes_vs_ap import Row, _build_stores, _lock, _plan, _split, _store_path, paired, run_all, store_keys
 from bench.common import command_line, machine, write_section
 
-STORE = "lossless"  # bytes_vs_ap's store key: fpn, cls and box, both views
+STORE = "lossless"  # the store key most rows read: a preset or precision string; fpn, cls and box, both views
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Study:
     rows: dict[str, dict[str, Row]]  # split ("dev", "val") -> rows; val rows are set after the dev study
     loss_sets: dict[str, list[dict]]
     refs: tuple[str, ...] = ("baseline",)  # rows every other row is paired with
+    ref_of: dict[str, str] = field(default_factory=dict)  # row -> its one reference, instead of every ref
     extra_teachers: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (arch, shipped file)
     epochs: dict[str, list[int]] = field(default_factory=dict)  # row -> epochs per stage (default: benchmark's)
     extra_lines: object = None  # callable(paths, shown) -> list[str] printed and recorded under the table
@@ -110,7 +111,11 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     split = _split(paths, a.split, scale)
     keys = sorted({s[1] for r in rows for s in table_rows[r].stages if s[1] is not None})
     ts = {k: v for k, v in teachers(study, paths, scale, log).items() if k in keys}
-    stores = {} if a.report else _build_stores(paths, split, ts, [STORE], log)
+    used = {(s[1], s[2]) for r in rows for s in table_rows[r].stages if s[1] is not None}
+    if a.report:
+        stores = {(t, k): _store_path(paths, split, t, k) for t, k in used}
+    else:
+        stores = _build_stores(paths, split, ts, store_keys(table_rows[r] for r in rows), log, used)
     res_path = paths.root / "results.json"
     results: dict[str, dict[int, float]] = {}
     if res_path.is_file():
@@ -186,8 +191,9 @@ def weights(paths, run: str) -> str:
 
 def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False) -> list[str]:
     refs = [r for r in study.refs if r in rows]
-    head = "| row | stages | losses (weights per stage) | seeds | AP | " + " | ".join(f"vs {r}" for r in refs) + " |"
-    lines = [head, "|---|---|---|---|---:|" + "---:|" * len(refs)]
+    cols = ["vs its reference"] if study.ref_of else [f"vs {r}" for r in refs]
+    head = "| row | stages | losses (weights per stage) | seeds | AP | " + " | ".join(cols) + " |"
+    lines = [head, "|---|---|---|---|---:|" + "---:|" * len(cols)]
     rows_of = study.rows.get("val", {}) | study.rows.get("dev", {})
     for r in rows:
         if not shown.get(r):
@@ -196,15 +202,16 @@ def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False
         mean = statistics.mean(aps)
         ap = f"{mean:.2f}" if len(aps) == 1 else f"{mean:.2f} ± {statistics.stdev(aps):.2f}"
         cells = []
-        for ref in refs:
+        for ref in [study.ref_of[r]] if study.ref_of else refs:
             d = paired(shown, r, ref) if r != ref else None
+            named = f"{ref}: " if study.ref_of else ""
             if d is None:
                 cells.append("-")
             elif d["n"] == 1:
-                cells.append(f"{d['mean']:+.2f}")
+                cells.append(f"{named}{d['mean']:+.2f}")
             else:
-                cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
-        teachers_ = " → ".join(t or "-" for _, t, _, _ in rows_of[r].stages)
+                cells.append(f"{named}{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
+        teachers_ = " → ".join((t or "-") + (f" [{k}]" if t and k != STORE else "") for _, t, k, _ in rows_of[r].stages)
         epochs = None if quick else study.epochs.get(r)
         stages = f"{teachers_} ({' + '.join(map(str, epochs))} ep)" if epochs else teachers_
         seeds = ",".join(str(x) for x in sorted(shown[r]))

@@ -292,3 +292,28 @@ def test_cls_codes_quick_mode_compares_per_anchor_and_per_cell_top_k(tmp_path, c
     assert kd[("strong", "top3-anchor")] < kd[("strong", "top1-anchor")]  # more kept per anchor: closer targets
     with pytest.raises(SystemExit, match="drop --write"):
         cls_codes.main(["--quick", "--write", "--out", str(tmp_path)])
+
+
+def test_store_codes_quick_mode_builds_a_store_per_code_and_pairs_each_row_with_its_reference(
+    tmp_path, ray_session, capsys
+):
+    """bench/store_codes.py at the quick scale (CI's smoke test of the store-code study): rows read stores named by
+    precision strings (product quantisation with per-anchor top-k), each row is paired with lossless MGD or KD,
+    and the stores' bytes are tabled; a rerun trains nothing."""
+    import json
+
+    from bench import store_codes
+
+    rows = ["mgd", "pq2", "kd", "kd_a2"]
+    args = ["--quick", "--split", "dev", "--rows", ",".join(rows), "--out", str(tmp_path), "--jobs", "2"]
+    assert store_codes.main(args) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "quick-dev" / "results.json").read_text())
+    assert sorted(saved) == sorted(rows) and sorted(saved["pq2"]) == ["0", "1"]  # the dev study's two seeds
+    stores = sorted(p.name for p in (tmp_path / "quick-dev" / "stores").iterdir())
+    assert len(stores) == 2 and any("features_pq_bits_2_rotate_true" in s for s in stores)
+    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    assert "kd: " in table["kd_a2"] and "mgd: " in table["pq2"] and "[small+features=pq" in table["pq2"]
+    assert "| `lossless` |" in printed and "pq:bits=2,rotate=true" in printed  # the bytes table
+    assert store_codes.main(args) == 0
+    assert "0 student runs to train" in capsys.readouterr().out

@@ -34,6 +34,7 @@ from mtpd.cache.codes import (
     logprob_logits,
 )
 from mtpd.cache.lowbit import PCA, Affine, pack, unpack
+from mtpd.cache.pq import ProductQuantizer
 from mtpd.cache.transform import Transform
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "EncodingError",
     "Fp16",
     "LogProbU8",
+    "ProductQuantizer",
     "TopK",
     "Transform",
     "bitround",
@@ -56,7 +58,9 @@ __all__ = [
     "unpack",
 ]
 
-ENCODINGS: dict[str, type[Encoding]] = {cls.kind: cls for cls in (Fp16, LogProbU8, Affine, PCA, TopK, Transform)}
+ENCODINGS: dict[str, type[Encoding]] = {
+    cls.kind: cls for cls in (Fp16, LogProbU8, Affine, PCA, TopK, Transform, ProductQuantizer)
+}
 
 
 def encoding_from_attrs(d: dict) -> Encoding:
