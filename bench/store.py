@@ -113,6 +113,59 @@ class AbsStepFp16(Encoding):
         return codes.float()
 
 
+@dataclasses.dataclass(frozen=True)
+class FloatCompressor(Encoding):
+    """What-if encoding (not in the library): an error-bounded or fixed-rate float compressor (SZ3 or ZFP through
+    ``imagecodecs``) on each level's [C, H, W] map of one sample; decoding is the codec's own, on the CPU only (it
+    cannot run on a training GPU). ``value``: SZ3's absolute bound as a multiple of the level's RMS at
+    calibration, or ZFP's rate in bits per value. Codes: a 16-byte shape header and the codec's stream."""
+
+    kind: typing.ClassVar[str] = "bench-float-compressor"
+    code_dtype: typing.ClassVar[str] = "uint8"
+    needs_fit: typing.ClassVar[bool] = True
+    codec: str = "sz3"
+    value: float = 0.5
+    rms: tuple = ()  # per level, from the calibration rows
+
+    def bound(self) -> str:
+        return "SZ3: |error| <= value x RMS per value; ZFP: none (fixed rate)"
+
+    def within_bound(self, x: torch.Tensor, y: torch.Tensor, level: int) -> bool:
+        if self.codec != "sz3":
+            return True
+        return bool(((y - x).abs() <= self.value * self.rms[level] * (1 + 1e-4) + 1e-6).all())
+
+    def fit(self, rows: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        return {"rms": np.array([float(x.double().pow(2).mean().sqrt()) for x in rows])}
+
+    def with_state(self, state: dict[str, np.ndarray]) -> "FloatCompressor":
+        return dataclasses.replace(self, rms=tuple(float(v) for v in state["rms"]))
+
+    def encode(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, None]:
+        import imagecodecs
+
+        n, c = x.shape
+        h = math.isqrt(n) if math.isqrt(n) ** 2 == n else 1  # the bench's views are square
+        maps = np.ascontiguousarray(x.float().numpy().reshape(h, n // h, c).transpose(2, 0, 1))
+        if self.codec == "sz3":
+            stream = imagecodecs.sz3_encode(maps, mode="abs", abs=self.value * self.rms[level])
+        else:
+            stream = imagecodecs.zfp_encode(maps, level=self.value, mode="rate")
+        head = np.array([c, h, n // h, 0], dtype=np.int32).tobytes()
+        return torch.frombuffer(bytearray(head + bytes(stream)), dtype=torch.uint8), None
+
+    def decode(self, codes: torch.Tensor, side: torch.Tensor | None, level: int) -> torch.Tensor:
+        import imagecodecs
+
+        raw = codes.reshape(-1).numpy().tobytes()
+        c, h, w, _ = np.frombuffer(raw[:16], dtype=np.int32)
+        if self.codec == "sz3":
+            maps = imagecodecs.sz3_decode(raw[16:], shape=(c, h, w), dtype=np.float32)
+        else:
+            maps = imagecodecs.zfp_decode(raw[16:])
+        return torch.from_numpy(np.ascontiguousarray(maps.reshape(c, h * w).T))[None]
+
+
 # --- the presets: what each store holds, read back through the library --------------------------
 
 
@@ -218,12 +271,16 @@ def spectrum(fit: list[torch.Tensor]) -> dict:
 def idea(label: str, enc: Encoding, held: list[dict], raw_bytes: float, n_images: int, blosc) -> dict:
     """Bytes (Blosc of each sample's codes and sides, as a store chunks them), rel. RMSE and mean cell cosine of
     ``enc`` (a library encoding, or a what-if written as one), through its own ``encode`` and ``decode``."""
-    nbytes = err2 = ref2 = cos = cells = 0.0
+    nbytes = err2 = ref2 = cos = cells = t_enc = t_dec = 0.0
     for levels in held:
         coded = []
         for j, x in enumerate(levels):
+            t0 = time.process_time()
             codes, side = enc.encode(x, j)
-            coded.append((codes, side, enc.decode(codes[None], None if side is None else side[None], j)[0]))
+            t1 = time.process_time()
+            y = enc.decode(codes[None], None if side is None else side[None], j)[0]
+            t_enc, t_dec = t_enc + t1 - t0, t_dec + time.process_time() - t1
+            coded.append((codes, side, y))
         sides = [sd for _, sd, _ in coded if sd is not None]
         nbytes += _packed(blosc, torch.cat([c for c, _, _ in coded]), torch.stack(sides) if sides else None)
         for x, (_, _, y) in zip(levels, coded):
@@ -238,6 +295,8 @@ def idea(label: str, enc: Encoding, held: list[dict], raw_bytes: float, n_images
         "ratio": raw_bytes / nbytes,
         "rel_rmse": rel_rmse(err2, ref2),
         "cosine": cos / cells,
+        "encode_ms": 1000 * t_enc / n_images,
+        "decode_ms": 1000 * t_dec / n_images,
     }
 
 
@@ -312,6 +371,17 @@ def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ran
                 f"product quantisation, {bits:g} bits/value ({c * bits / 8:.0f} sub-vectors of 256 codewords; {axes})"
             )
             out.append(run(label, enc.with_state(enc.fit(per_level))))
+    try:
+        import imagecodecs  # noqa: F401 - the float compressors' what-ifs need it
+    except ImportError:
+        pass
+    else:
+        for codec, values in (("sz3", (0.5, 1.0)), ("zfp", (2.0, 1.0))):
+            for v in values:
+                enc = FloatCompressor(codec, v)
+                what = f"|error| ≤ {v:g} × RMS" if codec == "sz3" else f"{v:g} bits/value"
+                label = f"{codec.upper()} on each level's [C, H, W] map, {what} (CPU-only decode)"
+                out.append(run(label, enc.with_state(enc.fit(per_level))))
     for k in sorted({k for k in ranks if k < c} | {max(1, c // 2)}):
         for bits in (4, 8):
             enc = PCA(rank=k, bits=bits)
@@ -545,12 +615,27 @@ def idea_table(results: dict) -> str:
     rows = []
     for ds, r in results.items():
         for i in r["ideas"]:
-            rows.append([ds, i["variant"], i["bytes"] / KIB, one_in(1 / i["ratio"]), i["rel_rmse"] * 100, i["cosine"]])
+            rows.append(
+                [
+                    ds,
+                    i["variant"],
+                    i["bytes"] / KIB,
+                    one_in(1 / i["ratio"]),
+                    i["rel_rmse"] * 100,
+                    i["cosine"],
+                    i.get("encode_ms", "–"),
+                    i.get("decode_ms", "–"),
+                ]
+            )
         b = r["boxes"]
         rows.append([ds, f"box deltas only at the {b['fraction']:.0%} most confident cells (fp16 5 bits)",
-                     b["sparse"] / KIB, "–", "–", "–"])  # fmt: skip
-        rows.append([ds, "box deltas everywhere (fp16 5 bits), for comparison", b["full"] / KIB, "–", "–", "–"])
-    return table(["dataset", "variant", "KiB / image", "of fp32", "rel. RMSE %", "mean cell cosine"], rows)
+                     b["sparse"] / KIB, "–", "–", "–", "–", "–"])  # fmt: skip
+        rows.append(
+            [ds, "box deltas everywhere (fp16 5 bits), for comparison", b["full"] / KIB, "–", "–", "–", "–", "–"]
+        )
+    head = ["dataset", "variant", "KiB / image", "of fp32", "rel. RMSE %", "mean cell cosine", "encode CPU ms / image",
+            "decode CPU ms / image"]  # fmt: skip
+    return table(head, rows)
 
 
 def spectrum_notes(results: dict) -> list[str]:
@@ -617,7 +702,8 @@ def render(a, results: dict, short: int, long: int) -> str:
         "",
         preset_table(results),
         "",
-        "Beyond the presets (FPN features of held-out images, PCA fitted on the others; bench-only):",
+        "Beyond the presets (FPN features of held-out images, PCA fitted on the others; bench-only; encode and "
+        "decode CPU ms: the variant's own `encode` and `decode` per image, one pass, host CPU, all threads):",
         "",
         idea_table(results),
         "",
