@@ -3,6 +3,7 @@ decoding on the training device equal to decoding on the CPU, and sizes per outp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -29,14 +30,23 @@ def _files(store) -> dict[str, bytes]:
     }
 
 
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="pq fits codebooks with faiss")
+
+
 @pytest.fixture(scope="module")
 def tiny_stores(tmp_path_factory, digits) -> dict[str, str]:
     root = tmp_path_factory.mktemp("format2")
     out = {}
-    for precision in ("compact", "tiny"):
-        out[precision] = str(root / precision)
-        tiny_build(digits, out[precision], precision=precision, outputs=["fpn", "cls", "box"])
+    for key, precision in (("compact", "compact"), ("tiny", "tiny"), ("pq", PQ)):
+        if key == "pq" and importlib.util.find_spec("faiss") is None:
+            continue
+        out[key] = str(root / key)
+        tiny_build(digits, out[key], precision=precision, outputs=["fpn", "cls", "box"])
     return out
+
+
+# Codes whose padding does not decode to zero (codewords) and whose class scores are sparse per anchor
+PQ = "small+features=pq:bits=2+logits=topk:k=2,groups=anchors"
 
 
 def test_pca_basis_and_stored_bytes_identical_on_rebuild(tmp_path, digits, tiny_stores):
@@ -89,7 +99,7 @@ def _batch_and_reader(digits, store: str):
     return next(iter(make_loader(ds, 3, shuffle=False, workers=1, seed=0))), ds
 
 
-@pytest.mark.parametrize("precision", ["compact", "tiny"])
+@pytest.mark.parametrize("precision", ["compact", "tiny", pytest.param("pq", marks=needs_faiss)])
 def test_batch_decode_equals_per_sample_cpu_decode(digits, tiny_stores, precision):
     """Workers hand over codes (here from a real worker process); the training process decodes the padded
     batch. Each sample's valid cells equal ``open_store(...).read`` (the CPU decode), padding is zero."""
@@ -109,8 +119,9 @@ def test_batch_decode_equals_per_sample_cpu_decode(digits, tiny_stores, precisio
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare GPU decoding with CPU")
-def test_decode_on_gpu_equals_cpu(digits, tiny_stores):
-    batch, ds = _batch_and_reader(digits, tiny_stores["tiny"])
+@pytest.mark.parametrize("precision", ["tiny", pytest.param("pq", marks=needs_faiss)])
+def test_decode_on_gpu_equals_cpu(digits, tiny_stores, precision):
+    batch, ds = _batch_and_reader(digits, tiny_stores[precision])
     cpu = StoreTargets(ds.feeds)(batch)[0][0]
     gpu = StoreTargets(ds.feeds)(batch.to("cuda"))[0][0]
     for key, t in cpu.items():
