@@ -1,4 +1,5 @@
-"""Class-score codes: per-anchor top-k against per-cell top-8 (``tiny``'s) and uint8 log-probabilities (``small``'s).
+"""Class-score codes: per-anchor top-k and product quantisation against per-cell top-8 (``tiny``'s) and uint8
+log-probabilities (``small``'s).
 
     .venv/bin/python bench/cls_codes.py --write            # the shipped strong and swin teachers, digits, 128 px
     .venv/bin/python bench/cls_codes.py --quick            # 24 images: checks the script
@@ -8,8 +9,10 @@ the per-anchor form keeps the k largest of each anchor's K (``TopK(k, groups=A)`
 now that precision rules see the whole output spec. For each code this builds a ``cls`` store of the teacher
 (the product's ``build_store``, in this process) and reports its bytes per image (both views) against fp32 and
 against ``logprob-u8``, and how far KD's targets move: the KD loss (the trainer's ``KDLoss``, τ = 2) between the
-lossless logits and the decoded code, per entry, as bench/kd_targets.py measures it. What KD's AP does with each
-code is a training question (bench/bytes_vs_ap.py's kd rows); this is the part that needs no training.
+lossless logits and the decoded code, per entry, as bench/kd_targets.py measures it. ``pqM-anchor``: each
+anchor's K logits cut into M sub-vectors, each stored as one byte, the index of its nearest codeword in a
+per-store codebook (``mtpd.cache.pq``, fitted at calibration). What KD's AP does with each code is a training
+question (bench/store_codes.py's kd rows); this is the part that needs no training.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from bench.common import command_line, machine, table, write_section
 
 TEACHERS = {"strong": ("retinanet_tiny_wide", "strong.pt"), "swin": ("retinanet_swin_tiny", "swin.pt")}
 # name -> class-score rule (the whole spec: anchors and classes); features and boxes stay fp16 (not measured here)
-CODES = ("lossless", "logprob-u8", "top8-cell", "top1-anchor", "top2-anchor", "top3-anchor")
+CODES = ("lossless", "logprob-u8", "top8-cell", "top1-anchor", "top2-anchor", "top3-anchor", "pq1-anchor", "pq2-anchor")
 
 
 @contextlib.contextmanager
@@ -35,6 +38,7 @@ def _variants():
     """The codes as presets, registered while this runs (stores record their encodings; the library's presets
     are left as they are)."""
     from mtpd.cache.codes import Fp16, LogProbU8, TopK
+    from mtpd.cache.pq import ProductQuantizer
     from mtpd.cache.schema import PRECISIONS, Precision
 
     def preset(name: str, rule) -> Precision:
@@ -49,6 +53,13 @@ def _variants():
                 lambda s, k=k: TopK(k=min(k, s.num_classes), channels=s.channels, groups=s.num_anchors),
             )
             for k in (1, 2, 3)
+        },
+        # each anchor's K logits as one (or two) sub-vectors of a product quantiser: one byte per anchor (or two)
+        **{
+            f"pq{m}-anchor": preset(
+                f"pq{m}-anchor", lambda s, m=m: ProductQuantizer(8 * m * s.num_anchors / s.channels, rotate=False)
+            )
+            for m in (1, 2)
         },
     }
     PRECISIONS.update(added)

@@ -290,6 +290,7 @@ def test_cls_codes_quick_mode_compares_per_anchor_and_per_cell_top_k(tmp_path, c
     kd = {k: float(v.split("|")[6]) for k, v in rows.items() if k[0] == "strong"}
     assert kd[("strong", "lossless")] == 0.0 < kd[("strong", "logprob-u8")] < kd[("strong", "top8-cell")]
     assert kd[("strong", "top3-anchor")] < kd[("strong", "top1-anchor")]  # more kept per anchor: closer targets
+    assert 0.0 < kd[("strong", "pq2-anchor")] and 0.0 < kd[("strong", "pq1-anchor")] < kd[("strong", "top8-cell")]
     with pytest.raises(SystemExit, match="drop --write"):
         cls_codes.main(["--quick", "--write", "--out", str(tmp_path)])
 

@@ -40,6 +40,12 @@ def _faiss():
     return faiss
 
 
+def subvectors(channels: int, bits: float) -> int:
+    """Sub-vectors (bytes per row) of ``channels`` values at ``bits`` each on average; 1e-9 absorbs float error in
+    ``bits`` given as a ratio (0.8 = 8 / 10 classes: one byte per anchor, not two)."""
+    return max(1, math.ceil(channels * bits / 8 - 1e-9))
+
+
 def principal_axes(x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean [C], orthonormal basis [C, C] by descending variance, each column's largest entry positive)."""
     x = x.double()
@@ -78,9 +84,9 @@ class ProductQuantizer(Encoding):
         )
 
     def code_channels(self, channels: int) -> int:
-        m = max(1, math.ceil(channels * self.bits / 8))
+        m = subvectors(channels, self.bits)
         if channels % m:
-            fits = [b for b in (0.25, 0.5, 1, 2, 4, 8) if channels % max(1, math.ceil(channels * b / 8)) == 0]
+            fits = [b for b in (0.25, 0.5, 1, 2, 4, 8) if channels % subvectors(channels, b) == 0]
             raise EncodingError(
                 f"pq bits={self.bits} cuts {channels} channels into {m} sub-vectors, which does not divide them; "
                 f"choose bits from {fits}"
