@@ -19,7 +19,8 @@ dev split once RM at the rule's weight had collapsed there (RM 665, 4.9–5.0 AP
 12.8): RM at the paper's 4 with PFI by the rule (``rm4_pfi_auto``).
 
 Val rows (set after the dev study; see ``VAL_ROWS``): baseline, MGD, KD, PFI, RM + PFI and RM + PFI + MGD,
-each paired by seed with the baseline and with MGD (6 rows x 5 seeds, about 2.5 h with two students side by side).
+each paired by seed with the baseline, with MGD and with PFI alone (what RM adds); 6 rows x 5 seeds, about
+3.5 h with two students side by side.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ STUDY = Study(
     doc=__doc__ or "",
     rows={"dev": DEV_ROWS, "val": VAL_ROWS},
     loss_sets=LOSS_SETS,
-    refs=("baseline", "mgd"),
+    refs=("baseline", "mgd", "pfi"),  # vs pfi: what RM adds
     # RM's candidates per box over the train split's boxes, recorded under the table
     extra_lines=lambda paths, shown: ["RM's candidates per box (`--terms`):", "", *terms(paths.ann("train"), 128)],
 )

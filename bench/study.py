@@ -159,6 +159,11 @@ def main(study: Study, argv: list[str] | None = None) -> int:
                         "Recorded with --report while the sweep was still running: the seeds column says which seeds "
                         "each row has finished; differences are paired over the seeds both rows have."
                     ]
+                    if a.report and any(len(shown[r]) < len(seeds) for r in rows)
+                    else [
+                        "Recorded with --report from the finished runs (trained by the same command without "
+                        "--report; finished stages are kept under --out)."
+                    ]
                     if a.report
                     else []
                 ),  # fmt: skip
