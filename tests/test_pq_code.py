@@ -12,6 +12,7 @@ pytest.importorskip("faiss")
 from test_transform_code import coded_store, fitted, full_rank, roundtrip  # noqa: E402
 
 from mtpd.cache.encoding import EncodingError, ProductQuantizer, Transform, encoding_from_attrs  # noqa: E402
+from mtpd.cache.pq import _faiss_codes  # noqa: E402
 
 
 @pytest.mark.parametrize("bits,rotate", [(2.0, False), (2.0, True), (1.0, False)])
@@ -24,6 +25,15 @@ def test_rows_are_one_byte_per_subvector_and_decode_to_the_nearest_codeword(bits
         assert codes.dtype == torch.uint8 and codes.shape == (len(rows), int(32 * bits / 8))
         assert enc.within_bound(rows, y, level)
         assert not enc.within_bound(rows, y + 0.5 * rows.std(0), level)  # a bound that can fail
+
+
+def test_the_cpu_search_by_faiss_picks_the_codewords_torch_picks():
+    x = full_rank(n=3000, c=32)
+    enc = fitted(ProductQuantizer(2.0), x)
+    z = enc.subvectors(x, 0)
+    torch_codes = enc._distances(z, 0).argmin(-1).to(torch.uint8)
+    assert torch.equal(_faiss_codes(z, enc.state["codebook"][0]), torch_codes)
+    assert torch.equal(enc.encode(x, 0)[0], torch_codes)  # encode on a CPU goes through faiss
 
 
 def test_a_level_with_fewer_cells_than_codewords_keeps_each_cell():

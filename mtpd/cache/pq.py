@@ -7,9 +7,9 @@ cells actually lie, so correlated channels and heavy tails cost less than the gr
 ``ceil(C · bits / 8)`` sub-quantisers of ``C / M`` channels each (M must divide C). With ``rotate`` the cells
 are first turned onto the level's principal axes (the transform code's basis) and the components dealt to the
 sub-vectors in turn, so every sub-vector holds a like share of the variance and few correlations cross
-sub-vectors. The codebooks are k-means centroids from ``faiss`` (fitting only: encoding and decoding are torch,
-a nearest-codeword search and a gather, on whatever device the rows lie). Rows cost exactly M bytes; there are
-no side parameters.
+sub-vectors. The codebooks are k-means centroids from ``faiss``, fitted at calibration; encoding is a
+nearest-codeword search (faiss's on a CPU, torch's on a GPU) and decoding a gather and one matrix product in
+torch, on whatever device the codes lie. Rows cost exactly M bytes; there are no side parameters.
 """
 
 from __future__ import annotations
@@ -55,6 +55,19 @@ def principal_axes(x: Tensor) -> tuple[Tensor, Tensor]:
     vecs = vecs.flip(-1)
     sign = torch.sign(vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)))
     return mean.float(), (vecs * torch.where(sign == 0, 1.0, sign)).float()
+
+
+def _faiss_codes(z: Tensor, book: Tensor) -> Tensor | None:
+    """Nearest codewords of CPU sub-vectors [n, M, d] by faiss (its fused search is ~60x faster on a CPU than the
+    distance tensor torch must build; the same nearest codeword), or None without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    m, k, d = book.shape
+    pq = faiss.ProductQuantizer(m * d, m, 8)
+    faiss.copy_array_to_vector(np.ascontiguousarray(book.numpy(), dtype=np.float32).ravel(), pq.centroids)
+    return torch.from_numpy(pq.compute_codes(np.ascontiguousarray(z.reshape(z.shape[0], -1).numpy())))
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,10 @@ class ProductQuantizer(Encoding):
 
     def encode(self, x: Tensor, level: int) -> tuple[Tensor, None]:
         z = self.subvectors(x, level)
+        if z.device.type == "cpu":
+            codes = _faiss_codes(z, self._on("codebook", level, z.device))
+            if codes is not None:
+                return codes, None
         out = torch.empty(z.shape[:2], dtype=torch.uint8, device=z.device)
         for i in range(0, z.shape[0], SEARCH_ROWS):
             out[i : i + SEARCH_ROWS] = self._distances(z[i : i + SEARCH_ROWS], level).argmin(-1).to(torch.uint8)
