@@ -24,6 +24,7 @@ stored codes over; the training process decodes them on its device
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
 import tempfile
@@ -144,7 +145,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help=f"a precision string measured beside the presets (repeatable; default: {', '.join(EXTRA)})",
     )
     a = p.parse_args(argv)
-    a.extra = list(EXTRA if a.extra is None else a.extra)
+    if a.extra is None:  # pq fits its codebooks with faiss (the `codes` extra): measured where installed
+        a.extra = [e for e in EXTRA if "=pq" not in e or importlib.util.find_spec("faiss")]
+    a.extra = [e for e in a.extra if e not in PRESETS]
     if a.quick:
         a.size, a.images, a.samples, a.teacher, a.classes, a.workers, a.rounds = (
             "64x96",

@@ -126,6 +126,7 @@ class FloatCompressor(Encoding):
     codec: str = "sz3"
     value: float = 0.5
     rms: tuple = ()  # per level, from the calibration rows
+    grids: tuple = ()  # per level, the (h, w) of the sample being coded (``idea`` sets it per sample)
 
     def bound(self) -> str:
         return "SZ3: |error| <= value x RMS per value; ZFP: none (fixed rate)"
@@ -145,13 +146,15 @@ class FloatCompressor(Encoding):
         import imagecodecs
 
         n, c = x.shape
-        h = math.isqrt(n) if math.isqrt(n) ** 2 == n else 1  # the bench's views are square
-        maps = np.ascontiguousarray(x.float().numpy().reshape(h, n // h, c).transpose(2, 0, 1))
+        h, w = (int(v) for v in self.grids[level])
+        if h * w != n:
+            raise ValueError(f"level {level}: {n} cells are not the sample's {h}x{w} grid")
+        maps = np.ascontiguousarray(x.float().numpy().reshape(h, w, c).transpose(2, 0, 1))
         if self.codec == "sz3":
             stream = imagecodecs.sz3_encode(maps, mode="abs", abs=self.value * self.rms[level])
         else:
             stream = imagecodecs.zfp_encode(maps, level=self.value, mode="rate")
-        head = np.array([c, h, n // h, 0], dtype=np.int32).tobytes()
+        head = np.array([c, h, w, 0], dtype=np.int32).tobytes()
         return torch.frombuffer(bytearray(head + bytes(stream)), dtype=torch.uint8), None
 
     def decode(self, codes: torch.Tensor, side: torch.Tensor | None, level: int) -> torch.Tensor:
@@ -268,11 +271,15 @@ def spectrum(fit: list[torch.Tensor]) -> dict:
     }
 
 
-def idea(label: str, enc: Encoding, held: list[dict], raw_bytes: float, n_images: int, blosc) -> dict:
+def idea(
+    label: str, enc: Encoding, held: list[dict], raw_bytes: float, n_images: int, blosc, grids: list | None = None
+) -> dict:
     """Bytes (Blosc of each sample's codes and sides, as a store chunks them), rel. RMSE and mean cell cosine of
     ``enc`` (a library encoding, or a what-if written as one), through its own ``encode`` and ``decode``."""
     nbytes = err2 = ref2 = cos = cells = t_enc = t_dec = 0.0
-    for levels in held:
+    for i, levels in enumerate(held):
+        if isinstance(enc, FloatCompressor):  # the codec works on each level's map: it needs the sample's grid
+            enc = dataclasses.replace(enc, grids=tuple(map(tuple, grids[i])))
         coded = []
         for j, x in enumerate(levels):
             t0 = time.process_time()
@@ -344,12 +351,15 @@ class StoreScaledAffine(Encoding):
         return self.lo[level] + unpack(codes, self.bits, c).float() * self.step[level]
 
 
-def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ranks: list[int]) -> list[dict]:
-    """Other library encodings, PCA sweeps and absolute-step rounding on the held-out images' FPN rows."""
+def fpn_ideas(
+    fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ranks: list[int], grids: list | None = None
+) -> list[dict]:
+    """Other library encodings, PCA sweeps and absolute-step rounding on the held-out images' FPN rows
+    (``grids``: each held sample's per-level (h, w), for the codecs that code maps)."""
     blosc = _blosc()
     raw = sum(x.numel() * 4 for levels in held for x in levels)
     c = held[0][0].shape[1]
-    run = lambda label, enc: idea(label, enc, held, raw, len(held), blosc)  # noqa: E731
+    run = lambda label, enc: idea(label, enc, held, raw, len(held), blosc, grids)  # noqa: E731
     out = [run(f"{e.describe()} (library encoding)", e) for e in (Fp16(5), Fp16(4), Fp16(3))]
     out += [run(f"{e.describe()} (library encoding)", e) for e in (Affine(8), Affine(2))]
     for f in (0.03, 0.06):
@@ -363,7 +373,7 @@ def fpn_ideas(fit: list[list[torch.Tensor]], held: list[list[torch.Tensor]], ran
         enc = Transform(bits)
         label = f"transform coding, {bits:g} bits/value (all components, widths by reverse water-filling)"
         out.append(run(label, enc.with_state(enc.fit(per_level))))
-    for bits in (2.0, 1.0):  # product quantisation at 1/16 and 1/32 (one byte per sub-vector, faiss k-means)
+    for bits in (2.0, 1.0) if importlib.util.find_spec("faiss") else ():  # pq at 1/16 and 1/32 (faiss k-means)
         for rotate in (False, True):
             enc = ProductQuantizer(bits, rotate)
             axes = "principal axes dealt in turn" if rotate else "channels as they are"
@@ -416,12 +426,15 @@ def analyse(stores: dict[str, Path], raws: dict, seconds: dict, a) -> dict:
     n_views = open_store(stores["lossless"]).header.num_views
     fit = [rows[s]["fpn"] for s, _ in samples if s // n_views < a.fit_images]
     held = [rows[s]["fpn"] for s, _ in samples if s // n_views >= a.fit_images] or fit
+    lossless = open_store(stores["lossless"])
+    held_ids = [s for s, _ in samples if s // n_views >= a.fit_images] or [s for s, _ in samples]
+    grids = [lossless.output_grid(s, "fpn") for s in held_ids]
     sp = spectrum([x for levels in fit for x in levels])
     for p in presets:
         if p["output"] == "fpn" and p["preset"] in TARGETS:
             sp[f"rd_bits_{p['preset']}"] = gaussian_rate_bits(sp["eig"], p["rel_rmse"])
     out = {"presets": presets, "spectrum": sp, "n": len(samples) // n_views, "held": len(held) // n_views}
-    out["ideas"] = fpn_ideas(fit, held, [int(k) for k in a.pca.split(",")])
+    out["ideas"] = fpn_ideas(fit, held, [int(k) for k in a.pca.split(",")], grids)
     out["boxes"] = sparse_boxes(rows, a.confident, out["n"])
     return out
 

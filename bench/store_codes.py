@@ -71,18 +71,25 @@ DEV_ROWS: dict[str, Row] = {
 }
 
 
+ALL_ROWS = DEV_ROWS  # val rows join after the dev study
+
+
 def byte_lines(paths, shown: dict) -> list[str]:
     """Bytes per image of each store the shown rows read (the strong teacher's, both views)."""
-    keys = sorted({s[2] for r in shown if shown[r] for s in DEV_ROWS[r].stages})
+    from mtpd.demo import steps
+
+    keys = sorted({s[2] for r in shown if shown[r] for s in ALL_ROWS[r].stages})
+    # the train annotations the split's stores were built from (bytes_vs_ap's dev_split carves "devtrain")
+    stem = "instances_devtrain" if paths.root.name.endswith("dev") else "instances_train"
     lines = [
         "| store (precision) | FPN KiB / image | FPN of fp32 | class scores KiB / image | class scores of fp32 |",
         "|---|---:|---:|---:|---:|",
     ]
     for key in keys:
-        found = sorted(paths.stores.glob(store_name("*", "strong", key)))  # whichever split's train set built it
-        if not found:
+        path = paths.stores / store_name(stem, "strong", key)
+        if not steps.store_complete(path):
             continue
-        b = store_bytes(found[0])
+        b = store_bytes(path)
         lines.append(
             f"| `{key}` | {b['fpn'] / 1024:.2f} | 1/{b['fpn_fp32'] / b['fpn']:.1f} | {b['cls'] / 1024:.2f} "
             f"| 1/{b['cls_fp32'] / b['cls']:.1f} |"

@@ -207,7 +207,8 @@ def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False
         mean = statistics.mean(aps)
         ap = f"{mean:.2f}" if len(aps) == 1 else f"{mean:.2f} ± {statistics.stdev(aps):.2f}"
         cells = []
-        for ref in [study.ref_of[r]] if study.ref_of else refs:
+        row_refs = ([study.ref_of[r]] if r in study.ref_of else [r]) if study.ref_of else refs  # [r]: a "-" cell
+        for ref in row_refs:
             d = paired(shown, r, ref) if r != ref else None
             named = f"{ref}: " if study.ref_of else ""
             if d is None:

@@ -17,6 +17,7 @@ from mtpd.cache.pq import _faiss_codes  # noqa: E402
 
 @pytest.mark.parametrize("bits,rotate", [(2.0, False), (2.0, True), (1.0, False)])
 def test_rows_are_one_byte_per_subvector_and_decode_to_the_nearest_codeword(bits, rotate):
+    torch.manual_seed(0)
     x = full_rank(n=3000, c=32)
     enc = fitted(ProductQuantizer(bits, rotate), x)
     assert enc.state["codebook"].shape == (2, int(32 * bits / 8), 256, 32 // int(32 * bits / 8))
@@ -27,7 +28,23 @@ def test_rows_are_one_byte_per_subvector_and_decode_to_the_nearest_codeword(bits
         assert not enc.within_bound(rows, y + 0.5 * rows.std(0), level)  # a bound that can fail
 
 
+def test_one_subvector_decoded_to_its_second_nearest_codeword_is_outside_the_bound():
+    torch.manual_seed(0)
+    x = full_rank(n=3000, c=32)
+    enc = fitted(ProductQuantizer(2.0, rotate=False), x)
+    rows = x[:200]
+    codes, y = roundtrip(enc, rows)
+    d2 = enc._distances(enc.subvectors(rows, 0), 0)
+    second = d2.topk(2, dim=-1, largest=False).indices[..., 1]
+    cell, sub = 17, 3
+    wrong = codes.clone()
+    wrong[cell, sub] = second[cell, sub].to(torch.uint8)
+    assert enc.within_bound(rows, y, 0)
+    assert not enc.within_bound(rows, enc.decode(wrong[None], None, 0)[0], 0)
+
+
 def test_the_cpu_search_by_faiss_picks_the_codewords_torch_picks():
+    torch.manual_seed(0)  # full_rank's Student-t draws use the global generator
     x = full_rank(n=3000, c=32)
     enc = fitted(ProductQuantizer(2.0), x)
     z = enc.subvectors(x, 0)

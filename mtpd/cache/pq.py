@@ -84,8 +84,8 @@ class ProductQuantizer(Encoding):
     state: dict = field(default_factory=dict, compare=False, repr=False)  # mean, rotation, codebook [L, ...]
 
     def __post_init__(self) -> None:
-        if not 0.125 <= self.bits <= 8:
-            raise EncodingError(f"pq bits (average per value) must be in [0.125, 8], got {self.bits}")
+        if not 0.01 <= self.bits <= 8:  # 0.1: one byte per anchor of 80 classes
+            raise EncodingError(f"pq bits (average per value) must be in [0.01, 8], got {self.bits}")
 
     def params(self) -> dict:
         return {"bits": self.bits, "rotate": self.rotate}
@@ -113,8 +113,10 @@ class ProductQuantizer(Encoding):
         c = rows[0].shape[1]
         m = self.code_channels(c)
         means, rots, books = [], [], []
-        for x in rows:
+        for j, x in enumerate(rows):
             x = x.float().cpu()
+            if x.shape[0] == 0:
+                raise EncodingError(f"pq: level {j} has no calibration cells to fit a codebook on")
             if self.rotate and x.shape[0] > 1:
                 mean, basis = principal_axes(x)
                 order = torch.arange(c).view(c // m, m).T.reshape(-1)  # component i -> sub-vector i mod M
@@ -182,8 +184,17 @@ class ProductQuantizer(Encoding):
         return y.reshape(*codes.shape[:-1], rot.shape[0])
 
     def within_bound(self, x: Tensor, y: Tensor, level: int) -> bool:
+        """Every sub-vector of ``y`` is a nearest codeword of ``x``'s: its squared distance to ``x`` is the least
+        over the codebook, in float64, to a tolerance per sub-vector (float32 rounding of the decode), so one
+        sub-vector decoded to its second-nearest codeword fails."""
         z, zy = self.subvectors(x, level).double(), self.subvectors(y, level).double()
-        nearest = self._distances(z.float(), level).clamp(min=0).amin(-1).double()  # [n, M]
-        err = (zy - z).pow(2).sum(-1)
-        tol = 1e-4 * z.pow(2).sum(-1).amax().clamp(min=1e-8) + 1e-6
-        return bool(torch.all(err <= nearest * (1 + 1e-3) + tol))
+        book = self._on("codebook", level, z.device).double()
+        err = (zy - z).pow(2).sum(-1)  # [n, M]
+        for i in range(0, z.shape[0], SEARCH_ROWS):
+            zi = z[i : i + SEARCH_ROWS]
+            d2 = zi.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("nmd,mkd->nmk", zi, book) + book.pow(2).sum(-1)
+            nearest = d2.clamp(min=0).amin(-1)
+            tol = 1e-5 * (zi.pow(2).sum(-1) + zy[i : i + SEARCH_ROWS].pow(2).sum(-1)) + 1e-9
+            if not bool(torch.all(err[i : i + SEARCH_ROWS] <= nearest + tol)):
+                return False
+        return True
