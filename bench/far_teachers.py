@@ -101,6 +101,53 @@ def order_lines(paths, shown: dict) -> list[str]:
     return lines
 
 
+def plot(shown: dict, path: Path, split: str = "val") -> None:
+    """AP of every row with its 90 % interval of the mean, grouped by the teacher the student ends at (the far
+    teacher alone first in each group), the baseline as a line: where a chain lands against that teacher alone."""
+    import math
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.bytes_vs_ap import t90
+
+    rows_of = {**DEV_ROWS, **VAL_ROWS}
+    groups: dict[str, list[str]] = {}
+    for name, vals in shown.items():
+        if vals and name != "baseline":
+            last = rows_of[name].stages[-1][1]
+            groups.setdefault(f"{last} (2 x 18 ep)" if name.startswith("full_") else last, []).append(name)
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    x, ticks, labels = 0, [], []
+    for g, names in groups.items():
+        names.sort(key=lambda n: (len(rows_of[n].stages) > 1 and rows_of[n].stages[0][1] != rows_of[n].stages[1][1], n))
+        for n in names:
+            vals = [100 * v for v in shown[n].values()]
+            m = statistics.mean(vals)
+            half = t90(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
+            direct = len({t for _, t, _, _ in rows_of[n].stages}) == 1
+            ax.errorbar([x], [m], yerr=[half], fmt="s" if direct else "o", capsize=4, color="C7" if direct else "C0")
+            ticks.append(x)
+            label = " → ".join(t for _, t, _, _ in rows_of[n].stages) if not direct else f"{g.split()[0]} alone"
+            labels.append(label + (" (2×18 ep)" if n.startswith("full_") else ""))
+            x += 1
+        x += 0.6
+    if shown.get("baseline"):
+        ax.axhline(100 * statistics.mean(shown["baseline"].values()), color="C3", ls="--", lw=1, label="baseline")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("box AP (x100), mean and 90 % interval")
+    ax.set_title(f"Progressive or direct: digits {split}; 18 epochs per student unless marked", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 STUDY = Study(
     prog="bench/far_teachers.py",
     title="Far teachers: progressive or direct (bench/far_teachers.py)",
@@ -111,6 +158,7 @@ STUDY = Study(
     extra_teachers=TEACHERS,
     epochs=EPOCHS,
     extra_lines=order_lines,
+    plot=plot,
 )
 
 

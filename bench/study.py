@@ -42,6 +42,7 @@ class Study:
     extra_teachers: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (arch, shipped file)
     epochs: dict[str, list[int]] = field(default_factory=dict)  # row -> epochs per stage (default: benchmark's)
     extra_lines: object = None  # callable(paths, shown) -> list[str] printed and recorded under the table
+    plot: object = None  # callable(shown, path, split) -> None: drawn to docs/<prog stem>.png with --write
 
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(
@@ -173,6 +174,10 @@ def main(study: Study, argv: list[str] | None = None) -> int:
         )
         write_section(study.title + (" — dev split" if a.split == "dev" else ""), body)
         print("wrote its section of bench/RESULTS.md")
+        if study.plot is not None and a.split == "val":
+            png = Path(__file__).resolve().parents[1] / "docs" / f"{Path(study.prog).stem}.png"
+            study.plot(shown, png, a.split)
+            print(f"drew {png}")
     return 0
 
 
