@@ -318,3 +318,14 @@ def test_store_codes_quick_mode_builds_a_store_per_code_and_pairs_each_row_with_
     assert "| `lossless` |" in printed and "pq:bits=2,rotate=true" in printed  # the bytes table
     assert store_codes.main(args) == 0
     assert "0 student runs to train" in capsys.readouterr().out
+
+
+def test_far_teachers_plot_draws_every_row(tmp_path):
+    from PIL import Image
+
+    from bench import far_teachers
+
+    shown = {r: {s: 0.15 + 0.01 * s + 0.001 * i for s in range(5)} for i, r in enumerate(far_teachers.VAL_ROWS)}
+    far_teachers.plot(shown, tmp_path / "far.png")
+    with Image.open(tmp_path / "far.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 300
