@@ -351,7 +351,9 @@ def render(
         "samples per CPU-second used by the loader's worker processes; wall samples/s moves with the machine's "
         f"load, per-core rates much less. Medians of {len(next(iter(results.values())))} interleaved round(s). "
         "Decode runs in the training process (on its GPU when it has one); here it is timed on this CPU, one "
-        "thread, as an upper bound.",
+        f"thread, as an upper bound. MiB / sample counts each store's calibration (PCA bases, transform bases, pq "
+        f"codebooks: MiBs per store) over its {a.images} image(s): at COCO's 118k images it vanishes, so read those "
+        "codes' size from bench/store.py's rows.",
         "",
         table(
             [
