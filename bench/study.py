@@ -222,7 +222,14 @@ def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False
                 cells.append(f"{named}{d['mean']:+.2f}")
             else:
                 cells.append(f"{named}{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
-        teachers_ = " → ".join((t or "-") + (f" [{k}]" if t and k != STORE else "") for _, t, k, _ in rows_of[r].stages)
+        keys = {k for _, t, k, _ in rows_of[r].stages if t}
+        if len(keys) == 1:  # one store for every stage: named once
+            teachers_ = " → ".join(t or "-" for _, t, _, _ in rows_of[r].stages)
+            teachers_ += f" [`{next(iter(keys))}`]" if keys != {STORE} else ""
+        else:
+            teachers_ = " → ".join(
+                (t or "-") + (f" [`{k}`]" if t and k != STORE else "") for _, t, k, _ in rows_of[r].stages
+            )
         epochs = None if quick else study.epochs.get(r)
         stages = f"{teachers_} ({' + '.join(map(str, epochs))} ep)" if epochs else teachers_
         seeds = ",".join(str(x) for x in sorted(shown[r]))

@@ -314,7 +314,7 @@ def test_store_codes_quick_mode_builds_a_store_per_code_and_pairs_each_row_with_
     stores = sorted(p.name for p in (tmp_path / "quick-dev" / "stores").iterdir())
     assert len(stores) == 2 and any("features_pq_bits_2_rotate_true" in s for s in stores)
     table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
-    assert "kd: " in table["kd_a2"] and "mgd: " in table["pq2"] and "[small+features=pq" in table["pq2"]
+    assert "kd: " in table["kd_a2"] and "mgd: " in table["pq2"] and "[`small+features=pq" in table["pq2"]
     assert "| `lossless` |" in printed and "pq:bits=2,rotate=true" in printed  # the bytes table
     assert store_codes.main(args) == 0
     assert "0 student runs to train" in capsys.readouterr().out
