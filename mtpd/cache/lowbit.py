@@ -96,6 +96,19 @@ class Affine(Encoding):
         return _affine_values(unpack(codes, self.bits, side.shape[-1]), side)
 
 
+def principal_axes(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows [n, C] -> (mean [C], variances [C] descending, orthonormal basis [C, C] with the matching columns,
+    each column's largest entry positive: the same basis on every rebuild), float64 on the CPU. The per-store
+    bases of ``pca``, ``transform`` and ``pq`` all come from here."""
+    x = x.double().cpu()
+    mean = x.mean(dim=0)
+    xc = x - mean
+    vals, vecs = torch.linalg.eigh(xc.T @ xc / max(1, x.shape[0] - 1))
+    vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(-1)
+    sign = torch.sign(vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)))
+    return mean, vals, vecs * torch.where(sign == 0, 1.0, sign)
+
+
 @dataclass(frozen=True)
 class PCA(Encoding):
     """A low-rank channel projection: per level, a store-wide orthonormal basis [C, rank] and mean
@@ -140,14 +153,8 @@ class PCA(Encoding):
         for x in rows:
             if x.shape[1] < self.rank:
                 raise EncodingError(f"pca rank {self.rank} exceeds the output's {x.shape[1]} channels")
-            x = x.double().cpu()
-            mean = x.mean(dim=0)
-            xc = x - mean
-            cov = xc.T @ xc / max(1, x.shape[0] - 1)
-            _, vecs = torch.linalg.eigh(cov)
-            basis = vecs[:, -self.rank :].flip(-1)
-            sign = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
-            bases.append((basis * torch.where(sign == 0, 1.0, sign)).float().numpy())
+            mean, _, basis = principal_axes(x)
+            bases.append(basis[:, : self.rank].float().numpy())
             means.append(mean.float().numpy())
         return {"mean": np.stack(means), "basis": np.stack(bases)}
 

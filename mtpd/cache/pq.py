@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mtpd.cache.codes import Encoding, EncodingError
+from mtpd.cache.lowbit import principal_axes
 
 CODEWORDS = 256  # one byte per sub-vector
 KMEANS_ITERS = 25
@@ -44,17 +45,6 @@ def subvectors(channels: int, bits: float) -> int:
     """Sub-vectors (bytes per row) of ``channels`` values at ``bits`` each on average; 1e-9 absorbs float error in
     ``bits`` given as a ratio (0.8 = 8 / 10 classes: one byte per anchor, not two)."""
     return max(1, math.ceil(channels * bits / 8 - 1e-9))
-
-
-def principal_axes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean [C], orthonormal basis [C, C] by descending variance, each column's largest entry positive)."""
-    x = x.double()
-    mean = x.mean(dim=0)
-    xc = x - mean
-    vals, vecs = torch.linalg.eigh(xc.T @ xc / max(1, x.shape[0] - 1))
-    vecs = vecs.flip(-1)
-    sign = torch.sign(vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)))
-    return mean.float(), (vecs * torch.where(sign == 0, 1.0, sign)).float()
 
 
 def _faiss_codes(z: Tensor, book: Tensor) -> Tensor | None:
@@ -118,7 +108,8 @@ class ProductQuantizer(Encoding):
             if x.shape[0] == 0:
                 raise EncodingError(f"pq: level {j} has no calibration cells to fit a codebook on")
             if self.rotate and x.shape[0] > 1:
-                mean, basis = principal_axes(x)
+                mean, _, basis = principal_axes(x)
+                mean, basis = mean.float(), basis.float()
                 order = torch.arange(c).view(c // m, m).T.reshape(-1)  # component i -> sub-vector i mod M
                 rot = basis[:, order]
             else:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mtpd.cache.codes import Encoding, EncodingError
-from mtpd.cache.lowbit import pack, unpack
+from mtpd.cache.lowbit import pack, principal_axes, unpack
 
 WIDTHS = (8, 4, 2)  # bits a component may get (packed 1, 2 and 4 per byte), besides 0
 # Step (in standard deviations) and mean squared error (in variances) of the optimal uniform quantiser of a
@@ -122,13 +122,8 @@ class Transform(Encoding):
         and std, widened where the calibration rows' own tails make a wider one err less (``LOADING``)."""
         means, bases, coefs, pooled, cells = [], [], [], 0.0, 0
         for x in rows:
-            x = x.double().cpu()
-            mean = x.mean(dim=0)
-            xc = x - mean
-            vals, vecs = torch.linalg.eigh(xc.T @ xc / max(1, x.shape[0] - 1))
-            vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(-1)
-            sign = torch.sign(vecs.gather(0, vecs.abs().argmax(dim=0, keepdim=True)))
-            vecs = vecs * torch.where(sign == 0, 1.0, sign)
+            mean, vals, vecs = principal_axes(x)
+            xc = x.double().cpu() - mean
             bases.append(vecs.float().numpy())
             means.append(mean.float().numpy())
             coefs.append(xc @ vecs)
