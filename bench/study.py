@@ -8,14 +8,22 @@ loss sets, its extra teachers and which rows the others are paired with.
 A row's stage is ``(stage name, teacher key or None, store key, loss-set key)``; loss sets are lists of
 plan loss entries, where ``auto_after: "epoch"`` becomes one epoch of steps. ``epochs`` sets each
 stage's epochs per row (default: the benchmark's), so rows of different lengths can have equal totals.
+
+Finished runs are recorded in ``bench/results/<study>-<split>.json``, in the repository, so that a fresh
+clone reports them and trains only what is missing (working folders under --out do not outlive a machine):
+per row and seed the AP, each stage's AP, the weights the run resolved, the tree that trained it and a
+fingerprint of the row's definition. A record whose row has since changed is set aside and the run trains
+again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +36,7 @@ from bench.bytes_vs_ap import Row, _build_stores, _lock, _plan, _split, _store_p
 from bench.common import command_line, machine, write_section
 
 STORE = "lossless"  # the store key most rows read: a preset or precision string; fpn, cls and box, both views
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -56,6 +65,11 @@ class Study:
         p.add_argument("--quick", action="store_true", help="a few images, one epoch per stage: checks the script")
         p.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
         p.add_argument("--report", action="store_true", help="the table of what has finished, training nothing")
+        p.add_argument(
+            "--results",
+            default=None,
+            help="the record of finished runs (default: bench/results/<study>-<split>.json; --quick: under --out)",
+        )
         return p
 
     def losses(self, key: str, iters_per_epoch: int) -> list[dict]:
@@ -66,6 +80,51 @@ class Study:
                 lc["auto_after"] = iters_per_epoch
             out.append(lc)
         return out
+
+
+def fingerprint(study: Study, name: str, row: Row, split: str) -> str:
+    """What a run of ``row`` depends on beyond the benchmark's recipe: its stages, their losses and epochs."""
+    losses = {k: study.loss_sets.get(k) for k in sorted({s[3] for s in row.stages})}
+    d = {"split": split, "stages": [list(s) for s in row.stages], "losses": losses, "epochs": study.epochs.get(name)}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tree() -> str:
+    """The commit of the code that trains: $MTPD_BENCH_TREE (a sweep run from an exported snapshot), else git's."""
+    if os.environ.get("MTPD_BENCH_TREE"):
+        return os.environ["MTPD_BENCH_TREE"]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(RESULTS_DIR.parent), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def load_record(path: Path) -> dict[str, dict[int, dict]]:
+    """Row -> seed -> run entry; an earlier bare form (row -> seed -> AP) reads as entries holding only AP."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e}); restore it from git or delete the broken entry") from None
+    return {r: {int(s): e if isinstance(e, dict) else {"AP": e} for s, e in d.items()} for r, d in raw.items()}
+
+
+def save_record(path: Path, record: dict[str, dict[int, dict]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")  # a kill mid-write must not cost the finished runs' record
+    tmp.write_text(json.dumps({r: {str(s): record[r][s] for s in sorted(record[r])} for r in record}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(RESULTS_DIR.parent))
+    except ValueError:
+        return str(path)
 
 
 def teachers(study: Study, paths, scale, log) -> dict:
@@ -106,8 +165,8 @@ def main(study: Study, argv: list[str] | None = None) -> int:
     paths = steps.Paths(Path(a.out) / (f"quick-{a.split}" if a.quick else a.split))
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    steps.ensure_data(paths, scale, log)  # --report too: the split's sizes and store names come from the data
     if not a.report:
-        steps.ensure_data(paths, scale, log)
         lock = _lock(paths.root, Path(study.prog).name)  # noqa: F841 - held until the process ends
     split = _split(paths, a.split, scale)
     keys = sorted({s[1] for r in rows for s in table_rows[r].stages if s[1] is not None})
@@ -117,31 +176,43 @@ def main(study: Study, argv: list[str] | None = None) -> int:
         stores = {(t, k): _store_path(paths, split, t, k) for t, k in used}
     else:
         stores = _build_stores(paths, split, ts, store_keys(table_rows[r] for r in rows), log, used)
-    res_path = paths.root / "results.json"
-    results: dict[str, dict[int, float]] = {}
-    if res_path.is_file():
-        results = {r: {int(s): v for s, v in d.items()} for r, d in json.loads(res_path.read_text()).items()}
+    default_record = paths.root / "results.json" if a.quick else RESULTS_DIR / f"{Path(study.prog).stem}-{a.split}.json"
+    res_path = Path(a.results) if a.results else default_record
+    record = load_record(res_path)
+    prints = {r: fingerprint(study, r, table_rows[r], a.split) for r in rows}
+    for r in rows:
+        stale = [s for s, e in record.get(r, {}).items() if e.get("fingerprint", prints[r]) != prints[r]]
+        for s in stale:  # the row changed since: its old runs are not this row's
+            log(f"  {res_path.name}: {r} seed {s} was trained from another definition of {r}; training it again")
+            record.setdefault(f"{r}@{record[r][s]['fingerprint']}", {})[s] = record[r].pop(s)
+    results = {r: {s: e["AP"] for s, e in d.items()} for r, d in record.items()}
 
     def on_done(row: str, seed: int, job) -> None:
         metrics = jobs.metrics(job)
         results.setdefault(row, {})[seed] = metrics[-1]["AP"]
         stage_aps = [round(100 * m["AP"], 2) for m in metrics]
         log(f"   {row} seed {seed}: AP {100 * metrics[-1]['AP']:.2f} (stages {stage_aps})")
-        tmp = res_path.with_suffix(".tmp")  # a kill mid-write must not cost the finished runs' record
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, res_path)
+        record.setdefault(row, {})[seed] = {
+            "AP": metrics[-1]["AP"],
+            "stage_AP": [m["AP"] for m in metrics],
+            "weights": weights(paths, f"{row}_s{seed}"),
+            "fingerprint": prints[row],
+            "tree": tree(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        save_record(res_path, record)
 
     tasks = []
     for seed in [] if a.report else seeds:  # seed-major: a stopped run still has paired rows
         for r in rows:
-            plan = plan_for(study, r, table_rows[r], seed, paths, split, scale, stores)
-            if steps.stages_todo(plan, lambda s: None)[1] or seed not in results.get(r, {}):
-                tasks.append((r, seed, plan, None))
+            if seed in results.get(r, {}):  # recorded: trained here or on another machine
+                continue
+            tasks.append((r, seed, plan_for(study, r, table_rows[r], seed, paths, split, scale, stores), None))
     log("--report: nothing trains" if a.report else f"{len(tasks)} student runs to train, {a.jobs} side by side")
     run_all(tasks, a.jobs, log, on_done)
 
     shown = {r: {s: results[r][s] for s in seeds if s in results.get(r, {})} for r in rows}
-    lines = table(study, rows, shown, paths, quick=a.quick)
+    lines = table(study, rows, shown, paths, quick=a.quick, record=record)
     if study.extra_lines is not None:
         lines += ["", *study.extra_lines(paths, shown)]
     print("\n".join(["", *lines]))
@@ -163,7 +234,7 @@ def main(study: Study, argv: list[str] | None = None) -> int:
                     if a.report and any(len(shown[r]) < len(seeds) for r in rows)
                     else [
                         "Recorded with --report from the finished runs (trained by the same command without "
-                        "--report; finished stages are kept under --out)."
+                        f"--report; each run's AP, weights and tree are in {_shown_path(res_path)})."
                     ]
                     if a.report
                     else []
@@ -199,7 +270,9 @@ def weights(paths, run: str) -> str:
     return " / ".join(out) if any(out) else "-"
 
 
-def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False) -> list[str]:
+def table(
+    study: Study, rows: list[str], shown: dict, paths, quick: bool = False, record: dict | None = None
+) -> list[str]:
     refs = [r for r in study.refs if r in rows]
     cols = ["vs its reference"] if study.ref_of else [f"vs {r}" for r in refs]
     head = "| row | stages | losses (weights per stage) | seeds | AP | " + " | ".join(cols) + " |"
@@ -233,7 +306,7 @@ def table(study: Study, rows: list[str], shown: dict, paths, quick: bool = False
         epochs = None if quick else study.epochs.get(r)
         stages = f"{teachers_} ({' + '.join(map(str, epochs))} ep)" if epochs else teachers_
         seeds = ",".join(str(x) for x in sorted(shown[r]))
-        lines.append(
-            f"| {r} | {stages} | {weights(paths, f'{r}_s{min(shown[r])}')} | {seeds} | {ap} | {' | '.join(cells)} |"
-        )
+        entry = (record or {}).get(r, {}).get(min(shown[r]), {})
+        resolved = entry.get("weights") or weights(paths, f"{r}_s{min(shown[r])}")
+        lines.append(f"| {r} | {stages} | {resolved} | {seeds} | {ap} | {' | '.join(cells)} |")
     return lines

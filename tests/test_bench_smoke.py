@@ -238,7 +238,7 @@ def test_rm_pfi_quick_mode_trains_its_dev_rows_and_resumes(tmp_path, ray_session
     assert rm_pfi.main(args) == 0
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "quick-dev" / "results.json").read_text())
-    assert sorted(saved) == sorted(rows) and all(0.0 <= saved[r]["0"] <= 1.0 for r in rows)
+    assert sorted(saved) == sorted(rows) and all(0.0 <= saved[r]["0"]["AP"] <= 1.0 for r in rows)
     table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
     assert "rm " in table["rm_auto"] and "pfi 0.13" in table["pfi_ours"]
     plan = (tmp_path / "quick-dev" / "runs" / "rm_auto_s0" / "stage_1" / "plan.yaml").read_text()
