@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -318,6 +319,22 @@ def test_store_codes_quick_mode_builds_a_store_per_code_and_pairs_each_row_with_
     assert "| `lossless` |" in printed and "pq:bits=2,rotate=true" in printed  # the bytes table
     assert store_codes.main(args) == 0
     assert "0 student runs to train" in capsys.readouterr().out
+
+    # A fresh machine has the record and nothing else: it reports every row, weights included, and trains nothing.
+    shutil.rmtree(tmp_path / "quick-dev" / "runs")
+    assert store_codes.main([*args, "--report"]) == 0
+    table = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert sorted(r for r in table if r in rows) == sorted(rows) and "kd 10" in table["kd_a2"]
+    # A record trained from another definition of its row is set aside, and that run trains again.
+    record = tmp_path / "quick-dev" / "results.json"
+    saved["kd"]["1"]["fingerprint"] = "0" * 12
+    record.write_text(json.dumps(saved))
+    kd_args = ["--quick", "--split", "dev", "--rows", "kd", "--out", str(tmp_path), "--jobs", "1"]
+    assert store_codes.main(kd_args) == 0
+    out = capsys.readouterr().out
+    assert "another definition of kd" in out and "1 student runs to train" in out
+    again = json.loads(record.read_text())
+    assert again["kd"]["1"]["fingerprint"] == saved["kd"]["0"]["fingerprint"] and "kd@000000000000" in again
 
 
 def test_far_teachers_plot_draws_every_row(tmp_path):

@@ -302,7 +302,7 @@ def test_out_of_range_view_size(tmp_path, digits, capsys):
 def test_unknown_precision_is_rejected_by_argparse(tmp_path, digits):
     with pytest.raises(SystemExit):
         _build_cli(digits, tmp_path / "s", "--precision", "huge")
-    assert set(PRECISIONS) == {"lossless", "high", "compact", "small", "tiny"}
+    assert set(PRECISIONS) == {"lossless", "high", "compact", "small", "tiny", "micro"}
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from mtpd.cache.encoding import (
     EncodingError,
     Fp16,
     LogProbU8,
+    ProductQuantizer,
     TopK,
     bitround,
     encoding_from_attrs,
@@ -155,6 +156,13 @@ def test_presets_pick_encodings_by_kind():
     assert PRECISIONS["tiny"].encoding_for(fpn) == PCA(rank=128, bits=4)
     assert PRECISIONS["tiny"].encoding_for(box) == Affine(8)
     assert PRECISIONS["tiny"].encoding_for(cls) == TopK(8, 90) and PRECISIONS["small"].encoding_for(cls) == LogProbU8()
+    micro = PRECISIONS["micro"]
+    assert micro.encoding_for(fpn) == ProductQuantizer(2.0, rotate=True) and micro.encoding_for(box) == Affine(8)
+    # class scores: one byte per anchor, 9 anchors x 10 classes -> 9 sub-vectors of 10 logits
+    assert micro.encoding_for(cls) == ProductQuantizer(0.8, rotate=False)
+    assert micro.encoding_for(cls).code_channels(90) == 9
+    fcos = OutputSpec("cls", "logits", (3, 4), 80, 1, 80)  # anchor-free: one byte per cell
+    assert micro.encoding_for(fcos).code_channels(80) == 1
 
 
 def test_encoding_parameters_keep_their_types():

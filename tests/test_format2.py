@@ -37,8 +37,8 @@ needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reas
 def tiny_stores(tmp_path_factory, digits) -> dict[str, str]:
     root = tmp_path_factory.mktemp("format2")
     out = {}
-    for key, precision in (("compact", "compact"), ("tiny", "tiny"), ("pq", PQ)):
-        if key == "pq" and importlib.util.find_spec("faiss") is None:
+    for key, precision in (("compact", "compact"), ("tiny", "tiny"), ("pq", PQ), ("micro", "micro")):
+        if key in ("pq", "micro") and importlib.util.find_spec("faiss") is None:
             continue
         out[key] = str(root / key)
         tiny_build(digits, out[key], precision=precision, outputs=["fpn", "cls", "box"])
@@ -99,7 +99,9 @@ def _batch_and_reader(digits, store: str):
     return next(iter(make_loader(ds, 3, shuffle=False, workers=1, seed=0))), ds
 
 
-@pytest.mark.parametrize("precision", ["compact", "tiny", pytest.param("pq", marks=needs_faiss)])
+@pytest.mark.parametrize(
+    "precision", ["compact", "tiny", pytest.param("pq", marks=needs_faiss), pytest.param("micro", marks=needs_faiss)]
+)
 def test_batch_decode_equals_per_sample_cpu_decode(digits, tiny_stores, precision):
     """Workers hand over codes (here from a real worker process); the training process decodes the padded
     batch. Each sample's valid cells equal ``open_store(...).read`` (the CPU decode), padding is zero."""
@@ -119,7 +121,9 @@ def test_batch_decode_equals_per_sample_cpu_decode(digits, tiny_stores, precisio
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare GPU decoding with CPU")
-@pytest.mark.parametrize("precision", ["tiny", pytest.param("pq", marks=needs_faiss)])
+@pytest.mark.parametrize(
+    "precision", ["tiny", pytest.param("pq", marks=needs_faiss), pytest.param("micro", marks=needs_faiss)]
+)
 def test_decode_on_gpu_equals_cpu(digits, tiny_stores, precision):
     batch, ds = _batch_and_reader(digits, tiny_stores[precision])
     cpu = StoreTargets(ds.feeds)(batch)[0][0]

@@ -45,6 +45,7 @@ from mtpd.cache.encoding import (
     EncodingError,
     Fp16,
     LogProbU8,
+    ProductQuantizer,
     TopK,
     encoding_from_attrs,
     encoding_from_v1,
@@ -105,6 +106,18 @@ PRECISIONS: dict[str, Precision] = {
         lambda s: TopK(k=min(8, s.channels), channels=s.channels),
         _fixed(Affine(8)),
         "features: PCA to half the channels, 4-bit coefficients; class scores: top 8 per cell",
+    ),
+    # From the dev split of bench/store_codes.py (bench/RESULTS.md "Store codes below small ... dev split"):
+    # features by product quantisation on the principal axes at 2 bits per value (one byte per 4 channels,
+    # 1/16 of fp32 before the per-store codebooks); class scores as one byte per anchor, the nearest of 256
+    # codewords for that anchor's logits (bits 8/K for K classes), about 1/6 of logprob-u8's bytes.
+    # Both codebooks are k-means fits: building needs faiss (mtpd[codes]); reading does not.
+    "micro": Precision(
+        "micro",
+        _fixed(ProductQuantizer(2.0, rotate=True)),
+        lambda s: ProductQuantizer(8 * max(1, s.num_anchors) / s.channels, rotate=False),
+        _fixed(Affine(8)),
+        "features: product quantisation, 2 bits per value; class scores: one byte per anchor",
     ),
 }
 
