@@ -145,8 +145,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help=f"a precision string measured beside the presets (repeatable; default: {', '.join(EXTRA)})",
     )
     a = p.parse_args(argv)
-    if a.extra is None:  # pq fits its codebooks with faiss (the `codes` extra): measured where installed
-        a.extra = [e for e in EXTRA if "=pq" not in e or importlib.util.find_spec("faiss")]
+    if a.extra is None:
+        a.extra = list(EXTRA)
     a.extra = [e for e in a.extra if e not in PRESETS]
     if a.quick:
         a.size, a.images, a.samples, a.teacher, a.classes, a.workers, a.rounds = (
@@ -161,10 +161,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-PRESETS = ("lossless", "high", "compact", "small", "tiny")
-# Feature codes at 1/16 of fp32 that the store-code study tries (bench/store_codes.py)
-EXTRA = ("small+features=transform:bits=2", "small+features=pq:bits=2,rotate=true")
-TARGETED = ("small", "tiny")  # presets with the >= 60 samples/s per worker core target; so is every extra
+# micro fits its codebooks with faiss (the `codes` extra): measured where it is installed
+PRESETS = ("lossless", "high", "compact", "small", "tiny") + (("micro",) if importlib.util.find_spec("faiss") else ())
+# The other feature code at 1/16 of fp32 that the store-code study tries (bench/store_codes.py)
+EXTRA = ("small+features=transform:bits=2",)
+TARGETED = ("small", "tiny", "micro")  # presets with the >= 60 samples/s per worker core target; so is every extra
 NOCRC = "small, no crc32c (what-if)"
 
 

@@ -54,7 +54,7 @@ from mtpd.cache.store import open_store
 TITLE = "Store (bench/store.py)"
 PRESETS = tuple(PRECISIONS)
 OUTPUTS = ["fpn", "cls", "box"]
-TARGETS = {"small": 8, "tiny": 16}  # FPN at most 1/N of fp32 (RetinaNet-R50, 800x1333)
+TARGETS = {"small": 8, "tiny": 16, "micro": 16}  # FPN at most 1/N of fp32 (RetinaNet-R50, 800x1333)
 KIB = 1024
 
 

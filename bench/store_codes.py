@@ -17,6 +17,9 @@ axes 26.2 %, 44.2 % at 1/32):
                       kd_pq (product quantisation, one byte per anchor)
 kd_pq was added, before any run, from bench/cls_codes.py: at 0.16 of logprob-u8's bytes it moves KD's targets
 less than logprob-u8 does (KD loss 0.0043 against 0.0067 on the strong teacher), top-k per anchor 4-6x more.
+Val rows (set from the dev study before any val run; see ``VAL_ROWS``): the `micro` preset built from the dev
+winners, with MGD, KD and RM + PFI, each paired by seed with the same losses from `lossless`; 6 rows x 5 seeds,
+about 2.5 h with two students side by side.
 Outside the candidates by arithmetic: a 3-bit affine code is 3/32 = 1/10.7 of fp32 before any side parameter or
 outlier channel, so it cannot reach 1/16.
 """
@@ -71,7 +74,30 @@ DEV_ROWS: dict[str, Row] = {
 }
 
 
-ALL_ROWS = DEV_ROWS  # val rows join after the dev study
+# The val rows, set from the dev study (bench/RESULTS.md "Store codes below small ... dev split") before any val
+# run: `micro` (mtpd.cache.schema), its features for MGD and its class code for KD and for RM + PFI, each paired
+# by seed with the same losses from `lossless`. RM + PFI is bench/rm_pfi.py's val row (RM at the paper's 4, PFI
+# on probabilities, weight by the rule); its PFI term reads the features too.
+PAPER_RM = {"name": "rm"}
+PROBS_PFI = {"name": "pfi", "weight": "auto", "params": {"pred": "probs"}}
+LOSS_SETS["rm_pfi"] = [PAPER_RM, PROBS_PFI]
+VAL_ROWS: dict[str, Row] = {
+    r.name: r
+    for r in (
+        _direct("mgd", STORE, "mgd"),
+        _direct("micro", "micro", "mgd"),
+        _direct("kd", STORE, "kd"),
+        _direct("kd_micro", "micro", "kd"),
+        _direct("rm_pfi", STORE, "rm_pfi"),
+        _direct("rm_pfi_micro", "micro", "rm_pfi"),
+    )
+}
+REF_OF = {r: ("kd" if r.startswith("kd") else "mgd") for r in DEV_ROWS} | {
+    "micro": "mgd",
+    "kd_micro": "kd",
+    "rm_pfi_micro": "rm_pfi",
+}
+ALL_ROWS = DEV_ROWS | VAL_ROWS  # mgd and kd are the same rows in both
 
 
 def byte_lines(paths, shown: dict) -> list[str]:
@@ -101,10 +127,10 @@ STUDY = Study(
     prog="bench/store_codes.py",
     title="Store codes below small (bench/store_codes.py)",
     doc=__doc__ or "",
-    rows={"dev": DEV_ROWS},
+    rows={"dev": DEV_ROWS, "val": VAL_ROWS},
     loss_sets=LOSS_SETS,
-    refs=("mgd", "kd"),
-    ref_of={r: ("kd" if r.startswith("kd") else "mgd") for r in DEV_ROWS},
+    refs=("mgd", "kd", "rm_pfi"),
+    ref_of=REF_OF,
     extra_lines=byte_lines,
 )
 
