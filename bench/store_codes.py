@@ -32,6 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/store_codes.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import rm_pfi
 from bench.bytes_vs_ap import Row, store_bytes, store_name
 from bench.study import STORE, Study
 from bench.study import main as study_main
@@ -78,9 +79,7 @@ DEV_ROWS: dict[str, Row] = {
 # run: `micro` (mtpd.cache.schema), its features for MGD and its class code for KD and for RM + PFI, each paired
 # by seed with the same losses from `lossless`. RM + PFI is bench/rm_pfi.py's val row (RM at the paper's 4, PFI
 # on probabilities, weight by the rule); its PFI term reads the features too.
-PAPER_RM = {"name": "rm"}
-PROBS_PFI = {"name": "pfi", "weight": "auto", "params": {"pred": "probs"}}
-LOSS_SETS["rm_pfi"] = [PAPER_RM, PROBS_PFI]
+LOSS_SETS["rm_pfi"] = rm_pfi.LOSS_SETS["rmpfi_val"]
 VAL_ROWS: dict[str, Row] = {
     r.name: r
     for r in (
