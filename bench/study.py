@@ -184,7 +184,8 @@ def main(study: Study, argv: list[str] | None = None) -> int:
         stale = [s for s, e in record.get(r, {}).items() if e.get("fingerprint", prints[r]) != prints[r]]
         for s in stale:  # the row changed since: its old runs are not this row's
             log(f"  {res_path.name}: {r} seed {s} was trained from another definition of {r}; training it again")
-            record.setdefault(f"{r}@{record[r][s]['fingerprint']}", {})[s] = record[r].pop(s)
+            entry = record[r].pop(s)  # popped first: the old fingerprint names where it is kept
+            record.setdefault(f"{r}@{entry['fingerprint']}", {})[s] = entry
     results = {r: {s: e["AP"] for s, e in d.items()} for r, d in record.items()}
 
     def on_done(row: str, seed: int, job) -> None:
