@@ -44,7 +44,14 @@ def test_the_swin_teacher_is_a_transformer_with_a_pyramid() -> None:
 
 # Relative RMSE of each preset's decoded maps against the teacher run again here (a recompute in another batch
 # differs by float noise, so fp16's half-ulp bound cannot be checked this way: the encodings' own tests do that).
-MAX_REL_RMSE = {"lossless": 5e-4, "high": 4e-3, "compact": 1.5e-2, "small": 0.08, "tiny": 0.25, "micro": 0.075}  # 2-3x the measured
+MAX_REL_RMSE = {
+    "lossless": 5e-4,
+    "high": 4e-3,
+    "compact": 1.5e-2,
+    "small": 0.08,
+    "tiny": 0.25,
+    "micro": 0.075,
+}  # 2-3x the measured
 
 
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
