@@ -43,6 +43,27 @@ def test_one_subvector_decoded_to_its_second_nearest_codeword_is_outside_the_bou
     assert not enc.within_bound(rows, enc.decode(wrong[None], None, 0)[0], 0)
 
 
+def test_rows_with_a_large_norm_keep_their_low_energy_subvectors_within_the_bound():
+    """256 channels with a common offset and a spectrum falling 1000x (RetinaNet-R50-like rows): the decode's
+    float32 rounding scales with the row, so a tolerance scaled by each sub-vector's own norm failed low-energy
+    sub-vectors whose codes were the nearest; a swapped code in a high-energy one still fails."""
+    torch.manual_seed(0)
+    c = 256
+    mix = torch.randn(c, c) * torch.logspace(0, -3, c)
+    x = torch.distributions.StudentT(4.0).sample((6000, c)) @ mix.T + 5.0 + torch.randn(c)
+    enc = fitted(ProductQuantizer(2.0, rotate=True), x[:4000])
+    rows = x[4000:]
+    codes, y = roundtrip(enc, rows)
+    assert enc.within_bound(rows, y, 0)
+    z, book = enc.subvectors(rows, 0).double(), enc.state["codebook"][0].double()
+    d2 = (z[:, :, None] - book[None]).pow(2).sum(-1)  # [n, M, 256], exact differences in float64
+    chosen = d2.gather(-1, codes.long()[..., None])[..., 0]
+    assert bool(torch.all(chosen <= d2.amin(-1) * (1 + 1e-6) + 1e-12))  # every code a nearest: the bound must hold
+    wrong = codes.clone()
+    wrong[5, 0] = d2[5, 0].topk(2, largest=False).indices[1].to(torch.uint8)  # sub-vector 0: the top component
+    assert not enc.within_bound(rows, enc.decode(wrong[None], None, 0)[0], 0)
+
+
 def test_the_cpu_search_by_faiss_picks_the_codewords_torch_picks():
     torch.manual_seed(0)  # full_rank's Student-t draws use the global generator
     x = full_rank(n=3000, c=32)
