@@ -8,6 +8,11 @@ reports the loss KD (``mtpd.trainer.losses.kd``, τ as its default) would give i
 `lossless` logits exactly while the targets came from the preset: a target error of zero costs nothing; one of
 the size of the training KD loss moves what the student learns. It also reports how many teacher scores lie below
 the uint8 log-probability code's floor (p = 1e-4), where that code and top-k both clip.
+
+RM reads the same scores another way: it mimics how the teacher *ranks* the anchors of an object, so the script
+also reports, per sample, the rank correlation (Spearman) of each anchor's top score between `lossless` and the
+preset over the anchors the teacher gives p >= ``--candidate`` (the candidates RM's ranking is about), and the
+share of those anchors whose decoded score ties with another's (a vector code maps many anchors to one codeword).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="small,tiny", help="presets to compare with lossless (default: %(default)s)")
     p.add_argument("--samples", type=int, default=16, help="samples read, spread over the store (default: %(default)s)")
     p.add_argument("--tau", type=float, default=2.0, help="KD temperature (default: the kd loss's, %(default)s)")
+    p.add_argument(
+        "--candidate", type=float, default=0.05, help="p of the anchors whose ranks are compared (default: %(default)s)"
+    )
     a = p.parse_args(argv)
 
     def store(preset: str):
@@ -50,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     kd = KDLoss(levels=levels, tau=a.tau)  # the trainer's own loss: lossless logits as student, preset as teacher
     floor = float(logprob_logits(np.zeros(1, np.uint8))[0])
     samples = np.linspace(0, ref.num_samples - 1, a.samples).round().astype(int)
+    anchors = ref.header.outputs["cls"].spec.num_anchors
     loss = {k: [] for k in presets}
+    ranks = {k: [] for k in presets}
     below = []
     for i in samples:
         t_levels = ref.read(int(i), ["cls"])["cls"]
@@ -58,16 +68,44 @@ def main(argv: list[str] | None = None) -> int:
         student = {f"cls.p{lv}": torch.from_numpy(x)[None] for lv, x in zip(levels, t_levels)}
         masks = {lv: torch.ones(1, 1, *x.shape[-2:]) for lv, x in zip(levels, t_levels)}
         for k, st in others.items():
-            teacher = {
-                f"cls.p{lv}": torch.from_numpy(x)[None] for lv, x in zip(levels, st.read(int(i), ["cls"])["cls"])
-            }
+            p_levels = st.read(int(i), ["cls"])["cls"]
+            teacher = {f"cls.p{lv}": torch.from_numpy(x)[None] for lv, x in zip(levels, p_levels)}
             batch = DistillBatch(student, teacher, masks, [], [], None, 0, 0, levels)
             loss[k].append(float(kd(batch)))
+            ranks[k].append(rank_agreement(t_levels, p_levels, anchors, a.candidate))
     print(f"teacher {a.teacher}, {len(samples)} samples, tau {a.tau}")
     print(f"teacher class scores below p = 1e-4 (the uint8 code's floor): {100 * np.mean(below):.1f} %")
     for k in presets:
         print(f"KD loss, {k}'s decoded targets against lossless logits, per entry: {np.mean(loss[k]):.4f}")
+    for k in presets:
+        got = [r for r in ranks[k] if r is not None]
+        if got:
+            rho, tied = np.array(got).T
+            print(
+                f"RM's view, {k}: anchors' top-score rank correlation with lossless over anchors at p >= "
+                f"{a.candidate}: {np.mean(rho):.3f} (min {np.min(rho):.3f}); tied scores {100 * np.mean(tied):.1f} %"
+            )
     return 0
+
+
+def rank_agreement(ref: list, got: list, anchors: int, candidate: float) -> tuple[float, float] | None:
+    """Spearman correlation of each anchor's top sigmoid score, ``got`` against ``ref`` (per-level logits
+    [A*K, h, w]), over the anchors ``ref`` scores at p >= ``candidate``, and the share of those whose ``got`` score
+    equals another's; None with fewer than 5 such anchors."""
+    import torch
+
+    def top(levels: list) -> torch.Tensor:
+        return torch.cat(
+            [torch.from_numpy(x).reshape(anchors, -1, *x.shape[-2:]).sigmoid().amax(1).flatten() for x in levels]
+        )
+
+    r, g = top(ref), top(got)
+    keep = r >= candidate
+    if int(keep.sum()) < 5:
+        return None
+    rank = lambda v: v.argsort().argsort().double()  # noqa: E731
+    rho = float(torch.corrcoef(torch.stack([rank(r[keep]), rank(g[keep])]))[0, 1])
+    return rho, 1.0 - len(torch.unique(g[keep])) / int(keep.sum())
 
 
 if __name__ == "__main__":

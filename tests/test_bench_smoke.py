@@ -112,13 +112,14 @@ def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, r
     from bench import kd_targets
 
     st = str(tmp_path / "quick-val" / "stores")
-    assert kd_targets.main(["--stores", st, "--presets", "lossless,tiny", "--samples", "3"]) == 0
-    moved = {
-        ln.split(", ")[1].split("'")[0]: float(ln.split()[-1])
-        for ln in capsys.readouterr().out.splitlines()
-        if "KD loss" in ln
-    }
+    assert kd_targets.main(["--stores", st, "--presets", "lossless,tiny", "--samples", "3", "--candidate", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    moved = {ln.split(", ")[1].split("'")[0]: float(ln.split()[-1]) for ln in out if "KD loss" in ln}
     assert moved["lossless"] == 0.0 and moved["tiny"] > 0.0
+    # RM's view over every anchor: lossless ranks them as itself; top-8 per cell leaves most at its floor (ties).
+    ranked = {ln.split(", ")[1].split(":")[0]: ln for ln in out if ln.startswith("RM's view")}
+    assert "with lossless over anchors at p >= 0.0: 1.000" in ranked["lossless"]
+    assert float(ranked["tiny"].split(": ")[-1].split()[0]) < 1.0
     assert "Default precision by the rule" in printed
     assert "| - |" in table["flip_cached"]  # its store holds FPN maps only: no "all outputs" figure
     # A rerun finds every stage finished and trains nothing.
