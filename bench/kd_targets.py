@@ -10,9 +10,10 @@ the size of the training KD loss moves what the student learns. It also reports 
 the uint8 log-probability code's floor (p = 1e-4), where that code and top-k both clip.
 
 RM reads the same scores another way: it mimics how the teacher *ranks* the anchors of an object, so the script
-also reports, per sample, the rank correlation (Spearman) of each anchor's top score between `lossless` and the
-preset over the anchors the teacher gives p >= ``--candidate`` (the candidates RM's ranking is about), and the
-share of those anchors whose decoded score ties with another's (a vector code maps many anchors to one codeword).
+also reports, per sample, the rank correlation (Spearman, ties at their mean rank) of each anchor's top score
+between `lossless` and the preset over the anchors the teacher gives p >= ``--candidate`` (the candidates RM's
+ranking is about), and the share of those anchors whose decoded score ties with another's (a vector code maps
+many anchors to one codeword).
 """
 
 from __future__ import annotations
@@ -89,23 +90,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def rank_agreement(ref: list, got: list, anchors: int, candidate: float) -> tuple[float, float] | None:
-    """Spearman correlation of each anchor's top sigmoid score, ``got`` against ``ref`` (per-level logits
-    [A*K, h, w]), over the anchors ``ref`` scores at p >= ``candidate``, and the share of those whose ``got`` score
-    equals another's; None with fewer than 5 such anchors."""
-    import torch
+    """Spearman correlation of each anchor's top score, ``got`` against ``ref`` (per-level logits [A*K, h, w],
+    anchor-major as the heads lay them out), over the anchors ``ref`` scores at p >= ``candidate``, tied values
+    ranked by their mean rank; and the share of those anchors whose ``got`` score equals another's. None with
+    fewer than 5 such anchors, or when either side scores them all alike."""
+    import numpy as np
 
-    def top(levels: list) -> torch.Tensor:
-        return torch.cat(
-            [torch.from_numpy(x).reshape(anchors, -1, *x.shape[-2:]).sigmoid().amax(1).flatten() for x in levels]
-        )
+    def top(levels: list) -> np.ndarray:  # logits, not sigmoids: saturated probabilities would tie
+        return np.concatenate([x.reshape(anchors, -1, *x.shape[-2:]).max(1).ravel() for x in levels]).astype(np.float64)
+
+    def ranks(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        return (np.cumsum(counts) - (counts + 1) / 2)[inverse], counts
 
     r, g = top(ref), top(got)
-    keep = r >= candidate
+    keep = r >= np.log(candidate / (1 - candidate)) if 0 < candidate < 1 else np.full(r.shape, candidate <= 0)
     if int(keep.sum()) < 5:
         return None
-    rank = lambda v: v.argsort().argsort().double()  # noqa: E731
-    rho = float(torch.corrcoef(torch.stack([rank(r[keep]), rank(g[keep])]))[0, 1])
-    return rho, 1.0 - len(torch.unique(g[keep])) / int(keep.sum())
+    (rr, _), (rg, counts) = ranks(r[keep]), ranks(g[keep])
+    if rr.std() == 0 or rg.std() == 0:
+        return None
+    return float(np.corrcoef(rr, rg)[0, 1]), float(counts[counts > 1].sum() / keep.sum())
 
 
 if __name__ == "__main__":
