@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mtpd.errors import MtpdError
@@ -94,6 +94,8 @@ def _load_plan_text(data: bytes) -> None:
 
 @SETTINGS
 @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+@example(b"?")  # {None: None}: a key that is not a string
+@example(b"1: a\nb: c")  # keys of two types, which do not sort together
 def test_plan_loader_on_arbitrary_bytes(data: bytes) -> None:
     _only_mtpd_errors(_load_plan_text, data)
 

@@ -249,9 +249,11 @@ def from_dict(cls: type, data: Any, path: str = "plan") -> Any:
         raise PlanError(f"{path}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    # YAML keys need not be strings (`?` alone is {None: None}, `1: x` an int): sort and name them as text.
+    unknown = sorted((k for k in data if k not in fields), key=repr)
     if unknown:
-        key = unknown[0] if unknown[0].isprintable() else repr(unknown[0])  # a key with a newline: keep one line
+        first = unknown[0]
+        key = first if isinstance(first, str) and first.isprintable() else repr(first)  # one line, whatever it is
         raise PlanError(f"{path}.{key}: unknown key; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
