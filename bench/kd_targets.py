@@ -11,9 +11,9 @@ the uint8 log-probability code's floor (p = 1e-4), where that code and top-k bot
 
 RM reads the same scores another way: it mimics how the teacher *ranks* the anchors of an object, so the script
 also reports, per sample, the rank correlation (Spearman, ties at their mean rank) of each anchor's top score
-between `lossless` and the preset over the anchors the teacher gives p >= ``--candidate`` (the candidates RM's
-ranking is about), and the share of those anchors whose decoded score ties with another's (a vector code maps
-many anchors to one codeword).
+between `lossless` and the preset over the anchors the teacher gives p >= ``--candidate`` (a proxy for the
+positive anchors whose class scores RM compares), and the share of those anchors whose decoded score ties with
+another's (a vector code maps many anchors to one codeword).
 """
 
 from __future__ import annotations

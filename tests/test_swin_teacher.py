@@ -4,11 +4,10 @@ trained from its store, evaluated and exported."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from conftest import TINY_VIEW, tiny_build
+from test_format2 import needs_faiss
 from test_trainer import write_plan
 
 from mtpd.cache import open_store
@@ -21,8 +20,6 @@ from mtpd.trainer.stage import run_plan
 from mtpd.trainer.student import load_student
 from mtpd.trainer.teacher_order import measure
 
-# micro's codebooks are k-means fits: building a micro store needs faiss (the `codes` extra)
-NEEDS_FAISS = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="micro fits codebooks with faiss")
 SWIN = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), fpn_channels=32)
 
 
@@ -59,7 +56,7 @@ MAX_REL_RMSE = {
 
 
 @pytest.mark.parametrize(
-    "precision", [pytest.param(p, marks=NEEDS_FAISS) if p == "micro" else p for p in sorted(PRECISIONS)]
+    "precision", [pytest.param(p, marks=needs_faiss) if p == "micro" else p for p in sorted(PRECISIONS)]
 )
 def test_every_preset_stores_the_swin_teacher(tmp_path, digits, swin_ckpt, precision) -> None:
     report = tiny_build(

@@ -339,7 +339,7 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     # subnormals below 6e-5 keep 2^-25 absolute). The two sides ran the teacher at other batch sizes and
     # thread counts, which on some CPUs select oneDNN kernels that sum in another order: that noise,
     # far below the rounding (1.1e-6 of the map's largest value between AVX-512 and AVX2 kernels, measured
-    # on this test's teacher), gets 2^-16 of it.
+    # on a random-init retinanet_tiny), gets 2^-16 of it.
     for key, t in online.items():
         noise = 2**-16 * float(t.abs().max())
         torch.testing.assert_close(cached[key], t, rtol=2**-11 * 1.01, atol=2**-24 + noise, msg=key)
