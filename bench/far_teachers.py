@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/far_teachers.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bytes_vs_ap import Row
+from bench.bytes_vs_ap import Row, paired
 from bench.study import STORE, Study
 from bench.study import main as study_main
 
@@ -71,6 +71,39 @@ VAL_ROWS: dict[str, Row] = {
     "once_mbv2": Row("once_mbv2", (("mbv2_1", "mbv2", STORE, "mgd"),)),
 }
 EPOCHS["once_mbv2"] = [9]
+
+
+# The pairs the issue's targets name, (chain, its comparison, what the pair tests); read from the same sweep.
+PAIRS = (
+    ("strong_mbv2", "direct_mbv2", "chain vs its final (far) teacher alone, equal epochs"),
+    ("strong_swin", "direct_swin", "conv → transformer chain vs the transformer alone, equal epochs"),
+    ("strong_mbv2", "once_mbv2", "chain vs its final teacher alone, a whole 9-epoch schedule per stage"),
+    ("strong_swin", "direct_strong", "best chain vs best single teacher, equal epochs"),
+    ("strong_swin", "strong_mbv2", "the two chains: transformer vs MobileNetV2 as the final stage"),
+)
+
+
+def pair_lines(shown: dict) -> list[str]:
+    """The targets' pairs with their per-seed differences, so each interval's spread can be read off."""
+    lines = [
+        "Paired differences (AP ×100, 90 % t-interval, per seed in seed order; the noise floor is the spread of "
+        "the per-seed differences, and the baseline's own seed-to-seed sd is in its row above):",
+        "",
+        "| pair | tests | mean [90 %] | per seed | sd |",
+        "|---|---|---:|---|---:|",
+    ]
+    for a, b, what in PAIRS:
+        d = paired(shown, a, b)
+        if d is None:
+            continue
+        span = f"{d['mean']:+.2f}" + (f" [{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else "")
+        seeds = ", ".join(f"{x:+.2f}" for x in d["per_seed"])
+        lines.append(f"| {a} − {b} | {what} | {span} | {seeds} | {d['std']:.2f} |")
+    return lines
+
+
+def extra_lines(paths, shown: dict) -> list[str]:
+    return [*pair_lines(shown), "", *order_lines(paths, shown)]
 
 
 def order_lines(paths, shown: dict) -> list[str]:
@@ -161,7 +194,9 @@ STUDY = Study(
     refs=("baseline", "direct_strong", "direct_mbv2", "direct_swin"),
     extra_teachers=TEACHERS,
     epochs=EPOCHS,
-    extra_lines=order_lines,
+    extra_lines=extra_lines,
+    setup="MGD (`weight: auto`, λ = 0.65) in every distilled stage, lossless stores with both views; epochs per stage "
+    "in the stages column",
     plot=plot,
 )
 

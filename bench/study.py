@@ -52,6 +52,7 @@ class Study:
     epochs: dict[str, list[int]] = field(default_factory=dict)  # row -> epochs per stage (default: benchmark's)
     extra_lines: object = None  # callable(paths, shown) -> list[str] printed and recorded under the table
     plot: object = None  # callable(shown, path, split) -> None: drawn to docs/<prog stem>.png with --write
+    setup: str | None = None  # the study's own schedule and losses, said instead of the benchmark's default recipe
 
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(
@@ -221,9 +222,10 @@ def main(study: Study, argv: list[str] | None = None) -> int:
         body = "\n".join(
             [
                 f"Command: `{command_line(Path(study.prog).name, argv)}`  ",
-                f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time of this invocation "
-                f"{(time.perf_counter() - t0) / 3600:.1f} h  ",
-                f"Setup: {recipes.describe(split.train_count, split.val_count)}; split {a.split}; seeds {seeds}. "
+                f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}"
+                + ("  " if a.report else f"; wall time of this invocation {(time.perf_counter() - t0) / 3600:.1f} h  "),
+                f"Setup: {recipes.describe(split.train_count, split.val_count, recipe=study.setup is None)}"
+                f"{'; ' + study.setup if study.setup else ''}; split {a.split}; seeds {seeds}. "
                 "AP is COCO box AP (×100) after the last stage; differences are paired by seed, with 90 % t-intervals "
                 "where there are several. Weights: as given, or `auto` → the value the rule chose (per stage, from "
                 "each run's resolved plan).",

@@ -124,13 +124,21 @@ def rm_pfi_losses() -> list[dict]:
     ]
 
 
-def describe(train: int = FULL.train, val: int = FULL.val) -> str:
-    """The benchmark in one line, for result tables (``train``/``val``: the images the runs used)."""
+def describe(train: int = FULL.train, val: int = FULL.val, recipe: bool = True) -> str:
+    """The benchmark in one line, for result tables (``train``/``val``: the images the runs used).
+
+    ``recipe=False`` leaves out the default schedule and loss weights, for studies whose rows set their own.
+    """
     opts = ", ".join(f"{k}={v}" for k, v in STUDENT["options"].items())
-    return (
+    data = (
         f"digits {train} train / {val} evaluation images at {SIZE} px; student {STUDENT['arch']}({opts}); teachers "
         f"{TEACHERS['weak']['arch']} (weak) and {TEACHERS['strong']['arch']} (strong), shipped in "
-        f"mtpd/demo/teachers; two stages of {FULL.stage_epochs} epochs per student; MGD α={MGD_WEIGHT}, "
+        "mtpd/demo/teachers"
+    )
+    if not recipe:
+        return data
+    return (
+        f"{data}; two stages of {FULL.stage_epochs} epochs per student; MGD α={MGD_WEIGHT}, "
         f"λ={MGD_LAMBDA}; KD {KD_WEIGHT}; RM {RM_WEIGHT}, PFI {PFI_WEIGHT}"
     )
 
