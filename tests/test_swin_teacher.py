@@ -4,6 +4,8 @@ trained from its store, evaluated and exported."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import TINY_VIEW, tiny_build
@@ -14,6 +16,7 @@ from mtpd.cache import open_store
 from mtpd.cache.schema import PRECISIONS
 from mtpd.data import CocoDataset, ViewSpec, prepare_view
 from mtpd.models import arch_checkpoint, build_arch, output_specs
+from mtpd.output_spec import NEGATE_DX, REVERSE
 from mtpd.teachers.registry import TeacherSpec
 from mtpd.trainer.plan import load_plan
 from mtpd.trainer.stage import run_plan
@@ -40,6 +43,8 @@ def test_the_swin_teacher_is_a_transformer_with_a_pyramid() -> None:
     specs = output_specs(model)
     assert specs["fpn"].levels == (3, 4, 5) and specs["fpn"].channels == 64
     assert specs["cls"].channels == 9 * 10  # retinanet_tiny's anchors and head
+    # RetinaNet's adapter: a store of the original view serves its mirror by flipping the maps, and dx's sign.
+    assert specs["fpn"].mirror_rule == specs["cls"].mirror_rule == REVERSE and specs["box"].mirror_rule == NEGATE_DX
     assert sum(p.numel() for p in model.parameters()) < 3.5e6  # the shipped checkpoint stays small
 
 
@@ -75,7 +80,7 @@ def test_every_preset_stores_the_swin_teacher(tmp_path, digits, swin_ckpt, preci
 
 
 def test_plan_order_measures_swin_against_a_conv_teacher_and_a_conv_student_distils(
-    tmp_path, digits, swin_ckpt, tiny_teacher_ckpt
+    tmp_path, digits, swin_ckpt, tiny_teacher_ckpt, capsys
 ) -> None:
     swin = tiny_build(digits, tmp_path / "swin", TeacherSpec("retinanet_swin_tiny", swin_ckpt)).store
     conv = tiny_build(digits, tmp_path / "conv", TeacherSpec("retinanet_tiny", tiny_teacher_ckpt)).store
@@ -94,3 +99,15 @@ def test_plan_order_measures_swin_against_a_conv_teacher_and_a_conv_student_dist
     res = measure(student, [swin, conv], CocoDataset(digits["train"]["ann"], digits["train"]["images"]), 4)
     assert {r.store for r in res} == {swin, conv}
     assert all(0.0 <= r.distance <= 1.0 and set(r.cka) == {3, 4, 5} for r in res)
+    # The conv student deploys as any other: mtpd-export, then mtpd-eval --onnx against its checkpoint.
+    pytest.importorskip("onnxruntime")
+    from mtpd.cli.eval import main as eval_main
+    from mtpd.cli.export import main as export_main
+
+    onnx_path = tmp_path / "student.onnx"
+    assert export_main(["--checkpoint", str(result.checkpoint), "--out", str(onnx_path)]) == 0
+    capsys.readouterr()
+    data = ["--ann", digits["val"]["ann"], "--images", digits["val"]["images"]]
+    assert eval_main(["--onnx", str(onnx_path), "--checkpoint", str(result.checkpoint), "--json", *data]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["parity"]["fraction"] == 1.0 and abs(both["AP"] - both["pytorch"]["AP"]) <= 0.002
