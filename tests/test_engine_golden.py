@@ -29,6 +29,10 @@ GOLDENS = {
     "0c7bb8902f7c8a4321e788b3ae0e8c9d361e11249714abd05ec8fb1262e5c493": (
         "3c26560c2ce0008f12c1d585e5c96dc2bea2415a6aeefa735167c27f9654ab8b"
     ),
+    # AMD EPYC without AVX-512 (oneDNN's AVX2 kernels): made from 9fbd3d9 as the docstring says, 2026-12-03
+    "00e29d74a1c49e08bfeb6d6fbd3b10bf3d06d2ddc00841633f58c90fe76dbd5b": (
+        "9d9b2ea9bae631a95eee83cb61aa69d056cf49906485c04ea1ed1563f2fa72fb"
+    ),
 }
 # The plan of test_trainer.write_plan with RM and PFI in the forms they had when the digest was made (the
 # defaults since follow the paper's reimplementation: RM with low-quality matches, PFI not detached, norm).
