@@ -21,3 +21,13 @@ def message(e: BaseException) -> str:
         return text
     last = [line for line in text.strip().splitlines() if line.strip()][-1]
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+def unknown_keys(data: dict, known) -> list[str]:
+    """The keys of ``data`` (a user's YAML mapping) not in ``known``, sorted and named as one-line text.
+
+    YAML keys need not be strings (``?`` alone is ``{None: None}``, ``1: x`` an int) nor printable (a quoted
+    newline): such keys are named by ``repr``, so they sort together and an error naming them stays on one line.
+    """
+    odd = sorted((k for k in data if k not in known), key=repr)
+    return [k if isinstance(k, str) and k.isprintable() and k.strip() == k else repr(k) for k in odd]

@@ -211,3 +211,10 @@ def test_arch_checkpoint_carries_the_architecture():
     assert ckpt["arch_options"] == {"fpn_channels": 32}
     rebuilt = build_arch(ckpt["arch"], ckpt["num_classes"], **ckpt["arch_options"])
     rebuilt.load_state_dict(ckpt["model"])
+
+
+def test_an_unknown_arch_option_is_named_on_one_line() -> None:
+    """Options come from a plan's YAML: a key with a newline is named by repr, and every accepted option listed."""
+    with pytest.raises(ValueError, match=r"does not take option\(s\) '\\n', wdith; it accepts: .*width=") as err:
+        build_arch("retinanet_tiny", 3, **{"wdith": 8, "\n": 1})
+    assert "\n" not in str(err.value)

@@ -42,6 +42,15 @@ def test_a_bad_loss_parameter_fails_when_the_plan_loads(tmp_path, digits, fpn_st
         load_plan(write_plan(tmp_path, digits, [], stages))
 
 
+@pytest.mark.parametrize("params", [{"\n": None}, {None: 1, "a": 2}, {3: 1, " x": 0}])
+def test_odd_loss_parameter_names_get_a_one_line_error(tmp_path, digits, fpn_store, params) -> None:
+    """Keys a YAML file can hold (a newline, null, a number, spaces) are named by repr, on one line."""
+    stages = [stage("one", fpn_store, [{"name": "mgd", "params": params}])]
+    with pytest.raises(PlanError, match=r"got unknown parameter\(s\) ") as err:
+        load_plan(write_plan(tmp_path, digits, [], stages))
+    assert "\n" not in str(err.value) and all(repr(k) in str(err.value) for k in params if k != "a")
+
+
 def test_a_last_stage_whose_store_lacks_an_output_fails_before_the_first_trains(tmp_path, digits, fpn_store) -> None:
     stages = [
         stage("one", fpn_store, [{"name": "mgd", "weight": 1e-4}]),

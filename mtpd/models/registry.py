@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from mtpd.errors import unknown_keys
 from mtpd.models import swin, tiny, torchvision_archs
 from mtpd.models.adapters import adapter_for
 from mtpd.models.arch_info import FAMILIES, ArchFactory, ArchInfo
@@ -89,7 +90,7 @@ def build_arch(name: str, num_classes: int, **options: Any) -> nn.Module:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"arch {name!r}: num_classes must be a positive int, got {num_classes!r}")
     accepted = info.default_options()
-    unknown = sorted(set(options) - set(accepted))
+    unknown = unknown_keys(options, accepted)
     if unknown:
         raise ValueError(
             f"arch {name!r} does not take option(s) {', '.join(unknown)}; it accepts: "

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from mtpd.defaults import DEFAULT_PRECISION
-from mtpd.errors import MtpdError
+from mtpd.errors import MtpdError, unknown_keys
 
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -249,12 +249,9 @@ def from_dict(cls: type, data: Any, path: str = "plan") -> Any:
         raise PlanError(f"{path}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    # YAML keys need not be strings (`?` alone is {None: None}, `1: x` an int): sort and name them as text.
-    unknown = sorted((k for k in data if k not in fields), key=repr)
+    unknown = unknown_keys(data, fields)  # YAML keys of any type, named as one-line text
     if unknown:
-        first = unknown[0]
-        key = first if isinstance(first, str) and first.isprintable() else repr(first)  # one line, whatever it is
-        raise PlanError(f"{path}.{key}: unknown key; allowed keys: {', '.join(fields)}")
+        raise PlanError(f"{path}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from mtpd.errors import unknown_keys
 from mtpd.trainer.losses.base import DistillBatch, DistillLoss
 from mtpd.trainer.losses.cwd import CWDLoss
 from mtpd.trainer.losses.kd import KDLoss
@@ -48,7 +49,7 @@ def check_params(name: str, params: dict[str, Any]) -> None:
     what a plan can be checked for before any store or student exists."""
     cls = _lookup(name)
     accepted = _params(cls)
-    unknown = sorted(set(params) - set(accepted))
+    unknown = unknown_keys(params, accepted)
     if unknown:
         hint = " ('weight' belongs to the stage, not the loss)" if "weight" in unknown else ""
         raise ValueError(
