@@ -470,19 +470,21 @@ def _summary(results: dict, seconds: dict, bytes_: dict[str, dict[str, float]], 
     return lines
 
 
-def _pairs_lines(results: dict) -> list[str]:
+def pairs_lines(results: dict, pairs: tuple = PAIRS) -> list[str]:
+    """A table of paired differences, one row per ``(a, b)`` or ``(a, b, what the pair tests)`` of ``pairs``."""
     lines = [
         "| comparison | seeds | mean | std of differences | 90 % interval | per seed |",
         "|---|---:|---:|---:|---|---|",
     ]
-    for a, b in PAIRS:
+    for a, b, *what in pairs:
         d = paired(results, a, b)
         if d is None:
             continue
         per = ", ".join(f"{x:+.2f}" for x in d["per_seed"])
         ci = f"[{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else "-"
         sd = f"{d['std']:.2f}" if d["n"] > 1 else "-"
-        lines.append(f"| {a} − {b} | {d['n']} | {d['mean']:+.2f} | {sd} | {ci} | {per} |")
+        name = f"{a} − {b}" + (f" ({what[0]})" if what else "")
+        lines.append(f"| {name} | {d['n']} | {d['mean']:+.2f} | {sd} | {ci} | {per} |")
     return lines
 
 
@@ -636,7 +638,7 @@ def _main(a: argparse.Namespace, argv: list[str] | None) -> int:
                 b.pop("all")
             bytes_[r] = b
     table = _summary(shown, seconds, bytes_, seeds)
-    pairs = _pairs_lines(shown)
+    pairs = pairs_lines(shown)
     fpn = {p: b["fpn"] for p, b in bytes_.items() if p in PRESETS}
     choice, with_variant = default_precision(shown, fpn), default_precision(shown, fpn, PRESETS)
     decision = (

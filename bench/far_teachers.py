@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/far_teachers.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bytes_vs_ap import Row, paired
+from bench.bytes_vs_ap import Row, pairs_lines
 from bench.study import STORE, Study
 from bench.study import main as study_main
 
@@ -83,27 +83,9 @@ PAIRS = (
 )
 
 
-def pair_lines(shown: dict) -> list[str]:
-    """The targets' pairs with their per-seed differences, so each interval's spread can be read off."""
-    lines = [
-        "Paired differences (AP ×100, 90 % t-interval, per seed in seed order; the noise floor is the spread of "
-        "the per-seed differences, and the baseline's own seed-to-seed sd is in its row above):",
-        "",
-        "| pair | tests | mean [90 %] | per seed | sd |",
-        "|---|---|---:|---|---:|",
-    ]
-    for a, b, what in PAIRS:
-        d = paired(shown, a, b)
-        if d is None:
-            continue
-        span = f"{d['mean']:+.2f}" + (f" [{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else "")
-        seeds = ", ".join(f"{x:+.2f}" for x in d["per_seed"])
-        lines.append(f"| {a} − {b} | {what} | {span} | {seeds} | {d['std']:.2f} |")
-    return lines
-
-
 def extra_lines(paths, shown: dict) -> list[str]:
-    return [*pair_lines(shown), "", *order_lines(paths, shown)]
+    """The targets' pairs with their per-seed differences (the spread is the noise floor), then the order."""
+    return ["Paired differences, AP ×100:", "", *pairs_lines(shown, PAIRS), "", *order_lines(paths, shown)]
 
 
 def order_lines(paths, shown: dict) -> list[str]:
@@ -195,8 +177,8 @@ STUDY = Study(
     extra_teachers=TEACHERS,
     epochs=EPOCHS,
     extra_lines=extra_lines,
-    setup="MGD (`weight: auto`, λ = 0.65) in every distilled stage, lossless stores with both views; epochs per stage "
-    "in the stages column",
+    setup=f"MGD (`weight: {MGD['weight']}`, λ = {MGD['params']['lambda_mask']}) in every distilled stage, `{STORE}` "
+    "stores with both views; epochs per stage in the stages column",
     plot=plot,
 )
 
