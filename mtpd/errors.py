@@ -8,6 +8,9 @@ its one-line message. Subclasses also derive from the builtin they replaced
 
 from __future__ import annotations
 
+from collections.abc import Container, Mapping
+from typing import Any
+
 
 class MtpdError(Exception):
     """An error whose message names the file, key or value at fault and what to do next."""
@@ -23,7 +26,7 @@ def message(e: BaseException) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
-def unknown_keys(data: dict, known) -> list[str]:
+def unknown_keys(data: Mapping[Any, Any], known: Container[Any]) -> list[str]:
     """The keys of ``data`` (a user's YAML mapping) not in ``known``, sorted and named as one-line text.
 
     YAML keys need not be strings (``?`` alone is ``{None: None}``, ``1: x`` an int) nor printable (a quoted
