@@ -14,6 +14,20 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 TINY_VIEW = dict(short=64, long=64)
 
 
+def assert_fp16_close(stored, live, msg: str = "") -> None:
+    """``stored`` (a lossless store's value, numpy or torch) is ``live`` (the teacher run directly) within fp16
+    rounding: relative 2^-11 (1 % slack), 2^-24 absolute for fp16 subnormals. The two sides ran the teacher at
+    other batch sizes and thread counts, which on some CPUs picks kernels that sum in another order; that noise
+    (1.1e-6 of a map's largest value between AVX-512 and AVX2 kernels on a random-init retinanet_tiny, and
+    enough to take the bare rounding bound to 0.98-0.99 of itself on an AVX-512 AMD EPYC) gets 2^-16 of the
+    map's largest value."""
+    import torch
+
+    stored, live = torch.as_tensor(stored), torch.as_tensor(live)
+    noise = 2**-16 * float(live.abs().max())
+    torch.testing.assert_close(stored, live, rtol=2**-11 * 1.01, atol=2**-24 + noise, msg=msg or None)
+
+
 def tiny_build(digits: dict, out, teacher=None, **options):
     """``build_store`` of the tiny teacher (random, seeded, unless ``teacher``) on the digits train split:
     orig + hflip views at 64 px, lossless, in this process, 4 images per shard, unless ``options`` say otherwise."""

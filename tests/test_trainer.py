@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import eval_args
+from conftest import assert_fp16_close, eval_args
 
 from mtpd.cache.schema import StoreError
 from mtpd.checkpoint import CheckpointError
@@ -335,14 +335,8 @@ def test_cached_and_online_losses_and_gradients_agree(digits, tiny_store, tiny_t
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
     online = OnlineTargets([teacher], [["fpn", "cls"]])(batch)[0][0]
     cached = StoreTargets(ds.feeds)(batch)[0][0]  # decoded where the batch lies, as the engine does
-    # The store's only change to the teacher's values is fp16 rounding (relative 2^-11; fp16
-    # subnormals below 6e-5 keep 2^-25 absolute). The two sides ran the teacher at other batch sizes and
-    # thread counts, which on some CPUs select oneDNN kernels that sum in another order: that noise,
-    # far below the rounding (1.1e-6 of the map's largest value between AVX-512 and AVX2 kernels, measured
-    # on a random-init retinanet_tiny), gets 2^-16 of it.
-    for key, t in online.items():
-        noise = 2**-16 * float(t.abs().max())
-        torch.testing.assert_close(cached[key], t, rtol=2**-11 * 1.01, atol=2**-24 + noise, msg=key)
+    for key, t in online.items():  # the store's only change to the teacher's values is fp16 rounding
+        assert_fp16_close(cached[key], t, key)
     torch.manual_seed(0)
     student = build_arch("retinanet_tiny", num_classes=10, fpn_channels=32, width=8)
     specs = output_specs(student)
@@ -524,7 +518,7 @@ def test_online_targets_match_cached_on_mixed_image_sizes(tmp_path, digits, tiny
     decoded = StoreTargets(cached_ds.feeds)(cached)[0][0]
     assert sorted(maps) == sorted(decoded)
     for key, t in maps.items():
-        torch.testing.assert_close(decoded[key], t, rtol=2**-11 * 1.01, atol=2**-24, msg=key)
+        assert_fp16_close(decoded[key], t, key)
         lvl = int(key.split(".p")[1])
         assert float((t * (1 - live_masks[lvl])).abs().max()) == 0.0, key  # padding cells hold zeros
 
