@@ -1,6 +1,6 @@
 """The package's shape, as DESIGN.md draws it: no import cycles, arrows one way, small functions and modules.
 
-    cli, demo -> export -> trainer, cache -> teachers -> models, data
+    cli -> study, demo -> export -> trainer, cache -> teachers -> models, data
         -> errors, checkpoint, output_spec, factory, defaults
 
 The trainer never imports teachers (no teacher is built while a student trains; the
@@ -26,7 +26,9 @@ ALLOWED = {
     # a finished student leaves through export: it runs the trainer's evaluation, never a teacher or a store
     "export": {"leaf", "data", "models", "trainer"},
     "demo": {"leaf", "data", "models", "teachers", "cache", "trainer", "export"},
-    "cli": {"leaf", "data", "models", "teachers", "cache", "trainer", "demo", "export"},
+    # a study is a client like the demo: it builds stores and trains students through their side-by-side jobs
+    "study": {"leaf", "data", "models", "teachers", "cache", "trainer", "demo"},
+    "cli": {"leaf", "data", "models", "teachers", "cache", "trainer", "demo", "export", "study"},
 }
 
 

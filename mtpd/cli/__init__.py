@@ -1,4 +1,5 @@
-"""Command-line entry points: mtpd-data, mtpd-cache, mtpd-train, mtpd-eval, mtpd-export, mtpd-plan, mtpd-demo."""
+"""Command-line entry points: mtpd-data, mtpd-cache, mtpd-train, mtpd-eval, mtpd-export, mtpd-plan, mtpd-study,
+mtpd-demo."""
 
 import argparse
 

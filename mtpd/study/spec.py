@@ -1,0 +1,255 @@
+"""A study file: a base plan, rows as overlays on it, seeds, pairs and decision rules.
+
+A study answers "which choice pays on my data" the way a result should be measured: every row trains the same
+student from the same stores once per seed, and rows are compared by the per-seed differences (paired by seed),
+never by one run each. The file says only what differs between rows::
+
+    plan: student.yaml                      # the base plan (relative paths: relative to this file)
+    seeds: [0, 1, 2, 3, 4]
+    rows:
+      baseline: {stages.*.losses: []}       # a dotted key sets one path; `*` is every list element
+      small: {stages.*.teacher.precision: small}
+      lossless: {stages.*.teacher.precision: lossless}
+      online: {online: true}                # the stages' teachers run live in every step (the reference)
+    refs: [baseline]                        # every row is paired with each of these
+    pairs: [[small, lossless]]              # and these pairs besides
+    rules:                                  # decisions as data, printed as verdicts
+      - {name: precision, ref: lossless, rows: [small], mean_at_least: -0.5, low_above: -1.0, pick: smallest}
+
+A row is a mapping of overlays on the base plan: a key is a path (``data.flip``, ``stages.0.epochs``,
+``stages.*.teacher.precision``); a mapping merges into the mapping at its path, any other value (a list
+included) replaces it. Two keys belong to the study, not the plan: ``online`` and ``note``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtpd.errors import MtpdError
+from mtpd.trainer.plan import Plan, PlanError, _resolve_paths, from_dict, load_plan, plan_to_dict
+
+ROW_KEYS = ("online", "note")  # a row's keys that are the study's, not overlays on the plan
+PICKS = ("smallest", "first", "all")
+
+
+class StudyError(MtpdError, ValueError):
+    """A study file that cannot be run; the message names the key and what to do."""
+
+
+@dataclass
+class Rule:
+    """A decision as data: among ``rows``, those whose paired difference to ``ref`` has a mean of at least
+    ``mean_at_least`` AP and a 90 % interval whose lower end is above ``low_above`` AP pass; ``pick`` chooses
+    among them (``smallest``: fewest store bytes per image; ``first``: the first passing in ``rows`` order;
+    ``all``: list them), and ``ref`` itself when none passes."""
+
+    name: str
+    ref: str
+    rows: list[str]
+    mean_at_least: float = -0.5
+    low_above: float = -1.0
+    pick: str = "smallest"
+
+
+@dataclass
+class DevSplit:
+    """Carve ``images`` images (chosen by ``seed``) out of the base plan's train set as a dev set: ``--split dev``
+    trains on the rest and evaluates on them, so that choices are made before the val split is looked at."""
+
+    images: int
+    seed: int = 0
+
+
+@dataclass
+class QuickConfig:
+    """``--quick``: the study's plans on the first ``images`` train and val images, ``epochs`` per stage and the
+    first seed only; it checks that a study runs, in minutes. Its numbers are not results."""
+
+    images: int = 16
+    epochs: int = 1
+    warmup_iters: int = 2
+
+
+@dataclass
+class Row:
+    name: str
+    overlay: dict[str, Any]
+    online: bool = False
+    note: str = ""
+
+
+@dataclass
+class Study:
+    path: Path  # the study file
+    plan: Path  # the base plan
+    rows: dict[str, Row]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    refs: list[str] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+    dev: DevSplit | None = None
+    quick: QuickConfig = field(default_factory=QuickConfig)
+    title: str = ""  # the report's heading (default: the study file's stem)
+    out: Path | None = None  # working folder (default: <study file's folder>/<stem>_out)
+
+    @property
+    def name(self) -> str:
+        return self.title or self.path.stem
+
+    def out_dir(self) -> Path:
+        return self.out or self.path.parent / f"{self.path.stem}_out"
+
+    def base(self) -> Plan:
+        """The base plan, loaded and checked like ``mtpd-train`` does (paths made absolute)."""
+        return load_plan(self.plan)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file: every row, pair and rule names rows that exist, before anything trains."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudyError(f"{p}: study file not found") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise StudyError(f"{p}: not a valid YAML study file ({' '.join(str(e).split())})") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{p}: a study file is a mapping with at least plan: and rows:")
+    known = {"plan", "rows", "seeds", "refs", "pairs", "rules", "dev", "quick", "title", "out"}
+    unknown = sorted(map(repr, set(raw) - known))
+    if unknown:
+        raise StudyError(f"{p}: unknown key(s) {', '.join(unknown)}; a study has {', '.join(sorted(known))}")
+    for key in ("plan", "rows"):
+        if key not in raw:
+            raise StudyError(f"{p}: {key}: missing; see `mtpd-study --help` for a study file's shape")
+    if not isinstance(raw["rows"], dict) or not raw["rows"]:
+        raise StudyError(f"{p}: rows: a mapping of row name -> overlay on the plan, with at least one row")
+    rows = {}
+    for name, body in raw["rows"].items():
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise StudyError(f"{p}: rows.{name}: an overlay mapping (e.g. {{data.flip: false}}), got {body!r}")
+        overlay = {k: v for k, v in body.items() if k not in ROW_KEYS}
+        rows[str(name)] = Row(str(name), overlay, bool(body.get("online", False)), str(body.get("note", "")))
+    seeds = raw.get("seeds", [0, 1, 2, 3, 4])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise StudyError(f"{p}: seeds: a list of integers, got {seeds!r}")
+    try:
+        rules = [from_dict(Rule, r, f"rules[{i}]") for i, r in enumerate(raw.get("rules") or [])]
+        dev = from_dict(DevSplit, raw["dev"], "dev") if raw.get("dev") else None
+        quick = from_dict(QuickConfig, raw.get("quick") or {}, "quick")
+    except PlanError as e:
+        raise StudyError(f"{p}: {e}") from None
+    pairs = [tuple(x) for x in raw.get("pairs") or []]
+    study = Study(
+        path=p.resolve(),
+        plan=(p.parent / str(raw["plan"])).resolve(),
+        rows=rows,
+        seeds=seeds,
+        refs=[str(r) for r in raw.get("refs") or []],
+        pairs=pairs,  # type: ignore[arg-type]
+        rules=rules,
+        dev=dev,
+        quick=quick,
+        title=str(raw.get("title") or ""),
+        out=(p.parent / str(raw["out"])).resolve() if raw.get("out") else None,
+    )
+    _check_names(study)
+    return study
+
+
+def _check_names(study: Study) -> None:
+    where = study.path
+    named = [("refs", r) for r in study.refs]
+    for i, pair in enumerate(study.pairs):
+        if len(pair) != 2:
+            raise StudyError(f"{where}: pairs[{i}]: a pair is [row, row], got {list(pair)!r}")
+        named += [(f"pairs[{i}]", r) for r in pair]
+    for i, rule in enumerate(study.rules):
+        named += [(f"rules[{i}].ref", rule.ref)] + [(f"rules[{i}].rows", r) for r in rule.rows]
+        if rule.pick not in PICKS:
+            raise StudyError(f"{where}: rules[{i}].pick: {rule.pick!r} is not one of {', '.join(PICKS)}")
+    for key, row in named:
+        if row not in study.rows:
+            raise StudyError(f"{where}: {key}: no row {row!r}; the rows are {', '.join(study.rows)}")
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def overlay(plan: dict, changes: dict[str, Any], where: str = "row") -> dict:
+    """``plan`` with ``changes`` applied (a deep copy); see the module docstring for the rules."""
+    out = copy.deepcopy(plan)
+    for key, value in changes.items():
+        path = str(key).split(".")
+        _set(out, path, copy.deepcopy(value), f"{where}.{key}", path)
+    return out
+
+
+def _set(node: Any, path: list[str], value: Any, where: str, full: list[str]) -> None:
+    head, rest = path[0], path[1:]
+    if isinstance(node, list):
+        if head == "*":
+            keys = range(len(node))
+        elif head.lstrip("-").isdigit() and -len(node) <= int(head) < len(node):
+            keys = [int(head)]
+        else:
+            raise StudyError(f"{where}: {'.'.join(full)}: {head!r} is not an index of a list of {len(node)}, nor *")
+    elif isinstance(node, dict):
+        keys = [head]
+    else:
+        raise StudyError(f"{where}: {'.'.join(full)}: {head!r} goes below a value that is not a mapping or list")
+    for k in keys:
+        if rest:
+            child = node[k] if not isinstance(node, dict) else node.get(k)
+            if child is None:  # an unset optional section (e.g. a stage's teacher): start one
+                child = node[k] = {}
+            _set(child, rest, value, where, full)
+        elif isinstance(value, dict) and isinstance(node[k] if isinstance(node, list) else node.get(k), dict):
+            node[k] = _merge(node[k], value)
+        else:
+            node[k] = value
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def row_plan(study: Study, row: Row, base: dict | None = None) -> Plan:
+    """The plan ``row`` trains: the base plan with the row's overlays, checked as ``mtpd-train`` checks plans.
+    Paths the overlays add are relative to the study file."""
+    base = plan_to_dict(study.base()) if base is None else base
+    data = overlay(base, row.overlay, f"{study.path}: rows.{row.name}")
+    try:
+        plan = from_dict(Plan, data, "plan")
+        plan.validate()
+    except PlanError as e:
+        raise StudyError(f"{study.path}: rows.{row.name}: the row's plan is not valid: {e}") from None
+    plan = _resolve_paths(plan, study.path.parent)
+    if row.online:
+        missing = [s.name for s in plan.stages if s.teacher is None]
+        if missing:
+            raise StudyError(
+                f"{study.path}: rows.{row.name}: online: true runs each stage's teacher live, but stage(s) "
+                f"{', '.join(missing)} name no teacher; give each stage teacher: {{name, weights}}"
+            )
+    return plan
+
+
+def fingerprint(plan: Plan, row: Row, split: str) -> str:
+    """What a run of ``row`` depends on, its seed and folders aside: a changed row trains again."""
+    d = plan_to_dict(plan)
+    d.pop("output_dir", None)
+    d.pop("seed", None)
+    d["online"], d["split"] = row.online, split
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
