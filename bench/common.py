@@ -361,61 +361,37 @@ def build_stores(
     weights: str = "none",
     keep_raw: bool = False,
 ):
-    """Several stores from one teacher pass, in this process (no Ray): ``stores`` maps an output path to
-    (precision, outputs). Each store is planned, created (calibration, ``flip_error``) and written by the
-    product's own parts (``plan_store``, ``open_or_create``, one ``ShardWriter`` each, under its
-    ``WriterLock``); what ``build_store`` cannot do, and why this exists, is one teacher forward feeding
-    several presets, with the teacher's and each encoder's time apart (bench/store.py, bench/reader.py). A
-    single store is ``build_store_local``, the product's ``build_store`` itself.
+    """Several stores from one teacher pass, fresh, through the product's ``build_stores`` in this process:
+    ``stores`` maps an output path to (precision, outputs); every store holds the union of the outputs.
 
-    Returns (seconds of the teacher pass, CPU-seconds of encode + write per store (all threads of
-    this process: what a build worker's host cores spend), raw outputs per shard if ``keep_raw``:
-    shard -> [(sample, {"fpn.p3": [C, H, W] float32, ...})]).
+    Returns (seconds of the teacher pass, CPU-seconds of encode + write per store (all threads of this process:
+    what a build worker's host cores spend), raw outputs per shard if ``keep_raw``: shard -> [(sample,
+    {"fpn.p3": [C, H, W] float32, ...})]).
     """
-    import contextlib
     import shutil
 
-    import torch
-
-    from mtpd.cache.build import BuildRequest, open_or_create, plan_store
-    from mtpd.cache.compute import ShardWriter
-    from mtpd.cache.lock import WriterLock
-    from mtpd.cache.store import mark_done, write_shard
+    from mtpd.cache.build import build_stores as product_build_stores
     from mtpd.teachers.registry import TeacherSpec
 
-    spec = TeacherSpec(teacher_name, weights, num_classes)
-    writers = {}
-    with contextlib.ExitStack() as locks:
-        for out, (precision, outputs) in stores.items():
-            req = BuildRequest(
-                spec, ann, images, out, views, list(outputs), precision, batch_size, images_per_shard=images_per_shard
-            )
-            layout, dataset = plan_store(req)
-            shutil.rmtree(out, ignore_errors=True)  # a fresh store each run, as a benchmark wants (no resume)
-            locks.enter_context(WriterLock(out))
-            open_or_create(out, layout, dataset, None, spec, req.flip_calibration)
-            writers[out] = ShardWriter(spec, ann, images, out, batch_size, torch.get_num_threads())
-        # The teacher runs once, for the union of the outputs; every store encodes its own from that.
-        first = next(iter(writers.values())).computer
-        first.names = sorted({o for _, outs in stores.values() for o in outs})
-        t_infer, t_write = 0.0, dict.fromkeys(stores, 0.0)
-        raws = {}
-        try:
-            for shard in range(first.header.num_shards):
-                t0 = time.perf_counter()
-                raw = first.infer(shard, first.load(shard))
-                t_infer += time.perf_counter() - t0
-                for out, w in writers.items():
-                    c0 = time.process_time()
-                    nbytes, checksum = write_shard(w.root, w.header, shard, w.computer.encode(shard, raw))
-                    mark_done(w.root, shard, nbytes, checksum)
-                    t_write[out] += time.process_time() - c0
-                if keep_raw:
-                    raws[shard] = raw
-        finally:
-            for w in writers.values():
-                w.computer.close()
-    return t_infer, t_write, raws
+    outputs = sorted({o for _, outs in stores.values() for o in outs})
+    for out in stores:
+        shutil.rmtree(out, ignore_errors=True)  # a fresh store each run, as a benchmark wants (no resume)
+    raws: dict = {}
+    reports = product_build_stores(
+        TeacherSpec(teacher_name, weights, num_classes),
+        ann,
+        images,
+        [precision for precision, _ in stores.values()],
+        list(stores),
+        views=views,
+        outputs=outputs,
+        batch_size=batch_size,
+        images_per_shard=images_per_shard,
+        workers=0,
+        progress=False,
+        on_raw=(lambda shard, raw: raws.__setitem__(shard, raw)) if keep_raw else None,
+    )
+    return reports[0].teacher_seconds, {r.store: r.encode_cpu_seconds for r in reports}, raws
 
 
 def build_store_local(

@@ -36,7 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     from mtpd.trainer.losses.kd import KDLoss
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stores", default="bench_out/bytes_vs_ap/val/stores", help="the sweep's stores folder")
+    p.add_argument(
+        "--stores",
+        default="bench_out/bytes_vs_ap/val/stores",
+        help="a folder of stores named as the retired bench/bytes_vs_ap.py named them",
+    )
+    p.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="PRESET=PATH",
+        help="a store by path instead (repeat; lossless=PATH is the reference), e.g. from `mtpd-cache ls`",
+    )
     p.add_argument("--teacher", default="strong", help="weak or strong (default: %(default)s)")
     p.add_argument("--presets", default="small,tiny", help="presets to compare with lossless (default: %(default)s)")
     p.add_argument("--samples", type=int, default=16, help="samples read, spread over the store (default: %(default)s)")
@@ -46,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
 
+    given = dict(x.split("=", 1) for x in a.store)
+
     def store(preset: str):
-        path = Path(a.stores) / f"instances_train-{a.teacher}-{preset}"
+        path = Path(given[preset]) if preset in given else Path(a.stores) / f"instances_train-{a.teacher}-{preset}"
         if not path.exists():
-            raise SystemExit(f"no store {path}: run bench/bytes_vs_ap.py first, or pass --stores")
+            raise SystemExit(f"no store {path}: pass --store {preset}=PATH (mtpd-cache ls lists the catalog's)")
         return open_store(path)
 
     ref = store("lossless")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -71,213 +70,97 @@ def test_results_writer_replaces_only_its_own_section(tmp_path):
     assert text.index("### 800x1333") < text.index("### 64x96")
 
 
-@pytest.mark.slow
-def test_bytes_vs_ap_quick_mode_trains_every_kind_of_row_and_resumes(tmp_path, ray_session, capsys):
-    """bench/bytes_vs_ap.py at the demo's quick scale (CI's smoke test of the sweep): stores of two presets
-    with every output, an orig-only store, plain, cached, flip-from-cache, online and KD students trained
-    side by side, results per seed, the table with bytes; a rerun trains nothing (no --write: RESULTS.md and
-    the plot are left alone)."""
+STUDIES = ROOT / "bench" / "studies"
+
+
+@pytest.fixture(scope="module")
+def bench_copy(tmp_path_factory) -> Path:
+    """bench/studies in a folder laid out like the repository: a small digits set where digits.yaml reads it,
+    the shipped teachers where the studies name them, and dev splits of 8 images (the set has 24)."""
+    from mtpd.data.digits import make_digits
+
+    root = tmp_path_factory.mktemp("repo")
+    (root / "bench" / "studies").mkdir(parents=True)
+    for f in STUDIES.glob("*.yaml"):
+        (root / "bench" / "studies" / f.name).write_text(f.read_text().replace("images: 400", "images: 8"))
+    (root / "mtpd" / "demo").mkdir(parents=True)
+    (root / "mtpd" / "demo" / "teachers").symlink_to(ROOT / "mtpd" / "demo" / "teachers")
+    make_digits(root / "bench_out" / "digits", train=24, val=8, size=128, seed=0)
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES.glob("*.yaml") if p.stem != "digits"))
+def test_each_study_file_is_short_and_every_row_makes_a_valid_plan_on_both_splits(name, bench_copy):
+    """Every row of every study file is a plan mtpd-train accepts, on val and on the dev split, and its
+    teachers are shipped files: a study of the benchmark cannot fail an hour in."""
+    from mtpd.study.run import plans_for, split_data
+    from mtpd.study.spec import load_study
+
+    assert len((STUDIES / f"{name}.yaml").read_text().splitlines()) <= 80
+    study = load_study(bench_copy / "bench" / "studies" / f"{name}.yaml")
+    for split in ("val", "dev"):
+        rows = [r for r, row in study.rows.items() if split in row.splits]
+        if not rows:
+            continue
+        plans = plans_for(study, rows, split_data(study, split, False, lambda s: None), False)
+        for r, plan in plans.items():
+            for stage in plan.stages:
+                if stage.teacher is not None:
+                    assert Path(stage.teacher.weights).is_file(), (name, r, stage.name)
+                    assert Path(stage.teacher.weights).parent.name == "teachers"
+
+
+def test_bytes_vs_ap_study_quick_builds_its_stores_and_trains_every_kind_of_row(bench_copy, capsys):
+    """bench/studies/bytes_vs_ap.yaml in --quick mode through mtpd-study: stores of two presets with every output
+    and an orig-only one, built through the catalog for both teachers; plain, cached, flip-from-cache, online and KD
+    students side by side; bytes per row from the stores they read; bench/kd_targets.py reads the same stores."""
     import json
 
-    from bench import bytes_vs_ap as bva
+    from mtpd.cli.study import main
 
-    results = ROOT / "bench" / "RESULTS.md"
-    before = results.read_bytes() if results.exists() else None
-    plot_before = bva.PLOT.read_bytes() if bva.PLOT.exists() else None
+    study = bench_copy / "bench" / "studies" / "bytes_vs_ap.yaml"
     rows = ["baseline", "lossless", "tiny", "flip_cached", "online", "kd_lossless", "kd_tiny"]
-    args = ["--quick", "--seeds", "0", "--rows", ",".join(rows), "--out", str(tmp_path)]
-    assert bva.main(args) == 0
+    assert main([str(study), "--quick", "--rows", ",".join(rows), "--jobs", "2"]) == 0
     printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "quick-val" / "results.json").read_text())
-    assert sorted(saved["results"]) == sorted(rows)
-    for row in rows:
-        ap = saved["results"][row]["0"]
-        assert 0.0 <= ap <= 1.0, (row, ap)
-        assert (tmp_path / "quick-val" / "runs" / f"{row}_s0" / "stage_2" / "final.pt").is_file(), row
-    stores = sorted(p.name for p in (tmp_path / "quick-val" / "stores").iterdir())
-    assert stores == [
-        f"instances_train-{t}-{k}" for t in ("strong", "weak") for k in ("lossless", "lossless-orig", "tiny")
-    ]
-    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    out_dir = bench_copy / "bench" / "studies" / "bytes_vs_ap_out"
+    record = json.loads((out_dir / "quick-val" / "record.json").read_text())
+    assert sorted(record) == sorted(rows)
+    assert not (bench_copy / "bench" / "results").exists()  # a quick run never writes beside the real records
+    table = {ln.split("|")[1].strip().split(" (")[0]: ln for ln in printed.splitlines() if ln.startswith("| ")}
 
-    # Bytes per image: tiny's FPN is several times smaller than lossless's; the orig-only store half of it.
-    def kib(row: str, col: int) -> float:
-        return float(table[row].split("|")[col])
+    def kib(row: str) -> float:
+        return float(table[row].split("|")[-3])
 
-    assert kib("tiny", 2) < kib("lossless", 2) / 4
-    assert kib("flip_cached", 2) == pytest.approx(kib("lossless", 2) / 2, rel=0.15)
-    assert kib("kd_tiny", 4) < kib("kd_lossless", 4) / 2  # top-8 class codes against fp16 scores
-    assert "(vs kd_lossless)" in table["kd_tiny"]
-    # bench/kd_targets.py reads the same stores: lossless against itself moves KD's targets by nothing.
+    assert kib("tiny") < kib("lossless") / 3 and kib("flip_cached") < kib("lossless") / 2
+    assert table["baseline"].split("|")[-3].strip() == "-" and table["online"].split("|")[-3].strip() == "-"
+    from mtpd.cache.store import store_header
+
+    stores = {}
+    for p in (bench_copy / "bench_out" / "cache").iterdir():
+        if p.is_dir():
+            h = store_header(str(p))
+            stores[(h.teacher["name"], h.precision, tuple(h.view_names))] = p
+    assert sorted(stores) == sorted(
+        (t, prec, views)
+        for t in ("retinanet_tiny", "retinanet_tiny_wide")
+        for prec, views in (("lossless", ("orig", "hflip")), ("lossless", ("orig",)), ("tiny", ("orig", "hflip")))
+    )
     from bench import kd_targets
 
-    st = str(tmp_path / "quick-val" / "stores")
-    assert kd_targets.main(["--stores", st, "--presets", "lossless,tiny", "--samples", "3", "--candidate", "0"]) == 0
+    pick = {prec: str(p) for (t, prec, views), p in stores.items() if t == "retinanet_tiny_wide" and len(views) == 2}
+    args = [f"--store={k}={v}" for k, v in pick.items()]
+    assert kd_targets.main([*args, "--presets", "lossless,tiny", "--samples", "3", "--candidate", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
     moved = {ln.split(", ")[1].split("'")[0]: float(ln.split()[-1]) for ln in out if "KD loss" in ln}
     assert moved["lossless"] == 0.0 and moved["tiny"] > 0.0
-    # RM's view over every anchor: lossless ranks them as itself; top-8 per cell leaves most at its floor (ties).
-    ranked = {ln.split(", ")[1].split(":")[0]: ln for ln in out if ln.startswith("RM's view")}
-    assert "with lossless over anchors at p >= 0.0: 1.000" in ranked["lossless"]
-    assert float(ranked["tiny"].split(": ")[-1].split()[0]) < 1.0
-    assert "Default precision by the rule" in printed
-    assert "| - |" in table["flip_cached"]  # its store holds FPN maps only: no "all outputs" figure
-    # A rerun finds every stage finished and trains nothing.
-    assert bva.main(args) == 0
-    assert "0 student runs to train" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="drop --write"):
-        bva.main([*args, "--write"])
-    # --report reads what has finished; a second sweep into the same folder is refused while one trains.
-    assert bva.main([*args, "--report"]) == 0
-    assert "--report: nothing trains" in capsys.readouterr().out
-    held = bva._lock(tmp_path / "quick-val")
-    with pytest.raises(SystemExit, match="another bytes_vs_ap.py trains into"):
-        bva.main(args)
-    held.close()
-    # A store under --out that holds another teacher's maps than its name says is refused, not reused.
-    from mtpd.demo import recipes, steps
-
-    teachers = steps.ensure_teachers(steps.Paths(tmp_path / "quick-val"), recipes.QUICK, False, lambda s: None)
-    store = tmp_path / "quick-val" / "stores" / "instances_train-weak-tiny"
-    bva._check_store(store, teachers["weak"], "tiny", ("fpn", "cls", "box"), ("orig", "hflip"))
-    with pytest.raises(SystemExit, match="delete it"):
-        bva._check_store(store, teachers["strong"], "tiny", ("fpn", "cls", "box"), ("orig", "hflip"))
-    assert (results.read_bytes() if results.exists() else None) == before
-    assert (bva.PLOT.read_bytes() if bva.PLOT.exists() else None) == plot_before
 
 
-def test_bytes_vs_ap_paired_intervals_and_default_rule():
-    from bench.bytes_vs_ap import default_precision, paired, t90
+def test_rm_terms_counts_candidates_per_box(bench_copy, capsys):
+    from bench import rm_terms
 
-    # Paired by seed: seed 2 has no partner and enters no difference.
-    r = {"lossless": {0: 0.200, 1: 0.210, 2: 0.5}, "small": {0: 0.198, 1: 0.206}}
-    d = paired(r, "small", "lossless")
-    assert d["n"] == 2 and d["per_seed"] == pytest.approx([-0.2, -0.4])
-    assert d["mean"] == pytest.approx(-0.3)
-    half = t90(1) * d["std"] / 2**0.5
-    assert (d["low"], d["high"]) == pytest.approx((-0.3 - half, -0.3 + half))
-    assert t90(4) == pytest.approx(2.132, abs=1e-3) and abs(t90(30) - 1.697) < 0.01
-
-    base = {s: 0.20 + 0.01 * s for s in range(5)}
-    fpn = {"lossless": 100.0, "high": 80.0, "compact": 60.0, "small": 20.0, "tiny": 10.0}
-
-    def shifted(points: list[float]) -> dict[int, float]:
-        return {s: base[s] + p / 100 for s, p in enumerate(points)}
-
-    results = {
-        "lossless": base,
-        "high": shifted([0.1, -0.1, 0.0, 0.2, -0.2]),
-        "compact": shifted([-0.3, -0.2, -0.4, -0.3, -0.3]),  # mean -0.3, tight: qualifies
-        "small": shifted([-0.4, 0.5, -1.5, -0.9, 0.3]),  # mean -0.4 but the interval reaches below -1.0
-        "tiny": shifted([-0.7, -0.6, -0.8, -0.5, -0.9]),  # mean -0.7: below -0.5
-    }
-    assert default_precision(results, fpn) == "compact"
-    results["small"] = shifted([-0.4, -0.3, -0.5, -0.4, -0.4])
-    assert default_precision(results, fpn) == "small"
-    assert default_precision({"lossless": base}, fpn) == "lossless"
-    # The sweep's own variant is no candidate for the library's default unless asked for.
-    results["pca-c4"] = shifted([0.0, 0.1, -0.1, 0.0, 0.0])
-    fpn["pca-c4"] = 5.0
-    assert default_precision(results, fpn) == "small"
-    assert default_precision(results, fpn, tuple(fpn)) == "pca-c4"
-
-
-def test_dev_split_is_carved_from_train_deterministically(tmp_path):
-    import json
-
-    from bench.bytes_vs_ap import dev_split
-    from mtpd.demo.steps import Paths
-
-    paths = Paths(tmp_path)
-    ann = paths.ann("train")
-    ann.parent.mkdir(parents=True)
-    images = [{"id": i, "file_name": f"{i:05d}.png", "width": 8, "height": 8} for i in range(1, 51)]
-    annotations = [
-        {"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4, "iscrowd": 0} for i in range(1, 51)
-    ]
-    ann.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}))
-    train, dev = dev_split(paths, 10)
-    t, d = json.loads(train.read_text()), json.loads(dev.read_text())
-    t_ids, d_ids = {im["id"] for im in t["images"]}, {im["id"] for im in d["images"]}
-    assert len(d_ids) == 10 and len(t_ids) == 40 and not t_ids & d_ids
-    assert {a["image_id"] for a in d["annotations"]} == d_ids
-    # The same files whatever the order of the annotation file.
-    ann.write_text(
-        json.dumps({"images": images[::-1], "annotations": annotations, "categories": [{"id": 1, "name": "a"}]})
-    )
-    _, dev2 = dev_split(paths, 10)
-    assert {im["id"] for im in json.loads(dev2.read_text())["images"]} == d_ids
-
-
-def test_bytes_vs_ap_plot(tmp_path):
-    """The plot of the sweep's answer draws from results and bytes alone (what --write passes it)."""
-    from PIL import Image
-
-    from bench.bytes_vs_ap import plot
-
-    results = {
-        p: {s: 0.20 + 0.002 * s + 0.001 * i for s in range(5)} for i, p in enumerate(("lossless", "small", "tiny"))
-    }
-    results["baseline"] = {s: 0.15 for s in range(5)}
-    bytes_ = {
-        p: {"fpn": kib * 1024, "fpn_fp32": 170 * 1024} for p, kib in (("lossless", 77), ("small", 24), ("tiny", 12))
-    }
-    plot(results, bytes_, tmp_path / "p.png")
-    with Image.open(tmp_path / "p.png") as im:
-        assert im.size[0] > 500 and im.size[1] > 300
-
-
-def test_rm_pfi_quick_mode_trains_its_dev_rows_and_resumes(tmp_path, ray_session, capsys):
-    """bench/rm_pfi.py at the quick scale on its dev split (CI's smoke test of the RM + PFI study): a plain, an
-    RM-with-warm-up, an earlier-form PFI and a chain row train; weights chosen by the rule are read back; a rerun
-    trains nothing; --terms counts RM's candidates."""
-    import json
-
-    from bench import rm_pfi
-
-    rows = ["baseline", "rm_auto", "pfi_ours", "rmpfi_auto_chain"]
-    args = ["--quick", "--split", "dev", "--rows", ",".join(rows), "--out", str(tmp_path), "--jobs", "2"]
-    assert rm_pfi.main(args) == 0
-    printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "quick-dev" / "results.json").read_text())
-    assert sorted(saved) == sorted(rows) and all(0.0 <= saved[r]["0"]["AP"] <= 1.0 for r in rows)
-    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
-    assert "rm " in table["rm_auto"] and "pfi 0.13" in table["pfi_ours"]
-    plan = (tmp_path / "quick-dev" / "runs" / "rm_auto_s0" / "stage_1" / "plan.yaml").read_text()
-    assert "auto_after: 10" in plan  # one epoch of the quick dev split: 192 - 38 images, batch 16
-    assert rm_pfi.main(args) == 0
-    assert "0 student runs to train" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="drop --write"):
-        rm_pfi.main([*args, "--write"])
-    assert rm_pfi.main(["--quick", "--out", str(tmp_path), "--split", "dev", "--terms"]) == 0
-    assert "low-quality" in capsys.readouterr().out
-
-
-def test_far_teachers_quick_mode_trains_direct_and_chained_rows(tmp_path, ray_session, capsys):
-    """bench/far_teachers.py at the quick scale (CI's smoke test of the far-teacher study): the transformer
-    teacher's store is built from the shipped swin.pt, a direct and a three-teacher chain train, the chain's
-    stages read weak, strong and swin in order, each MGD weight set by the rule; a rerun trains nothing."""
-    import json
-
-    import yaml
-
-    from bench import far_teachers
-
-    rows = ["baseline", "direct_swin", "weak_strong_swin"]
-    args = ["--quick", "--split", "dev", "--rows", ",".join(rows), "--out", str(tmp_path), "--jobs", "2"]
-    assert far_teachers.main(args) == 0
-    printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "quick-dev" / "results.json").read_text())
-    assert sorted(saved) == sorted(rows)
-    run = tmp_path / "quick-dev" / "runs" / "weak_strong_swin_s0"
-    stores = [
-        yaml.safe_load((run / f"stage_{k}" / "plan.yaml").read_text())["stages"][k - 1]["stores"][0] for k in (1, 2, 3)
-    ]
-    assert [Path(s).name.split("-")[1] for s in stores] == ["weak", "strong", "swin"]
-    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
-    assert "weak → strong → swin" in table["weak_strong_swin"] and table["weak_strong_swin"].count("mgd ") == 3
-    assert far_teachers.main(args) == 0
-    assert "0 student runs to train" in capsys.readouterr().out
+    assert rm_terms.main(["--ann", str(bench_copy / "bench_out/digits/annotations/instances_train.json")]) == 0
+    out = capsys.readouterr().out
+    assert "IoU ≥ 0.5 only" in out and "Best anchor IoU per box" in out
 
 
 def test_cls_codes_quick_mode_compares_per_anchor_and_per_cell_top_k(tmp_path, capsys):
@@ -295,55 +178,3 @@ def test_cls_codes_quick_mode_compares_per_anchor_and_per_cell_top_k(tmp_path, c
     assert 0.0 < kd[("strong", "pq2-anchor")] and 0.0 < kd[("strong", "pq1-anchor")] < kd[("strong", "top8-cell")]
     with pytest.raises(SystemExit, match="drop --write"):
         cls_codes.main(["--quick", "--write", "--out", str(tmp_path)])
-
-
-def test_store_codes_quick_mode_builds_a_store_per_code_and_pairs_each_row_with_its_reference(
-    tmp_path, ray_session, capsys
-):
-    """bench/store_codes.py at the quick scale (CI's smoke test of the store-code study): rows read stores named by
-    precision strings (product quantisation with per-anchor top-k), each row is paired with lossless MGD or KD,
-    and the stores' bytes are tabled; a rerun trains nothing."""
-    import json
-
-    from bench import store_codes
-
-    rows = ["mgd", "pq2", "kd", "kd_a2"]
-    args = ["--quick", "--split", "dev", "--rows", ",".join(rows), "--out", str(tmp_path), "--jobs", "2"]
-    assert store_codes.main(args) == 0
-    printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "quick-dev" / "results.json").read_text())
-    assert sorted(saved) == sorted(rows) and sorted(saved["pq2"]) == ["0", "1"]  # the dev study's two seeds
-    stores = sorted(p.name for p in (tmp_path / "quick-dev" / "stores").iterdir())
-    assert len(stores) == 2 and any("features_pq_bits_2_rotate_true" in s for s in stores)
-    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
-    assert "kd: " in table["kd_a2"] and "mgd: " in table["pq2"] and "[`small+features=pq" in table["pq2"]
-    assert "| `lossless` |" in printed and "pq:bits=2,rotate=true" in printed  # the bytes table
-    assert store_codes.main(args) == 0
-    assert "0 student runs to train" in capsys.readouterr().out
-
-    # A fresh machine has the record and nothing else: it reports every row, weights included, and trains nothing.
-    shutil.rmtree(tmp_path / "quick-dev" / "runs")
-    assert store_codes.main([*args, "--report"]) == 0
-    table = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
-    assert sorted(r for r in table if r in rows) == sorted(rows) and "kd 10" in table["kd_a2"]
-    # A record trained from another definition of its row is set aside, and that run trains again.
-    record = tmp_path / "quick-dev" / "results.json"
-    saved["kd"]["1"]["fingerprint"] = "0" * 12
-    record.write_text(json.dumps(saved))
-    kd_args = ["--quick", "--split", "dev", "--rows", "kd", "--out", str(tmp_path), "--jobs", "1"]
-    assert store_codes.main(kd_args) == 0
-    out = capsys.readouterr().out
-    assert "another definition of kd" in out and "1 student runs to train" in out
-    again = json.loads(record.read_text())
-    assert again["kd"]["1"]["fingerprint"] == saved["kd"]["0"]["fingerprint"] and "kd@000000000000" in again
-
-
-def test_far_teachers_plot_draws_every_row(tmp_path):
-    from PIL import Image
-
-    from bench import far_teachers
-
-    shown = {r: {s: 0.15 + 0.01 * s + 0.001 * i for s in range(5)} for i, r in enumerate(far_teachers.VAL_ROWS)}
-    far_teachers.plot(shown, tmp_path / "far.png")
-    with Image.open(tmp_path / "far.png") as im:
-        assert im.size[0] > 600 and im.size[1] > 300

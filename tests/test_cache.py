@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIEW, assert_fp16_close
+from conftest import TINY_VIEW, assert_fp16_close, build_args
 
 from mtpd.cache.build import BuildError, build_store
 from mtpd.cache.inspect import store_info, verify_store
@@ -388,3 +388,77 @@ def test_killed_build_resumes_to_identical_store(tmp_path, digits, tiny_teacher_
     for k in b:
         if k != "index/shards":
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _all_arrays(store: str) -> dict[str, np.ndarray]:
+    """Every array of a store (outputs, side parameters, calibration, index), by path."""
+    import zarr
+
+    root = StoreReader(store).root
+    return {name: np.asarray(a[:]) for name, a in root.members(max_depth=None) if isinstance(a, zarr.Array)}
+
+
+def _assert_same_store(a: str, b: str) -> None:
+    x, y = _all_arrays(a), _all_arrays(b)
+    assert sorted(x) == sorted(y)
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_several_precisions_from_one_pass_equal_stores_built_alone(tmp_path, digits, tiny_teacher_ckpt, ray_session):
+    """``build_stores`` (``mtpd-cache build --precision a,b``): one teacher forward per shard feeds every store,
+    in this process and on Ray workers, and each store is byte for byte the one ``build_store`` writes alone;
+    a store that lost a shard resumes that shard only."""
+    from conftest import tiny_build
+
+    from mtpd.cache.build import build_stores
+
+    teacher = TeacherSpec("retinanet_tiny", tiny_teacher_ckpt)
+    precisions = ["lossless", "small", "tiny"]
+    for p in precisions:
+        tiny_build(digits, tmp_path / "alone" / p, teacher=teacher, precision=p)
+    views = ViewSpec(views=("orig", "hflip"), **TINY_VIEW)
+    ann, images = digits["train"]["ann"], digits["train"]["images"]
+    together = [str(tmp_path / "together" / p) for p in precisions]
+    opts = dict(workers=0, images_per_shard=4, progress=False)
+    reps = build_stores(teacher, ann, images, precisions, together, views, **opts)
+    assert [r.shards_written for r in reps] == [3, 3, 3] and [r.store for r in reps] == together
+    on_ray = [str(tmp_path / "ray" / p) for p in precisions[1:]]
+    build_stores(teacher, ann, images, precisions[1:], on_ray, views, workers=2, images_per_shard=4, progress=False)
+    for p, t in zip(precisions, together):
+        _assert_same_store(t, str(tmp_path / "alone" / p))
+    for p, r in zip(precisions[1:], on_ray):
+        _assert_same_store(r, str(tmp_path / "alone" / p))
+
+    # tiny loses its shard 1: a rerun computes shard 1 once, for tiny alone, and the others are complete already.
+    from mtpd.cache.store import open_root
+
+    open_root(together[2], "r+")["index/shards"][1] = np.zeros(3, dtype=np.uint64)
+    reps = build_stores(teacher, ann, images, precisions, together, views, **opts)
+    assert [(r.shards_written, r.shards_skipped) for r in reps] == [(0, 3), (0, 3), (1, 2)]
+    _assert_same_store(together[2], str(tmp_path / "alone" / "tiny"))
+
+
+def test_build_and_estimate_take_several_precisions(tmp_path, digits, capsys):
+    ann, images = digits["train"]["ann"], digits["train"]["images"]
+    args = build_args(ann, images, "--precision", "small,tiny", "--workers", "0", "--out", str(tmp_path / "s"))
+    assert cache_main(args) == 2
+    assert "put {precision} in the path" in capsys.readouterr().err
+    out = str(tmp_path / "s-{precision}")
+    assert cache_main(build_args(ann, images, "--precision", "small,tiny", "--workers", "0", "--out", out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("one teacher pass for 2 stores") == 2
+    assert StoreReader(str(tmp_path / "s-small")).header.precision == "small"
+    assert StoreReader(str(tmp_path / "s-tiny")).header.precision == "tiny"
+    # a precision whose parameters hold commas stays one precision
+    est = ["estimate", *build_args(ann, images)[1:-1], "--sample", "3"]
+    assert cache_main([*est, "--precision", "lossless,small+features=pq:bits=2,rotate=true"]) == 0
+    table = [[c.strip() for c in ln.split("|")[1:-1]] for ln in capsys.readouterr().out.splitlines()]
+    table = [r for r in table if len(r) == 5][2:]  # the table's rows, below its header
+    errors, current = {}, None
+    for precision, output, _, per_level, _ in table:
+        current = precision or current  # a precision is named on its first output's row only
+        errors[(current, output)] = dict(x.split() for x in per_level.replace("P", "|P").split("|")[1:])
+    assert {p for p, _ in errors} == {"lossless", "small+features=pq:bits=2,rotate=true"}
+    assert all(float(v) == 0.0 for (p, _), e in errors.items() if p == "lossless" for v in e.values())
+    assert any(float(v) > 0.0 for v in errors[("small+features=pq:bits=2,rotate=true", "box")].values())

@@ -50,6 +50,12 @@ class BuildReport:
     seconds: float
     bytes_written: int
     header: StoreHeader = field(repr=False)
+    shard_bytes: dict[int, int] = field(default_factory=dict, repr=False)  # shards this build wrote: bytes each
+    shard_done_at: dict[int, float] = field(default_factory=dict, repr=False)  # ... and when (perf_counter)
+    # In-process builds (workers 0) only: the teacher's wall seconds (shared by every store of one pass) and this
+    # store's encode + write CPU seconds.
+    teacher_seconds: float = 0.0
+    encode_cpu_seconds: float = 0.0
 
 
 def _default_outputs(names: list[str]) -> list[str]:
@@ -64,7 +70,13 @@ SHARDS_IN_FLIGHT = 3
 
 def plan_store(req: BuildRequest) -> tuple[Layout, CocoDataset]:
     """Validate the inputs and lay the store out (the teacher is built once, on the CPU, for its output specs)."""
-    prec = get_precision(req.precision)
+    return plan_stores([req])[0]
+
+
+def plan_stores(reqs: list[BuildRequest]) -> list[tuple[Layout, CocoDataset]]:
+    """``plan_store`` of requests that differ in precision (and where they go) only: one teacher build."""
+    req = reqs[0]
+    precisions = [get_precision(r.precision) for r in reqs]
     dataset = CocoDataset(req.ann, req.images)
     if len(dataset) == 0:
         raise StoreError(f"{req.ann}: no images; nothing to cache")
@@ -76,7 +88,10 @@ def plan_store(req: BuildRequest) -> tuple[Layout, CocoDataset]:
     check_outputs(model, outputs, req.teacher.name)
     identity = model.identity.to_dict()
     del model
-    return plan_layout(dataset, req.views, specs, outputs, prec, req.images_per_shard, identity), dataset
+    return [
+        (plan_layout(dataset, req.views, specs, outputs, prec, req.images_per_shard, identity), dataset)
+        for prec in precisions
+    ]
 
 
 def open_or_create(
@@ -134,7 +149,7 @@ def _root_cause(err: BaseException) -> BaseException:
     return _root_cause(cause) if isinstance(cause, BaseException) and cause is not err else err
 
 
-def _start_actors(req: BuildRequest, dataset: CocoDataset, n_pending: int) -> list:
+def _start_actors(req: BuildRequest, dataset: CocoDataset, stores: str | list[str], n_pending: int) -> list:
     """One ShardWriter actor per GPU (or ``workers`` CPU actors), never more than shards to write."""
     workers = req.workers
     if req.teacher.device.startswith("cuda"):
@@ -155,7 +170,7 @@ def _start_actors(req: BuildRequest, dataset: CocoDataset, n_pending: int) -> li
             req.teacher,
             str(dataset.ann_file),
             str(dataset.image_dir),
-            req.out,
+            stores,
             req.batch_size,
             threads,
             req.storage_options,
@@ -187,6 +202,9 @@ class BuildRequest:
     repair: bool = False  # re-verify done shards and rewrite the damaged ones
     skip_bad: bool = False  # record unreadable images in the store and go on, instead of stopping
     flip_calibration: int = FLIP_CALIBRATION  # images to measure mirrored maps on (orig-only stores; 0: skip)
+    # workers 0 only: called with (shard, the teacher's maps of its samples) before they are encoded (benchmarks
+    # that compare codes with the float32 maps)
+    on_raw: Callable[[int, list], None] | None = None
 
 
 def build_store(
@@ -207,24 +225,58 @@ def build_store(
     in the driver as each shard is marked done. A local store is written under its writer lock
     (``mtpd.cache.lock``): a second builder on it stops with a clear message.
     """
-    req = BuildRequest(teacher, str(ann), str(images), "" if out is None else str(out), views or ViewSpec(), **options)
-    layout, dataset = plan_store(req)
-    if out is None:
-        req.out = str(store_path(cache_root(root), layout.header))
-    done = _complete_already(req, layout)
-    if done is not None:
-        return done  # read-only: needs no lock, so it also works on a root only readable to this user
-    lock = None if is_url(req.out) else WriterLock(req.out)
+    precision = options.pop("precision", DEFAULT_PRECISION)
+    return build_stores(teacher, ann, images, [precision], [out], views, root, **options)[0]
+
+
+def build_stores(
+    teacher: TeacherSpec,
+    ann: str,
+    images: str,
+    precisions: list[str],
+    outs: list[str | None] | None = None,
+    views: ViewSpec | None = None,
+    root: str | None = None,
+    **options: Any,
+) -> list[BuildReport]:
+    """``build_store`` of one store per precision (``outs[i]``, or under the cache root), from one teacher pass:
+    each shard's forward runs once and every store encodes its own codes from the same maps. Complete stores
+    are reused, partial ones resumed (a shard is computed once for every store that lacks it); each store's
+    report, in ``precisions`` order."""
+    outs = list(outs) if outs is not None else [None] * len(precisions)
+    if not precisions or len(outs) != len(precisions) or len(set(precisions)) != len(precisions):
+        raise StoreError(f"precisions {precisions}: give each once, with one output path each (or none)")
+    base = BuildRequest(teacher, str(ann), str(images), "", views or ViewSpec(), **options)
+    reqs = [dataclasses.replace(base, precision=p, out="" if o is None else str(o)) for p, o in zip(precisions, outs)]
+    plans = plan_stores(reqs)
+    for req, (layout, _) in zip(reqs, plans):
+        if not req.out:
+            req.out = str(store_path(cache_root(root), layout.header))
+    if len({r.out for r in reqs}) != len(reqs):
+        raise StoreError("two precisions resolve to one store path: give each precision its own output")
+    reports = [_complete_already(req, layout) for req, (layout, _) in zip(reqs, plans)]
+    todo = [i for i, rep in enumerate(reports) if rep is None]  # complete ones need no lock: read-only roots work
+    if not todo:
+        return reports  # type: ignore[return-value]
+    req = reqs[todo[0]]
     try:
-        with lock or contextlib.nullcontext():
-            if lock is not None:
-                req.on_shard = _checking(lock, req.on_shard)
-            return _build(req, layout, dataset)
+        with contextlib.ExitStack() as locks:
+            for i in todo:
+                req = reqs[i]
+                if not is_url(req.out):
+                    lock = locks.enter_context(WriterLock(req.out))
+                    req.on_shard = _checking(lock, req.on_shard)
+            built = _build([reqs[i] for i in todo], [plans[i][0] for i in todo], plans[0][1])
     except OSError as e:
-        ours = e.filename is None or str(e.filename).startswith(req.out)  # the store and its lock beside it
+        # the store (or its lock beside it) the error names, else the last one touched
+        req = next((reqs[i] for i in todo if e.filename and str(e.filename).startswith(reqs[i].out)), req)
+        ours = e.filename is None or str(e.filename).startswith(req.out)
         if e.errno not in _WRITE_ERRNOS or not ours:
             raise BuildError(f"{req.out}: {e}") from None  # not a failure to write the store: say what happened
         raise _io_error(req.out, e) from None
+    for i, rep in zip(todo, built):
+        reports[i] = rep
+    return reports  # type: ignore[return-value]
 
 
 def _complete_already(req: BuildRequest, layout: Layout) -> BuildReport | None:
@@ -271,27 +323,72 @@ def _io_error(out: str, e: OSError) -> BuildError:
     )
 
 
-def _build(req: BuildRequest, layout: Layout, dataset: CocoDataset) -> BuildReport:
+def _build(reqs: list[BuildRequest], layouts: list[Layout], dataset: CocoDataset) -> list[BuildReport]:
+    """Create (or open) each store, then write every shard some store lacks, each from one teacher forward."""
     t0 = time.perf_counter()
-    header = open_or_create(req.out, layout, dataset, req.storage_options, req.teacher, req.flip_calibration)
-    root = open_root(req.out, "r+", req.storage_options)
-    if req.repair:
-        _unmark_damaged(req.out, root, req.storage_options)
-    done = shard_status(root).done
-    pending = [s for s in range(header.num_shards) if not done[s]]
-    report = BuildReport(req.out, header.num_shards, 0, header.num_shards - len(pending), len(dataset), 0.0, 0, header)
-    if pending and req.workers == 0 and not req.address:
-        report = _run_in_process(req, dataset, pending, root, header, report)
-    elif pending:
+    run = _Run(reqs)
+    work: dict[int, list[int]] = {}  # shard -> the stores (indices) that lack it
+    for k, (req, layout) in enumerate(zip(reqs, layouts)):
+        header = open_or_create(req.out, layout, dataset, req.storage_options, req.teacher, req.flip_calibration)
+        root = open_root(req.out, "r+", req.storage_options)
+        if req.repair:
+            _unmark_damaged(req.out, root, req.storage_options)
+        done = shard_status(root).done
+        pending = [s for s in range(header.num_shards) if not done[s]]
+        run.add(
+            root,
+            header,
+            BuildReport(req.out, header.num_shards, 0, header.num_shards - len(pending), len(dataset), 0.0, 0, header),
+        )
+        for s in pending:
+            work.setdefault(s, []).append(k)
+    jobs = sorted(work.items())
+    req = reqs[0]
+    stores: str | list[str] = req.out if len(reqs) == 1 else [r.out for r in reqs]
+    if jobs and req.workers == 0 and not req.address:
+        _run_in_process(req, dataset, stores, jobs, run)
+    elif jobs:
+        if req.on_raw is not None:
+            raise BuildError("on_raw sees the maps in this process only: build with workers=0")
         started_ray = ensure_ray(req.address, req.workers, req.verbose)
         try:
-            actors = _start_actors(req, dataset, len(pending))
-            report = _dispatch(actors, pending, root, header, report, req.progress, req.on_shard)
+            actors = _start_actors(req, dataset, stores, len(jobs))
+            _dispatch(actors, jobs, run, req.progress)
         finally:
             if started_ray:
                 ray.shutdown()
-    report.seconds = time.perf_counter() - t0
-    return report
+    for rep in run.reports:
+        rep.seconds = time.perf_counter() - t0
+    return run.reports
+
+
+class _Run:
+    """The driver's side of a build of one or more stores: it alone marks shards done, as they land."""
+
+    def __init__(self, reqs: list[BuildRequest]) -> None:
+        self.reqs = reqs
+        self.roots: list = []
+        self.headers: list[StoreHeader] = []
+        self.reports: list[BuildReport] = []
+
+    def add(self, root, header: StoreHeader, report: BuildReport) -> None:
+        self.roots.append(root)
+        self.headers.append(header)
+        self.reports.append(report)
+
+    def images(self, jobs: list[tuple[int, list[int]]]) -> int:
+        return sum(len(self.headers[0].shard_images(s)) for s, _ in jobs)
+
+    def land(self, shard: int, results: list[tuple[int, int, int]]) -> None:
+        for k, nbytes, checksum in results:
+            mark_done(self.roots[k], shard, nbytes, checksum)
+            rep = self.reports[k]
+            rep.shards_written += 1
+            rep.bytes_written += nbytes
+            rep.shard_bytes[shard] = nbytes
+            rep.shard_done_at[shard] = time.perf_counter()
+            if self.reqs[k].on_shard:
+                self.reqs[k].on_shard(shard, nbytes)
 
 
 def _unmark_damaged(out: str, root, storage_options: dict | None) -> None:
@@ -303,8 +400,8 @@ def _unmark_damaged(out: str, root, storage_options: dict | None) -> None:
 
 
 def _run_in_process(
-    req: BuildRequest, dataset: CocoDataset, pending: list[int], root, header: StoreHeader, report: BuildReport
-) -> BuildReport:
+    req: BuildRequest, dataset: CocoDataset, stores: str | list[str], jobs: list[tuple[int, list[int]]], run: _Run
+) -> None:
     """``--workers 0``: the same shard writer in this process, no Ray (debugging, tiny sets, tests)."""
     import torch
 
@@ -312,79 +409,67 @@ def _run_in_process(
         req.teacher,
         str(dataset.ann_file),
         str(dataset.image_dir),
-        req.out,
+        stores,
         req.batch_size,
         torch.get_num_threads(),
         req.storage_options,
         req.skip_bad,
     )
+    writer.on_raw = req.on_raw
     bar = tqdm(
-        total=sum(len(header.shard_images(s)) for s in pending),
-        unit="img",
-        desc="mtpd-cache build",
-        disable=not req.progress,
-        dynamic_ncols=True,
+        total=run.images(jobs), unit="img", desc="mtpd-cache build", disable=not req.progress, dynamic_ncols=True
     )
     try:
-        for s in pending:
+        for shard, which in jobs:
             try:
-                shard, nbytes, checksum = writer.run(s)
+                results = writer.run_many(shard, which)
             except OSError:
                 raise  # build_store words it
             except Exception as e:  # noqa: BLE001 - the same one-line error as a Ray worker's
                 raise BuildError(str(e)) from e
-            mark_done(root, shard, nbytes, checksum)
-            report.shards_written += 1
-            report.bytes_written += nbytes
-            bar.update(len(header.shard_images(shard)))
-            if req.on_shard:
-                req.on_shard(shard, nbytes)
+            run.land(shard, results)
+            bar.update(len(run.headers[0].shard_images(shard)))
     finally:
         bar.close()
-    return report
+        for k, rep in enumerate(run.reports):
+            rep.teacher_seconds = writer.teacher_seconds
+            rep.encode_cpu_seconds = writer.encode_cpu_seconds[k]
+        writer.computer.close()
 
 
-def _dispatch(
-    actors: list,
-    pending: list[int],
-    root,
-    header: StoreHeader,
-    report: BuildReport,
-    progress: bool,
-    on_shard: Callable[[int, int], None] | None = None,
-) -> BuildReport:
+def _dispatch(actors: list, jobs: list[tuple[int, list[int]]], run: _Run, progress: bool) -> None:
     """Keep ``SHARDS_IN_FLIGHT`` shards in flight per actor; mark each done as it lands.
 
     After a worker error no new shard starts, but shards already in flight are
     finished and marked, so a rerun redoes as little as possible.
     """
-    queue = list(pending)
+    queue = list(jobs)
     inflight: dict = {}
+
+    def submit(actor) -> None:
+        shard, which = queue.pop(0)
+        inflight[actor.run_many.remote(shard, which)] = (actor, shard)
+
     for actor in actors:
         for _ in range(SHARDS_IN_FLIGHT):
             if queue:
-                inflight[actor.run.remote(queue.pop(0))] = actor
-    total_images = sum(len(header.shard_images(s)) for s in pending)
-    bar = tqdm(total=total_images, unit="img", desc="mtpd-cache build", disable=not progress, dynamic_ncols=True)
+                submit(actor)
+    bar = tqdm(total=run.images(jobs), unit="img", desc="mtpd-cache build", disable=not progress, dynamic_ncols=True)
     first_error: BaseException | None = None
     try:
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
-            actor = inflight.pop(ready[0])
+            actor, shard = inflight.pop(ready[0])
             try:
-                shard, nbytes, checksum = ray.get(ready[0])
+                results = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - any worker failure stops the build, below
                 first_error = first_error or _root_cause(e)
                 queue.clear()
                 continue
-            mark_done(root, shard, nbytes, checksum)
-            report.shards_written += 1
-            report.bytes_written += nbytes
-            bar.update(len(header.shard_images(shard)))
-            if on_shard is not None:
-                on_shard(shard, nbytes)
+            run.land(shard, results)
+            bar.update(len(run.headers[0].shard_images(shard)))
             if queue:
-                inflight[actor.run.remote(queue.pop(0))] = actor
+                submit(actor)
     finally:
         bar.close()
         for actor in actors:
@@ -393,4 +478,3 @@ def _dispatch(
         raise first_error  # build_store words it
     if first_error is not None:
         raise BuildError(str(first_error)) from first_error
-    return report

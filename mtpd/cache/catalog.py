@@ -231,10 +231,12 @@ def find_store(
     outputs: list[str],
     precision: str,
     amp: str = "off",
+    exact_views: bool = False,
 ) -> str | None:
     """The newest complete store under ``root`` with this teacher and weights (a file's sha256, or
     ``none`` / ``default`` by name), dataset, views (a ``ViewSpec.to_dict()``: sizes, padding,
-    normalisation and at least these views), precision, at least these outputs and this teacher precision
+    normalisation and at least these views; ``exact_views``: these views and no other, for a stage that must
+    mirror its flips from the original view), precision, at least these outputs and this teacher precision
     (``amp``: an AMP store never stands in for an fp32 one); None if none."""
     best = None
     for row in scan(root)[0]:
@@ -252,9 +254,10 @@ def find_store(
         else:  # none / default by name; a factory that loads its own file records no sha: by path
             same_weights = str(row["weights"]) == str(weights)
         stored_views = row.get("view_spec") or {}
-        same_views = all(stored_views.get(k) == views[k] for k in ("short", "long", "pad", "mean", "std")) and set(
-            views["views"]
-        ) <= set(stored_views.get("views", []))
+        have, want = set(stored_views.get("views", [])), set(views["views"])
+        same_views = all(stored_views.get(k) == views[k] for k in ("short", "long", "pad", "mean", "std")) and (
+            have == want if exact_views else want <= have
+        )
         if same_weights and same_views and (best is None or row["created"] > best["created"]):
             best = row
     return None if best is None else best["path"]

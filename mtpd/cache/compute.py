@@ -7,14 +7,16 @@ benchmarks, so every path writes byte-identical shards.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from mtpd.cache.rows import flat_length, flatten, output_grid
-from mtpd.cache.schema import Precision, StoredOutput, StoreHeader
+from mtpd.cache.schema import Precision, StoredOutput, StoreError, StoreHeader
 from mtpd.cache.store import empty_blocks, open_root, read_header, write_shard
 from mtpd.data import CocoDataset, DatasetError, ViewSpec, grid_size, prepare_view, view_meta
 from mtpd.output_spec import OutputSpec
@@ -134,6 +136,9 @@ class ShardComputer:
         self.device = torch.device(device)
         self.spec = ViewSpec.from_dict(header.views)
         self.names = list(header.outputs)
+        # On a GPU each sample is encoded there, right after the forward; a writer of several stores (each with
+        # its own codes) turns this off and encodes per store from the same maps.
+        self.encode_on_device = True
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="mtpd-load")
         self._encode_pool = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="mtpd-encode")
 
@@ -167,7 +172,7 @@ class ShardComputer:
         by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for sample, x in views:
             by_shape.setdefault(tuple(x.shape[1:]), []).append((sample, x))
-        on_device = self.device.type == "cuda"
+        on_device = self.device.type == "cuda" and self.encode_on_device
         raw: list = []
         for group in by_shape.values():
             for b in range(0, len(group), self.batch_size):
@@ -185,20 +190,24 @@ class ShardComputer:
         return raw
 
     @torch.inference_mode()
-    def encode(self, shard: int, raw: RawShard | list[tuple[int, Encoded]]) -> dict[str, np.ndarray]:
-        """Code every sample (unless ``infer`` did) into the shard's blocks, one slot per sample, on threads."""
-        s0, _ = self.header.shard_samples(shard)
-        blocks = empty_blocks(self.header, shard)
+    def encode(
+        self, shard: int, raw: RawShard | list[tuple[int, Encoded]], header: StoreHeader | None = None
+    ) -> dict[str, np.ndarray]:
+        """Code every sample (unless ``infer`` did) into the shard's blocks of ``header``'s store (default: this
+        computer's), one slot per sample, on threads."""
+        header = header or self.header
+        s0, _ = header.shard_samples(shard)
+        blocks = empty_blocks(header, shard)
         # Each task writes its own slot of each block: no two threads touch the same memory.
-        list(self._encode_pool.map(lambda item: self._fill(blocks, item[0] - s0, item[0], item[1]), raw))
+        list(self._encode_pool.map(lambda item: self._fill(header, blocks, item[0] - s0, item[0], item[1]), raw))
         return blocks
 
     def forward(self, shard: int, views: list[tuple[int, torch.Tensor]]) -> dict[str, np.ndarray]:
         return self.encode(shard, self.infer(shard, views))
 
-    def _fill(self, blocks: dict[str, np.ndarray], slot: int, sample: int, res: dict) -> None:
+    def _fill(self, header: StoreHeader, blocks: dict[str, np.ndarray], slot: int, sample: int, res: dict) -> None:
         first = next(iter(res.values()))
-        coded = res if isinstance(first, tuple) else encode_sample(self.header, self.grids[sample], res)
+        coded = res if isinstance(first, tuple) else encode_sample(header, self.grids[sample], res)
         for name, (codes, side) in coded.items():
             blocks[name][slot, : codes.shape[0]] = codes.cpu().numpy()
             if side is not None:
@@ -220,6 +229,10 @@ class ShardWriter:
     encode and compress, and write, so only the teacher's compute is on the
     critical path. Encoding and Blosc release the GIL for large arrays, so
     these threads use the cores the teacher leaves idle (all of them on a GPU node).
+
+    ``store`` may be several stores of the same teacher, dataset and views (e.g. one per precision): each
+    shard's teacher forward then runs once, for the union of their outputs, and every store encodes its own
+    codes from the same maps (``run_many``).
     """
 
     def __init__(
@@ -227,7 +240,7 @@ class ShardWriter:
         teacher: TeacherSpec,
         ann: str,
         images: str,
-        store: str,
+        store: str | list[str],
         batch_size: int,
         threads: int,
         storage_options: dict | None = None,
@@ -239,11 +252,16 @@ class ShardWriter:
         torch.set_num_threads(max(1, threads))
         # Blosc and zarr's own pools would otherwise oversubscribe the worker's cores.
         zarr.config.set({"async.concurrency": 4, "threading.max_workers": max(1, threads)})
-        self.root = open_root(store, "r+", storage_options)
-        self.header = read_header(self.root, store)
+        stores = [store] if isinstance(store, str) else list(store)
+        self.roots = [open_root(s, "r+", storage_options) for s in stores]
+        self.headers = [read_header(r, s) for r, s in zip(self.roots, stores)]
+        self.root, self.header = self.roots[0], self.headers[0]
         self.dataset = CocoDataset(ann, images)
         grids = np.asarray(self.root["index/grid"][:])
         view_sizes = np.asarray(self.root["index/view_size"][:])
+        for s, r in zip(stores[1:], self.roots[1:]):
+            if not np.array_equal(np.asarray(r["index/grid"][:]), grids):
+                raise StoreError(f"{s} is laid out on other levels or views than {stores[0]}: build it on its own")
         self.computer = ShardComputer(
             teacher.build(),
             self.dataset,
@@ -255,20 +273,44 @@ class ShardWriter:
             skip_bad=skip_bad,
             view_sizes=view_sizes,
         )
+        if len(stores) > 1:
+            self.computer.names = sorted({n for h in self.headers for n in h.outputs})
+            self.computer.encode_on_device = False
         self._teacher_lock = threading.Lock()
+        # Where the time goes, for in-process builds and benchmarks: the teacher's wall seconds, and each store's
+        # encode + write seconds of this process's CPU time (all its threads).
+        self.teacher_seconds = 0.0
+        self.encode_cpu_seconds = [0.0] * len(stores)
+        self.on_raw: Callable[[int, list], None] | None = None  # sees each shard's maps (in-process builds only)
 
     def run(self, shard: int) -> tuple[int, int, int]:
+        """Write ``shard`` of the (first) store: (shard, stored bytes, checksum)."""
+        _, nbytes, checksum = self.run_many(shard, [0])[0]
+        return shard, nbytes, checksum
+
+    def run_many(self, shard: int, which: list[int]) -> list[tuple[int, int, int]]:
+        """Write ``shard`` of the stores ``which`` (indices) from one teacher forward: (store, bytes, checksum)
+        each."""
         views = self.computer.load(shard)
         with self._teacher_lock:
+            t0 = time.perf_counter()
             raw = self.computer.infer(shard, views)
+            self.teacher_seconds += time.perf_counter() - t0
+        if self.on_raw is not None:
+            self.on_raw(shard, raw)
         # Outside the lock: the next shard's forward starts while this one is encoded and written.
-        blocks = self.computer.encode(shard, raw)
-        del raw, views
-        nbytes, checksum = write_shard(self.root, self.header, shard, blocks)
         bad = self.computer.bad.pop(shard, [])
-        if "bad_images" in self.root["index"]:
-            # The shard's own chunk of the record, written whole by this writer before the shard is marked done.
-            images = self.header.shard_images(shard)
-            flags = np.isin(np.arange(images.start, images.stop), bad).astype(np.uint8)
-            self.root["index/bad_images"][images.start : images.stop] = flags
-        return shard, nbytes, checksum
+        out = []
+        for k in which:
+            c0 = time.process_time()
+            blocks = self.computer.encode(shard, raw, self.headers[k])
+            nbytes, checksum = write_shard(self.roots[k], self.headers[k], shard, blocks)
+            del blocks
+            if "bad_images" in self.roots[k]["index"]:
+                # The shard's own chunk of the record, written whole by this writer before the shard is marked done.
+                images = self.headers[k].shard_images(shard)
+                flags = np.isin(np.arange(images.start, images.stop), bad).astype(np.uint8)
+                self.roots[k]["index/bad_images"][images.start : images.stop] = flags
+            self.encode_cpu_seconds[k] += time.process_time() - c0
+            out.append((k, nbytes, checksum))
+        return out

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtpd.cache.build import build_store
+from mtpd.cache.build import build_stores
+from mtpd.cache.inspect import store_info
+from mtpd.cache.store import open_store
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.teachers.registry import TeacherSpec
 
@@ -70,47 +72,96 @@ def estimate(
     batch_size: int = 2,
 ) -> Estimate:
     """Measure ``sample`` images through the builder and project size and time to the whole dataset."""
+    return estimate_presets(teacher, ann, images, views, outputs, [precision], sample, seed, batch_size, False)[0].cost
+
+
+@dataclass
+class PresetEstimate:
+    """One precision of ``estimate_presets``: its cost, bytes per image per output, and its error per output and
+    level against ``lossless`` (relative RMSE over the sample's stored cells; 0 for lossless itself)."""
+
+    precision: str
+    cost: Estimate
+    output_bytes: dict[str, float]
+    error: dict[str, dict[int, float]]
+
+
+def estimate_presets(
+    teacher: TeacherSpec,
+    ann: str,
+    images: str,
+    views: ViewSpec,
+    outputs: list[str] | None,
+    precisions: list[str],
+    sample: int = 16,
+    seed: int = 0,
+    batch_size: int = 2,
+    errors: bool = True,
+) -> list[PresetEstimate]:
+    """Every precision's store of the same ``sample`` images from one teacher pass (``build_stores``), with
+    ``lossless`` added as the reference when ``errors`` asks for errors; one result per precision asked for.
+    The time is the shared pass's (teacher and every encoder), the same for each."""
     CocoDataset(ann, images)  # the whole file is valid before anything runs
-    sizes: list[int] = []
-    stamps: list[float] = []
+    wanted = list(precisions)
+    built = wanted + (["lossless"] if errors and "lossless" not in wanted else [])
     with tempfile.TemporaryDirectory(prefix="mtpd-estimate-") as tmp:
         sub, total = _subset(ann, max(2, sample), seed, Path(tmp) / "sample.json")
-
-        def on_shard(shard: int, nbytes: int) -> None:
-            sizes.append(nbytes)
-            stamps.append(time.perf_counter())
-
+        outs = [str(Path(tmp) / f"store{i}") for i in range(len(built))]
         t0 = time.perf_counter()
-        store = Path(tmp) / "store"
-        build_store(
+        reports = build_stores(
             teacher,
             str(sub),
             images,
-            str(store),
+            built,
+            outs,
             views=views,
             outputs=outputs,
-            precision=precision,
             workers=0,
             images_per_shard=1,
             batch_size=batch_size,
             progress=False,
-            on_shard=on_shard,
         )
-        fixed = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) - sum(sizes)
-    # The first image also pays for loading the teacher and warming up: time the others.
-    times = [b - a for a, b in zip(stamps, stamps[1:])] or [stamps[0] - t0]
+        stamps = [reports[0].shard_done_at[s] for s in sorted(reports[0].shard_done_at)]
+        # The first image also pays for loading the teacher and warming up: time the others.
+        times = [b - a for a, b in zip(stamps, stamps[1:])] or [stamps[0] - t0]
+        ref = open_store(outs[built.index("lossless")]) if errors else None
+        results = []
+        for prec, out, rep in zip(wanted, outs, reports):
+            sizes = [rep.shard_bytes[s] for s in sorted(rep.shard_bytes)]
+            fixed = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) - sum(sizes)
+            cost = Estimate(
+                total,
+                len(sizes),
+                statistics.fmean(sizes),
+                _sd(sizes),
+                statistics.fmean(times),
+                _sd(times),
+                teacher.device,
+                max(0, fixed),
+                len(times),
+            )
+            info = store_info(out)
+            per_output = {n: o["stored_bytes"] / max(1, info["images_total"]) for n, o in info["outputs"].items()}
+            error = _errors(open_store(out), ref) if ref is not None else {}
+            results.append(PresetEstimate(prec, cost, per_output, error))
+    return results
 
-    def sd(xs: list[float]) -> float:  # the sample's standard deviation, not the population's
-        return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
-    return Estimate(
-        total,
-        len(sizes),
-        statistics.fmean(sizes),
-        sd(sizes),
-        statistics.fmean(times),
-        sd(times),
-        teacher.device,
-        max(0, fixed),
-        len(times),
-    )
+def _sd(xs: list[float]) -> float:  # the sample's standard deviation, not the population's
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _errors(store, ref) -> dict[str, dict[int, float]]:
+    """Relative RMSE of ``store``'s decoded maps against ``ref``'s, per output and level, over every sample."""
+    num: dict[str, dict[int, float]] = {}
+    den: dict[str, dict[int, float]] = {}
+    for i in range(ref.num_samples):
+        got, want = store.read(i), ref.read(i)
+        for name, maps in want.items():
+            levels = ref.header.outputs[name].levels
+            for lvl, a, b in zip(levels, got[name], maps):
+                num.setdefault(name, {}).setdefault(lvl, 0.0)
+                den.setdefault(name, {}).setdefault(lvl, 0.0)
+                num[name][lvl] += float(np.square(a.astype(np.float64) - b).sum())
+                den[name][lvl] += float(np.square(b.astype(np.float64)).sum())
+    return {n: {lvl: math.sqrt(num[n][lvl] / max(den[n][lvl], 1e-30)) for lvl in num[n]} for n in num}

@@ -122,6 +122,18 @@ PRECISIONS: dict[str, Precision] = {
 }
 
 
+def split_precisions(text: str) -> list[str]:
+    """``small,tiny,micro`` -> its precisions. A part is a new precision when what precedes its first ``+`` is a
+    preset's name; otherwise (``rotate=true``) it is a parameter of the one before, whose commas it shares."""
+    out: list[str] = []
+    for part in text.split(","):
+        if part.partition("+")[0] in PRECISIONS or not out:
+            out.append(part)
+        else:
+            out[-1] += "," + part
+    return out
+
+
 def get_precision(name: str) -> Precision:
     """A preset by name, or one with encodings replaced: ``small+features=transform:bits=2`` (``mtpd.cache.custom``)."""
     base, plus, overrides = name.partition("+")

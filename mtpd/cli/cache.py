@@ -106,19 +106,27 @@ def _run_options(how: argparse._ArgumentGroup) -> None:
 
 
 def _build(a: argparse.Namespace) -> int:
-    from mtpd.cache.build import build_store
+    from mtpd.cache.build import build_stores
+    from mtpd.errors import MtpdError
 
     teacher, views = teacher_spec(a)
     outputs = [x.strip() for x in a.outputs.split(",") if x.strip()] if a.outputs else None
-    rep = build_store(
+    several = len(a.precision) > 1
+    if several and a.out and "{precision}" not in a.out:
+        raise MtpdError(
+            f"--out {a.out}: several precisions need one store each: put {{precision}} in the path "
+            "(e.g. stores/teacher-{precision}), or leave --out out to build under the cache root"
+        )
+    outs = [a.out.replace("{precision}", p) if a.out else None for p in a.precision]
+    reports = build_stores(
         teacher,
         a.ann,
         a.images,
-        a.out,
+        a.precision,
+        outs,
         views=views,
         root=a.root,
         outputs=outputs,
-        precision=a.precision,
         batch_size=a.batch_size,
         workers=a.workers,
         images_per_shard=a.images_per_shard,
@@ -128,19 +136,21 @@ def _build(a: argparse.Namespace) -> int:
         repair=a.repair,
         skip_bad=a.skip_bad,
     )
-    rate = rep.images / rep.seconds if rep.seconds else 0.0
-    if rep.shards_written == 0 and rep.shards_skipped == rep.shards_total:
-        print(f"{rep.store}: complete already (same teacher, data, views, outputs and precision): nothing to do")
-        return 0
-    print(
-        f"{rep.store}: {rep.shards_written} shards written, {rep.shards_skipped} already done, "
-        f"{rep.bytes_written / 2**20:.1f} MiB in {rep.seconds:.1f}s ({rate:.1f} img/s overall)"
-    )
-    from mtpd.cache.store import StoreReader
+    for rep in reports:
+        rate = rep.images / rep.seconds if rep.seconds else 0.0
+        if rep.shards_written == 0 and rep.shards_skipped == rep.shards_total:
+            print(f"{rep.store}: complete already (same teacher, data, views, outputs and precision): nothing to do")
+            continue
+        print(
+            f"{rep.store}: {rep.shards_written} shards written, {rep.shards_skipped} already done, "
+            f"{rep.bytes_written / 2**20:.1f} MiB in {rep.seconds:.1f}s ({rate:.1f} img/s overall"
+            f"{', one teacher pass for ' + str(len(reports)) + ' stores' if several else ''})"
+        )
+        from mtpd.cache.store import StoreReader
 
-    bad = int(StoreReader(rep.store).bad_images().sum()) if not a.address else 0
-    if bad:
-        print(f"{rep.store}: {bad} unreadable image(s) skipped (--skip-bad); `mtpd-cache info` lists them")
+        bad = int(StoreReader(rep.store).bad_images().sum()) if not a.address else 0
+        if bad:
+            print(f"{rep.store}: {bad} unreadable image(s) skipped (--skip-bad); `mtpd-cache info` lists them")
     return 0
 
 

@@ -156,7 +156,9 @@ def estimate(a: argparse.Namespace) -> int:
         raise MtpdError(f"--gpus must be at least 1 and --sample at least 2 (got {a.gpus}, {a.sample})")
     teacher, views = teacher_spec(a)
     outputs = [x.strip() for x in a.outputs.split(",") if x.strip()] if a.outputs else None
-    e = run_estimate(teacher, a.ann, a.images, views, outputs, a.precision, a.sample, batch_size=a.batch_size)
+    if len(a.precision) > 1:
+        return _estimate_presets(a, teacher, views, outputs)
+    e = run_estimate(teacher, a.ann, a.images, views, outputs, a.precision[0], a.sample, batch_size=a.batch_size)
     size, size_pm = e.total_bytes()
     secs, secs_pm = e.total_seconds()
     print(f"sample: {e.sample} of {e.images} images, views {','.join(views.views)} at {views.short}x{views.long}")
@@ -174,6 +176,29 @@ def estimate(a: argparse.Namespace) -> int:
     free = shutil.disk_usage(probe).free
     verdict = "enough" if free > size + size_pm else "NOT enough"
     print(f"free space at {probe}: {_gib(free)} ({verdict} for the projected store)")
+    return 0
+
+
+def _estimate_presets(a: argparse.Namespace, teacher, views, outputs) -> int:
+    """Several precisions from one teacher pass over the sample: bytes and error per output and level against
+    lossless, and each whole store's projected size."""
+    from mtpd.cache.estimate import estimate_presets
+
+    res = estimate_presets(teacher, a.ann, a.images, views, outputs, a.precision, a.sample, batch_size=a.batch_size)
+    first = res[0].cost
+    size = f"{views.short}x{views.long}"
+    print(f"sample: {first.sample} of {first.images} images, views {','.join(views.views)} at {size}")
+    secs, pm = first.total_seconds(a.gpus)
+    where = f"{a.gpus} {first.device} device(s)"
+    print(f"build of all {len(res)} stores in one pass: {_span(secs)} ± {_span(pm)} on {where}")
+    print("| precision | output | KiB / image | rel. RMSE vs lossless per level | store (95 %) |")
+    print("|---|---|---:|---|---:|")
+    for r in res:
+        size, size_pm = r.cost.total_bytes()
+        for k, (name, nbytes) in enumerate(sorted(r.output_bytes.items())):
+            err = " ".join(f"P{lvl} {e:.3f}" for lvl, e in sorted(r.error.get(name, {}).items()))
+            whole = f"{_gib(size)} ± {_gib(size_pm)}" if k == 0 else ""
+            print(f"| {r.precision if k == 0 else ''} | {name} | {nbytes / 1024:.1f} | {err} | {whole} |")
     return 0
 
 

@@ -46,25 +46,31 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
     )
     what.add_argument(
         "--precision",
-        default=DEFAULT_PRECISION,
+        default=DEFAULT_PRECISION,  # a string: argparse runs it through the type as well
         type=_precision,
         help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities; "
         "small: features as 4-bit per-channel codes; tiny: features projected on a per-store PCA basis of half "
         "the channels, 4-bit coefficients (README: Precision presets; default: %(default)s, the smallest that cost "
         "distillation no measurable AP in the bytes-vs-AP sweep: README, How small can a store be); or a preset "
-        "with encodings replaced, e.g. small+features=transform:bits=2+logits=topk:k=2,groups=anchors",
+        "with encodings replaced, e.g. small+features=transform:bits=2+logits=topk:k=2,groups=anchors; several, "
+        "comma-separated (small,tiny,micro), come from one teacher pass",
     )
 
 
-def _precision(name: str) -> str:
-    """argparse type: a preset, or one with replaced encodings, checked here (one line naming the fault)."""
-    from mtpd.cache.schema import StoreError, get_precision
+def _precision(text: str) -> list[str]:
+    """argparse type: one or more comma-separated precisions (a preset, or one with replaced encodings), each
+    checked here (one line naming the fault)."""
+    from mtpd.cache.schema import StoreError, get_precision, split_precisions
 
+    names = split_precisions(text)
     try:
-        get_precision(name)
+        for name in names:
+            get_precision(name)
     except StoreError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return name
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text}: each precision once")
+    return names
 
 
 def teacher_spec(a: argparse.Namespace):

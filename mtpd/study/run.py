@@ -12,14 +12,13 @@ aside in the record under ``row@fingerprint`` and trains again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 from mtpd.study.spec import Row, Study, StudyError, fingerprint, row_plan
 from mtpd.trainer.plan import Plan, PlanError, plan_to_dict, save_plan
@@ -47,7 +46,8 @@ def split_data(study: Study, split: str, quick: bool, log: Log) -> Split:
     if split == "dev":
         if study.dev is None:
             raise StudyError(f"{study.path}: --split dev needs a dev: {{images: N}} entry in the study file")
-        data["train_ann"], data["val_ann"] = carve_dev(Path(base.train_ann), study.dev.images, study.dev.seed, root)
+        dev = study.dev
+        data["train_ann"], data["val_ann"] = carve_dev(Path(base.train_ann), dev.images, dev.seed, dev.digest, root)
         data["val_images"] = base.train_images
     elif not (base.val_ann and base.val_images):
         raise StudyError(f"{study.plan}: data.val_ann and data.val_images: a study evaluates every run; set them")
@@ -78,13 +78,17 @@ def _write_json(data: dict, path: Path) -> Path:
     return path
 
 
-def carve_dev(train_ann: Path, n: int, seed: int, root: Path) -> tuple[str, str]:
-    """Annotation files of ``train_ann`` less ``n`` images chosen by ``seed``, and of those ``n`` images."""
+def carve_dev(train_ann: Path, n: int, seed: int, digest: str, root: Path) -> tuple[str, str]:
+    """Annotation files of ``train_ann`` less ``n`` images, and of those ``n``: the first by the hash of
+    ``dev<seed>:<file name>``, so the carve depends on neither the file's order nor the machine."""
     coco = json.loads(train_ann.read_text())
     ids = sorted(im["id"] for im in coco["images"])
     if not 0 < n < len(ids):
         raise StudyError(f"dev.images: {n} of {train_ann}'s {len(ids)} images; choose 1 to {len(ids) - 1}")
-    dev = {int(i) for i in np.random.default_rng(seed).choice(ids, size=n, replace=False)}
+    if digest not in hashlib.algorithms_available:
+        raise StudyError(f"dev.digest: {digest!r} is not a hash this Python has (e.g. sha256, sha1)")
+    key = lambda im: hashlib.new(digest, f"dev{seed}:{im['file_name']}".encode()).hexdigest()  # noqa: E731
+    dev = {im["id"] for im in sorted(coco["images"], key=key)[:n]}
     out = root / "data"
     rest = _write_json(_subset(coco, set(ids) - dev), out / "train_minus_dev.json")
     return str(rest), str(_write_json(_subset(coco, dev), out / "dev.json"))
@@ -104,6 +108,7 @@ def plans_for(study: Study, rows: list[str], split: Split, quick: bool) -> dict[
     """Each row's plan on ``split`` (its seed and output folder are set per run)."""
     base = plan_to_dict(study.base())
     base["data"].update(split.data)
+    after = study.dev.set if split.name.endswith("dev") and study.dev is not None else {}
     if quick:
         for stage in base["stages"]:
             stage["epochs"] = study.quick.epochs
@@ -111,7 +116,7 @@ def plans_for(study: Study, rows: list[str], split: Split, quick: bool) -> dict[
     out = {}
     for r in rows:
         row = study.rows[r]
-        plan = row_plan(study, row, base)
+        plan = row_plan(study, row, base, after)
         if quick:  # a row that sets epochs itself still trains the quick length
             for stage in plan.stages:
                 stage.epochs = study.quick.epochs
@@ -157,11 +162,11 @@ def build_for(plan: Plan, stage, workers: int, log: Log) -> str:
 
     from mtpd.cache.build import build_store
     from mtpd.cache.catalog import cache_root
-    from mtpd.data import ViewSpec
     from mtpd.teachers.registry import TeacherSpec
+    from mtpd.trainer.store_refs import ref_views
 
     ref, d = stage.teacher, plan.data
-    views = ViewSpec(short=d.short, long=d.long, views=("orig", "hflip") if d.flip else ("orig",))
+    views = ref_views(plan, ref)
     log(f"building the store of {ref.name} ({ref.precision}, {','.join(ref.outputs)}) for stage {stage.name}")
     t0 = time.perf_counter()
     rep = build_store(
@@ -282,15 +287,20 @@ def run_study(
 ) -> dict:
     """Build what is missing and train every (row, seed) not yet in the record; returns what the report reads:
     ``results`` {row: {seed: AP}}, ``record``, ``bytes`` {row: bytes per image}, ``seeds``, ``rows``, ``split``."""
-    rows = rows or list(study.rows)
+    rows = rows or [r for r, row in study.rows.items() if split in row.splits]
     unknown = [r for r in rows if r not in study.rows]
     if unknown:
         raise StudyError(f"{study.path}: no row {unknown[0]!r}; the rows are {', '.join(study.rows)}")
-    seeds = seeds or (study.seeds[:1] if quick else study.seeds)
+    if not rows:
+        raise StudyError(f"{study.path}: no row runs on --split {split} (rows' splits: say which with --rows)")
+    if not seeds and split == "dev":
+        seeds = study.dev.seeds if study.dev and study.dev.seeds else study.seeds[:1]
+    seeds = seeds or study.seeds
+    seeds = seeds[:1] if quick else seeds
     where = split_data(study, split, quick, log)
     plans = plans_for(study, rows, where, quick)
-    prints = {r: fingerprint(plans[r], study.rows[r], where.name) for r in rows}
-    record_path = record_path or where.root / "record.json"
+    prints = {r: fingerprint(plans[r], study.rows[r], where.name, study.path.parent) for r in rows}
+    record_path = record_path or study.record_path(where.name)
     record = load_record(record_path)
     set_aside_stale(record, prints, log)
     if report_only:
@@ -340,7 +350,9 @@ def run_study(
         "record": record,
         "record_path": record_path,
         "bytes": {r: bytes_per_image(stores[r]) for r in rows},
-        "seconds": {r: [e["seconds"] for s, e in record.get(r, {}).items() if s in seeds] for r in rows},
+        "seconds": {
+            r: [e["seconds"] for s, e in record.get(r, {}).items() if s in seeds and "seconds" in e] for r in rows
+        },
         "seeds": seeds,
         "rows": rows,
         "split": where.name,

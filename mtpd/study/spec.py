@@ -18,7 +18,9 @@ never by one run each. The file says only what differs between rows::
 
 A row is a mapping of overlays on the base plan: a key is a path (``data.flip``, ``stages.0.epochs``,
 ``stages.*.teacher.precision``); a mapping merges into the mapping at its path, any other value (a list
-included) replaces it. Two keys belong to the study, not the plan: ``online`` and ``note``.
+included) replaces it. Three keys belong to the study, not the plan: ``online``, ``note`` and ``splits`` (the
+splits a row runs in when ``--rows`` does not say: ``[dev]`` for a candidate the dev study rules out). Top-level
+keys starting with ``x-`` are ignored: YAML anchors for stages that several rows share live there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ import yaml
 from mtpd.errors import MtpdError
 from mtpd.trainer.plan import Plan, PlanError, _resolve_paths, from_dict, load_plan, plan_to_dict
 
-ROW_KEYS = ("online", "note")  # a row's keys that are the study's, not overlays on the plan
+ROW_KEYS = ("online", "note", "splits")  # a row's keys that are the study's, not overlays on the plan
 PICKS = ("smallest", "first", "all")
 
 
@@ -60,11 +63,16 @@ class Rule:
 
 @dataclass
 class DevSplit:
-    """Carve ``images`` images (chosen by ``seed``) out of the base plan's train set as a dev set: ``--split dev``
-    trains on the rest and evaluates on them, so that choices are made before the val split is looked at."""
+    """Carve ``images`` images out of the base plan's train set as a dev set: ``--split dev`` trains on the rest
+    and evaluates on them, so that choices are made before the val split is looked at. The images are the first
+    by the hash (``digest``) of ``dev<seed>:<file name>``: the same on every machine, whatever the file's order.
+    ``set``: overlays every row gets on the dev split (e.g. warm-up steps tied to the train set's size)."""
 
     images: int
     seed: int = 0
+    digest: str = "sha256"
+    set: dict = field(default_factory=dict)
+    seeds: list[int] | None = None  # the dev study's seeds (default: the study's first)
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Row:
     overlay: dict[str, Any]
     online: bool = False
     note: str = ""
+    splits: tuple[str, ...] = ("val", "dev")
 
 
 @dataclass
@@ -98,6 +107,7 @@ class Study:
     quick: QuickConfig = field(default_factory=QuickConfig)
     title: str = ""  # the report's heading (default: the study file's stem)
     out: Path | None = None  # working folder (default: <study file's folder>/<stem>_out)
+    records: Path | None = None  # folder of the records, <stem>-<split>.json (default: <out>/<split>/record.json)
 
     @property
     def name(self) -> str:
@@ -105,6 +115,12 @@ class Study:
 
     def out_dir(self) -> Path:
         return self.out or self.path.parent / f"{self.path.stem}_out"
+
+    def record_path(self, split: str) -> Path:
+        """Where the finished runs of ``split`` are kept (a --quick run's never beside real records)."""
+        if self.records is None or split.startswith("quick"):
+            return self.out_dir() / split / "record.json"
+        return self.records / f"{self.path.stem}-{split}.json"
 
     def base(self) -> Plan:
         """The base plan, loaded and checked like ``mtpd-train`` does (paths made absolute)."""
@@ -122,8 +138,8 @@ def load_study(path: str | Path) -> Study:
         raise StudyError(f"{p}: not a valid YAML study file ({' '.join(str(e).split())})") from None
     if not isinstance(raw, dict):
         raise StudyError(f"{p}: a study file is a mapping with at least plan: and rows:")
-    known = {"plan", "rows", "seeds", "refs", "pairs", "rules", "dev", "quick", "title", "out"}
-    unknown = sorted(map(repr, set(raw) - known))
+    known = {"plan", "rows", "seeds", "refs", "pairs", "rules", "dev", "quick", "title", "out", "records"}
+    unknown = sorted(repr(k) for k in raw if k not in known and not str(k).startswith("x-"))
     if unknown:
         raise StudyError(f"{p}: unknown key(s) {', '.join(unknown)}; a study has {', '.join(sorted(known))}")
     for key in ("plan", "rows"):
@@ -137,7 +153,12 @@ def load_study(path: str | Path) -> Study:
         if not isinstance(body, dict):
             raise StudyError(f"{p}: rows.{name}: an overlay mapping (e.g. {{data.flip: false}}), got {body!r}")
         overlay = {k: v for k, v in body.items() if k not in ROW_KEYS}
-        rows[str(name)] = Row(str(name), overlay, bool(body.get("online", False)), str(body.get("note", "")))
+        splits = body.get("splits", ["val", "dev"])
+        if not isinstance(splits, list) or not set(splits) <= {"val", "dev"}:
+            raise StudyError(f"{p}: rows.{name}.splits: a list of val and/or dev, got {splits!r}")
+        rows[str(name)] = Row(
+            str(name), overlay, bool(body.get("online", False)), str(body.get("note", "")), tuple(splits)
+        )
     seeds = raw.get("seeds", [0, 1, 2, 3, 4])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise StudyError(f"{p}: seeds: a list of integers, got {seeds!r}")
@@ -160,6 +181,7 @@ def load_study(path: str | Path) -> Study:
         quick=quick,
         title=str(raw.get("title") or ""),
         out=(p.parent / str(raw["out"])).resolve() if raw.get("out") else None,
+        records=(p.parent / str(raw["records"])).resolve() if raw.get("records") else None,
     )
     _check_names(study)
     return study
@@ -225,11 +247,12 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def row_plan(study: Study, row: Row, base: dict | None = None) -> Plan:
-    """The plan ``row`` trains: the base plan with the row's overlays, checked as ``mtpd-train`` checks plans.
-    Paths the overlays add are relative to the study file."""
+def row_plan(study: Study, row: Row, base: dict | None = None, after: dict | None = None) -> Plan:
+    """The plan ``row`` trains: the base plan with the row's overlays, then ``after`` (a split's own), checked as
+    ``mtpd-train`` checks plans. Paths the overlays add are relative to the study file."""
     base = plan_to_dict(study.base()) if base is None else base
     data = overlay(base, row.overlay, f"{study.path}: rows.{row.name}")
+    data = overlay(data, after or {}, f"{study.path}: dev.set")
     try:
         plan = from_dict(Plan, data, "plan")
         plan.validate()
@@ -246,10 +269,21 @@ def row_plan(study: Study, row: Row, base: dict | None = None) -> Plan:
     return plan
 
 
-def fingerprint(plan: Plan, row: Row, split: str) -> str:
-    """What a run of ``row`` depends on, its seed and folders aside: a changed row trains again."""
-    d = plan_to_dict(plan)
-    d.pop("output_dir", None)
-    d.pop("seed", None)
+def fingerprint(plan: Plan, row: Row, split: str, where: Path) -> str:
+    """What a run of ``row`` depends on, its seed and folders aside: a changed row trains again. Absolute paths
+    count relative to ``where`` (the study file's folder), so a clone elsewhere keeps its records."""
+
+    def rel(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: rel(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        if isinstance(v, str) and v.startswith("/"):
+            return os.path.relpath(v, where)
+        return v
+
+    d = rel(plan_to_dict(plan))
+    for k in ("output_dir", "seed", "cache_root"):  # where runs and stores go, not what trains
+        d.pop(k, None)
     d["online"], d["split"] = row.online, split
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

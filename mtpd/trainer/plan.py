@@ -98,6 +98,9 @@ class TeacherRef:
     weights: str = "none"  # checkpoint path, default or none
     outputs: list[str] = field(default_factory=lambda: ["fpn"])
     precision: str = DEFAULT_PRECISION
+    # The store's views, when not the plan's (orig + hflip with data.flip): [orig] trains flipped samples from
+    # mirrored maps, the approximation flip_error measures (a store with more views does not stand in).
+    views: list[str] | None = None
 
 
 @dataclass
@@ -196,6 +199,8 @@ def _check_teacher_ref(ref: TeacherRef, where: str) -> None:
         raise PlanError(f"{where}.precision: {e}") from None
     if not ref.outputs:
         raise PlanError(f"{where}.outputs: name the outputs the stage reads, e.g. [fpn]")
+    if ref.views is not None and (not ref.views or set(ref.views) - {"orig", "hflip"} or "orig" not in ref.views):
+        raise PlanError(f"{where}.views: [orig] or [orig, hflip], got {ref.views!r}")
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:

@@ -10,13 +10,20 @@ from mtpd.cache.catalog import cache_root, find_store, record_use, store_name, t
 from mtpd.cache.store import store_header
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.errors import MtpdError
-from mtpd.trainer.plan import Plan, PlanError, StageConfig
+from mtpd.trainer.plan import Plan, PlanError, StageConfig, TeacherRef
 
 
 @functools.lru_cache(maxsize=8)
 def _manifest(ann: str, images: str, stamp: int) -> str:
     """The dataset's manifest hash, computed once per annotation file version (COCO's JSON is large)."""
     return CocoDataset(ann, images).manifest_hash()
+
+
+def ref_views(plan: Plan, ref: TeacherRef) -> ViewSpec:
+    """The views a stage's teacher store holds: the ref's own, else what the plan's flips train on."""
+    d = plan.data
+    views = tuple(ref.views) if ref.views else ("orig", "hflip") if d.flip else ("orig",)
+    return ViewSpec(short=d.short, long=d.long, views=views)
 
 
 def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
@@ -26,7 +33,7 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
     if ref is None:
         return list(stage.stores)
     d = plan.data
-    spec = ViewSpec(short=d.short, long=d.long, views=("orig", "hflip") if d.flip else ("orig",))
+    spec = ref_views(plan, ref)
     onnx = ref.name.startswith("onnx:")
     if not onnx and ref.weights not in ("none", "default") and not Path(ref.weights).is_file():
         raise PlanError(f"stage {stage.name}: teacher weights {ref.weights} not found; fix teacher.weights")
@@ -38,7 +45,8 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
         raise PlanError(f"stage {stage.name}: teacher {ref.name}: {e}") from None
     manifest = _manifest(d.train_ann, d.train_images, Path(d.train_ann).stat().st_mtime_ns)
     root = cache_root(plan.cache_root)
-    found = find_store(root, name, weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision)
+    exact = ref.views is not None
+    found = find_store(root, name, weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision, "off", exact)
     if found is not None:
         return [found]
     cmd = [
