@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> str:
 
 def _record(sink: list, t0: float, done: list[tuple[float, float]], images: int, per_shard: int) -> float:
     """Append (end-to-end images/s, steady images/s, steady CPU-s per image); return the run's seconds."""
-    from mtpd.cache.build import SHARDS_IN_FLIGHT
+    from mtpd.cache.dispatch import SHARDS_IN_FLIGHT
 
     done = sorted(done)
     wall = [d[0] for d in done]

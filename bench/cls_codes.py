@@ -12,7 +12,7 @@ against ``logprob-u8``, and how far KD's targets move: the KD loss (the trainer'
 lossless logits and the decoded code, per entry, as bench/kd_targets.py measures it. ``pqM-anchor``: each
 anchor's K logits cut into M sub-vectors, each stored as one byte, the index of its nearest codeword in a
 per-store codebook (``mtpd.cache.pq``, fitted at calibration). What KD's AP does with each code is a training
-question (bench/store_codes.py's kd rows); this is the part that needs no training.
+question (bench/studies/store_codes.yaml's kd rows); this is the part that needs no training.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 # micro fits its codebooks with faiss (the `codes` extra): measured where it is installed
 PRESETS = ("lossless", "high", "compact", "small", "tiny") + (("micro",) if importlib.util.find_spec("faiss") else ())
-# The other feature code at 1/16 of fp32 that the store-code study tries (bench/store_codes.py)
+# The other feature code at 1/16 of fp32 that the store-code study tries (bench/studies/store_codes.yaml)
 EXTRA = ("small+features=transform:bits=2",)
 TARGETED = ("small", "tiny", "micro")  # presets with the >= 60 samples/s per worker core target; so is every extra
 NOCRC = "small, no crc32c (what-if)"

@@ -208,7 +208,8 @@ def test_a_study_trains_reports_resumes_and_retrains_a_changed_row(tmp_path, dig
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
     text = results.read_text()
     assert "## Another study\n\nkept as it is" in text and "## study\n" in text
-    assert "| mgd (MGD from the store) | 0,1 |" in text and "| mgd − baseline | 2 |" in text
+    assert "| mgd (MGD from the store) | mgd 0.0002 | 0,1 |" in text and "| mgd − baseline | 2 |" in text
+    assert "| baseline | - | 0,1 |" in text  # the weights each run trained with: none for the baseline
     assert "**pays**" in text and "(no row passes: baseline)" in text and "Noise floor" in text
     assert (tmp_path / "p.png").stat().st_size > 0
     # The seeds' plans differ in their seed only.
@@ -328,7 +329,9 @@ def test_the_own_data_study_runs_quick_on_the_walkthroughs_data(tmp_path):
     out = run("mtpd.cli.study", "examples/own_data/study.yaml", "--quick", "--jobs", "2")
     record = json.loads((tmp_path / "demo_out" / "trees_study" / "quick-val" / "record.json").read_text())
     assert sorted(record) == ["baseline", "chain", "small", "tiny"] and all(list(v) == ["0"] for v in record.values())
-    assert "| tiny | 0 |" in out and "| chain (baseline student, then the teacher) | 0 |" in out
+    rows = {ln.split(" | ")[0][2:]: ln for ln in out.splitlines() if ln.startswith("| ")}
+    assert "| 0 |" in rows["tiny"] and "| 0 |" in rows["chain (baseline student, then the teacher)"]
+    assert rows["small (MGD from the teacher in both stages)"].split(" | ")[1].startswith("mgd ")  # auto, resolved
     assert "**store precision**" in out and "**chain or direct**" in out
     # Three stores built under the plan's cache root: the teacher at small and tiny, the baseline student at small.
     stores = [p for p in (tmp_path / "demo_out" / "cache").iterdir() if p.is_dir()]

@@ -14,58 +14,29 @@ import contextlib
 import dataclasses
 import errno
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from mtpd.cache.calibrate import calibrate_store
 from mtpd.cache.catalog import cache_root, store_path
-from mtpd.cache.compute import Layout, ShardWriter, plan_layout
-from mtpd.cache.flip import FLIP_CALIBRATION
+from mtpd.cache.compute import Layout, plan_layout
+from mtpd.cache.dispatch import BuildError, Run, dispatch, run_in_process, start_actors
 from mtpd.cache.lock import WriterLock
 from mtpd.cache.ray_local import ensure_ray
+from mtpd.cache.request import BuildReport, BuildRequest
 from mtpd.cache.schema import StoreError, StoreHeader, describe_differences, get_precision
-from mtpd.cache.store import create_store, is_url, mark_done, open_root, read_header, shard_status
+from mtpd.cache.store import create_store, is_url, open_root, read_header, shard_status
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.defaults import DEFAULT_PRECISION
-from mtpd.errors import MtpdError
 from mtpd.teachers.base import check_outputs
 from mtpd.teachers.registry import TeacherSpec
-
-
-class BuildError(MtpdError, RuntimeError):
-    """A build that stopped; finished shards stay in the store, marked done."""
-
-
-@dataclass
-class BuildReport:
-    store: str
-    shards_total: int
-    shards_written: int
-    shards_skipped: int
-    images: int
-    seconds: float
-    bytes_written: int
-    header: StoreHeader = field(repr=False)
-    shard_bytes: dict[int, int] = field(default_factory=dict, repr=False)  # shards this build wrote: bytes each
-    shard_done_at: dict[int, float] = field(default_factory=dict, repr=False)  # ... and when (perf_counter)
-    # In-process builds (workers 0) only: the teacher's wall seconds (shared by every store of one pass) and this
-    # store's encode + write CPU seconds.
-    teacher_seconds: float = 0.0
-    encode_cpu_seconds: float = 0.0
 
 
 def _default_outputs(names: list[str]) -> list[str]:
     # RPN outputs are written only on request: MTPD distills two-stage teachers from FPN alone.
     return [n for n in names if not n.startswith("rpn_")]
-
-
-# Calls per actor at once: one in the teacher, the others encoding and writing. Each holds a
-# shard's outputs in memory (float32 before encoding), so memory grows with this number.
-SHARDS_IN_FLIGHT = 3
 
 
 def plan_store(req: BuildRequest) -> tuple[Layout, CocoDataset]:
@@ -142,69 +113,6 @@ def _store_exists(out: str, storage_options: dict | None) -> bool:
         return False
     # A store whose attributes were never written was interrupted while being created.
     return "mtpd_format" in dict(root.attrs)
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    cause = getattr(err, "cause", None)
-    return _root_cause(cause) if isinstance(cause, BaseException) and cause is not err else err
-
-
-def _start_actors(req: BuildRequest, dataset: CocoDataset, stores: str | list[str], n_pending: int) -> list:
-    """One ShardWriter actor per GPU (or ``workers`` CPU actors), never more than shards to write."""
-    workers = req.workers
-    if req.teacher.device.startswith("cuda"):
-        n_gpu = int(ray.cluster_resources().get("GPU", 0))
-        if n_gpu == 0:
-            raise BuildError(
-                "--device cuda but the Ray cluster has no GPUs; use --device cpu or start Ray on GPU nodes"
-            )
-        n_workers = min(workers if workers and workers > 0 else n_gpu, n_gpu)
-        opts, threads = {"num_gpus": 1, "num_cpus": 1}, 2
-    else:
-        n_workers = max(1, workers)
-        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_workers)
-        opts = {"num_cpus": 1}
-    actor_cls = ray.remote(max_concurrency=SHARDS_IN_FLIGHT, max_restarts=1, max_task_retries=2)(ShardWriter)
-    return [
-        actor_cls.options(**opts).remote(
-            req.teacher,
-            str(dataset.ann_file),
-            str(dataset.image_dir),
-            stores,
-            req.batch_size,
-            threads,
-            req.storage_options,
-            req.skip_bad,
-        )
-        for _ in range(min(n_workers, n_pending))
-    ]
-
-
-@dataclass
-class BuildRequest:
-    """Everything one build is asked to do (``build_store``'s arguments, in one place)."""
-
-    teacher: TeacherSpec
-    ann: str
-    images: str
-    out: str
-    views: ViewSpec = field(default_factory=ViewSpec)
-    outputs: list[str] | None = None
-    precision: str = DEFAULT_PRECISION
-    batch_size: int = 2
-    workers: int = 1
-    images_per_shard: int = 16
-    address: str | None = None
-    storage_options: dict | None = None
-    progress: bool = True
-    on_shard: Callable[[int, int], None] | None = None
-    verbose: bool = False  # the local Ray instance's start-up messages and worker logs
-    repair: bool = False  # re-verify done shards and rewrite the damaged ones
-    skip_bad: bool = False  # record unreadable images in the store and go on, instead of stopping
-    flip_calibration: int = FLIP_CALIBRATION  # images to measure mirrored maps on (orig-only stores; 0: skip)
-    # workers 0 only: called with (shard, the teacher's maps of its samples) before they are encoded (benchmarks
-    # that compare codes with the float32 maps)
-    on_raw: Callable[[int, list], None] | None = None
 
 
 def build_store(
@@ -326,7 +234,7 @@ def _io_error(out: str, e: OSError) -> BuildError:
 def _build(reqs: list[BuildRequest], layouts: list[Layout], dataset: CocoDataset) -> list[BuildReport]:
     """Create (or open) each store, then write every shard some store lacks, each from one teacher forward."""
     t0 = time.perf_counter()
-    run = _Run(reqs)
+    run = Run(reqs)
     work: dict[int, list[int]] = {}  # shard -> the stores (indices) that lack it
     for k, (req, layout) in enumerate(zip(reqs, layouts)):
         header = open_or_create(req.out, layout, dataset, req.storage_options, req.teacher, req.flip_calibration)
@@ -346,14 +254,14 @@ def _build(reqs: list[BuildRequest], layouts: list[Layout], dataset: CocoDataset
     req = reqs[0]
     stores: str | list[str] = req.out if len(reqs) == 1 else [r.out for r in reqs]
     if jobs and req.workers == 0 and not req.address:
-        _run_in_process(req, dataset, stores, jobs, run)
+        run_in_process(req, dataset, stores, jobs, run)
     elif jobs:
         if req.on_raw is not None:
             raise BuildError("on_raw sees the maps in this process only: build with workers=0")
         started_ray = ensure_ray(req.address, req.workers, req.verbose)
         try:
-            actors = _start_actors(req, dataset, stores, len(jobs))
-            _dispatch(actors, jobs, run, req.progress)
+            actors = start_actors(req, dataset, stores, len(jobs))
+            dispatch(actors, jobs, run, req.progress)
         finally:
             if started_ray:
                 ray.shutdown()
@@ -362,119 +270,9 @@ def _build(reqs: list[BuildRequest], layouts: list[Layout], dataset: CocoDataset
     return run.reports
 
 
-class _Run:
-    """The driver's side of a build of one or more stores: it alone marks shards done, as they land."""
-
-    def __init__(self, reqs: list[BuildRequest]) -> None:
-        self.reqs = reqs
-        self.roots: list = []
-        self.headers: list[StoreHeader] = []
-        self.reports: list[BuildReport] = []
-
-    def add(self, root, header: StoreHeader, report: BuildReport) -> None:
-        self.roots.append(root)
-        self.headers.append(header)
-        self.reports.append(report)
-
-    def images(self, jobs: list[tuple[int, list[int]]]) -> int:
-        return sum(len(self.headers[0].shard_images(s)) for s, _ in jobs)
-
-    def land(self, shard: int, results: list[tuple[int, int, int]]) -> None:
-        for k, nbytes, checksum in results:
-            mark_done(self.roots[k], shard, nbytes, checksum)
-            rep = self.reports[k]
-            rep.shards_written += 1
-            rep.bytes_written += nbytes
-            rep.shard_bytes[shard] = nbytes
-            rep.shard_done_at[shard] = time.perf_counter()
-            if self.reqs[k].on_shard:
-                self.reqs[k].on_shard(shard, nbytes)
-
-
 def _unmark_damaged(out: str, root, storage_options: dict | None) -> None:
     """``--repair``: shards that fail their checksum (or cannot be read) count as not written."""
     from mtpd.cache.inspect import verify_store
 
     for shard, _why in verify_store(out, storage_options).corrupt:
         root["index/shards"][shard] = np.zeros(3, dtype=np.uint64)
-
-
-def _run_in_process(
-    req: BuildRequest, dataset: CocoDataset, stores: str | list[str], jobs: list[tuple[int, list[int]]], run: _Run
-) -> None:
-    """``--workers 0``: the same shard writer in this process, no Ray (debugging, tiny sets, tests)."""
-    import torch
-
-    writer = ShardWriter(
-        req.teacher,
-        str(dataset.ann_file),
-        str(dataset.image_dir),
-        stores,
-        req.batch_size,
-        torch.get_num_threads(),
-        req.storage_options,
-        req.skip_bad,
-    )
-    writer.on_raw = req.on_raw
-    bar = tqdm(
-        total=run.images(jobs), unit="img", desc="mtpd-cache build", disable=not req.progress, dynamic_ncols=True
-    )
-    try:
-        for shard, which in jobs:
-            try:
-                results = writer.run_many(shard, which)
-            except OSError:
-                raise  # build_store words it
-            except Exception as e:  # noqa: BLE001 - the same one-line error as a Ray worker's
-                raise BuildError(str(e)) from e
-            run.land(shard, results)
-            bar.update(len(run.headers[0].shard_images(shard)))
-    finally:
-        bar.close()
-        for k, rep in enumerate(run.reports):
-            rep.teacher_seconds = writer.teacher_seconds
-            rep.encode_cpu_seconds = writer.encode_cpu_seconds[k]
-        writer.computer.close()
-
-
-def _dispatch(actors: list, jobs: list[tuple[int, list[int]]], run: _Run, progress: bool) -> None:
-    """Keep ``SHARDS_IN_FLIGHT`` shards in flight per actor; mark each done as it lands.
-
-    After a worker error no new shard starts, but shards already in flight are
-    finished and marked, so a rerun redoes as little as possible.
-    """
-    queue = list(jobs)
-    inflight: dict = {}
-
-    def submit(actor) -> None:
-        shard, which = queue.pop(0)
-        inflight[actor.run_many.remote(shard, which)] = (actor, shard)
-
-    for actor in actors:
-        for _ in range(SHARDS_IN_FLIGHT):
-            if queue:
-                submit(actor)
-    bar = tqdm(total=run.images(jobs), unit="img", desc="mtpd-cache build", disable=not progress, dynamic_ncols=True)
-    first_error: BaseException | None = None
-    try:
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            actor, shard = inflight.pop(ready[0])
-            try:
-                results = ray.get(ready[0])
-            except Exception as e:  # noqa: BLE001 - any worker failure stops the build, below
-                first_error = first_error or _root_cause(e)
-                queue.clear()
-                continue
-            run.land(shard, results)
-            bar.update(len(run.headers[0].shard_images(shard)))
-            if queue:
-                submit(actor)
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    if isinstance(first_error, OSError):
-        raise first_error  # build_store words it
-    if first_error is not None:
-        raise BuildError(str(first_error)) from first_error

@@ -107,7 +107,7 @@ PRECISIONS: dict[str, Precision] = {
         _fixed(Affine(8)),
         "features: PCA to half the channels, 4-bit coefficients; class scores: top 8 per cell",
     ),
-    # From the dev split of bench/store_codes.py (bench/RESULTS.md "Store codes below small ... dev split"):
+    # From the dev split of bench/studies/store_codes.yaml (bench/RESULTS.md "Store codes below small ... dev split"):
     # features by product quantisation on the principal axes at 2 bits per value (one byte per 4 channels,
     # 1/16 of fp32 before the per-store codebooks); class scores as one byte per anchor, the nearest of 256
     # codewords for that anchor's logits (bits 8/K for K classes), about 1/6 of logprob-u8's bytes.

@@ -1,7 +1,7 @@
 """What the demo and the bytes-vs-AP benchmark train: models, schedules and plans, fixed before any run.
 
 Every number here was decided on a dev split (400 images carved from the train split) by the runs
-of ``bench/choose_benchmark.py``, never on val; bench/RESULTS.md "Benchmark choice on the dev split"
+of ``bench/studies/choose_benchmark.yaml``, never on val; bench/RESULTS.md "Benchmark choice on the dev split"
 has them. The student is ``retinanet_tiny`` at its default width (0.59M parameters): the weak
 teacher's own architecture, which the weak teacher (trained 20 epochs, 20.3 AP) is ahead of by
 training, and ``retinanet_tiny_wide`` (2.24M, 27.1 AP) by size too; both teachers trained from
@@ -117,7 +117,7 @@ def kd_loss() -> dict:
 
 def rm_pfi_losses() -> list[dict]:
     # The forms these weights were chosen for and the bytes-vs-AP sweep measured (the losses' defaults have
-    # since moved to the public reimplementation's: bench/rm_pfi.py studies those).
+    # since moved to the public reimplementation's: bench/studies/rm_pfi.yaml studies those).
     return [
         {"name": "rm", "weight": RM_WEIGHT, "params": {"low_quality": False}},
         {"name": "pfi", "weight": PFI_WEIGHT, "params": {"detach_pred": True, "reduction": "mean"}},

@@ -27,8 +27,16 @@ def table(study: Study, out: dict) -> list[str]:
     """One line per row with runs: seeds, AP mean ± std, the paired difference to each ref, bytes, minutes."""
     results: Results = out["results"]
     refs = [r for r in study.refs if r in out["rows"]]
-    head = "| row | seeds | AP | " + "".join(f"vs {r} [90 % CI] | " for r in refs) + "store KiB/image | train min |"
-    lines = [head, "|---|---:|---:|" + "---|" * len(refs) + "---:|---:|"]
+    weights = out.get("weights") or {}
+    show_w = any(weights.values())
+    # columns nothing fills are left out (e.g. sizes of stores not on this machine, times of imported records)
+    show_b = any(out["bytes"].get(r) is not None for r in out["rows"])
+    show_t = any(out["seconds"].get(r) for r in out["rows"])
+    head = "| row | " + ("losses (weights per stage) | " if show_w else "") + "seeds | AP | "
+    head += "".join(f"vs {r} [90 % CI] | " for r in refs)
+    head += ("store KiB/image | " if show_b else "") + ("train min |" if show_t else "")
+    align = "|---|" + ("---|" if show_w else "") + "---:|---:|" + "---|" * len(refs) + "---:|" * (show_b + show_t)
+    lines = [head.rstrip(" "), align]
     for r in out["rows"]:
         runs = results.get(r, {})
         if not runs:
@@ -41,22 +49,25 @@ def table(study: Study, out: dict) -> list[str]:
         minutes = f"{statistics.mean(secs) / 60:.1f}" if secs else "-"
         name = f"{r} ({study.rows[r].note})" if study.rows[r].note else r
         seeds = ",".join(map(str, sorted(runs)))
-        line = f"| {name} | {seeds} | {mean_std(list(runs.values()))} | " + "".join(c + " | " for c in cells)
-        lines.append(line + f"{_kib(out['bytes'].get(r))} | {minutes} |")
+        w = f"{weights.get(r) or '-'} | " if show_w else ""
+        line = f"| {name} | {w}{seeds} | {mean_std(list(runs.values()))} | " + "".join(c + " | " for c in cells)
+        line += (f"{_kib(out['bytes'].get(r))} | " if show_b else "") + (f"{minutes} |" if show_t else "")
+        lines.append(line.rstrip(" "))
     return lines
 
 
 def pairs_table(study: Study, results: Results) -> list[str]:
     """The study's pairs: mean, std and 90 % interval of the per-seed differences, and each seed's value."""
     lines = ["| pair | seeds | mean | std | 90 % interval | per seed |", "|---|---:|---:|---:|---|---|"]
-    for a, b in study.pairs:
+    for a, b, *what in study.pairs:
         d = paired(results, a, b)
         if d is None:
             continue
         per = ", ".join(f"{s}: {x:+.2f}" for s, x in sorted(d.per_seed.items()))
         ci = f"[{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else "-"
         sd = f"{d.std:.2f}" if d.n > 1 else "-"
-        lines.append(f"| {a} − {b} | {d.n} | {d.mean:+.2f} | {sd} | {ci} | {per} |")
+        name = f"{a} − {b}" + (f" ({what[0]})" if what else "")
+        lines.append(f"| {name} | {d.n} | {d.mean:+.2f} | {sd} | {ci} | {per} |")
     return lines if len(lines) > 2 else []
 
 
@@ -135,7 +146,7 @@ def section(study: Study, out: dict, command: str, quick: bool = False) -> str:
         f"Command: `{command}`  ",
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; split {out['split']}; seeds {out['seeds']}.  ",
         "AP is COCO box AP (×100) after the last stage; differences are paired by seed, with 90 % t-intervals "
-        f"where there are several. Runs: {out['record_path']}.",
+        f"where there are several. Runs: {os.path.relpath(out['record_path'])}.",
         "",
     ]
     return "\n".join(head + report(study, out, quick))

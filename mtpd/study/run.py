@@ -303,22 +303,7 @@ def run_study(
     record_path = record_path or study.record_path(where.name)
     record = load_record(record_path)
     set_aside_stale(record, prints, log)
-    if report_only:
-        from mtpd.trainer.store_refs import stage_stores
-
-        def found(plan: Plan, r: str) -> list[str]:
-            out: list[str] = []
-            for s in plan.stages:
-                if s.losses and not study.rows[r].online:
-                    try:
-                        out += stage_stores(plan, s)
-                    except PlanError:
-                        pass
-            return out
-
-        stores = {r: found(plans[r], r) for r in rows}
-    else:
-        stores = ensure_stores(plans, study.rows, build_workers, log)
+    stores = found_stores(plans, study.rows) if report_only else ensure_stores(plans, study.rows, build_workers, log)
 
     def on_done(row: str, seed: int, metrics: list[dict], seconds: float) -> None:
         if "AP" not in metrics[-1]:
@@ -326,6 +311,7 @@ def run_study(
         record.setdefault(row, {})[seed] = {
             "AP": metrics[-1]["AP"],
             "stage_AP": [m.get("AP") for m in metrics],
+            "weights": resolved_weights(where.root / "runs" / f"{row}_s{seed}"),
             "seconds": round(seconds, 1),
             "fingerprint": prints[row],
             "date": time.strftime("%Y-%m-%d"),
@@ -344,8 +330,51 @@ def run_study(
     if not report_only:
         log(f"{len(tasks)} run(s) to train, {jobs} side by side" if tasks else "every run is in the record")
     train_runs(tasks, jobs, log, on_done)
+    return outcome(record, record_path, stores, rows, seeds, where.name)
+
+
+def resolved_weights(run: Path) -> str:
+    """Each stage's losses with the weights the run trained with (``weight: auto`` as the number it chose):
+    ``mgd 0.000115 / mgd 3.13e-05``."""
+    import yaml
+
+    def one(loss: dict) -> str:
+        w = loss.get("weight")
+        return loss["name"] if w is None else f"{loss['name']} {w:.3g}" if isinstance(w, (int, float)) else loss["name"]
+
+    stages = []
+    for k in range(1, 100):
+        f = run / f"stage_{k}" / "plan.yaml"
+        if not f.is_file():
+            break
+        stages.append(", ".join(one(x) for x in yaml.safe_load(f.read_text())["stages"][k - 1]["losses"]) or "-")
+    return " / ".join(stages)
+
+
+def found_stores(plans: dict[str, Plan], rows: dict[str, Row]) -> dict[str, list[str]]:
+    """The stores each row reads that exist already (``--report`` builds nothing)."""
+    from mtpd.trainer.store_refs import stage_stores
+
+    out: dict[str, list[str]] = {}
+    for r, plan in plans.items():
+        out[r] = []
+        for stage in plan.stages:
+            if stage.losses and not rows[r].online:
+                try:
+                    out[r] += stage_stores(plan, stage)
+                except PlanError:
+                    pass
+    return out
+
+
+def outcome(record: dict, record_path: Path, stores: dict, rows: list[str], seeds: list[int], split: str) -> dict:
+    """What the report reads, for the runs of ``rows`` and ``seeds`` in the record."""
     results = {r: {s: e["AP"] for s, e in record.get(r, {}).items() if s in seeds} for r in rows}
+    # the first seed's resolved weights stand for the row's (auto picks per run; the table shows one)
+    weights = {r: next((e["weights"] for _, e in sorted(record.get(r, {}).items()) if e.get("weights")), "")
+               for r in rows}  # fmt: skip
     return {
+        "weights": weights,
         "results": results,
         "record": record,
         "record_path": record_path,
@@ -355,5 +384,5 @@ def run_study(
         },
         "seeds": seeds,
         "rows": rows,
-        "split": where.name,
+        "split": split,
     }

@@ -101,7 +101,7 @@ class Study:
     rows: dict[str, Row]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     refs: list[str] = field(default_factory=list)
-    pairs: list[tuple[str, str]] = field(default_factory=list)
+    pairs: list[tuple[str, ...]] = field(default_factory=list)  # (row, row) or (row, row, what the pair tests)
     rules: list[Rule] = field(default_factory=list)
     dev: DevSplit | None = None
     quick: QuickConfig = field(default_factory=QuickConfig)
@@ -191,9 +191,10 @@ def _check_names(study: Study) -> None:
     where = study.path
     named = [("refs", r) for r in study.refs]
     for i, pair in enumerate(study.pairs):
-        if len(pair) != 2:
-            raise StudyError(f"{where}: pairs[{i}]: a pair is [row, row], got {list(pair)!r}")
-        named += [(f"pairs[{i}]", r) for r in pair]
+        if len(pair) not in (2, 3):
+            what = "a pair is [row, row] or [row, row, what it tests]"
+            raise StudyError(f"{where}: pairs[{i}]: {what}, got {list(pair)!r}")
+        named += [(f"pairs[{i}]", r) for r in pair[:2]]
     for i, rule in enumerate(study.rules):
         named += [(f"rules[{i}].ref", rule.ref)] + [(f"rules[{i}].rows", r) for r in rule.rows]
         if rule.pick not in PICKS:
