@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -295,35 +294,11 @@ def command_line(script: str, argv: Sequence[str] | None = None) -> str:
 
 
 def write_section(title: str, body: str, key: str | None = None, path: Path = RESULTS) -> None:
-    """Replace section ``## title`` of RESULTS.md (or its ``### key`` block) and nothing else.
+    """Replace section ``## title`` of RESULTS.md (or its ``### key`` block) and nothing else: the writer
+    ``mtpd-study --write`` uses."""
+    from mtpd.study.report import write_section as write
 
-    Other sections, including ones other people maintain, are kept byte for
-    byte; a missing section is appended, a missing block is appended to its section.
-    """
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    sections = re.split(r"(?m)^(?=## )", text)
-    head = f"## {title}"
-    idx = next((i for i, s in enumerate(sections) if s.splitlines()[0:1] == [head]), None)
-    if key is None:
-        new = f"{head}\n\n{body.strip()}\n\n"
-    else:
-        old = sections[idx] if idx is not None else f"{head}\n\n"
-        blocks = re.split(r"(?m)^(?=### )", old)
-        bhead = f"### {key}"
-        block = f"{bhead}\n\n{body.strip()}\n\n"
-        bidx = next((i for i, b in enumerate(blocks) if b.splitlines()[0:1] == [bhead]), None)
-        if bidx is None:
-            blocks.append(block)
-        else:
-            blocks[bidx] = block
-        new = "".join(blocks)
-    if idx is None:
-        if sections and not sections[-1].endswith("\n\n"):
-            sections[-1] = sections[-1].rstrip("\n") + "\n\n"
-        sections.append(new)
-    else:
-        sections[idx] = new
-    path.write_text("".join(sections).rstrip("\n") + "\n")
+    write(path, title, body, key)
 
 
 def report(

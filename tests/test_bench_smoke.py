@@ -93,8 +93,9 @@ def bench_copy(tmp_path_factory) -> Path:
 def test_each_study_file_is_short_and_every_row_makes_a_valid_plan_on_both_splits(name, bench_copy):
     """Every row of every study file is a plan mtpd-train accepts, on val and on the dev split, and its
     teachers are shipped files: a study of the benchmark cannot fail an hour in."""
-    from mtpd.study.run import plans_for, split_data
+    from mtpd.study.run import plans_for
     from mtpd.study.spec import load_study
+    from mtpd.study.splits import split_data
 
     assert len((STUDIES / f"{name}.yaml").read_text().splitlines()) <= 80
     study = load_study(bench_copy / "bench" / "studies" / f"{name}.yaml")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_trainer import write_plan
 
 from mtpd.study.spec import Rule, StudyError, load_study, overlay
 from mtpd.study.stats import noise_floor, paired, verdict
@@ -146,33 +147,15 @@ def test_a_bad_study_file_is_one_line_naming_the_key(tmp_path, study, message) -
 def digits_study(tmp_path: Path, digits: dict, teacher: str, rows: dict, **extra) -> Path:
     """A base plan with one two-epoch stage distilled from ``teacher`` (found or built under a cache root in
     ``tmp_path``), and a study of ``rows`` on it, two seeds."""
-    plan = {
-        "output_dir": "unused",
-        "log_every": 1,
-        "cache_root": str(tmp_path / "cache"),
-        "student": {"arch": "retinanet_tiny", "options": {"fpn_channels": 16, "width": 8}},
-        "data": {
-            "train_ann": digits["train"]["ann"],
-            "train_images": digits["train"]["images"],
-            "val_ann": digits["val"]["ann"],
-            "val_images": digits["val"]["images"],
-            "short": 64,
-            "long": 64,
-            "batch_size": 4,
-            "workers": 0,
-        },
-        "stages": [
-            {
-                "name": "s1",
-                "epochs": 2,
-                "teacher": {"name": "retinanet_tiny", "weights": teacher, "outputs": ["fpn"], "precision": "lossless"},
-                "losses": [{"name": "mgd", "weight": 2.0e-4}],
-                "optimizer": {"type": "adamw", "lr": 0.002},
-                "schedule": {"warmup_iters": 2},
-            }
-        ],
+    stage = {
+        "name": "s1",
+        "epochs": 2,
+        "teacher": {"name": "retinanet_tiny", "weights": teacher, "outputs": ["fpn"], "precision": "lossless"},
+        "losses": [{"name": "mgd", "weight": 2.0e-4}],
+        "optimizer": {"type": "adamw", "lr": 0.002},
+        "schedule": {"warmup_iters": 2},
     }
-    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    write_plan(tmp_path, digits, [], [stage], cache_root=str(tmp_path / "cache"))  # tmp_path / "plan.yaml"
     return write_study(tmp_path, {"plan": "plan.yaml", "seeds": [0, 1], "rows": rows, **extra})
 
 

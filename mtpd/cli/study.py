@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's; --quick: its first)")
     p.add_argument("--jobs", type=int, default=1, help="students trained side by side, one torch thread each")
     p.add_argument("--quick", action="store_true", help="a few images, one epoch per stage, one seed: a check")
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="train on the CPU, or one student per visible GPU"
+    )
     p.add_argument("--build-workers", type=int, default=0, help="Ray workers for missing stores (0: in this process)")
     p.add_argument("--report", action="store_true", help="report what has finished; train and build nothing")
     p.add_argument("--write", default=None, metavar="FILE", help="put the report into this Markdown file")
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             build_workers=a.build_workers,
             report_only=a.report,
             record_path=Path(a.record) if a.record else None,
+            device=a.device,
             log=lambda s: print(s, flush=True),
         )
     except MtpdError as e:

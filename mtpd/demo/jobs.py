@@ -33,6 +33,7 @@ def _train_child(
     events: mp.Queue,
     log_path: str,
     online: dict[int, tuple[str, str]] | None = None,
+    device: str = "cpu",
 ) -> None:
     """Child process: train ``stages`` of the plan, events to the queue, all text to ``log_path``.
 
@@ -54,7 +55,7 @@ def _train_child(
 
     torch.set_num_threads(threads)
     try:
-        steps.run_stages(load_plan(plan_path), stages, online, log=print, on_event=events.put)
+        steps.run_stages(load_plan(plan_path), stages, online, log=print, on_event=events.put, device=device)
     except MtpdError as e:
         print(f"error: {message(e)}")
         events.put({"event": "error", "message": message(e)})
@@ -127,9 +128,16 @@ class Job:
             self.proc.join()
 
 
-def start(name: str, plan_path: Path, log: Log, threads: int, online: dict[int, tuple[str, str]] | None = None) -> Job:
+def start(
+    name: str,
+    plan_path: Path,
+    log: Log,
+    threads: int,
+    online: dict[int, tuple[str, str]] | None = None,
+    device: str = "cpu",
+) -> Job:
     """Start training the stages of ``plan_path`` an earlier demo run did not finish, in a child process
-    (``online``: stage -> (teacher arch, checkpoint) for stages trained with the teacher run live)."""
+    (``online``: stage -> (teacher arch, checkpoint) for stages trained with the teacher run live) on ``device``."""
     steps.show_train(log, plan_path, online)
     plan, todo = steps.stages_todo(plan_path, log)
     out = Path(plan.output_dir)
@@ -142,7 +150,7 @@ def start(name: str, plan_path: Path, log: Log, threads: int, online: dict[int, 
     events = ctx.Queue()
     proc = ctx.Process(
         target=_train_child,
-        args=(str(plan_path), todo, threads, events, str(log_path), online),
+        args=(str(plan_path), todo, threads, events, str(log_path), online, device),
         name=f"mtpd-{name}",
     )
     # OpenMP reads its thread count when torch loads in the child: set it for the child's start only.

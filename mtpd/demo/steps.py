@@ -168,16 +168,16 @@ def show_train(log: Log, plan_path: Path, online: dict[int, tuple[str, Path]] | 
         show(log, "mtpd-train", plan=plan_path, stage=k, online_teacher=f"{arch}={ckpt}")
 
 
-def run_stages(plan, stages: list[int], online: dict[int, tuple[str, Path]] | None, log, on_event) -> None:
-    """``run_plan`` of ``stages``, or with ``online`` one stage per call, each with its teacher run live."""
+def run_stages(plan, stages: list[int], online: dict | None, log, on_event, device: str = "cpu") -> None:
+    """``run_plan`` of ``stages`` on ``device``, or with ``online`` one stage per call, its teacher run live."""
     from mtpd.teachers.registry import build_teacher
     from mtpd.trainer.stage import run_plan
 
     if online is None:
-        run_plan(plan, stages, device="cpu", log=log, on_event=on_event)
+        run_plan(plan, stages, device=device, log=log, on_event=on_event)
     for k in stages if online else []:
-        teacher = build_teacher(online[k][0], weights=str(online[k][1]))
-        run_plan(plan, [k], device="cpu", online=[teacher], log=log, on_event=on_event)
+        teacher = build_teacher(online[k][0], weights=str(online[k][1]), device=device)
+        run_plan(plan, [k], device=device, online=[teacher], log=log, on_event=on_event)
 
 
 def stage_metrics(plan) -> list[dict]:

@@ -123,13 +123,26 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {gpu}"
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace section ``## title`` of the Markdown file ``path`` (append it when missing); keep the rest."""
-    text = path.read_text() if path.exists() else f"# {title}\n\n"
+def write_section(path: Path, title: str, body: str, key: str | None = None) -> None:
+    """Replace section ``## title`` of the Markdown file ``path`` (or its ``### key`` block) and nothing else.
+
+    Other sections, including ones other people maintain, are kept byte for byte; a missing section is appended,
+    a missing block is appended to its section."""
+    text = path.read_text() if path.exists() else f"# {title}\n"
     sections = re.split(r"(?m)^(?=## )", text)
     head = f"## {title}"
-    new = f"{head}\n\n{body.strip()}\n\n"
     idx = next((i for i, s in enumerate(sections) if s.splitlines()[0:1] == [head]), None)
+    if key is None:
+        new = f"{head}\n\n{body.strip()}\n\n"
+    else:
+        blocks = re.split(r"(?m)^(?=### )", sections[idx] if idx is not None else f"{head}\n\n")
+        bhead, block = f"### {key}", f"### {key}\n\n{body.strip()}\n\n"
+        bidx = next((i for i, b in enumerate(blocks) if b.splitlines()[0:1] == [bhead]), None)
+        if bidx is None:
+            blocks.append(block)
+        else:
+            blocks[bidx] = block
+        new = "".join(blocks)
     if idx is None:
         if sections and not sections[-1].endswith("\n\n"):
             sections[-1] = sections[-1].rstrip("\n") + "\n\n"

@@ -12,93 +12,16 @@ aside in the record under ``row@fingerprint`` and trains again.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mtpd.study.record import load_record, save_record, set_aside_stale
 from mtpd.study.spec import Row, Study, StudyError, fingerprint, row_plan
+from mtpd.study.splits import Split, split_data
 from mtpd.trainer.plan import Plan, PlanError, plan_to_dict, save_plan
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class Split:
-    """Where the rows of one split train and evaluate."""
-
-    name: str  # val, dev, quick-val, quick-dev
-    root: Path  # the split's working folder
-    data: dict[str, str]  # the plan's data paths for this split (train_ann ... val_images)
-
-
-def split_data(study: Study, split: str, quick: bool, log: Log) -> Split:
-    """The split's data: ``val``, the base plan's own; ``dev``, the train set less the study's dev images, which
-    become the val set; ``quick``, the first images of either."""
-    base = study.base().data
-    name = f"quick-{split}" if quick else split
-    root = study.out_dir() / name
-    data = {"train_ann": base.train_ann, "train_images": base.train_images}
-    data |= {"val_ann": base.val_ann or "", "val_images": base.val_images or ""}
-    if split == "dev":
-        if study.dev is None:
-            raise StudyError(f"{study.path}: --split dev needs a dev: {{images: N}} entry in the study file")
-        dev = study.dev
-        data["train_ann"], data["val_ann"] = carve_dev(Path(base.train_ann), dev.images, dev.seed, dev.digest, root)
-        data["val_images"] = base.train_images
-    elif not (base.val_ann and base.val_images):
-        raise StudyError(f"{study.plan}: data.val_ann and data.val_images: a study evaluates every run; set them")
-    if quick:
-        data["train_ann"] = str(first_images(Path(data["train_ann"]), study.quick.images, root / "data" / "train.json"))
-        data["val_ann"] = str(first_images(Path(data["val_ann"]), study.quick.images, root / "data" / "val.json"))
-    log(f"split {name}: train {_count(data['train_ann'])} images, evaluate on {_count(data['val_ann'])}")
-    return Split(name, root, data)
-
-
-def _count(ann: str) -> int:
-    return len(json.loads(Path(ann).read_text())["images"])
-
-
-def _subset(coco: dict, ids: set[int]) -> dict:
-    return {
-        **coco,
-        "images": [im for im in coco["images"] if im["id"] in ids],
-        "annotations": [a for a in coco.get("annotations", []) if a["image_id"] in ids],
-    }
-
-
-def _write_json(data: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-    return path
-
-
-def carve_dev(train_ann: Path, n: int, seed: int, digest: str, root: Path) -> tuple[str, str]:
-    """Annotation files of ``train_ann`` less ``n`` images, and of those ``n``: the first by the hash of
-    ``dev<seed>:<file name>``, so the carve depends on neither the file's order nor the machine."""
-    coco = json.loads(train_ann.read_text())
-    ids = sorted(im["id"] for im in coco["images"])
-    if not 0 < n < len(ids):
-        raise StudyError(f"dev.images: {n} of {train_ann}'s {len(ids)} images; choose 1 to {len(ids) - 1}")
-    if digest not in hashlib.algorithms_available:
-        raise StudyError(f"dev.digest: {digest!r} is not a hash this Python has (e.g. sha256, sha1)")
-    key = lambda im: hashlib.new(digest, f"dev{seed}:{im['file_name']}".encode()).hexdigest()  # noqa: E731
-    dev = {im["id"] for im in sorted(coco["images"], key=key)[:n]}
-    out = root / "data"
-    rest = _write_json(_subset(coco, set(ids) - dev), out / "train_minus_dev.json")
-    return str(rest), str(_write_json(_subset(coco, dev), out / "dev.json"))
-
-
-def first_images(ann: Path, n: int, out: Path) -> Path:
-    """``ann`` cut to its first ``n`` images (by id)."""
-    coco = json.loads(ann.read_text())
-    keep = set(sorted(im["id"] for im in coco["images"])[:n])
-    return _write_json(_subset(coco, keep), out)
 
 
 # --------------------------------------------------------------------------- plans
@@ -137,8 +60,11 @@ def run_plan_file(plan: Plan, split: Split, row: str, seed: int) -> Path:
 # --------------------------------------------------------------------------- stores
 
 
-def ensure_stores(plans: dict[str, Plan], rows: dict[str, Row], workers: int, log: Log) -> dict[str, list[str]]:
-    """Every store the rows read, built through the catalog when missing; row -> its stores."""
+def ensure_stores(
+    plans: dict[str, Plan], rows: dict[str, Row], workers: int, log: Log, device: str = "cpu"
+) -> dict[str, list[str]]:
+    """Every store the rows read, built through the catalog (teachers on ``device``) when missing; row -> its
+    stores."""
     from mtpd.trainer.store_refs import stage_stores
 
     used: dict[str, list[str]] = {}
@@ -150,13 +76,13 @@ def ensure_stores(plans: dict[str, Plan], rows: dict[str, Row], workers: int, lo
             try:
                 found = stage_stores(plan, stage)
             except PlanError:
-                found = [build_for(plan, stage, workers, log)]
+                found = [build_for(plan, stage, workers, log, device)]
             paths += [p for p in found if p not in paths]
         used[r] = paths
     return used
 
 
-def build_for(plan: Plan, stage, workers: int, log: Log) -> str:
+def build_for(plan: Plan, stage, workers: int, log: Log, device: str = "cpu") -> str:
     """``mtpd-cache build`` of ``stage``'s teacher over the plan's train set, under the plan's cache root."""
     import sys
 
@@ -170,7 +96,7 @@ def build_for(plan: Plan, stage, workers: int, log: Log) -> str:
     log(f"building the store of {ref.name} ({ref.precision}, {','.join(ref.outputs)}) for stage {stage.name}")
     t0 = time.perf_counter()
     rep = build_store(
-        TeacherSpec(ref.name, ref.weights),
+        TeacherSpec(ref.name, ref.weights, device=device),
         d.train_ann,
         d.train_images,
         None,
@@ -198,37 +124,6 @@ def bytes_per_image(stores: list[str]) -> float | None:
     return total
 
 
-# --------------------------------------------------------------------------- record
-
-
-def load_record(path: Path) -> dict[str, dict[int, dict]]:
-    """Row -> seed -> finished run (AP, each stage's AP, seconds, fingerprint, date)."""
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StudyError(f"{path}: not valid JSON ({e}); restore it or delete the broken entry") from None
-    return {r: {int(s): e for s, e in d.items()} for r, d in raw.items()}
-
-
-def save_record(path: Path, record: dict[str, dict[int, dict]]) -> None:
-    data = {r: {str(s): record[r][s] for s in sorted(record[r])} for r in sorted(record)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")  # a kill mid-write must not cost the finished runs
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def set_aside_stale(record: dict[str, dict[int, dict]], prints: dict[str, str], log: Log) -> None:
-    """Move runs of a row whose fingerprint changed to ``row@old``: they are not this row's."""
-    for r, fp in prints.items():
-        for s in [s for s, e in record.get(r, {}).items() if e.get("fingerprint") != fp]:
-            entry = record[r].pop(s)
-            log(f"{r} seed {s} was trained from another definition of {r}: training it again")
-            record.setdefault(f"{r}@{entry.get('fingerprint')}", {})[s] = entry
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -237,24 +132,43 @@ def online_teachers(plan: Plan) -> dict[int, tuple[str, str]]:
     return {k: (s.teacher.name, s.teacher.weights) for k, s in enumerate(plan.stages, 1) if s.teacher is not None}
 
 
+def devices_for(device: str) -> list[str]:
+    """The devices students train on: ``cpu``, or every GPU for ``cuda`` (one student per GPU at a time)."""
+    if device != "cuda":
+        return [device]
+    import torch
+
+    if not torch.cuda.is_available():
+        raise StudyError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    return [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+
+
 def train_runs(
     tasks: list[tuple[str, int, Path, dict | None]],
     n_jobs: int,
     log: Log,
     on_done: Callable[[str, int, list[dict], float], None],
+    devices: list[str] | None = None,
 ) -> None:
     """Train ``tasks`` (row, seed, plan file, online teachers) ``n_jobs`` at a time, each in its own process with
-    one torch thread (a thread count that followed the load would make weights depend on timing);
-    ``on_done(row, seed, stage metrics, seconds)`` after each."""
+    one torch thread (a thread count that followed the load would make weights depend on timing), on a device of
+    ``devices`` no other running student holds (CPU: all share it); ``on_done(row, seed, stage metrics,
+    seconds)`` after each."""
     from mtpd.demo import jobs
 
+    devices = devices or ["cpu"]
     pending = list(tasks)
     running: dict[str, tuple[str, int, jobs.Job, float]] = {}
+    held: dict[str, str] = {}  # job -> its GPU
     try:
         while pending or running:
             while pending and len(running) < n_jobs:
+                free = [d for d in devices if d == "cpu" or d not in held.values()]
+                if not free:
+                    break
                 row, seed, plan, online = pending.pop(0)
-                j = jobs.start(f"{row}_s{seed}", plan, log, 1, online=online)
+                j = jobs.start(f"{row}_s{seed}", plan, log, 1, online=online, device=free[0])
+                held[j.name] = free[0]
                 running[j.name] = (row, seed, j, time.perf_counter())
             jobs.wait(
                 [j for _, _, j, _ in running.values()],
@@ -265,6 +179,7 @@ def train_runs(
             for name, (row, seed, j, t0) in list(running.items()):
                 if not j.running():
                     del running[name]
+                    held.pop(name, None)
                     j.relay(log, True)
                     j.check()
                     on_done(row, seed, jobs.metrics(j), time.perf_counter() - t0)
@@ -284,6 +199,7 @@ def run_study(
     report_only: bool = False,
     record_path: Path | None = None,
     log: Log = print,
+    device: str = "cpu",
 ) -> dict:
     """Build what is missing and train every (row, seed) not yet in the record; returns what the report reads:
     ``results`` {row: {seed: AP}}, ``record``, ``bytes`` {row: bytes per image}, ``seeds``, ``rows``, ``split``."""
@@ -303,19 +219,14 @@ def run_study(
     record_path = record_path or study.record_path(where.name)
     record = load_record(record_path)
     set_aside_stale(record, prints, log)
-    stores = found_stores(plans, study.rows) if report_only else ensure_stores(plans, study.rows, build_workers, log)
+    if report_only:
+        stores = found_stores(plans, study.rows)
+    else:
+        stores = ensure_stores(plans, study.rows, build_workers, log, device)
 
     def on_done(row: str, seed: int, metrics: list[dict], seconds: float) -> None:
-        if "AP" not in metrics[-1]:
-            raise StudyError(f"rows.{row}: its last stage was not evaluated (eval: false); a study compares AP")
-        record.setdefault(row, {})[seed] = {
-            "AP": metrics[-1]["AP"],
-            "stage_AP": [m.get("AP") for m in metrics],
-            "weights": resolved_weights(where.root / "runs" / f"{row}_s{seed}"),
-            "seconds": round(seconds, 1),
-            "fingerprint": prints[row],
-            "date": time.strftime("%Y-%m-%d"),
-        }
+        run = where.root / "runs" / f"{row}_s{seed}"
+        record.setdefault(row, {})[seed] = entry(row, metrics, run, seconds, prints[row])
         save_record(record_path, record)
         log(f"{row} seed {seed}: AP {100 * metrics[-1]['AP']:.2f} in {seconds / 60:.1f} min")
 
@@ -329,8 +240,22 @@ def run_study(
             tasks.append((r, seed, path, online_teachers(plan) if study.rows[r].online else None))
     if not report_only:
         log(f"{len(tasks)} run(s) to train, {jobs} side by side" if tasks else "every run is in the record")
-    train_runs(tasks, jobs, log, on_done)
+    train_runs(tasks, jobs, log, on_done, devices_for(device) if tasks else None)
     return outcome(record, record_path, stores, rows, seeds, where.name)
+
+
+def entry(row: str, metrics: list[dict], run: Path, seconds: float, fingerprint: str) -> dict:
+    """A finished run as the record keeps it."""
+    if "AP" not in metrics[-1]:
+        raise StudyError(f"rows.{row}: its last stage was not evaluated (eval: false); a study compares AP")
+    return {
+        "AP": metrics[-1]["AP"],
+        "stage_AP": [m.get("AP") for m in metrics],
+        "weights": resolved_weights(run),
+        "seconds": round(seconds, 1),
+        "fingerprint": fingerprint,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def resolved_weights(run: Path) -> str:
