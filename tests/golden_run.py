@@ -63,6 +63,7 @@ def pinned_env(base: dict[str, str] | None = None) -> dict[str, str]:
         NPY_DISABLE_CPU_FEATURES=" ".join(f for f in __cpu_dispatch__ if __cpu_features__.get(f)),
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
+        PYTHONHASHSEED="0",
     )
     return env
 
@@ -79,7 +80,8 @@ def plan_dict(digits: dict, store: str, out: Path, lr: float, reference: bool) -
     """The plan of ``tests/test_trainer.write_plan`` at the reference commit: two one-epoch stages on one store."""
 
     def loss(name: str, **extra) -> dict:
-        return {"name": name, **extra} if reference or name not in THEN else {"name": name, "params": THEN[name]}
+        params = {} if reference or name not in THEN else {"params": THEN[name]}
+        return {"name": name, **params, **extra}
 
     stage = {"epochs": 1, "optimizer": {"type": "adamw", "lr": lr}, "schedule": {"warmup_iters": 2}}
     return {

@@ -107,6 +107,11 @@ def test_overlays_set_paths_merge_mappings_and_replace_lists() -> None:
     out = overlay(PLAN, {"stages.*.losses": [], "stages.*.teacher": None, "stages.-1.inherit.weights": "w.pt"})
     assert all(s["losses"] == [] and s["teacher"] is None for s in out["stages"])
     assert out["stages"][1]["inherit"] == {"weights": "w.pt"}  # an unset section is started
+    plain_first = overlay(PLAN, {"stages.0.teacher": None})
+    out = overlay(plain_first, {"stages.*.teacher.precision": "micro"})  # `*` leaves an undistilled stage alone
+    assert out["stages"][0]["teacher"] is None and out["stages"][1]["teacher"]["precision"] == "micro"
+    named = overlay(plain_first, {"stages.0.teacher.precision": "micro"})  # a named stage starts the section
+    assert named["stages"][0]["teacher"] == {"precision": "micro"}
     with pytest.raises(StudyError, match=r"stages\.2\.epochs: '2' is not an index of a list of 2"):
         overlay(PLAN, {"stages.2.epochs": 1})
     with pytest.raises(StudyError, match=r"student\.arch\.x: 'x' goes below a value"):
@@ -319,3 +324,42 @@ def test_the_own_data_study_runs_quick_on_the_walkthroughs_data(tmp_path):
     # Three stores built under the plan's cache root: the teacher at small and tiny, the baseline student at small.
     stores = [p for p in (tmp_path / "demo_out" / "cache").iterdir() if p.is_dir()]
     assert len(stores) == 3
+
+
+def test_set_aside_runs_come_back_when_their_row_does():
+    from mtpd.study.record import set_aside_stale
+
+    record = {"a": {0: {"AP": 0.1, "fingerprint": "old"}, 1: {"AP": 0.2, "fingerprint": "old"}}}
+    set_aside_stale(record, {"a": "new"}, lambda s: None)
+    assert record == {"a": {}, "a@old": {0: {"AP": 0.1, "fingerprint": "old"}, 1: {"AP": 0.2, "fingerprint": "old"}}}
+    record["a"][0] = {"AP": 0.3, "fingerprint": "new"}
+    set_aside_stale(record, {"a": "old"}, lambda s: None)  # the row changed back: its old runs return
+    assert record["a"] == {0: {"AP": 0.1, "fingerprint": "old"}, 1: {"AP": 0.2, "fingerprint": "old"}}
+    assert record["a@new"] == {0: {"AP": 0.3, "fingerprint": "new"}} and "a@old" not in record
+
+
+def test_fingerprints_follow_what_trains_not_where_the_study_lies(tmp_path, digits, tiny_teacher_ckpt):
+    """A copy of a study elsewhere keeps its fingerprints; a teacher retrained at the same path, or a field set to
+    a value other than its default, changes them; a field set to its default does not."""
+    import shutil
+
+    from mtpd.study.run import plans_for
+    from mtpd.study.spec import fingerprint
+    from mtpd.study.splits import split_data
+
+    def prints(study_path: Path, rows: dict | None = None) -> dict[str, str]:
+        st = load_study(study_path)
+        where = split_data(st, "val", False, lambda s: None)
+        plans = plans_for(st, list(st.rows), where, False)
+        return {r: fingerprint(plans[r], st.rows[r], where.name, st.path.parent) for r in st.rows}
+
+    (tmp_path / "a").mkdir()
+    shutil.copy(tiny_teacher_ckpt, tmp_path / "a" / "teacher.pt")
+    rows = {"mgd": {}, "same": {"stages.0.grad_clip": 35.0}, "other": {"stages.0.grad_clip": 10.0}}
+    first = prints(digits_study(tmp_path / "a", digits, "teacher.pt", rows))
+    assert first["same"] == first["mgd"] != first["other"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert prints(tmp_path / "b" / "study.yaml") == first
+    (tmp_path / "b" / "teacher.pt").write_bytes((tmp_path / "b" / "teacher.pt").read_bytes() + b"retrained")
+    again = prints(tmp_path / "b" / "study.yaml")
+    assert all(again[r] != first[r] for r in rows)

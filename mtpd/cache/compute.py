@@ -184,6 +184,8 @@ class ShardComputer:
                     one = {key: val[k] for key, val in res.items()}
                     if on_device:
                         one = _to_host(encode_sample(self.header, self.grids[sample], one))
+                    elif self.device.type == "cuda":  # several stores encode on the host: keep no maps on the GPU
+                        one = {key: val.to("cpu", non_blocking=True) for key, val in one.items()}
                     raw.append((sample, one))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the non_blocking copies of every code array have landed

@@ -190,7 +190,8 @@ def _estimate_presets(a: argparse.Namespace, teacher, views, outputs) -> int:
     print(f"sample: {first.sample} of {first.images} images, views {','.join(views.views)} at {size}")
     secs, pm = first.total_seconds(a.gpus)
     where = f"{a.gpus} {first.device} device(s)"
-    print(f"build of all {len(res)} stores in one pass: {_span(secs)} ± {_span(pm)} on {where}")
+    also = "" if "lossless" in a.precision else " (and the lossless reference)"
+    print(f"build of all {len(res)} stores{also} in one pass: {_span(secs)} ± {_span(pm)} on {where}")
     print("| precision | output | KiB / image | rel. RMSE vs lossless per level | store (95 %) |")
     print("|---|---|---:|---|---:|")
     for r in res:

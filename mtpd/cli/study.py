@@ -56,7 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "dev"), default="val", help="evaluate on the plan's val set or on dev")
     p.add_argument("--rows", default=None, help="comma-separated rows (default: every row)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's; --quick: its first)")
-    p.add_argument("--jobs", type=int, default=1, help="students trained side by side, one torch thread each")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="students trained side by side, one torch thread each (default: 1 on "
+        "the CPU, one per GPU with --device cuda)",
+    )
     p.add_argument("--quick", action="store_true", help="a few images, one epoch per stage, one seed: a check")
     p.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="train on the CPU, or one student per visible GPU"
@@ -79,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall side-by-side students
     try:
-        if a.jobs < 1:
+        if a.jobs is not None and a.jobs < 1:
             raise StudyError("--jobs: at least 1")
-        if a.quick and a.write:
-            raise StudyError("--quick checks a study; its numbers are not results: drop --write")
+        if a.quick and (a.write or a.record):
+            raise StudyError("--quick checks a study; its numbers are not results: drop --write and --record")
         study = load_study(a.study)
         rows = [r.strip() for r in a.rows.split(",") if r.strip()] if a.rows else None
         try:

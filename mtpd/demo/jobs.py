@@ -54,6 +54,8 @@ def _train_child(
     from mtpd.trainer.plan import load_plan
 
     torch.set_num_threads(threads)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # the current device for synchronize, pinned memory and the student
     try:
         steps.run_stages(load_plan(plan_path), stages, online, log=print, on_event=events.put, device=device)
     except MtpdError as e:

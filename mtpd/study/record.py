@@ -33,9 +33,16 @@ def save_record(path: Path, record: dict[str, dict[int, dict]]) -> None:
 
 
 def set_aside_stale(record: dict[str, dict[int, dict]], prints: dict[str, str], log: Log) -> None:
-    """Move runs of a row whose fingerprint changed to ``row@old``: they are not this row's."""
+    """Runs of a row whose fingerprint changed move to ``row@old`` (they are not this row's); runs set aside
+    earlier whose fingerprint is the row's again come back (a row edited, then edited back)."""
     for r, fp in prints.items():
         for s in [s for s, e in record.get(r, {}).items() if e.get("fingerprint") != fp]:
             entry = record[r].pop(s)
-            log(f"{r} seed {s} was trained from another definition of {r}: training it again")
-            record.setdefault(f"{r}@{entry.get('fingerprint')}", {})[s] = entry
+            log(f"{r} seed {s} was trained from another definition of {r}: set aside, it trains again")
+            record.setdefault(f"{r}@{entry.get('fingerprint')}", {}).setdefault(s, entry)
+        back = record.get(f"{r}@{fp}", {})
+        for s in [s for s in back if s not in record.get(r, {})]:
+            record.setdefault(r, {})[s] = back.pop(s)
+            log(f"{r} seed {s}: its earlier run of this same definition is back in the record")
+        if f"{r}@{fp}" in record and not record[f"{r}@{fp}"]:
+            del record[f"{r}@{fp}"]

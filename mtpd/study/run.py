@@ -19,7 +19,7 @@ from typing import Callable
 from mtpd.study.record import load_record, save_record, set_aside_stale
 from mtpd.study.spec import Row, Study, StudyError, fingerprint, row_plan
 from mtpd.study.splits import Split, split_data
-from mtpd.trainer.plan import Plan, PlanError, plan_to_dict, save_plan
+from mtpd.trainer.plan import Plan, plan_to_dict, save_plan
 
 Log = Callable[[str], None]
 
@@ -40,6 +40,8 @@ def plans_for(study: Study, rows: list[str], split: Split, quick: bool) -> dict[
     for r in rows:
         row = study.rows[r]
         plan = row_plan(study, row, base, after)
+        if not plan.stages[-1].eval:
+            raise StudyError(f"{study.path}: rows.{r}: its last stage has eval: false; a study compares each run's AP")
         if quick:  # a row that sets epochs itself still trains the quick length
             for stage in plan.stages:
                 stage.epochs = study.quick.epochs
@@ -65,7 +67,7 @@ def ensure_stores(
 ) -> dict[str, list[str]]:
     """Every store the rows read, built through the catalog (teachers on ``device``) when missing; row -> its
     stores."""
-    from mtpd.trainer.store_refs import stage_stores
+    from mtpd.trainer.store_refs import MissingStore, stage_stores
 
     used: dict[str, list[str]] = {}
     for r, plan in plans.items():
@@ -75,7 +77,7 @@ def ensure_stores(
                 continue  # an undistilled stage reads nothing; an online row runs its teachers live
             try:
                 found = stage_stores(plan, stage)
-            except PlanError:
+            except MissingStore:
                 found = [build_for(plan, stage, workers, log, device)]
             paths += [p for p in found if p not in paths]
         used[r] = paths
@@ -108,6 +110,10 @@ def build_for(plan: Plan, stage, workers: int, log: Log, device: str = "cpu") ->
         progress=sys.stderr.isatty(),
     )
     log(f"  {rep.store}: {rep.shards_written} shards in {time.perf_counter() - t0:.0f}s")
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()  # the students need the GPU more than this process's cache does
     return str(rep.store)
 
 
@@ -193,7 +199,7 @@ def run_study(
     split: str = "val",
     rows: list[str] | None = None,
     seeds: list[int] | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,  # None: 1 on the CPU, one per GPU
     quick: bool = False,
     build_workers: int = 0,
     report_only: bool = False,
@@ -219,6 +225,7 @@ def run_study(
     record_path = record_path or study.record_path(where.name)
     record = load_record(record_path)
     set_aside_stale(record, prints, log)
+    devices = None if report_only else devices_for(device)  # before any build: a missing GPU says so first
     if report_only:
         stores = found_stores(plans, study.rows)
     else:
@@ -239,8 +246,9 @@ def run_study(
             path = run_plan_file(plan, where, r, seed)
             tasks.append((r, seed, path, online_teachers(plan) if study.rows[r].online else None))
     if not report_only:
-        log(f"{len(tasks)} run(s) to train, {jobs} side by side" if tasks else "every run is in the record")
-    train_runs(tasks, jobs, log, on_done, devices_for(device) if tasks else None)
+        side = jobs or len(devices or [1])
+        log(f"{len(tasks)} run(s) to train, {side} side by side" if tasks else "every run is in the record")
+    train_runs(tasks, jobs or len(devices or [1]), log, on_done, devices)
     return outcome(record, record_path, stores, rows, seeds, where.name)
 
 
@@ -278,7 +286,7 @@ def resolved_weights(run: Path) -> str:
 
 def found_stores(plans: dict[str, Plan], rows: dict[str, Row]) -> dict[str, list[str]]:
     """The stores each row reads that exist already (``--report`` builds nothing)."""
-    from mtpd.trainer.store_refs import stage_stores
+    from mtpd.trainer.store_refs import MissingStore, stage_stores
 
     out: dict[str, list[str]] = {}
     for r, plan in plans.items():
@@ -286,8 +294,8 @@ def found_stores(plans: dict[str, Plan], rows: dict[str, Row]) -> dict[str, list
         for stage in plan.stages:
             if stage.losses and not rows[r].online:
                 try:
-                    out[r] += stage_stores(plan, stage)
-                except PlanError:
+                    out[r] += [p for p in stage_stores(plan, stage) if p not in out[r]]
+                except MissingStore:
                     pass
     return out
 

@@ -26,6 +26,8 @@ keys starting with ``x-`` are ignored: YAML anchors for stages that several rows
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -216,7 +218,9 @@ def overlay(plan: dict, changes: dict[str, Any], where: str = "row") -> dict:
     return out
 
 
-def _set(node: Any, path: list[str], value: Any, where: str, full: list[str]) -> None:
+def _set(node: Any, path: list[str], value: Any, where: str, full: list[str], every: bool = False) -> None:
+    """Set ``value`` at ``path`` below ``node``. Under ``*`` (``every``) an element whose section on the path is
+    unset is left alone (``stages.*.teacher.precision`` skips undistilled stages); a named one starts it."""
     head, rest = path[0], path[1:]
     if isinstance(node, list):
         if head == "*":
@@ -229,12 +233,15 @@ def _set(node: Any, path: list[str], value: Any, where: str, full: list[str]) ->
         keys = [head]
     else:
         raise StudyError(f"{where}: {'.'.join(full)}: {head!r} goes below a value that is not a mapping or list")
+    every = every or head == "*"
     for k in keys:
         if rest:
             child = node[k] if not isinstance(node, dict) else node.get(k)
+            if child is None and every:
+                continue
             if child is None:  # an unset optional section (e.g. a stage's teacher): start one
                 child = node[k] = {}
-            _set(child, rest, value, where, full)
+            _set(child, rest, value, where, full, every)
         elif isinstance(value, dict) and isinstance(node[k] if isinstance(node, list) else node.get(k), dict):
             node[k] = _merge(node[k], value)
         else:
@@ -270,21 +277,62 @@ def row_plan(study: Study, row: Row, base: dict | None = None, after: dict | Non
     return plan
 
 
+# What never changes the weights a run trains: where things go, how often it logs and checkpoints.
+NOT_TRAINING = ("output_dir", "seed", "cache_root", "log_every", "checkpoint_every")
+
+
 def fingerprint(plan: Plan, row: Row, split: str, where: Path) -> str:
-    """What a run of ``row`` depends on, its seed and folders aside: a changed row trains again. Absolute paths
-    count relative to ``where`` (the study file's folder), so a clone elsewhere keeps its records."""
+    """What a run of ``row`` depends on, its seed and folders aside: a changed row trains again.
 
-    def rel(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: rel(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [rel(x) for x in v]
-        if isinstance(v, str) and v.startswith("/"):
-            return os.path.relpath(v, where)
-        return v
-
-    d = rel(plan_to_dict(plan))
-    for k in ("output_dir", "seed", "cache_root"):  # where runs and stores go, not what trains
+    Fields at their defaults are left out, so a field added to plans later does not retrain old studies. A path
+    counts by the content of the file it names when there is one (annotations, checkpoints: a retrained teacher
+    at the same path retrains its rows), else relative to ``where`` (the study file's folder), so a clone
+    elsewhere keeps its records."""
+    d = _set_fields(plan)
+    for k in NOT_TRAINING:
         d.pop(k, None)
+    d = _by_content(d, where)
     d["online"], d["split"] = row.online, split
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _set_fields(obj: Any) -> Any:
+    """A dataclass as a dict of its fields that differ from their defaults (recursively)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+            )  # fmt: skip
+            if default is dataclasses.MISSING or v != default:
+                out[f.name] = _set_fields(v)
+        return out
+    if isinstance(obj, list):
+        return [_set_fields(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _set_fields(x) for k, x in obj.items()}
+    return obj
+
+
+def _by_content(v: Any, where: Path) -> Any:
+    if isinstance(v, dict):
+        return {k: _by_content(x, where) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_by_content(x, where) for x in v]
+    if isinstance(v, str):
+        scheme, path = ("onnx:", v[5:]) if v.startswith("onnx:") else ("", v)
+        if path.startswith("/"):
+            if Path(path).is_file():
+                return scheme + "sha256:" + _file_sha256(path, Path(path).stat().st_mtime_ns)
+            return scheme + os.path.relpath(path, where)
+    return v
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, stamp: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

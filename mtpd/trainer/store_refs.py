@@ -19,6 +19,11 @@ def _manifest(ann: str, images: str, stamp: int) -> str:
     return CocoDataset(ann, images).manifest_hash()
 
 
+class MissingStore(PlanError):
+    """A stage's teacher has no complete store yet for the plan's data and views (the message says how to
+    build it); every other PlanError here is a plan to fix."""
+
+
 def ref_views(plan: Plan, ref: TeacherRef) -> ViewSpec:
     """The views a stage's teacher store holds: the ref's own, else what the plan's flips train on."""
     d = plan.data
@@ -73,7 +78,7 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
         "--root",
         str(root),
     ]
-    raise PlanError(
+    raise MissingStore(
         f"stage {stage.name}: no complete store of teacher {ref.name} (weights {ref.weights}) for this "
         f"plan's data and views under {root}; build it with: {shlex.join(cmd)}"
     )
