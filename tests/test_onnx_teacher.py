@@ -252,4 +252,4 @@ def test_a_plan_file_names_its_onnx_teacher_relative_to_itself(onnx_teacher, dig
         "print(sorted(m for m in sys.modules if m.startswith('mtpd.teachers')))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert r.stdout.split("\n")[:2] == ["PlanError", "[]"], r.stdout + r.stderr  # no store yet; no teacher import
+    assert r.stdout.split("\n")[:2] == ["MissingStore", "[]"], r.stdout + r.stderr  # no store yet; no teacher import
