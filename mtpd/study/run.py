@@ -19,7 +19,7 @@ from typing import Callable
 from mtpd.study.record import load_record, save_record, set_aside_stale
 from mtpd.study.spec import Row, Study, StudyError, fingerprint, row_plan
 from mtpd.study.splits import Split, split_data
-from mtpd.trainer.plan import Plan, plan_to_dict, save_plan
+from mtpd.trainer.plan import Plan, StageConfig, plan_to_dict, save_plan
 
 Log = Callable[[str], None]
 
@@ -65,56 +65,69 @@ def run_plan_file(plan: Plan, split: Split, row: str, seed: int) -> Path:
 def ensure_stores(
     plans: dict[str, Plan], rows: dict[str, Row], workers: int, log: Log, device: str = "cpu"
 ) -> dict[str, list[str]]:
-    """Every store the rows read, built through the catalog (teachers on ``device``) when missing; row -> its
-    stores."""
-    from mtpd.trainer.store_refs import MissingStore, stage_stores
+    """Every store the rows read, built through the catalog (teachers on ``device``) when missing: the missing
+    precisions of one teacher, data, views and outputs from one teacher pass; row -> its stores."""
+    from mtpd.trainer.store_refs import MissingStore, ref_views, stage_stores
 
+    def distilled(r: str) -> list:
+        # an undistilled stage reads nothing; an online row runs its teachers live
+        return [] if rows[r].online else [s for s in plans[r].stages if s.losses]
+
+    missing: dict[tuple, dict[str, tuple[Plan, StageConfig]]] = {}
+    for r, plan in plans.items():
+        for stage in distilled(r):
+            try:
+                stage_stores(plan, stage)
+            except MissingStore:
+                ref, d = stage.teacher, plan.data
+                views = str(ref_views(plan, ref).to_dict())
+                key = (ref.name, ref.weights, tuple(ref.outputs), views, d.train_ann, d.train_images, plan.cache_root)
+                missing.setdefault(key, {})[ref.precision] = (plan, stage)
+    for group in missing.values():
+        build_for(list(group.values()), workers, log, device)
     used: dict[str, list[str]] = {}
     for r, plan in plans.items():
-        paths: list[str] = []
-        for stage in plan.stages:
-            if not stage.losses or rows[r].online:
-                continue  # an undistilled stage reads nothing; an online row runs its teachers live
-            try:
-                found = stage_stores(plan, stage)
-            except MissingStore:
-                found = [build_for(plan, stage, workers, log, device)]
-            paths += [p for p in found if p not in paths]
-        used[r] = paths
+        used[r] = []
+        for stage in distilled(r):
+            used[r] += [p for p in stage_stores(plan, stage) if p not in used[r]]
     return used
 
 
-def build_for(plan: Plan, stage, workers: int, log: Log, device: str = "cpu") -> str:
-    """``mtpd-cache build`` of ``stage``'s teacher over the plan's train set, under the plan's cache root."""
+def build_for(stages: list[tuple[Plan, StageConfig]], workers: int, log: Log, device: str = "cpu") -> list[str]:
+    """``mtpd-cache build --precision a,b`` of the stages' teacher (one teacher, data, views and outputs; one
+    precision each) over the plan's train set, under its cache root: one teacher pass."""
     import sys
 
-    from mtpd.cache.build import build_store
+    from mtpd.cache.build import build_stores
     from mtpd.cache.catalog import cache_root
     from mtpd.teachers.registry import TeacherSpec
     from mtpd.trainer.store_refs import ref_views
 
+    plan, stage = stages[0]
     ref, d = stage.teacher, plan.data
-    views = ref_views(plan, ref)
-    log(f"building the store of {ref.name} ({ref.precision}, {','.join(ref.outputs)}) for stage {stage.name}")
+    precisions = [s.teacher.precision for _, s in stages]
+    log(f"building the stores of {ref.name} ({', '.join(precisions)}; {','.join(ref.outputs)}) in one pass")
     t0 = time.perf_counter()
-    rep = build_store(
+    reports = build_stores(
         TeacherSpec(ref.name, ref.weights, device=device),
         d.train_ann,
         d.train_images,
+        precisions,
         None,
-        views=views,
+        views=ref_views(plan, ref),
         root=str(cache_root(plan.cache_root)),
         outputs=list(ref.outputs),
-        precision=ref.precision,
         workers=workers,
         progress=sys.stderr.isatty(),
     )
-    log(f"  {rep.store}: {rep.shards_written} shards in {time.perf_counter() - t0:.0f}s")
+    for rep in reports:
+        log(f"  {rep.store}: {rep.shards_written} shards")
+    log(f"  {len(reports)} store(s) in {time.perf_counter() - t0:.0f}s")
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.empty_cache()  # the students need the GPU more than this process's cache does
-    return str(rep.store)
+    return [str(rep.store) for rep in reports]
 
 
 def bytes_per_image(stores: list[str]) -> float | None:
