@@ -17,11 +17,21 @@ class MappingError(MtpdError, ValueError):
     """A mapping file that cannot be read; the message names the file and what is wrong."""
 
 
+GRAPH_GIVEN = (
+    "{path} is the graph itself, but onnx: names a mapping file: a YAML file beside it whose model: names the "
+    "graph and whose outputs: name its FPN tensors per level (see mtpd.teachers.onnx_adapter's docstring)"
+)
+
+
 def read_mapping(path: Path) -> dict:
+    if path.suffix.lower() == ".onnx":  # the natural first try: the graph where its mapping belongs
+        raise MappingError(GRAPH_GIVEN.format(path=path))
     try:
         m = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise MappingError(f"onnx teacher: mapping file {path} not found") from None
+    except UnicodeDecodeError:
+        raise MappingError(GRAPH_GIVEN.format(path=path).replace("is the graph itself", "is not text")) from None
     except yaml.YAMLError as e:
         raise MappingError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(m, dict) or "model" not in m or not isinstance(m.get("outputs"), dict) or not m["outputs"]:

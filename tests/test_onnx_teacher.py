@@ -253,3 +253,33 @@ def test_a_plan_file_names_its_onnx_teacher_relative_to_itself(onnx_teacher, dig
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert r.stdout.split("\n")[:2] == ["MissingStore", "[]"], r.stdout + r.stderr  # no store yet; no teacher import
+
+
+def test_an_onnx_teachers_usual_mistakes_are_one_line_before_any_image_is_read(tmp_path, digits, capsys) -> None:
+    """The graph passed where its mapping belongs, a mapping naming a tensor the graph lacks, and views larger than
+    a fixed graph input: each stops `mtpd-cache build` with one line, before a store or shard is written."""
+    from conftest import build_args
+
+    from mtpd.cli.cache import main as cache_main
+
+    torch.manual_seed(0)
+    model = build_arch("retinanet_tiny", 10).eval()
+    fpn = export(model, tmp_path / "fixed.onnx", size=(64, 96))
+    ann, images = digits["train"]["ann"], digits["train"]["images"]
+
+    def build(teacher: str, *extra: str) -> str:
+        args = build_args(ann, images, "--workers", "0", "--out", str(tmp_path / "store"), *extra)
+        args[args.index("retinanet_tiny")] = teacher
+        assert cache_main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert not (tmp_path / "store").exists()
+        return err
+
+    assert "fixed.onnx is the graph itself, but onnx: names a mapping file" in build(f"onnx:{tmp_path / 'fixed.onnx'}")
+    missing = mapping(tmp_path / "missing.yaml", "fixed.onnx", [*fpn[:-1], "no_such_tensor"])
+    assert "no_such_tensor" in build(f"onnx:{missing}")
+    fixed = mapping(tmp_path / "fixed.yaml", "fixed.onnx", fpn)
+    err = build(f"onnx:{fixed}", "--short", "128", "--long", "128")
+    assert "views up to 128x128 (padded to 32) do not fit the graph's fixed input 64x96" in err
+    assert "--short 64 --long 96" in err

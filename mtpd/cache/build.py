@@ -58,11 +58,27 @@ def plan_stores(reqs: list[BuildRequest]) -> list[tuple[Layout, CocoDataset]]:
     outputs = list(req.outputs) if req.outputs else _default_outputs(list(specs))
     check_outputs(model, outputs, req.teacher.name)
     identity = model.identity.to_dict()
+    fixed = getattr(model, "input_size", None)  # a graph with a fixed input (ONNX): every view must fit it
     del model
-    return [
+    plans = [
         (plan_layout(dataset, req.views, specs, outputs, prec, req.images_per_shard, identity), dataset)
         for prec in precisions
     ]
+    if fixed is not None:
+        _check_fits(plans[0][0].view_sizes, req.views.pad, tuple(fixed), req.teacher.name)
+    return plans
+
+
+def _check_fits(view_sizes: np.ndarray, pad: int, fixed: tuple[int, int], teacher: str) -> None:
+    """Refuse, before any image is read, views whose padded size exceeds a fixed graph input."""
+    padded = -(-view_sizes // pad) * pad
+    h, w = (int(x) for x in padded.max(axis=0))
+    if h > fixed[0] or w > fixed[1]:
+        raise StoreError(
+            f"{teacher}: views up to {h}x{w} (padded to {pad}) do not fit the graph's fixed input "
+            f"{fixed[0]}x{fixed[1]}; build with --short/--long within it "
+            f"(e.g. --short {min(fixed)} --long {max(fixed)})"
+        )
 
 
 def open_or_create(

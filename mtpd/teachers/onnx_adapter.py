@@ -182,6 +182,11 @@ class OnnxTeacher:
                 name, spec.kind, spec.levels, chans.pop(), spec.num_anchors, spec.num_classes, spec.mirror
             )
 
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The graph's fixed (H, W), which every padded view must fit; None when it takes any size."""
+        return self.size
+
     def to(self, device: str | torch.device) -> "OnnxTeacher":
         self.device = torch.device(device)  # the session runs where it was made; outputs go to this device
         return self
