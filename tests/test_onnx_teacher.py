@@ -283,3 +283,10 @@ def test_an_onnx_teachers_usual_mistakes_are_one_line_before_any_image_is_read(t
     err = build(f"onnx:{fixed}", "--short", "128", "--long", "128")
     assert "views up to 128x128 (padded to 32) do not fit the graph's fixed input 64x96" in err
     assert "--short 64 --long 96" in err
+    # without --short/--long, a fixed graph input is the views' size
+    args = ["build", "--teacher", f"onnx:{fixed}", "--ann", ann, "--images", images, "--workers", "0", "--no-progress"]
+    assert cache_main([*args, "--out", str(tmp_path / "store")]) == 0, capsys.readouterr().err
+    from mtpd.cache.store import store_header
+
+    views = store_header(str(tmp_path / "store")).views
+    assert (views["short"], views["long"]) == (64, 96)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from mtpd.defaults import DEFAULT_PRECISION
 
@@ -37,8 +38,18 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
     what.add_argument("--ann", required=True, help="COCO instances JSON")
     what.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
     what.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
-    what.add_argument("--short", type=int, default=800, help="short side of the resized view")
-    what.add_argument("--long", type=int, default=1333, help="upper bound of the long side")
+    what.add_argument(
+        "--short",
+        type=int,
+        default=None,
+        help="short side of the resized view (default: 800, or the short side of an ONNX graph's fixed input)",
+    )
+    what.add_argument(
+        "--long",
+        type=int,
+        default=None,
+        help="upper bound of the long side (default: 1333, or the long side of an ONNX graph's fixed input)",
+    )
     what.add_argument(
         "--outputs",
         default=None,
@@ -78,11 +89,19 @@ def teacher_spec(a: argparse.Namespace):
     from mtpd.data import CocoDataset, ViewSpec
     from mtpd.teachers.registry import TeacherSpec
 
-    views = ViewSpec(short=a.short, long=a.long, views=tuple(x.strip() for x in a.views.split(",") if x.strip()))
     num_classes = a.num_classes
     if num_classes is None and a.weights == "none":
         num_classes = CocoDataset(a.ann, a.images).num_classes
     spec = TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint, amp=a.amp)
+    short, long = a.short, a.long
+    if (short is None or long is None) and a.teacher.startswith("onnx:"):
+        # A graph with a fixed input takes views of that size and no larger: its size is the default.
+        fixed = getattr(dataclasses.replace(spec, device="cpu").build(), "input_size", None)
+        if fixed is not None:
+            short, long = short or min(fixed), long or max(fixed)
+    views = ViewSpec(
+        short=short or 800, long=long or 1333, views=tuple(x.strip() for x in a.views.split(",") if x.strip())
+    )
     return spec, views
 
 
