@@ -1,4 +1,4 @@
-"""The package's shape, as DESIGN.md draws it: no import cycles, arrows one way, small functions and modules.
+"""The package's shape, as docs/design.md draws it: no import cycles, arrows one way, small functions and modules.
 
     cli -> study, demo -> export -> trainer, cache -> teachers -> models, data
         -> errors, checkpoint, output_spec, factory, defaults

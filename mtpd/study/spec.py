@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from mtpd.checkpoint import sha256_file
 from mtpd.errors import MtpdError
 from mtpd.trainer.plan import Plan, PlanError, _resolve_paths, from_dict, load_plan, plan_to_dict
 
@@ -331,8 +332,5 @@ def _by_content(v: Any, where: Path) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _file_sha256(path: str, stamp: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """``sha256_file``, once per file version in a process (every row names the same annotations)."""
+    return sha256_file(path)

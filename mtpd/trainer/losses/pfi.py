@@ -11,7 +11,7 @@ teacher's, so it concentrates where the gap in features actually changes the det
 Term by term, with the option that selects each:
 
 - ``pred``: P is the class *logits* (``logits``, the default: the public reimplementation's and
-  DESIGN.md's reading) or the sigmoid *probabilities* (``probs``). On logits a fresh head at the
+  docs/design.md's reading) or the sigmoid *probabilities* (``probs``). On logits a fresh head at the
   prior (≈ −4.6) against a confident teacher's background (≈ −9 and below) makes P_dif large almost
   everywhere, so the weight mostly encodes that background gap; on probabilities both backgrounds
   are ≈ 0 and the weight is the gap where either model sees an object.
