@@ -284,7 +284,7 @@ def render(a, short: int, long: int, threads: int, results: dict) -> str:
         "the forward "
         "runs on the GPU and the same work lands on host cores that are otherwise idle: the build keeps pace as long "
         "as the host "
-        "has about (teacher images/s x extra CPU-s per image) cores for it (see the README's Scaling to COCO section). "
+        "has about (teacher images/s x extra CPU-s per image) cores for it (see docs/scaling.md). "
         "End to end, a few images "
         "carry fixed costs (Ray actor start, a second teacher construction to validate outputs before Ray "
         "starts, store "

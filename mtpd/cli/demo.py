@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         default=DEFAULT_PRECISION,
         choices=list(PRECISIONS),
-        help="store precision preset (README: Precision presets; default: %(default)s)",
+        help="store precision preset (docs/stores.md: Precision presets; default: %(default)s)",
     )
     p.add_argument(
         "--threads",

@@ -14,7 +14,7 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
         "--teacher",
         required=True,
         help="registered name (see `mtpd-cache list-teachers`), mmdet:CONFIG, onnx:MAPPING.yaml (an ONNX graph and "
-        "the file naming its tensors: README, Teachers), or package.module:factory",
+        "the file naming its tensors: docs/teachers.md), or package.module:factory",
     )
     what.add_argument(
         "--weights",
@@ -61,8 +61,9 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
         type=_precision,
         help="lossless: fp16; high: BitRound 7 bits; compact: BitRound 5 bits + uint8 log-probabilities; "
         "small: features as 4-bit per-channel codes; tiny: features projected on a per-store PCA basis of half "
-        "the channels, 4-bit coefficients (README: Precision presets; default: %(default)s, the smallest that cost "
-        "distillation no measurable AP in the bytes-vs-AP sweep: README, How small can a store be); or a preset "
+        "the channels, 4-bit coefficients (docs/stores.md: Precision presets; default: %(default)s, the smallest "
+        "that cost distillation no measurable AP in the bytes-vs-AP sweep: docs/stores.md, How small can a store "
+        "be); or a preset "
         "with encodings replaced, e.g. small+features=transform:bits=2+logits=topk:k=2,groups=anchors; several, "
         "comma-separated (small,tiny,micro), come from one teacher pass",
     )

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--plan", required=True, help="YAML plan file (see the README's Train section)")
+    p.add_argument("--plan", required=True, help="YAML plan file (see docs/training.md)")
     p.add_argument("--stage", required=True, help="stage number (1-based), a comma list, or 'all'")
     p.add_argument(
         "--resume",
