@@ -2,6 +2,7 @@
 
 mtpd-data digits --out data/digits --train 2000 --val 400 --size 128 --seed 0
 mtpd-data import --format voc --images VOC2012/JPEGImages --annotations VOC2012/Annotations --out data/voc
+mtpd-data pool --images frames/ --out data/pool.json --categories-from data/voc/annotations/instances_train.json
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ Output:
   OUT/images/val/000000.png ...
   OUT/annotations/instances_train.json   COCO instances (file_name relative
   OUT/annotations/instances_val.json     to the split's image folder)
+
+With --pool N, also an unlabelled pool of N images from the train half's
+handwriting and a stream of its own (train and val keep their bytes):
+  OUT/images/pool/000000.png ...
+  OUT/annotations/instances_pool.json    COCO images, no annotations
+  OUT/annotations/withheld_pool.json     the pool's labels, kept apart
+"""
+
+POOL_HELP = """List a folder of unlabelled images (recursive; jpg, jpeg, png, webp) as a COCO
+file with no annotations: an image set `mtpd-cache build` caches a teacher over
+and a plan's data.pool_ann trains students on (with losses that need no labels).
+
+Image ids are 1..N in path order, file names relative to --images, sizes read
+from each file's header; the same folder always gives the same file, so its
+stores keep their identity. --categories-from copies a labelled set's
+categories, so both files name the same classes.
 """
 
 IMPORT_HELP = """\
@@ -147,6 +164,20 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_pool(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pool",
+        help="list a folder of unlabelled images as a COCO file with no annotations (a pool to distil from)",
+        description=POOL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--images", type=Path, required=True, help="the folder of images (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="the COCO file to write, e.g. data/pool.json")
+    p.add_argument("--categories-from", type=Path, metavar="ANN", help="copy the categories of this COCO file")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtpd-data",
@@ -168,22 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument(
         "--seed", type=_count, default=0, help="random seed; same seed, same bytes (default: %(default)s)"
     )
+    digits.add_argument(
+        "--pool", type=_count, default=0, help="also write an unlabelled pool of N images (default: none)"
+    )
     digits.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_import(sub)
+    _add_pool(sub)
     return parser
 
 
 def _run_digits(args: argparse.Namespace) -> int:
     from mtpd.data.digits import make_digits
 
-    total = args.train + args.val
+    total = args.train + args.val + args.pool
     with tqdm(total=total, desc="digits", unit="img", disable=args.quiet or total == 0) as bar:
-        result = make_digits(args.out, args.train, args.val, args.size, args.seed, progress=bar.update)
-    images = sum(result[s]["num_images"] for s in ("train", "val"))
-    boxes = sum(result[s]["num_boxes"] for s in ("train", "val"))
-    for split in ("train", "val"):
+        result = make_digits(args.out, args.train, args.val, args.size, args.seed, pool=args.pool, progress=bar.update)
+    splits = [s for s in ("train", "val", "pool") if s in result]
+    images = sum(result[s]["num_images"] for s in splits)
+    boxes = sum(result[s]["num_boxes"] for s in splits)
+    for split in splits:
         r = result[split]
-        print(f"  {split}: {r['num_images']} images, {r['num_boxes']} boxes -> {r['images']} + {r['ann']}")
+        held = f" (labels withheld in {r['withheld']})" if "withheld" in r else ""
+        print(f"  {split}: {r['num_images']} images, {r['num_boxes']} boxes -> {r['images']} + {r['ann']}{held}")
     print(f"wrote {images} images and {boxes} boxes to {args.out}")
     return 0
 
@@ -223,13 +260,26 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_pool(args: argparse.Namespace) -> int:
+    from mtpd.data.pool import find_images, write_pool
+
+    total = len(find_images(args.images))
+    with tqdm(total=total, desc="pool", unit="img", disable=args.quiet or total == 0) as bar:
+        r = write_pool(args.images, args.out, args.categories_from, args.skip_bad, progress=bar.update)
+    for path in r["skipped"]:
+        print(f"  skipped (unreadable): {path}")
+    print(f"wrote {r['num_images']} unlabelled images -> {r['ann']} (file names relative to {r['images']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help and bad arguments; callers get an exit code instead
         return e.code if isinstance(e.code, int) else 2
-    handlers = {"digits": _run_digits, "import": _run_import}  # argparse has already rejected unknown names
+    # argparse has already rejected unknown names
+    handlers = {"digits": _run_digits, "import": _run_import, "pool": _run_pool}
     try:
         return handlers[args.command](args)
     except (MtpdError, ValueError, TypeError, ImportError, OSError) as e:

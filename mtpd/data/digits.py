@@ -27,6 +27,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SPLITS = ("train", "val")
+# The unlabelled pool: a third stream of the seed (train's and val's bytes do not change with it), drawing the
+# train half's handwriting, written without annotations; its labels go to a separate file, withheld.
+POOL = "pool"
 CATEGORIES = [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]
 MIN_SIZE = 32
 MAX_SIZE = 4096
@@ -77,7 +80,7 @@ def source_indices(split: str) -> np.ndarray:
     """
     n = len(_load_source()[1])
     half = n // 2
-    if split == "train":
+    if split in ("train", POOL):
         return np.arange(0, half)
     if split == "val":
         return np.arange(half, n)
@@ -257,12 +260,12 @@ def render_image(
 # -------------------------------------------------------------------- writing
 
 
-def _check_args(train: int, val: int, size: int, seed: int) -> None:
-    for name, value in (("train", train), ("val", val), ("size", size), ("seed", seed)):
+def _check_args(train: int, val: int, size: int, seed: int, pool: int = 0) -> None:
+    for name, value in (("train", train), ("val", val), ("size", size), ("seed", seed), ("pool", pool)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an integer, got {value!r}")
-    if train < 0 or val < 0:
-        raise ValueError(f"image counts must be >= 0, got train={train}, val={val}")
+    if train < 0 or val < 0 or pool < 0:
+        raise ValueError(f"image counts must be >= 0, got train={train}, val={val}, pool={pool}")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(
             f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}; digits need room to be legible"
@@ -324,14 +327,26 @@ def _make_split(
     }
     ann_path = out / "annotations" / f"instances_{split}.json"
     ann_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(
-        ann_path, {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
-    )
-    return {"ann": str(ann_path), "images": str(image_dir), "num_images": count, "num_boxes": len(annotations)}
+    coco = {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
+    result = {"ann": str(ann_path), "images": str(image_dir), "num_images": count, "num_boxes": len(annotations)}
+    if split == POOL:  # the labels exist (they measure pseudo-labels) but not in the file a student trains from
+        withheld = out / "annotations" / "withheld_pool.json"
+        _write_json_atomic(withheld, coco)
+        coco = {**coco, "info": {**info, "unlabelled": True}, "annotations": []}
+        result |= {"num_boxes": 0, "withheld": str(withheld)}
+    _write_json_atomic(ann_path, coco)
+    return result
 
 
 def make_digits(
-    out: str | os.PathLike, train: int, val: int, size: int = 128, seed: int = 0, *, progress: ProgressFn | None = None
+    out: str | os.PathLike,
+    train: int,
+    val: int,
+    size: int = 128,
+    seed: int = 0,
+    *,
+    pool: int = 0,
+    progress: ProgressFn | None = None,
 ) -> dict:
     """Write the digits detection set under ``out`` and describe what was written.
 
@@ -340,15 +355,22 @@ def make_digits(
     ids 1..10 named "0".."9"; file names relative to the split's image folder).
     ``progress`` is called with 1 after each image (for a progress bar).
 
-    Returns ``{"root": str, "train": {...}, "val": {...}}`` where each split has
-    ``ann``, ``images``, ``num_images`` and ``num_boxes``.
+    ``pool``: also write an unlabelled pool of that many images (``images/pool``,
+    ``annotations/instances_pool.json`` with no annotations; the labels go to
+    ``annotations/withheld_pool.json``), from its own stream of the seed and the
+    train half's handwriting; train and val are the same bytes with or without it.
+
+    Returns ``{"root": str, "train": {...}, "val": {...}}`` (and ``"pool"``) where
+    each split has ``ann``, ``images``, ``num_images`` and ``num_boxes``.
     """
-    _check_args(train, val, size, seed)
+    _check_args(train, val, size, seed, pool)
     root = Path(out)
     _load_source()  # fail on a missing scikit-learn before creating any folders
     # One independent stream per split: val's images do not change when --train does.
-    streams = np.random.SeedSequence(int(seed)).spawn(len(SPLITS))
+    # (a SeedSequence's i-th child is the same however many are spawned: the pool's stream leaves the others be)
+    streams = np.random.SeedSequence(int(seed)).spawn(len(SPLITS) + 1)
     result: dict = {"root": str(root)}
-    for split, count, ss in zip(SPLITS, (int(train), int(val)), streams):
+    counts = (int(train), int(val)) + ((int(pool),) if pool else ())
+    for split, count, ss in zip((*SPLITS, POOL), counts, streams):
         result[split] = _make_split(root, split, count, int(size), int(seed), np.random.default_rng(ss), progress)
     return result

@@ -12,13 +12,14 @@ aside in the record under ``row@fingerprint`` and trains again.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Callable
 
 from mtpd.study.record import load_record, save_record, set_aside_stale
 from mtpd.study.spec import Row, Study, StudyError, fingerprint, row_plan
-from mtpd.study.splits import Split, split_data
+from mtpd.study.splits import Split, first_images, split_data
 from mtpd.trainer.plan import Plan, StageConfig, plan_to_dict, save_plan
 
 Log = Callable[[str], None]
@@ -45,6 +46,9 @@ def plans_for(study: Study, rows: list[str], split: Split, quick: bool) -> dict[
         if quick:  # a row that sets epochs itself still trains the quick length
             for stage in plan.stages:
                 stage.epochs = study.quick.epochs
+            if plan.data.pool_ann:  # ... and on the pool's first images
+                pool = split.root / "data" / f"pool_{hashlib.sha256(plan.data.pool_ann.encode()).hexdigest()[:8]}.json"
+                plan.data.pool_ann = str(first_images(Path(plan.data.pool_ann), study.quick.images, pool))
         out[r] = plan
     return out
 
@@ -67,51 +71,54 @@ def ensure_stores(
 ) -> dict[str, list[str]]:
     """Every store the rows read, built through the catalog (teachers on ``device``) when missing: the missing
     precisions of one teacher, data, views and outputs from one teacher pass; row -> its stores."""
-    from mtpd.trainer.store_refs import MissingStore, ref_views, stage_stores
+    from mtpd.trainer.store_refs import MissingStore, ref_views, set_files, stage_sets, stage_stores
 
     def distilled(r: str) -> list:
         # an undistilled stage reads nothing; an online row runs its teachers live
         return [] if rows[r].online else [s for s in plans[r].stages if s.losses]
 
-    missing: dict[tuple, dict[str, tuple[Plan, StageConfig]]] = {}
+    missing: dict[tuple, dict[str, tuple[Plan, StageConfig, str]]] = {}
     for r, plan in plans.items():
         for stage in distilled(r):
-            try:
-                stage_stores(plan, stage)
-            except MissingStore:
-                ref, d = stage.teacher, plan.data
-                views = str(ref_views(plan, ref).to_dict())
-                key = (ref.name, ref.weights, tuple(ref.outputs), views, d.train_ann, d.train_images, plan.cache_root)
-                missing.setdefault(key, {})[ref.precision] = (plan, stage)
+            for which in stage_sets(stage):  # the labelled set's stores and/or the pool's
+                try:
+                    stage_stores(plan, stage, which)
+                except MissingStore:
+                    ref = stage.teacher
+                    views = str(ref_views(plan, ref).to_dict())
+                    key = (ref.name, ref.weights, tuple(ref.outputs), views, set_files(plan, which), plan.cache_root)
+                    missing.setdefault(key, {})[ref.precision] = (plan, stage, which)
     for group in missing.values():
         build_for(list(group.values()), workers, log, device)
     used: dict[str, list[str]] = {}
     for r, plan in plans.items():
         used[r] = []
         for stage in distilled(r):
-            used[r] += [p for p in stage_stores(plan, stage) if p not in used[r]]
+            for which in stage_sets(stage):
+                used[r] += [p for p in stage_stores(plan, stage, which) if p not in used[r]]
     return used
 
 
-def build_for(stages: list[tuple[Plan, StageConfig]], workers: int, log: Log, device: str = "cpu") -> list[str]:
+def build_for(stages: list[tuple[Plan, StageConfig, str]], workers: int, log: Log, device: str = "cpu") -> list[str]:
     """``mtpd-cache build --precision a,b`` of the stages' teacher (one teacher, data, views and outputs; one
-    precision each) over the plan's train set, under its cache root: one teacher pass."""
+    precision each) over one set of the plan (``train`` or ``pool``), under its cache root: one teacher pass."""
     import sys
 
     from mtpd.cache.build import build_stores
     from mtpd.cache.catalog import cache_root
     from mtpd.teachers.registry import TeacherSpec
-    from mtpd.trainer.store_refs import ref_views
+    from mtpd.trainer.store_refs import ref_views, set_files
 
-    plan, stage = stages[0]
-    ref, d = stage.teacher, plan.data
-    precisions = [s.teacher.precision for _, s in stages]
-    log(f"building the stores of {ref.name} ({', '.join(precisions)}; {','.join(ref.outputs)}) in one pass")
+    plan, stage, which = stages[0]
+    ref = stage.teacher
+    ann, images = set_files(plan, which)
+    precisions = [s.teacher.precision for _, s, _ in stages]
+    log(f"building the {which} stores of {ref.name} ({', '.join(precisions)}; {','.join(ref.outputs)}) in one pass")
     t0 = time.perf_counter()
     reports = build_stores(
         TeacherSpec(ref.name, ref.weights, device=device),
-        d.train_ann,
-        d.train_images,
+        ann,
+        images,
         precisions,
         None,
         views=ref_views(plan, ref),
@@ -299,15 +306,15 @@ def resolved_weights(run: Path) -> str:
 
 def found_stores(plans: dict[str, Plan], rows: dict[str, Row]) -> dict[str, list[str]]:
     """The stores each row reads that exist already (``--report`` builds nothing)."""
-    from mtpd.trainer.store_refs import MissingStore, stage_stores
+    from mtpd.trainer.store_refs import MissingStore, stage_sets, stage_stores
 
     out: dict[str, list[str]] = {}
     for r, plan in plans.items():
         out[r] = []
         for stage in plan.stages:
-            if stage.losses and not rows[r].online:
+            for which in stage_sets(stage) if stage.losses and not rows[r].online else []:
                 try:
-                    out[r] += [p for p in stage_stores(plan, stage) if p not in out[r]]
+                    out[r] += [p for p in stage_stores(plan, stage, which) if p not in out[r]]
                 except MissingStore:
                     pass
     return out

@@ -14,12 +14,13 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from mtpd.cache.schema import StoreError
 from mtpd.cache.store import store_header
 from mtpd.data import CocoDataset
-from mtpd.models import output_specs
+from mtpd.models import adapter_for, output_specs
 from mtpd.output_spec import OutputSpec
 from mtpd.trainer.engine import BoundLoss
-from mtpd.trainer.losses import build_loss, loss_defaults
+from mtpd.trainer.losses import LOSSES, build_loss, loss_defaults
 from mtpd.trainer.plan import Plan, PlanError, StageConfig
 from mtpd.trainer.student import build_student
 
@@ -121,19 +122,19 @@ def loss_needs(losses: list[BoundLoss], n_sources: int) -> list[list[str]]:
 def check_plan(
     plan: Plan,
     stages: Sequence[int],
-    stores: dict[int, list[str]],
+    stores: dict[int, dict[str, list[str]]],
     online: list | None = None,
 ) -> None:
     """Check stages ``stages`` (1-based) of ``plan`` whole, before the first one trains: PlanError (or the
-    store's own error) naming the stage and key. ``stores``: each stage's resolved store paths (cached
-    stages); ``online``: the online baseline's teachers instead."""
+    store's own error) naming the stage and key. ``stores``: each stage's resolved store paths by set (``train``,
+    ``pool``; cached stages); ``online``: the online baseline's teachers instead."""
     data = plan.data
     student = build_student(plan.student, CocoDataset(data.train_ann, data.train_images).num_classes)
     for k in stages:
         cfg = plan.stages[k - 1]
         where = f"stages[{k - 1}] ({cfg.name})"
         if online is not None:
-            n_sources = 1 if cfg.teacher is not None else len(cfg.stores)
+            n_sources = 1 if cfg.teacher is not None else len(cfg.stores or cfg.pool_stores)
             if len(online) != n_sources:
                 raise PlanError(
                     f"{where}: {len(online)} online teacher(s) for {n_sources} store(s); give one per store"
@@ -141,14 +142,58 @@ def check_plan(
             specs = [t.output_specs() for t in online]
             names, mirrored = [f"online teacher {i}" for i in range(len(online))], [""] * len(online)
         else:
-            headers = [store_header(p) for p in stores[k]]  # the header alone: the stage opens the store
+            by_set = stores[k]
+            paths = by_set.get("train") or by_set.get("pool", [])  # the pool's stores are checked against these below
+            headers = [store_header(p) for p in paths]  # the header alone: the stage opens the store
             specs = [{n: o.spec for n, o in h.outputs.items()} for h in headers]
-            names = [f"store {p}" for p in stores[k]]
-            flips = data.flip
-            mirrored = [
-                f"store {p}" if flips and "hflip" not in h.view_names else "" for p, h in zip(stores[k], headers)
-            ]
+            names = [f"store {p}" for p in paths]
+            per_source = [[ps[j] for ps in by_set.values()] for j in range(len(paths))]
+            mirrored = [", ".join(mirrored_stores(ps, data.flip)) for ps in per_source]
+            if "train" in by_set and "pool" in by_set:
+                check_pool_stores(*([(p, store_header(p)) for p in by_set[w]] for w in ("train", "pool")))
+        if cfg.pool > 0:
+            check_pool_stage(cfg, student, where)
         losses = build_losses(cfg, student, specs, names, where)
         check_mirrors(specs, loss_needs(losses, len(specs)), mirrored, where)
         if cfg.inherit is not None and not Path(cfg.inherit.weights).is_file():
             raise PlanError(f"{where}.inherit.weights: {cfg.inherit.weights} not found; pass the teacher's checkpoint")
+
+
+def mirrored_stores(paths: Sequence[str], flips: bool) -> list[str]:
+    """``store PATH`` for each of ``paths`` that would serve flipped samples by mirroring (no 'hflip' view)."""
+    return [f"store {p}" for p in paths if flips and "hflip" not in store_header(p).view_names]
+
+
+def check_pool_stage(cfg: StageConfig, student: nn.Module, where: str) -> None:
+    """A stage drawing from the unlabelled pool: a one-stage student (the detection loss is cut to the batch's
+    labelled images), and on the pool alone no loss that reads ground truth."""
+    adapter = adapter_for(student)
+    if not adapter.unlabelled_images:
+        raise PlanError(
+            f"{where}.pool: a two-stage student ({adapter.display}) samples its RoIs from ground truth in every "
+            "image, so it cannot train on unlabelled images; use a one-stage student (RetinaNet, FCOS, SSD) or pool: 0"
+        )
+    if cfg.pool == 1 and not cfg.losses:
+        raise PlanError(f"{where}.losses: a stage on the pool alone (pool: 1) learns from its losses only; add one")
+    if cfg.pool == 1:
+        labelled = [lc.name for lc in cfg.losses if LOSSES[lc.name].needs_labels]
+        if labelled:
+            raise PlanError(
+                f"{where}.losses: {', '.join(labelled)} read(s) ground-truth boxes, and a stage on the pool alone "
+                "(pool: 1) has none; use losses that need no labels (mgd, mse, pkd, cwd, kd, pfi), or mix labelled "
+                "images in (pool below 1)"
+            )
+
+
+def check_pool_stores(labelled: Sequence[tuple[str, object]], pool: Sequence[tuple[str, object]]) -> None:
+    """Each pool store (location, header) holds what the labelled set's store beside it holds: the same outputs,
+    levels and shapes (their codings may differ: each part of a batch decodes with its own store's header)."""
+    for (loc_a, h_a), (loc_b, h_b) in zip(labelled, pool):
+        a = {n: o.spec for n, o in h_a.outputs.items()}  # type: ignore[attr-defined]
+        b = {n: o.spec for n, o in h_b.outputs.items()}  # type: ignore[attr-defined]
+        if a != b:
+            raise StoreError(
+                f"{loc_b}: the pool's store holds {', '.join(sorted(b))} but {loc_a} beside it holds "
+                f"{', '.join(sorted(a))} (or other levels or shapes); build the pool's store with the same teacher "
+                "and --outputs"
+            )

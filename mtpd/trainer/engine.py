@@ -251,7 +251,8 @@ class Engine:
             det_losses = {k: v.float() for k, v in det_losses.items()}
         parts = {f"det_{k}": v for k, v in det_losses.items()}
         clock.lap("student")
-        parts.update(self.distill(batch, outputs, teacher, masks, sum(parts.values()).detach()))
+        detection = sum(parts.values()).detach() if parts else 0.0  # none: a batch of the pool alone
+        parts.update(self.distill(batch, outputs, teacher, masks, detection))
         total = sum(parts.values())
         clock.lap("distill")
         if not torch.isfinite(total):
@@ -274,12 +275,19 @@ class Engine:
         dtype = AMP_DTYPES[self.amp]
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def ground_truth(self, batch: Batch) -> list[dict[str, Tensor]]:
-        """torchvision's training targets; R-CNN labels shift by one (class 0 is background)."""
-        targets = [{"boxes": b, "labels": lb + self.label_offset} for b, lb in zip(batch.boxes, batch.labels)]
+    def ground_truth(self, batch: Batch) -> list[dict[str, Tensor] | None] | None:
+        """torchvision's training targets; R-CNN labels shift by one (class 0 is background). The batch's pool
+        images (after its ``labelled`` ones) get None, so the detection loss leaves them out; a batch of the pool
+        alone gets no targets, and no detection loss."""
+        n = batch.labelled
+        if n == 0:
+            return None
+        targets: list[dict[str, Tensor] | None] = [
+            {"boxes": b, "labels": lb + self.label_offset} for b, lb in zip(batch.boxes[:n], batch.labels[:n])
+        ]
         for t, m in zip(targets, batch.instance_masks or []):
-            t["masks"] = m
-        return targets
+            t["masks"] = m  # type: ignore[index]
+        return targets + [None] * (len(batch.boxes) - n)
 
     def distill(
         self,

@@ -48,6 +48,10 @@ class DataConfig:
     batch_size: int = 16
     workers: int = 2
     val_batch_size: int = 8
+    # An unlabelled pool (``mtpd-data pool``: a COCO file with no annotations) that stages with ``pool > 0`` draw
+    # part or all of each batch from; its teachers' stores are built over it like any set's.
+    pool_ann: str | None = None
+    pool_images: str | None = None
 
 
 @dataclass
@@ -116,6 +120,11 @@ class StageConfig:
     inherit: InheritConfig | None = None
     eval: bool = True
     amp: str | None = None  # off | bf16 | fp16 for this stage; default: the plan's
+    # Share of each batch drawn from data.pool (0: the labelled set only; 1: the pool only, no detection loss).
+    # In between, the detection loss sees the labelled images of each batch and distillation sees all; an epoch
+    # is one pass over the labelled set (the pool only: over the pool), the pool's order running on across epochs.
+    pool: float = 0.0
+    pool_stores: list[str] = field(default_factory=list)  # with stores: the same teachers' stores of the pool
 
 
 @dataclass
@@ -151,7 +160,8 @@ class Plan:
                 raise PlanError(f"{where}: give stores or teacher, not both")
             if s.teacher is not None:
                 _check_teacher_ref(s.teacher, f"{where}.teacher")
-            n = 1 if s.teacher is not None else len(s.stores)
+            n = 1 if s.teacher is not None else len(s.stores) if s.pool < 1 else len(s.pool_stores)
+            _check_pool(self.data, s, n, where)
             for j, loss in enumerate(s.losses):
                 _check_loss(loss, f"{where}.losses[{j}]")
                 if isinstance(loss.weight, str) and loss.weight != "auto":
@@ -174,6 +184,35 @@ class Plan:
             raise PlanError("data.batch_size: must be at least 1")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise PlanError("log_every: must be at least 1; checkpoint_every: 0 (epoch ends only) or more")
+
+
+def _check_pool(data: DataConfig, s: StageConfig, n: int, where: str) -> None:
+    """A stage's pool share against the plan's pool and the stage's stores (the losses: ``check_plan``)."""
+    if not 0.0 <= s.pool <= 1.0:
+        raise PlanError(f"{where}.pool: the share of each batch from the pool, 0 to 1; got {s.pool}")
+    if (data.pool_ann is None) != (data.pool_images is None):
+        raise PlanError("data.pool_ann and data.pool_images: give both (the pool's COCO file and its image folder)")
+    if s.pool > 0 and data.pool_ann is None:
+        raise PlanError(
+            f"{where}.pool: {s.pool} of each batch from a pool, but data.pool_ann is not set; list the images with "
+            "`mtpd-data pool --images FOLDER --out pool.json` and set data.pool_ann and data.pool_images"
+        )
+    if 0 < s.pool < 1 and round(s.pool * data.batch_size) in (0, data.batch_size):
+        raise PlanError(
+            f"{where}.pool: {s.pool} of a batch of {data.batch_size} rounds to {round(s.pool * data.batch_size)} "
+            "images; choose a share that leaves both parts at least one image, or 0 or 1"
+        )
+    if s.pool_stores and s.teacher is not None:
+        raise PlanError(f"{where}.pool_stores: goes with stores (a named teacher's pool store is found by itself)")
+    if s.pool == 1 and s.stores:
+        raise PlanError(f"{where}.stores: a stage on the pool alone (pool: 1) reads pool_stores only; move them there")
+    if 0 < s.pool < 1 and len(s.pool_stores) != len(s.stores):
+        raise PlanError(
+            f"{where}.pool_stores: {len(s.pool_stores)} for {len(s.stores)} store(s); list each teacher's store of "
+            "the pool, in the order of stores"
+        )
+    if s.pool_stores and s.pool == 0:
+        raise PlanError(f"{where}.pool_stores: the stage draws nothing from the pool (pool: 0); set pool or drop them")
 
 
 def _check_loss(loss: LossConfig, where: str) -> None:
@@ -295,14 +334,15 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
         return v if Path(v).is_absolute() else str((base / v).resolve())
 
     d = plan.data
-    d.train_ann, d.train_images, d.val_ann, d.val_images = map(
-        fix, (d.train_ann, d.train_images, d.val_ann, d.val_images)
+    d.train_ann, d.train_images, d.val_ann, d.val_images, d.pool_ann, d.pool_images = map(
+        fix, (d.train_ann, d.train_images, d.val_ann, d.val_images, d.pool_ann, d.pool_images)
     )
     plan.student.init = fix(plan.student.init)
     plan.output_dir = fix(plan.output_dir)
     plan.cache_root = fix(plan.cache_root)
     for s in plan.stages:
         s.stores = [fix(x) for x in s.stores]
+        s.pool_stores = [fix(x) for x in s.pool_stores]
         if s.inherit:
             s.inherit.weights = fix(s.inherit.weights)
         if s.teacher and s.teacher.weights not in ("none", "default"):

@@ -16,27 +16,45 @@ from torch import Tensor
 from mtpd.cache.read import StoreFeed, grid_size, valid_masks
 from mtpd.cache.store import StoreReader
 from mtpd.output_spec import OutputSpec
+from mtpd.trainer.checks import check_pool_stores
 from mtpd.trainer.targets import Batch
 
 
 class StoreTargets:
     """Teacher codes the DataLoader already read from stores (``DistillDataset``'s feeds) and placed on the
-    batch, decoded here, on the batch's device (``mtpd.cache.read.CodedBatch.decode``)."""
+    batch, decoded here, on the batch's device (``mtpd.cache.read.CodedBatch.decode``). ``pool_feeds``: the same
+    teachers' stores of the pool, for a stage whose batches draw from it (``Batch.pool_teacher``)."""
 
-    def __init__(self, feeds: Sequence[StoreFeed | StoreReader]) -> None:
+    def __init__(
+        self, feeds: Sequence[StoreFeed | StoreReader], pool_feeds: Sequence[StoreFeed | StoreReader] = ()
+    ) -> None:
         self.feeds = list(feeds)  # what a stage has open: the stores' readers, or a dataset's feeds
+        self.pool_feeds = list(pool_feeds)
         self.metas = [f.header.outputs for f in feeds]
+        self.pool_metas = [f.header.outputs for f in pool_feeds]
+        if self.feeds and self.pool_feeds:
+            check_pool_stores([(f.location, f.header) for f in feeds], [(f.location, f.header) for f in pool_feeds])
 
     def outputs(self) -> list[dict[str, OutputSpec]]:
-        return [{n: o.spec for n, o in meta.items()} for meta in self.metas]
+        return [{n: o.spec for n, o in meta.items()} for meta in (self.metas or self.pool_metas)]
 
     def names(self) -> list[str]:
-        return [f"store {f.location}" for f in self.feeds]
+        return [f"store {f.location}" for f in (self.feeds or self.pool_feeds)]
 
     def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]:
         """Per store: ``{name}.p{level}`` -> [B, C, h, w] float32 maps (zero on padded cells, mirrored samples'
-        channels mirrored by each output's rule), and the valid-cell masks."""
-        return [cb.decode(meta, batch.masks) for cb, meta in zip(batch.teacher, self.metas)], batch.masks
+        channels mirrored by each output's rule), and the valid-cell masks. A batch with pool images decodes
+        each part with its own store's header (codings may be calibrated per store) and joins them."""
+        n, masks = batch.labelled, batch.masks
+        if not batch.pool_teacher:
+            return [cb.decode(meta, masks) for cb, meta in zip(batch.teacher, self.metas)], masks
+        pool_masks = {lvl: m[n:] for lvl, m in masks.items()}
+        pool = [cb.decode(meta, pool_masks) for cb, meta in zip(batch.pool_teacher, self.pool_metas)]
+        if n == 0:
+            return pool, masks
+        lab_masks = {lvl: m[:n] for lvl, m in masks.items()}
+        lab = [cb.decode(meta, lab_masks) for cb, meta in zip(batch.teacher, self.metas)]
+        return [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(lab, pool)], masks
 
 
 class OnlineTeacher(Protocol):

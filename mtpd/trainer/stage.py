@@ -39,11 +39,11 @@ from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.events import Event, OnEvent, format_event
 from mtpd.trainer.optim import make_optimizer, make_schedule
 from mtpd.trainer.plan import Plan, PlanError, load_plan, same_plan, save_plan
-from mtpd.trainer.sampler import EpochSampler
+from mtpd.trainer.sampler import EpochSampler, MixSampler
 from mtpd.trainer.sources import OnlineTargets, OnlineTeacher, StoreTargets
-from mtpd.trainer.store_refs import note_uses, stage_stores
+from mtpd.trainer.store_refs import note_uses, stage_sets, stage_stores
 from mtpd.trainer.student import build_student, inherit_from_teacher, load_checkpoint, save_student
-from mtpd.trainer.targets import DistillDataset, make_loader
+from mtpd.trainer.targets import DistillDataset, MixedDataset, make_loader
 
 
 @dataclass
@@ -70,7 +70,7 @@ def stage_done(plan: Plan, k: int) -> bool:
 
 class Stage:
     """Stage ``k`` (1-based) of ``plan``. ``online``: teachers (one per store) run inside each step instead.
-    ``stores``: the stage's stores when the caller already resolved them (``run_plan``)."""
+    ``stores``: the stage's stores by set (``train``, ``pool``) when the caller already resolved them (``run_plan``)."""
 
     def __init__(
         self,
@@ -81,7 +81,7 @@ class Stage:
         online: list[OnlineTeacher] | None = None,
         log: Callable[[str], None] | None = print,
         on_event: OnEvent | None = None,
-        stores: list[str] | None = None,
+        stores: dict[str, list[str]] | None = None,
     ) -> None:
         if not 1 <= k <= len(plan.stages):
             raise PlanError(f"--stage {k}: the plan has stages 1..{len(plan.stages)}")
@@ -90,13 +90,19 @@ class Stage:
         self.resume, self.online = resume, online
         self.log, self.on_event = log, on_event
         self.dir = stage_dir(plan, k)
-        self.n_sources = 1 if self.cfg.teacher is not None else len(self.cfg.stores)
+        self.n_sources = 1 if self.cfg.teacher is not None else len(self.cfg.stores or self.cfg.pool_stores)
         self.given_stores = stores
-        self.stores: list[str] = []  # resolved in target_source (a cached stage only)
-        self.readers: list[StoreReader] = []  # ... and opened there, once in this process
+        self.stores: list[str] = []  # resolved in target_source (a cached stage only): the labelled set's
+        self.pool_stores: list[str] = []  # ... and the pool's
+        self.readers: list[StoreReader] = []  # ... opened there, once in this process
+        self.pool_readers: list[StoreReader] = []
         self.mirrored: dict[str, dict | None] = {}  # stores serving flips by mirroring: their measured error
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def all_stores(self) -> list[str]:
+        return self.stores + self.pool_stores
 
     def emit(self, ev: Event) -> None:
         ev = {"event": ev.pop("event"), "stage": self.k, **ev}
@@ -129,7 +135,7 @@ class Stage:
             for name in ("metrics.json", "final.pt"):
                 (self.dir / name).unlink(missing_ok=True)
             save_plan(self.plan, self.dir / "plan.yaml")
-            note_uses(self.stores, str(self.plan.output_dir), self.k, self.cfg.name)  # the use, as the stage starts
+            note_uses(self.all_stores, str(self.plan.output_dir), self.k, self.cfg.name)  # the use, as it starts
         self.emit(
             {
                 "event": "stage_start",
@@ -189,18 +195,30 @@ class Stage:
         if isinstance(source, OnlineTargets):
             source.needs = needs
         else:
-            mirrored = [f"store {p}" if p in self.mirrored else "" for p in self.stores]
+            parts = [p for p in (self.stores, self.pool_stores) if p]
+            mirrored = [", ".join(f"store {p[j]}" for p in parts if p[j] in self.mirrored) for j in range(len(needs))]
             check_mirrors(source.outputs(), needs, mirrored, where)
         return source, losses, needs
 
     def build_data(
         self, train: CocoDataset, student: nn.Module, needs: list[list[str]]
-    ) -> tuple[DistillDataset, EpochSampler, DataLoader]:
-        data, seed = self.plan.data, self.plan.seed
+    ) -> tuple[DistillDataset | MixedDataset, EpochSampler | MixSampler, DataLoader]:
+        data, seed, share = self.plan.data, self.plan.seed, self.cfg.pool
         spec = ViewSpec(short=data.short, long=data.long, views=("orig", "hflip") if data.flip else ("orig",))
         with_masks = adapter_for(student).needs_masks
-        ds = DistillDataset(train, spec, self.readers, flip=data.flip, seed=seed, outputs=needs, with_masks=with_masks)
-        sampler = EpochSampler(len(ds), seed, self.rank, self.world)
+        ds: DistillDataset | MixedDataset
+        sampler: EpochSampler | MixSampler
+        if share == 0:
+            ds = DistillDataset(train, spec, self.readers, data.flip, seed, outputs=needs, with_masks=with_masks)
+            sampler = EpochSampler(len(ds), seed, self.rank, self.world)
+        else:
+            lab = DistillDataset(train, spec, self.readers, data.flip, seed, needs) if share < 1 else None
+            pool_set = CocoDataset(data.pool_ann, data.pool_images)  # type: ignore[arg-type]  (checked by the plan)
+            pool = DistillDataset(pool_set, spec, self.pool_readers, data.flip, seed + 1, needs)
+            ds = MixedDataset(lab, pool)
+            per_pool = data.batch_size if share == 1 else round(share * data.batch_size)
+            n_lab = ds.n_labelled
+            sampler = MixSampler(n_lab, ds.n_pool, data.batch_size - per_pool, per_pool, seed, self.rank, self.world)
         pin = self.device.type == "cuda"  # page-locked batches: the copy to the GPU overlaps its work
         loader = make_loader(
             ds, data.batch_size, shuffle=False, workers=data.workers, seed=seed, sampler=sampler, pin_memory=pin
@@ -237,13 +255,16 @@ class Stage:
         """Stores (opened for their headers; the loader reads them), or the online teachers."""
         if self.online is None:
             # A named teacher's store is found under the cache root (once: run_plan hands it over).
-            self.stores = self.given_stores if self.given_stores is not None else stage_stores(self.plan, self.cfg)
-            readers = self.readers = [StoreReader(p) for p in self.stores]  # opened once: the loader reads these
-            for r in readers:
+            given = self.given_stores or {}
+            found = {w: given[w] if w in given else stage_stores(self.plan, self.cfg, w) for w in stage_sets(self.cfg)}
+            self.stores, self.pool_stores = found.get("train", []), found.get("pool", [])
+            self.readers = [StoreReader(p) for p in self.stores]  # opened once: the loader reads these
+            self.pool_readers = [StoreReader(p) for p in self.pool_stores]
+            for r in self.readers + self.pool_readers:
                 if self.plan.data.flip and "hflip" not in r.header.view_names:
                     self.mirrored[r.location] = r.root.attrs.get("flip_error")
                     self.emit({"event": "mirrored", "store": r.location, "flip_error": self.mirrored[r.location]})
-            return StoreTargets(readers)
+            return StoreTargets(self.readers, self.pool_readers)
         if len(self.online) != self.n_sources:
             raise PlanError(
                 f"{where}: {len(self.online)} online teacher(s) for {self.n_sources} store(s); give one per store"
@@ -305,8 +326,8 @@ class Stage:
         metrics: dict = {"stage": self.k, "name": self.cfg.name, "train_seconds": engine.state.train_seconds}
         if self.rank == 0:
             metrics.update(evaluator.metrics)
-            if self.stores:  # which stores this stage read, and a use record in each (mtpd-cache ls)
-                metrics["stores"] = note_uses(self.stores, str(self.plan.output_dir), self.k, self.cfg.name)
+            if self.all_stores:  # which stores this stage read, and a use record in each (mtpd-cache ls)
+                metrics["stores"] = note_uses(self.all_stores, str(self.plan.output_dir), self.k, self.cfg.name)
             if self.mirrored:  # flipped samples mirrored from orig-only stores, with the error measured at build
                 metrics["mirrored_flips"] = self.mirrored
             if auto := {b.name: b.weight for b in engine.losses if b.auto_ratio is not None}:
@@ -341,7 +362,11 @@ def run_plan(
     bad = [k for k in stages if not 1 <= k <= len(plan.stages)]
     if bad:
         raise PlanError(f"--stage {bad[0]}: the plan has stages 1..{len(plan.stages)}")
-    stores = {k: stage_stores(plan, plan.stages[k - 1]) for k in stages if online is None}
+    stores = {
+        k: {w: stage_stores(plan, plan.stages[k - 1], w) for w in stage_sets(plan.stages[k - 1])}
+        for k in stages
+        if online is None
+    }
     check_plan(plan, stages, stores, online)
     Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
     save_plan(plan, Path(plan.output_dir) / "plan.resolved.yaml")

@@ -31,13 +31,30 @@ def ref_views(plan: Plan, ref: TeacherRef) -> ViewSpec:
     return ViewSpec(short=d.short, long=d.long, views=views)
 
 
-def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
-    """``stage.stores``, or the one complete store of ``stage.teacher`` for the plan's data and views;
-    PlanError with the exact ``mtpd-cache build`` command when there is none yet."""
+def stage_sets(stage: StageConfig) -> list[str]:
+    """The image sets a stage trains on: ``train`` (the labelled set) and/or ``pool``, by its pool share."""
+    return [name for name, used in (("train", stage.pool < 1), ("pool", stage.pool > 0)) if used]
+
+
+def set_files(plan: Plan, which: str) -> tuple[str, str]:
+    """(annotation file, image folder) of the plan's ``train`` or ``pool`` set."""
+    d = plan.data
+    if which == "pool":
+        if d.pool_ann is None or d.pool_images is None:
+            raise PlanError("data.pool_ann and data.pool_images: a stage draws from the pool; set both")
+        return d.pool_ann, d.pool_images
+    return d.train_ann, d.train_images
+
+
+def stage_stores(plan: Plan, stage: StageConfig, which: str = "train") -> list[str]:
+    """The stores of the stage's ``which`` set (``train`` or ``pool``): ``stage.stores`` / ``stage.pool_stores``,
+    or the one complete store of ``stage.teacher`` for that set and the plan's views; PlanError with the exact
+    ``mtpd-cache build`` command when there is none yet."""
     ref = stage.teacher
     if ref is None:
-        return list(stage.stores)
+        return list(stage.pool_stores if which == "pool" else stage.stores)
     d = plan.data
+    ann, images = set_files(plan, which)
     spec = ref_views(plan, ref)
     onnx = ref.name.startswith("onnx:")
     if not onnx and ref.weights not in ("none", "default") and not Path(ref.weights).is_file():
@@ -48,7 +65,7 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
         name, weights, sha = teacher_reference(ref.name, ref.weights)
     except MtpdError as e:  # an unreadable mapping file
         raise PlanError(f"stage {stage.name}: teacher {ref.name}: {e}") from None
-    manifest = _manifest(d.train_ann, d.train_images, Path(d.train_ann).stat().st_mtime_ns)
+    manifest = _manifest(ann, images, Path(ann).stat().st_mtime_ns)
     root = cache_root(plan.cache_root)
     exact = ref.views is not None
     found = find_store(root, name, weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision, "off", exact)
@@ -62,9 +79,9 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
         "--weights",
         ref.weights,
         "--ann",
-        d.train_ann,
+        ann,
         "--images",
-        d.train_images,
+        images,
         "--views",
         ",".join(spec.views),
         "--short",
@@ -80,7 +97,7 @@ def stage_stores(plan: Plan, stage: StageConfig) -> list[str]:
     ]
     raise MissingStore(
         f"stage {stage.name}: no complete store of teacher {ref.name} (weights {ref.weights}) for this "
-        f"plan's data and views under {root}; build it with: {shlex.join(cmd)}"
+        f"plan's {'pool' if which == 'pool' else 'data'} and views under {root}; build it with: {shlex.join(cmd)}"
     )
 
 

@@ -9,7 +9,7 @@ This module adds the images, boxes and masks around them.
 from __future__ import annotations
 
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,7 +20,17 @@ from mtpd.cache.schema import StoredOutput, StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, masks_to_view, prepare_view
 
-__all__ = ["Batch", "Collate", "DistillDataset", "Sample", "check_store", "collate", "make_loader", "worker_init"]
+__all__ = [
+    "Batch",
+    "Collate",
+    "DistillDataset",
+    "MixedDataset",
+    "Sample",
+    "check_store",
+    "collate",
+    "make_loader",
+    "worker_init",
+]
 
 
 @dataclass
@@ -32,6 +42,7 @@ class Sample:
     labels: torch.Tensor  # [n]
     teacher: list[dict[str, Coded]]  # per store: name -> stored codes of this view (``mtpd.cache.read.Coded``)
     masks: torch.Tensor | None = None  # [n, Hp, Wp] uint8 instance masks on the padded view (Mask R-CNN), else None
+    pool: bool = False  # from the unlabelled pool: no boxes, and ``teacher`` holds the pool's stores' codes
 
 
 @dataclass
@@ -45,6 +56,15 @@ class Batch:
     teacher: list[CodedBatch]  # per store: its codes on the batch grid; ``StoreTargets`` decodes them
     masks: dict[int, torch.Tensor]  # level -> [B, 1, h_l, w_l], 1 on valid cells
     instance_masks: list[torch.Tensor] | None = None  # per image [n, H, W] (Mask R-CNN)
+    # A batch mixing the labelled set and the pool holds its labelled images first: ``n_labelled`` of them, whose
+    # codes are ``teacher``; the pool's images follow, their codes (of the pool's stores) in ``pool_teacher``.
+    n_labelled: int = -1  # -1: every image (a batch of the labelled set alone)
+    pool_teacher: list[CodedBatch] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> int:
+        """How many of the batch's images (the first ones) have labels."""
+        return len(self.image_ids) if self.n_labelled < 0 else self.n_labelled
 
     def to(self, device: torch.device | str) -> "Batch":
         return self.map(lambda t: t.to(device, non_blocking=True))
@@ -66,6 +86,8 @@ class Batch:
             [t.map(mv) for t in self.teacher],
             {k: mv(v) for k, v in self.masks.items()},
             None if self.instance_masks is None else [mv(m) for m in self.instance_masks],
+            self.n_labelled,
+            [t.map(mv) for t in self.pool_teacher],
         )
 
 
@@ -155,21 +177,58 @@ class DistillDataset(Dataset):
         return [f.read_sample(image_id, view) for f in self.feeds]
 
 
-def collate(samples: list[Sample], stores_meta: list[dict[str, StoredOutput]]) -> Batch:
+class MixedDataset(Dataset):
+    """The labelled set's samples (indices ``0 .. n_labelled-1``) followed by the pool's (``n_labelled ..``), for
+    a stage drawing from both (``MixSampler`` puts both in each batch); either may be None (a stage of one)."""
+
+    def __init__(self, labelled: DistillDataset | None, pool: DistillDataset | None) -> None:
+        self.labelled, self.pool = labelled, pool
+        self.n_labelled = 0 if labelled is None else len(labelled)
+        self.n_pool = 0 if pool is None else len(pool)
+        self.feeds = [] if labelled is None else labelled.feeds
+        self.pool_feeds = [] if pool is None else pool.feeds
+        self.skipped = [*(labelled.skipped if labelled else []), *(pool.skipped if pool else [])]
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds in (self.labelled, self.pool):
+            if ds is not None:
+                ds.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.n_labelled + self.n_pool
+
+    def __getitem__(self, idx: int) -> Sample:
+        if idx < self.n_labelled:
+            return self.labelled[idx]  # type: ignore[index]
+        sample = self.pool[idx - self.n_labelled]  # type: ignore[index]
+        sample.pool = True
+        return sample
+
+
+def collate(
+    samples: list[Sample], stores_meta: list[dict[str, StoredOutput]], pool_meta: list[dict[str, StoredOutput]] = ()
+) -> Batch:
     """Pad views to the batch's size and place teacher codes on the batch grid (zeros + mask outside).
 
-    ``stores_meta``: each store's ``header.outputs``. Teacher maps stay coded (``mtpd.cache.read``).
+    ``stores_meta``: each store's ``header.outputs``; ``pool_meta``: those of the pool's stores, when samples
+    come from the pool (they go after the labelled ones). Teacher maps stay coded (``mtpd.cache.read``).
     """
+    samples = [s for s in samples if not s.pool] + [s for s in samples if s.pool]
+    n_labelled = sum(not s.pool for s in samples)
     hp = max(s.image.shape[1] for s in samples)
     wp = max(s.image.shape[2] for s in samples)
     images = empty((len(samples), 3, hp, wp))
     for i, s in enumerate(samples):
         place(images, i, s.image)
-    teacher, levels = [], set()
-    for k, outputs in enumerate(stores_meta):
-        coded = [s.teacher[k] for s in samples]
-        teacher.append(collate_codes(coded, outputs, (hp, wp)))
-        levels |= code_levels(coded, outputs)
+    levels: set[int] = set()
+    parts = []
+    for part, metas in ((samples[:n_labelled], stores_meta), (samples[n_labelled:], pool_meta)):
+        coded_part = []
+        for k, outputs in enumerate(metas if part else ()):
+            coded = [s.teacher[k] for s in part]
+            coded_part.append(collate_codes(coded, outputs, (hp, wp)))
+            levels |= code_levels(coded, outputs)
+        parts.append(coded_part)
     instance = None
     if samples[0].masks is not None:
         instance = [
@@ -182,9 +241,11 @@ def collate(samples: list[Sample], stores_meta: list[dict[str, StoredOutput]]) -
         [s.image_id for s in samples],
         [s.boxes for s in samples],
         [s.labels for s in samples],
-        teacher,
+        parts[0],
         valid_masks((hp, wp), [s.meta.size for s in samples], sorted(levels)),
         instance,
+        -1 if n_labelled == len(samples) else n_labelled,
+        parts[1],
     )
 
 
@@ -200,7 +261,7 @@ def worker_init(_: int) -> None:
 
 
 def make_loader(
-    ds: DistillDataset,
+    ds: DistillDataset | MixedDataset,
     batch_size: int,
     shuffle: bool,
     workers: int,
@@ -211,6 +272,7 @@ def make_loader(
     """DataLoader with spawn/forkserver workers: forking after zarr's event loop started misbehaves.
     ``pin_memory``: batches in page-locked memory (for a CUDA device: asynchronous copies)."""
     metas = [f.header.outputs for f in ds.feeds]
+    pool_metas = [f.header.outputs for f in ds.pool_feeds] if isinstance(ds, MixedDataset) else []
     ctx = None
     if workers > 0:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -223,7 +285,7 @@ def make_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=Collate(metas),
+        collate_fn=Collate(metas, pool_metas),
         multiprocessing_context=ctx,
         worker_init_fn=worker_init if workers else None,
         persistent_workers=False,
@@ -236,8 +298,8 @@ def make_loader(
 class Collate:
     """Picklable collate carrying each store's output metadata (levels per output)."""
 
-    def __init__(self, metas: list[dict]) -> None:
-        self.metas = metas
+    def __init__(self, metas: list[dict], pool_metas: list[dict] | None = None) -> None:
+        self.metas, self.pool_metas = metas, pool_metas or []
 
     def __call__(self, samples: list[Sample]) -> Batch:
-        return collate(samples, self.metas)
+        return collate(samples, self.metas, self.pool_metas)

@@ -39,6 +39,25 @@ class DetectorOutput:
     detections: list[dict[str, Tensor]] | None  # per image boxes (view pixels), scores, labels (eval only)
 
 
+def labelled_part(
+    targets: list[dict | None], head: dict[str, Tensor], anchors: list[Tensor], feats: list[Tensor]
+) -> tuple[list[dict], dict[str, Tensor], list[Tensor], list[Tensor]]:
+    """The images of a batch that have targets (a ``None`` target: an unlabelled pool image, which the detection
+    loss must not read as all background), with their head outputs, anchors and features; the batch itself when
+    every image has targets. One-stage losses sum per image and divide by the images given, so this is the loss
+    of the labelled images alone."""
+    keep = [i for i, t in enumerate(targets) if t is not None]
+    if len(keep) == len(targets):
+        return targets, head, anchors, feats  # type: ignore[return-value]
+    idx = torch.as_tensor(keep, device=anchors[0].device)
+    return (
+        [targets[i] for i in keep],  # type: ignore[misc]
+        {k: v[idx] for k, v in head.items()},
+        [anchors[i] for i in keep],
+        [f[idx] for f in feats],
+    )
+
+
 class DetectorAdapter(ABC):
     """One detector family's answers (see the module docstring); subclasses set the class attributes."""
 
@@ -47,6 +66,9 @@ class DetectorAdapter(ABC):
     model_type: ClassVar[type[nn.Module]] = nn.Module
     label_offset: ClassVar[int] = 0
     needs_masks: ClassVar[bool] = False
+    # Whether a batch may hold images without targets (the unlabelled pool's): the detection loss then reads the
+    # others (``labelled_part``). Two-stage detectors sample RoIs from every image's ground truth: not theirs.
+    unlabelled_images: ClassVar[bool] = True
     # Output name -> mirror rule (mtpd.output_spec.MIRRORS) where it differs from the kind's default.
     mirrors: ClassVar[dict[str, str]] = {}
 

@@ -21,7 +21,7 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from mtpd.models.adapters.base import DetectorAdapter, DetectorOutput, Sizes
+from mtpd.models.adapters.base import DetectorAdapter, DetectorOutput, Sizes, labelled_part
 from mtpd.models.levels import backbone_features, feature_levels, flatten_level
 from mtpd.output_spec import NEGATE_DX, SWAP_LR, OutputSpec
 
@@ -87,7 +87,7 @@ class RetinaNetAdapter(DetectorAdapter):
         head = self.head_dict(outs, levels)
         image_sizes = [tuple(s) for s in sizes]
         anchors = self.model.anchor_generator(ImageList(images, image_sizes), self.stand_ins(feats))
-        losses = self.compute_loss(targets, head, anchors, feats) if targets is not None else {}
+        losses = self.compute_loss(*labelled_part(targets, head, anchors, feats)) if targets is not None else {}
         detections = None
         if detect:
             a = self.output_specs()["cls"].num_anchors

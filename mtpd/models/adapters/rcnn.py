@@ -22,6 +22,7 @@ from mtpd.output_spec import NEGATE_DX, OutputSpec
 
 class FasterRCNNAdapter(DetectorAdapter):
     family = "fasterrcnn"
+    unlabelled_images = False
     display = "FasterRCNN"
     model_type = FasterRCNN
     label_offset = 1

@@ -19,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import box_iou
 
-from mtpd.models.adapters.base import DetectorAdapter, DetectorOutput, Sizes
+from mtpd.models.adapters.base import DetectorAdapter, DetectorOutput, Sizes, labelled_part
 from mtpd.models.levels import backbone_features, feature_levels, flatten_level
 from mtpd.output_spec import NEGATE_DX, OutputSpec
 
@@ -78,13 +78,14 @@ class SSDAdapter(DetectorAdapter):
         anchors = m.anchor_generator(ImageList(images, image_sizes), self.stand_ins(feats))
         losses: dict[str, Tensor] = {}
         if targets is not None:  # SSD.forward's matching, then its loss (hard negative mining)
+            lab_targets, lab_head, lab_anchors, _ = labelled_part(targets, head, anchors, feats)
             matched = []
-            for anchors_i, t in zip(anchors, targets):
+            for anchors_i, t in zip(lab_anchors, lab_targets):
                 if t["boxes"].numel() == 0:
                     matched.append(torch.full((anchors_i.shape[0],), -1, dtype=torch.int64, device=anchors_i.device))
                 else:
                     matched.append(m.proposal_matcher(box_iou(t["boxes"], anchors_i)))
-            losses = m.compute_loss(targets, head, anchors, matched)
+            losses = m.compute_loss(lab_targets, lab_head, lab_anchors, matched)
         detections = None
         if detect:
             with torch.no_grad():

@@ -62,6 +62,7 @@ class DistillLoss(nn.Module):
     name: ClassVar[str] = ""
     needs: tuple[str, ...] = ()  # teacher output names read; an instance may narrow it (cwd's target)
     needs_anchors: ClassVar[bool] = False  # reads batch.anchors (the engine builds them only then)
+    needs_labels: ClassVar[bool] = False  # reads batch.gt_boxes (refused on the unlabelled pool alone)
     default_weight: ClassVar[float] = 1.0
 
     def forward(self, batch: DistillBatch) -> Tensor:  # pragma: no cover - abstract

@@ -75,6 +75,7 @@ class RankMimickingLoss(DistillLoss):
     name = "rm"
     needs = ("cls",)
     needs_anchors = True
+    needs_labels = True
     default_weight = 4.0
 
     def __init__(
