@@ -86,6 +86,8 @@ def bench_copy(tmp_path_factory) -> Path:
     (root / "mtpd" / "demo").mkdir(parents=True)
     (root / "mtpd" / "demo" / "teachers").symlink_to(ROOT / "mtpd" / "demo" / "teachers")
     make_digits(root / "bench_out" / "digits", train=24, val=8, size=128, seed=0)
+    make_digits(root / "bench_out" / "digits_pool", train=0, val=0, size=128, seed=0, pool=16)  # pool.yaml's
+    make_digits(root / "bench_out" / "digits500", train=12, val=0, size=128, seed=0)
     return root
 
 
@@ -154,6 +156,36 @@ def test_bytes_vs_ap_study_quick_builds_its_stores_and_trains_every_kind_of_row(
     out = capsys.readouterr().out.splitlines()
     moved = {ln.split(", ")[1].split("'")[0]: float(ln.split()[-1]) for ln in out if "KD loss" in ln}
     assert moved["lossless"] == 0.0 and moved["tiny"] > 0.0
+
+
+def test_pool_study_quick_builds_pool_stores_and_trains_pool_rows(bench_copy, capsys):
+    """bench/studies/pool.yaml in --quick mode: both teachers' stores of the pool built through the catalog beside
+    the labelled set's, and MTPD, a mixed and a pool-pretraining row trained side by side."""
+    import json
+
+    from mtpd.cache.store import store_header
+    from mtpd.cli.study import main
+
+    study = bench_copy / "bench" / "studies" / "pool.yaml"
+    rows = ["baseline", "mtpd", "mix50_kd", "pretrain_kd", "mix50_kd_500"]
+    assert main([str(study), "--quick", "--rows", ",".join(rows), "--jobs", "2"]) == 0
+    record = json.loads((bench_copy / "bench" / "studies" / "pool_out" / "quick-val" / "record.json").read_text())
+    assert sorted(record) == sorted(rows)
+    built = {}
+    for p in (bench_copy / "bench_out" / "cache").iterdir():
+        if p.is_dir() and (p / "zarr.json").is_file():
+            h = store_header(str(p))
+            built.setdefault(h.teacher["name"], set()).add((Path(h.ann_file).name, h.num_images))
+    for teacher in ("retinanet_tiny", "retinanet_tiny_wide"):
+        # the train set's and the pool's quick cuts (their first 16 images: the same file names, other pixels, so
+        # other stores), and the 500-image set's, which a quick run leaves whole
+        got = sorted(("pool_*.json" if f.startswith("pool_") else f, n) for f, n in built[teacher])
+        assert got == [("instances_train.json", 12), ("pool_*.json", 16), ("train.json", 16)], built
+    runs = bench_copy / "bench" / "studies" / "pool_out" / "quick-val" / "runs"
+    first = [json.loads(x) for x in (runs / "pretrain_kd_s0" / "stage_1" / "log.jsonl").read_text().splitlines()]
+    assert first and not any(k.startswith("det_") for rec in first for k in rec)  # the pool alone: no labels
+    mixed = [json.loads(x) for x in (runs / "mix50_kd_s0" / "stage_1" / "log.jsonl").read_text().splitlines()]
+    assert all({"det_classification", "mgd", "kd"} <= set(rec) for rec in mixed)
 
 
 def test_rm_terms_counts_candidates_per_box(bench_copy, capsys):

@@ -313,3 +313,23 @@ def test_the_plan_check_refuses_what_a_pool_cannot_serve(tmp_path, pooled, store
     (tmp_path / "rcnn.yaml").write_text(yaml.safe_dump(plan))
     with pytest.raises(PlanError, match=r"two-stage student \(FasterRCNN\).*use a one-stage student"):
         run_plan(load_plan(tmp_path / "rcnn.yaml"), [1], log=None)
+
+
+def test_a_store_of_other_pixels_under_the_same_file_list_is_refused(tmp_path, pooled, stores) -> None:
+    """A pool and a train set may list the same file names (000000.png ...) in other folders: the manifest agrees,
+    the pixels do not, and the store's content probe tells them apart."""
+    import shutil
+
+    from mtpd.cache.schema import StoreError
+    from mtpd.trainer.targets import DistillDataset
+
+    other = tmp_path / "other"
+    shutil.copytree(pooled["train"]["images"], other)
+    Image.new("RGB", (64, 64), "white").save(other / "000000.png")
+    ds = CocoDataset(pooled["train"]["ann"], other)
+    train = CocoDataset(pooled["train"]["ann"], pooled["train"]["images"])
+    assert ds.manifest_hash() == train.manifest_hash() and ds.content_probe() != train.content_probe()
+    spec = ViewSpec(views=("orig", "hflip"), **TINY_VIEW)
+    DistillDataset(train, spec, [stores["train"]])  # its own images: accepted
+    with pytest.raises(StoreError, match=r"built on other images than \S*other holds"):
+        DistillDataset(ds, spec, [stores["train"]])

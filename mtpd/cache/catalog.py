@@ -14,6 +14,7 @@ with the disk. Readers need no lock; writes of use records and of the index are 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -57,6 +58,8 @@ def identity(h: StoreHeader) -> dict:
             **({"amp": (t.get("extra") or {})["amp"]} if (t.get("extra") or {}).get("amp") else {}),
         },
         "dataset": h.dataset["manifest_sha256"],
+        # only when recorded, so that stores catalogued before it keep their names
+        **({"content": h.dataset["content_sha256"]} if h.dataset.get("content_sha256") else {}),
         "views": h.views,
         "precision": h.precision,
         "images_per_shard": h.images_per_shard,
@@ -79,9 +82,15 @@ def store_name(h: StoreHeader) -> str:
 def store_path(root: Path, h: StoreHeader) -> Path:
     """Where the store of this identity lives under ``root``: an existing folder with the same identity (the
     readable prefix may differ, e.g. a renamed annotation file), else a new name."""
-    digest = identity_digest(h)
-    same = sorted(p for p in Path(root).glob(f"*-{digest}") if p.is_dir()) if Path(root).is_dir() else []
-    return same[0] if same else Path(root) / store_name(h)
+    digests = [identity_digest(h)]
+    if h.dataset.get("content_sha256"):  # a store built before the content probe: its digest has none
+        legacy = dataclasses.replace(h, dataset={k: v for k, v in h.dataset.items() if k != "content_sha256"})
+        digests.append(identity_digest(legacy))
+    for digest in digests:
+        same = sorted(p for p in Path(root).glob(f"*-{digest}") if p.is_dir()) if Path(root).is_dir() else []
+        if same:
+            return same[0]
+    return Path(root) / store_name(h)
 
 
 # -- use records ----------------------------------------------------------------------------------
@@ -157,6 +166,7 @@ def _row(path: Path, reader: StoreReader) -> dict:
         "amp": (t.get("extra") or {}).get("amp") or "off",
         "dataset": h.dataset.get("ann_file"),
         "manifest_sha256": h.dataset.get("manifest_sha256"),
+        "content_sha256": h.dataset.get("content_sha256", ""),
         "images_done": done_images,
         "images_total": h.num_images,
         "complete": bool(status.done.all()),
@@ -232,12 +242,14 @@ def find_store(
     precision: str,
     amp: str = "off",
     exact_views: bool = False,
+    content_sha256: str = "",
 ) -> str | None:
     """The newest complete store under ``root`` with this teacher and weights (a file's sha256, or
     ``none`` / ``default`` by name), dataset, views (a ``ViewSpec.to_dict()``: sizes, padding,
     normalisation and at least these views; ``exact_views``: these views and no other, for a stage that must
     mirror its flips from the original view), precision, at least these outputs and this teacher precision
-    (``amp``: an AMP store never stands in for an fp32 one); None if none."""
+    (``amp``: an AMP store never stands in for an fp32 one) and, where both record it, the same image content
+    (``CocoDataset.content_probe``: two sets listing the same file names in other folders differ); None if none."""
     best = None
     for row in scan(root)[0]:
         if not (
@@ -247,6 +259,7 @@ def find_store(
             and row["precision"] == precision
             and set(outputs) <= set(row["outputs"])
             and row.get("amp", "off") == amp
+            and not (content_sha256 and row.get("content_sha256") and row["content_sha256"] != content_sha256)
         ):
             continue
         if weights_sha256 and row["weights_sha256"]:

@@ -62,6 +62,7 @@ def plan_layout(
         views=spec.to_dict(),
         dataset={
             "manifest_sha256": dataset.manifest_hash(),
+            "content_sha256": dataset.content_probe(),
             "num_images": n,
             "num_classes": dataset.num_classes,
             "ann_file": dataset.ann_file.name,

@@ -89,4 +89,3 @@ def write_pool(
     tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
     os.replace(tmp, dst)
     return {"ann": str(dst), "images": str(folder), "num_images": len(records), "skipped": skipped}
-

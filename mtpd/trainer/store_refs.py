@@ -14,9 +14,11 @@ from mtpd.trainer.plan import Plan, PlanError, StageConfig, TeacherRef
 
 
 @functools.lru_cache(maxsize=8)
-def _manifest(ann: str, images: str, stamp: int) -> str:
-    """The dataset's manifest hash, computed once per annotation file version (COCO's JSON is large)."""
-    return CocoDataset(ann, images).manifest_hash()
+def _manifest(ann: str, images: str, stamp: int) -> tuple[str, str]:
+    """The dataset's manifest hash and content probe, computed once per annotation file version (COCO's JSON is
+    large)."""
+    ds = CocoDataset(ann, images)
+    return ds.manifest_hash(), ds.content_probe()
 
 
 class MissingStore(PlanError):
@@ -65,10 +67,12 @@ def stage_stores(plan: Plan, stage: StageConfig, which: str = "train") -> list[s
         name, weights, sha = teacher_reference(ref.name, ref.weights)
     except MtpdError as e:  # an unreadable mapping file
         raise PlanError(f"stage {stage.name}: teacher {ref.name}: {e}") from None
-    manifest = _manifest(ann, images, Path(ann).stat().st_mtime_ns)
+    manifest, content = _manifest(ann, images, Path(ann).stat().st_mtime_ns)
     root = cache_root(plan.cache_root)
     exact = ref.views is not None
-    found = find_store(root, name, weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision, "off", exact)
+    found = find_store(
+        root, name, weights, sha, manifest, spec.to_dict(), ref.outputs, ref.precision, "off", exact, content
+    )
     if found is not None:
         return [found]
     cmd = [

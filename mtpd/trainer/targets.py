@@ -101,6 +101,13 @@ def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec) -> No
             f"{dataset.manifest_hash()[:12]}); build a store for this dataset with `mtpd-cache build --ann "
             f"{dataset.ann_file}`"
         )
+    content = h.dataset.get("content_sha256")
+    if content and content != dataset.content_probe():
+        raise StoreError(
+            f"{loc} was built on other images than {dataset.image_dir} holds, though {dataset.ann_file} lists the "
+            f"same files (another folder with the same file names, or images changed since); build a store for "
+            f"these images with `mtpd-cache build --ann {dataset.ann_file} --images {dataset.image_dir}`"
+        )
     sv = h.view_spec
     for key in ("short", "long", "pad", "mean", "std"):
         if getattr(sv, key) != getattr(spec, key):
