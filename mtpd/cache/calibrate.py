@@ -32,7 +32,9 @@ def calibrate_store(teacher, dataset: CocoDataset, header: StoreHeader, flip_ima
     attributes: the calibration summary and, for a store without 'hflip', the mirroring error
     (``mtpd.cache.flip``)). ``teacher`` (a TeacherSpec) is built on the CPU, and only when needed."""
     fit = any(o.encoding.needs_fit for o in header.outputs.values())
-    flip = teacher is not None and flip_images > 0 and "hflip" not in header.views["views"]
+    # an augmented store's views carry their own flips: a student never mirrors them
+    augmented = bool(header.views.get("augment"))
+    flip = teacher is not None and flip_images > 0 and "hflip" not in header.views["views"] and not augmented
     model = dataclasses.replace(teacher, device="cpu").build() if teacher is not None and (fit or flip) else None
     state, summary = fit_encodings(model, dataset, header)
     attrs: dict = {"calibration": summary} if summary else {}

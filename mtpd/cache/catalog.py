@@ -268,7 +268,8 @@ def find_store(
             same_weights = str(row["weights"]) == str(weights)
         stored_views = row.get("view_spec") or {}
         have, want = set(stored_views.get("views", [])), set(views["views"])
-        same_views = all(stored_views.get(k) == views[k] for k in ("short", "long", "pad", "mean", "std")) and (
+        keys = ("short", "long", "pad", "mean", "std", "augment")  # augment: absent on both sides when unused
+        same_views = all(stored_views.get(k) == views.get(k) for k in keys) and (
             have == want if exact_views else want <= have
         )
         if same_weights and same_views and (best is None or row["created"] > best["created"]):

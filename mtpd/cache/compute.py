@@ -49,7 +49,7 @@ def plan_layout(
     grids = np.zeros((n * v, len(levels), 2), np.int32)
     for i, rec in enumerate(dataset.images):
         for j, view in enumerate(spec.views):
-            meta = view_meta(spec, (rec.height, rec.width), view)
+            meta = view_meta(spec, (rec.height, rec.width), view, rec.image_id)  # a bank view is drawn by image id
             view_sizes[i * v + j] = meta.size
             grids[i * v + j] = [grid_size(meta.size, 2**lvl) for lvl in levels]
     out_meta = {}
@@ -154,7 +154,8 @@ class ShardComputer:
             if img is None:  # skipped: its samples stay zero and the store marks the image bad
                 continue
             for j, name in enumerate(self.spec.views):
-                views.append((i * v + j, prepare_view(img, self.spec, name)[0]))
+                image_id = self.dataset.images[i].image_id
+                views.append((i * v + j, prepare_view(img, self.spec, name, image_id)[0]))
         return views
 
     def _load_image(self, i: int):

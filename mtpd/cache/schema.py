@@ -351,9 +351,9 @@ class StoreHeader:
         if self.images_per_shard < 1 or int(self.dataset["num_images"]) < 0 or not self.outputs:
             raise ValueError("images_per_shard, num_images or outputs out of range")
         str(self.dataset["manifest_sha256"]) + str(self.dataset["ann_file"])
-        views = self.views["views"]
-        if not isinstance(views, list) or not views or not all(v in ("orig", "hflip") for v in views):
-            raise ValueError(f"views {views!r} is not a list of orig/hflip")
+        if not isinstance(self.views["views"], list):
+            raise ValueError(f"views {self.views['views']!r} is not a list of views")
+        ViewSpec.from_dict(self.views)  # a known name each (orig, hflip, the augment policy's bank views), no repeat
         for key in ("short", "long", "pad"):
             if int(self.views[key]) < 1:
                 raise ValueError(f"views.{key} must be positive")

@@ -37,19 +37,7 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
     )
     what.add_argument("--ann", required=True, help="COCO instances JSON")
     what.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
-    what.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
-    what.add_argument(
-        "--short",
-        type=int,
-        default=None,
-        help="short side of the resized view (default: 800, or the short side of an ONNX graph's fixed input)",
-    )
-    what.add_argument(
-        "--long",
-        type=int,
-        default=None,
-        help="upper bound of the long side (default: 1333, or the long side of an ONNX graph's fixed input)",
-    )
+    view_options(what)
     what.add_argument(
         "--outputs",
         default=None,
@@ -66,6 +54,30 @@ def teacher_and_data(what: argparse._ArgumentGroup) -> None:
         "be); or a preset "
         "with encodings replaced, e.g. small+features=transform:bits=2+logits=topk:k=2,groups=anchors; several, "
         "comma-separated (small,tiny,micro), come from one teacher pass",
+    )
+
+
+def view_options(what: argparse._ArgumentGroup) -> None:
+    """Which views of each image a store holds, and their size."""
+    what.add_argument("--views", default="orig", help="comma-separated views: orig, hflip")
+    what.add_argument(
+        "--augment",
+        default=None,
+        metavar="POLICY",
+        help="store a bank of augmented views instead of --views: e.g. scale=0.5:1.5,bank=8 (fields: scale, crop, "
+        "flip, bank, seed; a plan's data.augment must match to train from it)",
+    )
+    what.add_argument(
+        "--short",
+        type=int,
+        default=None,
+        help="short side of the resized view (default: 800, or the short side of an ONNX graph's fixed input)",
+    )
+    what.add_argument(
+        "--long",
+        type=int,
+        default=None,
+        help="upper bound of the long side (default: 1333, or the long side of an ONNX graph's fixed input)",
     )
 
 
@@ -100,9 +112,16 @@ def teacher_spec(a: argparse.Namespace):
         fixed = getattr(dataclasses.replace(spec, device="cpu").build(), "input_size", None)
         if fixed is not None:
             short, long = short or min(fixed), long or max(fixed)
-    views = ViewSpec(
-        short=short or 800, long=long or 1333, views=tuple(x.strip() for x in a.views.split(",") if x.strip())
-    )
+    names = tuple(x.strip() for x in a.views.split(",") if x.strip())
+    augment = None
+    if getattr(a, "augment", None):
+        from mtpd.data.augment import AugmentError, AugmentPolicy
+
+        policy = AugmentPolicy.parse(a.augment)
+        if policy.bank < 1:
+            raise AugmentError("--augment: a store holds a bank of views: give bank=K (e.g. bank=8)")
+        names, augment = policy.bank_views(), policy.to_dict()
+    views = ViewSpec(short=short or 800, long=long or 1333, views=names, augment=augment)
     return spec, views
 
 

@@ -148,7 +148,7 @@ def check_plan(
             specs = [{n: o.spec for n, o in h.outputs.items()} for h in headers]
             names = [f"store {p}" for p in paths]
             per_source = [[ps[j] for ps in by_set.values()] for j in range(len(paths))]
-            mirrored = [", ".join(mirrored_stores(ps, data.flip)) for ps in per_source]
+            mirrored = [", ".join(mirrored_stores(ps, data.flip and data.augment is None)) for ps in per_source]
             if "train" in by_set and "pool" in by_set:
                 check_pool_stores(*([(p, store_header(p)) for p in by_set[w]] for w in ("train", "pool")))
         if cfg.pool > 0:
@@ -196,4 +196,20 @@ def check_pool_stores(labelled: Sequence[tuple[str, object]], pool: Sequence[tup
                 f"{loc_b}: the pool's store holds {', '.join(sorted(b))} but {loc_a} beside it holds "
                 f"{', '.join(sorted(a))} (or other levels or shapes); build the pool's store with the same teacher "
                 "and --outputs"
+            )
+
+
+def check_fresh_views(plan: Plan, stages: Sequence[int]) -> None:
+    """Cached stages under ``data.augment`` with ``bank: 0`` (a fresh view every epoch): no store holds such
+    views, so refuse before any store is looked for."""
+    aug = plan.data.augment
+    if aug is None or aug.bank:
+        return
+    for k in stages:
+        cfg = plan.stages[k - 1]
+        if cfg.losses and (cfg.stores or cfg.pool_stores or cfg.teacher is not None):
+            raise PlanError(
+                f"stages[{k - 1}] ({cfg.name}): data.augment.bank is 0, so every epoch draws fresh views, which no "
+                "store holds; set data.augment.bank: K (K views per image, built once into each teacher's store) "
+                "or run the teachers live (mtpd-train --online-teacher)"
             )

@@ -8,22 +8,15 @@ saved beside the outputs so every run records exactly what it did.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from mtpd.defaults import DEFAULT_PRECISION
-from mtpd.errors import MtpdError, unknown_keys
+from mtpd.trainer.fields import PlanError, from_dict
 
 AMP_MODES = ("off", "bf16", "fp16")
-
-
-class PlanError(MtpdError, ValueError):
-    """A plan that cannot be run; the message names the key and what to do."""
 
 
 @dataclass
@@ -34,6 +27,23 @@ class StudentConfig:
     init: str = "none"  # ImageNet backbone checkpoint path, or none (registered archs only)
     num_classes: int | None = None  # default: the dataset's
     options: dict = field(default_factory=dict)  # architecture options (fpn_channels, levels, width ...)
+
+
+@dataclass
+class AugmentConfig:
+    """Augmented views of every stage: ``mtpd.data.augment.AugmentPolicy``'s fields (``bank`` K: K views per image
+    a teacher's store holds, exact targets; 0: a fresh view every epoch, teachers live)."""
+
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    crop: bool = True
+    flip: float = 0.5
+    bank: int = 0
+    seed: int = 0
+
+    def policy(self):
+        from mtpd.data.augment import AugmentPolicy
+
+        return AugmentPolicy(tuple(self.scale), self.crop, self.flip, self.bank, self.seed)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -52,6 +62,7 @@ class DataConfig:
     # part or all of each batch from; its teachers' stores are built over it like any set's.
     pool_ann: str | None = None
     pool_images: str | None = None
+    augment: AugmentConfig | None = None  # augmented views (flips included: data.flip then does not apply)
 
 
 @dataclass
@@ -182,6 +193,13 @@ class Plan:
                 raise PlanError(f"{where}: {amp!r} is not one of {', '.join(AMP_MODES)}")
         if self.data.batch_size < 1:
             raise PlanError("data.batch_size: must be at least 1")
+        if self.data.augment is not None:
+            if len(self.data.augment.scale) != 2:
+                raise PlanError(f"data.augment.scale: [low, high], got {self.data.augment.scale}")
+            try:
+                self.data.augment.policy()
+            except ValueError as e:
+                raise PlanError(f"data.{e}") from None
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise PlanError("log_every: must be at least 1; checkpoint_every: 0 (epoch ends only) or more")
 
@@ -240,69 +258,6 @@ def _check_teacher_ref(ref: TeacherRef, where: str) -> None:
         raise PlanError(f"{where}.outputs: name the outputs the stage reads, e.g. [fpn]")
     if ref.views is not None and (not ref.views or set(ref.views) - {"orig", "hflip"} or "orig" not in ref.views):
         raise PlanError(f"{where}.views: [orig] or [orig, hflip], got {ref.views!r}")
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, path)
-            except PlanError as e:
-                errors.append(str(e))
-        raise PlanError(errors[0] if errors else f"{path}: unexpected null")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise PlanError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise PlanError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PlanError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PlanError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise PlanError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise PlanError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls: type, data: Any, path: str = "plan") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise PlanError(f"{path}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = unknown_keys(data, fields)  # YAML keys of any type, named as one-line text
-    if unknown:
-        raise PlanError(f"{path}.{unknown[0]}: unknown key; allowed keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{path}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise PlanError(f"{path}.{name}: required key is missing")
-    return cls(**kwargs)
 
 
 def load_plan(path: str | Path) -> Plan:

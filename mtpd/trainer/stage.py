@@ -33,7 +33,7 @@ from mtpd.checkpoint import CheckpointError
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.models import adapter_for, unwrap
 from mtpd.trainer import hooks
-from mtpd.trainer.checks import build_losses, check_mirrors, check_plan, loss_needs
+from mtpd.trainer.checks import build_losses, check_fresh_views, check_mirrors, check_plan, loss_needs
 from mtpd.trainer.engine import BoundLoss, Engine, NonFiniteLoss, TrainError, auto_weight_event
 from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.events import Event, OnEvent, format_event
@@ -41,7 +41,7 @@ from mtpd.trainer.optim import make_optimizer, make_schedule
 from mtpd.trainer.plan import Plan, PlanError, load_plan, same_plan, save_plan
 from mtpd.trainer.sampler import EpochSampler, MixSampler
 from mtpd.trainer.sources import OnlineTargets, OnlineTeacher, StoreTargets
-from mtpd.trainer.store_refs import note_uses, stage_sets, stage_stores
+from mtpd.trainer.store_refs import note_uses, stage_sets, stage_stores, train_views
 from mtpd.trainer.student import build_student, inherit_from_teacher, load_checkpoint, save_student
 from mtpd.trainer.targets import DistillDataset, MixedDataset, make_loader
 
@@ -204,7 +204,7 @@ class Stage:
         self, train: CocoDataset, student: nn.Module, needs: list[list[str]]
     ) -> tuple[DistillDataset | MixedDataset, EpochSampler | MixSampler, DataLoader]:
         data, seed, share = self.plan.data, self.plan.seed, self.cfg.pool
-        spec = ViewSpec(short=data.short, long=data.long, views=("orig", "hflip") if data.flip else ("orig",))
+        spec = train_views(self.plan)
         with_masks = adapter_for(student).needs_masks
         ds: DistillDataset | MixedDataset
         sampler: EpochSampler | MixSampler
@@ -261,7 +261,7 @@ class Stage:
             self.readers = [StoreReader(p) for p in self.stores]  # opened once: the loader reads these
             self.pool_readers = [StoreReader(p) for p in self.pool_stores]
             for r in self.readers + self.pool_readers:
-                if self.plan.data.flip and "hflip" not in r.header.view_names:
+                if self.plan.data.flip and self.plan.data.augment is None and "hflip" not in r.header.view_names:
                     self.mirrored[r.location] = r.root.attrs.get("flip_error")
                     self.emit({"event": "mirrored", "store": r.location, "flip_error": self.mirrored[r.location]})
             return StoreTargets(self.readers, self.pool_readers)
@@ -362,6 +362,8 @@ def run_plan(
     bad = [k for k in stages if not 1 <= k <= len(plan.stages)]
     if bad:
         raise PlanError(f"--stage {bad[0]}: the plan has stages 1..{len(plan.stages)}")
+    if online is None:
+        check_fresh_views(plan, stages)
     stores = {
         k: {w: stage_stores(plan, plan.stages[k - 1], w) for w in stage_sets(plan.stages[k - 1])}
         for k in stages

@@ -26,11 +26,23 @@ class MissingStore(PlanError):
     build it); every other PlanError here is a plan to fix."""
 
 
-def ref_views(plan: Plan, ref: TeacherRef) -> ViewSpec:
-    """The views a stage's teacher store holds: the ref's own, else what the plan's flips train on."""
+def train_views(plan: Plan) -> ViewSpec:
+    """The views students train on: the augment policy's (its bank, or fresh views ``aug``), else orig and, with
+    data.flip, hflip."""
     d = plan.data
-    views = tuple(ref.views) if ref.views else ("orig", "hflip") if d.flip else ("orig",)
-    return ViewSpec(short=d.short, long=d.long, views=views)
+    if d.augment is not None:
+        policy = d.augment.policy()
+        views = policy.bank_views() if policy.bank else ("aug",)
+        return ViewSpec(short=d.short, long=d.long, views=views, augment=policy.to_dict())
+    return ViewSpec(short=d.short, long=d.long, views=("orig", "hflip") if d.flip else ("orig",))
+
+
+def ref_views(plan: Plan, ref: TeacherRef) -> ViewSpec:
+    """The views a stage's teacher store holds: the ref's own, else what the plan's students train on."""
+    d = plan.data
+    if ref.views and d.augment is None:
+        return ViewSpec(short=d.short, long=d.long, views=tuple(ref.views))
+    return train_views(plan)
 
 
 def stage_sets(stage: StageConfig) -> list[str]:

@@ -19,6 +19,8 @@ from mtpd.cache.read import Coded, CodedBatch, StoreFeed, code_levels, collate_c
 from mtpd.cache.schema import StoredOutput, StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, masks_to_view, prepare_view
+from mtpd.data.augment import FRESH_VIEW, AugmentPolicy
+from mtpd.data.views import crop_boxes
 
 __all__ = [
     "Batch",
@@ -109,6 +111,12 @@ def check_store(reader: StoreReader, dataset: CocoDataset, spec: ViewSpec) -> No
             f"these images with `mtpd-cache build --ann {dataset.ann_file} --images {dataset.image_dir}`"
         )
     sv = h.view_spec
+    if sv.augment != spec.augment:
+        raise StoreError(
+            f"{loc}: its augmented views were drawn with {sv.augment} but the plan's data.augment is "
+            f"{spec.augment}; set data.augment to the store's, or build the plan's bank with `mtpd-cache build "
+            "--augment ...`"
+        )
     for key in ("short", "long", "pad", "mean", "std"):
         if getattr(sv, key) != getattr(spec, key):
             raise StoreError(
@@ -123,7 +131,9 @@ class DistillDataset(Dataset):
     """Map-style dataset over a COCO set, with teacher outputs from zero or more stores.
 
     ``stores``: paths, or readers already open (the stage opens each store once and hands its readers here);
-    ``outputs[k]``: the output names read from store ``k`` (default: all of them)."""
+    ``outputs[k]``: the output names read from store ``k`` (default: all of them). With ``spec.augment`` every
+    sample is an augmented view: one of the bank's (``aug0`` ..; stores hold them), or with bank 0 a fresh draw
+    of (seed, epoch, index) (``aug``; no store holds those: teachers run live)."""
 
     def __init__(
         self,
@@ -138,6 +148,7 @@ class DistillDataset(Dataset):
         self.dataset = dataset
         self.with_masks = with_masks
         self.spec = spec
+        self.policy: AugmentPolicy | None = spec.policy()
         self.flip = flip
         self.seed = seed
         self.epoch = 0
@@ -159,7 +170,11 @@ class DistillDataset(Dataset):
         self.epoch = epoch
 
     def view_of(self, idx: int) -> str:
-        """Flip choice from (seed, epoch, index): the same on every worker and after a resume."""
+        """Flip choice (or a bank view) from (seed, epoch, index): the same on every worker and after a resume."""
+        if self.policy is not None:
+            if not self.policy.bank:
+                return FRESH_VIEW
+            return f"aug{int(np.random.default_rng([self.seed, self.epoch, idx, 1]).integers(self.policy.bank))}"
         if not self.flip:
             return "orig"
         return "hflip" if np.random.default_rng([self.seed, self.epoch, idx]).random() < 0.5 else "orig"
@@ -170,14 +185,19 @@ class DistillDataset(Dataset):
     def __getitem__(self, idx: int) -> Sample:
         idx = self.index[idx]  # the dataset's own index (they differ only when images were skipped)
         view = self.view_of(idx)
-        img, meta = prepare_view(self.dataset.load_image(idx), self.spec, view)
-        ann = self.dataset.annotations(idx)
         image_id = self.dataset.images[idx].image_id
-        boxes = torch.as_tensor(boxes_to_view(ann.boxes, meta), dtype=torch.float32)
+        fresh = self.policy.draw([self.seed, self.epoch, idx, 2]) if view == FRESH_VIEW else None  # type: ignore[union-attr]
+        img, meta = prepare_view(self.dataset.load_image(idx), self.spec, view, image_id, fresh)
+        ann = self.dataset.annotations(idx)
+        boxes, labels = boxes_to_view(ann.boxes, meta), ann.labels
         masks = masks_to_view(self.dataset.instance_masks(idx), meta) if self.with_masks else None
-        return Sample(
-            img, meta, image_id, boxes, torch.as_tensor(ann.labels), self.teacher_targets(image_id, view), masks
-        )
+        if meta.resized is not None:  # an augmented view: boxes cut by its crop, as torchvision's references
+            boxes, keep = crop_boxes(boxes, meta)
+            labels = labels[keep]
+            masks = None if masks is None else masks[torch.from_numpy(keep)]
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
+        teacher = self.teacher_targets(image_id, view)
+        return Sample(img, meta, image_id, boxes, torch.as_tensor(labels), teacher, masks)
 
     def teacher_targets(self, image_id: int, view: str) -> list[dict[str, Coded]]:
         """Per store: name -> the stored codes of one view (``StoreFeed.read_sample``)."""
