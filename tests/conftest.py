@@ -28,6 +28,55 @@ def assert_fp16_close(stored, live, msg: str = "") -> None:
     torch.testing.assert_close(stored, live, rtol=2**-11 * 1.01, atol=2**-24 + noise, msg=msg or None)
 
 
+def assert_store_is_the_teacher(store: str, teacher, ds, picks, views=None) -> None:
+    """Every output and level the store holds for images ``picks`` (dataset positions) and ``views`` (default:
+    all the store's) is ``teacher`` run on the same prepared view, within fp16 rounding (``assert_fp16_close``).
+    Returns the view sizes seen."""
+    from mtpd.cache.store import StoreReader
+    from mtpd.data import ViewSpec, prepare_view
+
+    reader = StoreReader(store)
+    spec = ViewSpec.from_dict(reader.header.views)
+    sizes = set()
+    for idx in picks:
+        image_id = ds.images[idx].image_id
+        for view in views or spec.views:
+            x, meta = prepare_view(ds.load_image(idx), spec, view, image_id)
+            sizes.add(meta.size)
+            direct = teacher(x[None], list(reader.header.outputs))
+            cached = reader.read(reader.sample_index(image_id, view))
+            for name, maps in cached.items():
+                for lvl, m in zip(reader.header.outputs[name].levels, maps):
+                    ref = direct[f"{name}.p{lvl}"][0, :, : m.shape[1], : m.shape[2]].numpy()
+                    assert m.shape == ref.shape
+                    # the builder batched views; this forward runs one
+                    assert_fp16_close(m, ref, f"{view} {name}.p{lvl}")
+    return sizes
+
+
+def assert_resumes_bitwise(straight, stopped, stop_after: int) -> None:
+    """Stage 1 of plan ``stopped``, interrupted after ``stop_after`` log lines (mid-epoch, after a checkpointed
+    step) and resumed, ends with exactly the weights of plan ``straight`` run without a stop."""
+    import torch
+
+    from mtpd.trainer.stage import Stage, run_plan
+
+    run_plan(straight, [1], log=None)
+    ref = torch.load(Path(straight.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
+    calls = []
+
+    def killer(msg: str) -> None:
+        calls.append(msg)
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Stage(stopped, 1, log=killer).run()
+    Stage(stopped, 1, resume=True, log=lambda s: None).run()
+    got = torch.load(Path(stopped.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def tiny_build(digits: dict, out, teacher=None, **options):
     """``build_store`` of the tiny teacher (random, seeded, unless ``teacher``) on the digits train split:
     orig + hflip views at 64 px, lossless, in this process, 4 images per shard, unless ``options`` say otherwise."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_build
+from conftest import assert_resumes_bitwise, tiny_build
 from test_trainer import write_plan
 from torchvision.models.detection.image_list import ImageList
 
@@ -63,22 +63,10 @@ def test_bf16_losses_stay_close_to_fp32(tmp_path, digits, store) -> None:
 
 def test_a_bf16_stage_resumes_bitwise(tmp_path, digits, store) -> None:
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    ref_plan = load_plan(write_plan(tmp_path / "a", digits, [], [stage(store)], amp="bf16", checkpoint_every=1))
-    run_plan(ref_plan, [1], log=None)
-    ref = torch.load(Path(ref_plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
-    plan = load_plan(write_plan(tmp_path / "b", digits, [], [stage(store)], amp="bf16", checkpoint_every=1))
-    calls = []
-
-    def killer(msg: str) -> None:
-        calls.append(msg)
-        if len(calls) == 4:  # stops in epoch 2 (3 iterations per epoch), after a checkpointed step
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Stage(plan, 1, log=killer).run()
-    Stage(plan, 1, resume=True, log=lambda s: None).run()
-    got = torch.load(Path(plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
-    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    a, b = (
+        load_plan(write_plan(tmp_path / d, digits, [], [stage(store)], amp="bf16", checkpoint_every=1)) for d in "ab"
+    )
+    assert_resumes_bitwise(a, b, 4)  # stops in epoch 2 (3 iterations per epoch)
 
 
 def test_fp16_keeps_its_loss_scale_in_last_pt(tmp_path, digits, store) -> None:

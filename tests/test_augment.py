@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_VIEW, assert_fp16_close
+from conftest import TINY_VIEW, assert_resumes_bitwise, assert_store_is_the_teacher
 from test_trainer import write_plan
 
 from mtpd.data import CocoDataset, ViewSpec, boxes_to_view, prepare_view
@@ -100,27 +100,14 @@ def bank_store(tmp_path_factory, digits, tiny_teacher_ckpt) -> str:
 
 
 def test_a_bank_views_targets_are_the_teachers_on_that_view(bank_store, digits, tiny_teacher_ckpt) -> None:
-    from mtpd.cache.store import StoreReader
+    from mtpd.cache.store import store_header
     from mtpd.teachers import build_teacher
 
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
-    reader = StoreReader(bank_store)
-    assert reader.header.view_names == ("aug0", "aug1", "aug2") and reader.header.views["augment"]["seed"] == 7
+    h = store_header(bank_store)
+    assert h.view_names == ("aug0", "aug1", "aug2") and h.views["augment"]["seed"] == 7
     ds = CocoDataset(digits["train"]["ann"], digits["train"]["images"])
-    spec = ViewSpec.from_dict(reader.header.views)
-    sizes = set()
-    for idx in (0, 7):
-        image_id = ds.images[idx].image_id
-        for view in spec.views:
-            x, meta = prepare_view(ds.load_image(idx), spec, view, image_id)
-            sizes.add(meta.size)
-            direct = teacher(x[None], ["fpn", "cls", "box"])
-            cached = reader.read(reader.sample_index(image_id, view))
-            for name, maps in cached.items():
-                for lvl, m in zip(reader.header.outputs[name].levels, maps):
-                    ref = direct[f"{name}.p{lvl}"][0, :, : m.shape[1], : m.shape[2]].numpy()
-                    assert m.shape == ref.shape
-                    assert_fp16_close(m, ref, f"{view} {name}.p{lvl}")
+    sizes = assert_store_is_the_teacher(bank_store, teacher, ds, (0, 7))
     assert len(sizes) > 1  # the bank's views differ in scale
 
 
@@ -186,22 +173,8 @@ def test_a_store_of_another_policy_is_refused(tmp_path, digits, bank_store) -> N
 def test_a_stage_on_a_bank_resumes_bitwise(tmp_path, digits, bank_store) -> None:
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     stages = [aug_stage([bank_store])]
-    ref_plan = load_plan(with_augment(tmp_path / "a", digits, stages, augment(), checkpoint_every=1))
-    run_plan(ref_plan, [1], log=None)
-    ref = torch.load(Path(ref_plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
-    plan = load_plan(with_augment(tmp_path / "b", digits, stages, augment(), checkpoint_every=1))
-    calls = []
-
-    def killer(msg: str) -> None:
-        calls.append(msg)
-        if len(calls) == 5:  # in epoch 2 (3 iterations an epoch), after a checkpointed step
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Stage(plan, 1, log=killer).run()
-    Stage(plan, 1, resume=True, log=lambda s: None).run()
-    got = torch.load(Path(plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
-    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    a, b = (load_plan(with_augment(tmp_path / d, digits, stages, augment(), checkpoint_every=1)) for d in "ab")
+    assert_resumes_bitwise(a, b, 5)  # in epoch 2 (3 iterations an epoch)
 
 
 def test_mtpd_cache_build_augment_writes_a_bank(tmp_path, digits, capsys) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIEW, assert_fp16_close, build_args
+from conftest import TINY_VIEW, assert_store_is_the_teacher, build_args
 
 from mtpd.cache.build import BuildError, build_store
 from mtpd.cache.inspect import store_info, verify_store
@@ -31,20 +31,8 @@ def _arrays(store: str) -> dict[str, np.ndarray]:
 def test_cached_fpn_equals_direct_forward(tiny_store, digits, tiny_teacher_ckpt):
     """What the store returns is the teacher's own output on the same view, within fp16 rounding."""
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
-    reader = StoreReader(tiny_store)
     ds = CocoDataset(digits["train"]["ann"], digits["train"]["images"])
-    spec = ViewSpec.from_dict(reader.header.views)
-    for idx in (0, 5, 9):
-        for view in ("orig", "hflip"):
-            x, meta = prepare_view(ds.load_image(idx), spec, view)
-            direct = teacher(x[None], ["fpn", "cls", "box"])
-            cached = reader.read(reader.sample_index(ds.images[idx].image_id, view))
-            for name, maps in cached.items():
-                for lvl, m in zip(reader.header.outputs[name].levels, maps):
-                    ref = direct[f"{name}.p{lvl}"][0, :, : m.shape[1], : m.shape[2]].numpy()
-                    assert m.shape == ref.shape
-                    # The Ray worker batched two views; this forward runs one.
-                    assert_fp16_close(m, ref, f"{name}.p{lvl}")
+    assert_store_is_the_teacher(tiny_store, teacher, ds, (0, 5, 9), ("orig", "hflip"))
 
 
 def test_two_worker_build_is_complete_and_verifies(tiny_store, digits):

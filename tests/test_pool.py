@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_VIEW, assert_fp16_close
+from conftest import TINY_VIEW, assert_resumes_bitwise, assert_store_is_the_teacher
 from PIL import Image
 from test_trainer import write_plan
 
@@ -18,7 +18,7 @@ from mtpd.cli import data as data_cli
 from mtpd.data import CocoDataset, ViewSpec
 from mtpd.trainer.plan import PlanError, load_plan
 from mtpd.trainer.sampler import MixSampler
-from mtpd.trainer.stage import Stage, run_plan
+from mtpd.trainer.stage import run_plan
 
 TEACHER_OUTPUTS = ("fpn", "cls", "box")
 
@@ -122,25 +122,14 @@ def test_an_unreadable_image_is_named_or_skipped(tmp_path, capsys) -> None:
 
 
 def test_a_pool_store_holds_the_teacher_on_the_pool(stores, pooled, tiny_teacher_ckpt) -> None:
-    from mtpd.cache.store import StoreReader
-    from mtpd.data import prepare_view
+    from mtpd.cache.store import store_header
     from mtpd.teachers import build_teacher
 
     teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
-    reader = StoreReader(stores["pool"])
     ds = CocoDataset(pooled["pool"]["ann"], pooled["pool"]["images"])
-    assert reader.header.manifest_sha256 == ds.manifest_hash() and reader.header.num_images == 12
-    spec = ViewSpec.from_dict(reader.header.views)
-    for idx in (0, 11):
-        for view in ("orig", "hflip"):
-            x, _ = prepare_view(ds.load_image(idx), spec, view)
-            direct = teacher(x[None], list(TEACHER_OUTPUTS))
-            cached = reader.read(reader.sample_index(ds.images[idx].image_id, view))
-            for name, maps in cached.items():
-                for lvl, m in zip(reader.header.outputs[name].levels, maps):
-                    ref = direct[f"{name}.p{lvl}"][0, :, : m.shape[1], : m.shape[2]].numpy()
-                    assert m.shape == ref.shape
-                    assert_fp16_close(m, ref, f"{name}.p{lvl}")
+    h = store_header(stores["pool"])
+    assert h.manifest_sha256 == ds.manifest_hash() and h.num_images == 12
+    assert_store_is_the_teacher(stores["pool"], teacher, ds, (0, 11))
 
 
 def test_the_catalog_finds_a_named_teachers_pool_store_or_says_how_to_build_it(
@@ -271,22 +260,11 @@ def test_pool_stages_train_and_evaluate_on_the_labelled_val_set(tmp_path, pooled
 def test_a_mixed_stage_resumes_bitwise(tmp_path, pooled, stores) -> None:
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     stage = pool_stage(stores, 0.5, eval=False)
-    ref_plan = load_plan(write_plan(tmp_path / "a", pooled, [], [stage], data=pool_data(pooled), checkpoint_every=1))
-    run_plan(ref_plan, [1], log=None)
-    ref = torch.load(Path(ref_plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
-    plan = load_plan(write_plan(tmp_path / "b", pooled, [], [stage], data=pool_data(pooled), checkpoint_every=1))
-    calls = []
-
-    def killer(msg: str) -> None:
-        calls.append(msg)
-        if len(calls) == 7:  # in epoch 2 (5 iterations an epoch), after a checkpointed step
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Stage(plan, 1, log=killer).run()
-    Stage(plan, 1, resume=True, log=lambda s: None).run()
-    got = torch.load(Path(plan.output_dir) / "stage_1" / "final.pt", weights_only=True)["model"]
-    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    a, b = (
+        load_plan(write_plan(tmp_path / d, pooled, [], [stage], data=pool_data(pooled), checkpoint_every=1))
+        for d in "ab"
+    )
+    assert_resumes_bitwise(a, b, 7)  # in epoch 2 (5 iterations an epoch)
 
 
 # ----------------------------------------------------------------------------- the plan check
