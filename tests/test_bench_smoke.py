@@ -188,6 +188,26 @@ def test_pool_study_quick_builds_pool_stores_and_trains_pool_rows(bench_copy, ca
     assert all({"det_classification", "mgd", "kd"} <= set(rec) for rec in mixed)
 
 
+def test_augment_study_quick_builds_banks_and_trains_live_on_fresh_views(bench_copy, capsys):
+    """bench/studies/augment.yaml in --quick mode: both teachers' banks of 8 augmented views built through the
+    catalog, a student from them, the teachers live on fresh views, and the plain student on fresh views."""
+    import json
+
+    from mtpd.cache.store import store_header
+    from mtpd.cli.study import main
+
+    study = bench_copy / "bench" / "studies" / "augment.yaml"
+    rows = ["baseline_aug", "online_aug", "bank8"]
+    assert main([str(study), "--quick", "--rows", ",".join(rows), "--jobs", "2"]) == 0
+    record = json.loads((bench_copy / "bench" / "studies" / "augment_out" / "quick-val" / "record.json").read_text())
+    assert sorted(record) == sorted(rows)
+    cache = bench_copy / "bench_out" / "cache"
+    headers = [store_header(str(p)) for p in cache.iterdir() if (p / "zarr.json").is_file()]
+    banks = [h for h in headers if h.views.get("augment")]
+    assert sorted(h.teacher["name"] for h in banks) == ["retinanet_tiny", "retinanet_tiny_wide"]
+    assert all(len(h.view_names) == 8 and h.views["augment"]["scale"] == [0.75, 1.33] for h in banks)
+
+
 def test_rm_terms_counts_candidates_per_box(bench_copy, capsys):
     from bench import rm_terms
 
