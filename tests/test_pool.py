@@ -257,6 +257,17 @@ def test_pool_stages_train_and_evaluate_on_the_labelled_val_set(tmp_path, pooled
     assert used == {stores["train"], stores["pool"]}
 
 
+def test_a_pool_stage_runs_its_teacher_live_as_the_online_reference(tmp_path, pooled, stores, tiny_teacher_ckpt):
+    from mtpd.teachers import build_teacher
+
+    teacher = build_teacher("retinanet_tiny", weights=tiny_teacher_ckpt)
+    plan = load_plan(write_plan(tmp_path, pooled, [], [pool_stage(stores, 0.5, eval=False)], data=pool_data(pooled)))
+    res = run_plan(plan, [1], log=None, online=[teacher])
+    assert "stores" not in res[0].metrics  # no store read
+    logs = [json.loads(x) for x in (Path(plan.output_dir) / "stage_1" / "log.jsonl").read_text().splitlines()]
+    assert all({"det_classification", "mgd", "kd"} <= set(rec) for rec in logs)
+
+
 def test_a_mixed_stage_resumes_bitwise(tmp_path, pooled, stores) -> None:
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     stage = pool_stage(stores, 0.5, eval=False)
