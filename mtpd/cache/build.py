@@ -276,8 +276,13 @@ def _build(reqs: list[BuildRequest], layouts: list[Layout], dataset: CocoDataset
             raise BuildError("on_raw sees the maps in this process only: build with workers=0")
         started_ray = ensure_ray(req.address, req.workers, req.verbose)
         try:
-            actors = start_actors(req, dataset, stores, len(jobs))
-            dispatch(actors, jobs, run, req.progress)
+            actors, respawn = start_actors(req, dataset, stores, len(jobs))
+            try:
+                dispatch(actors, jobs, run, req.progress, respawn)
+            finally:
+                if run.retries:  # the store's own record of what its builds survived
+                    for root in run.roots:
+                        root.attrs["build_retries"] = int(root.attrs.get("build_retries", 0)) + run.retries
         finally:
             if started_ray:
                 ray.shutdown()

@@ -4,7 +4,9 @@ writes it to every store that lacks it."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable
 
 import ray
 from tqdm import tqdm
@@ -24,6 +26,17 @@ class BuildError(MtpdError, RuntimeError):
 # Calls per actor at once: one in the teacher, the others encoding and writing. Each holds a
 # shard's outputs in memory (float32 before encoding), so memory grows with this number.
 SHARDS_IN_FLIGHT = 3
+# Failures of the machinery, not of the data: the actor's process died (killed, out of memory), its node was
+# lost, or an object went with it. The shard goes to a fresh actor; a data error (the teacher or an image
+# raised) stops the build as before.
+SYSTEM_ERRORS = (
+    ray.exceptions.RayActorError,  # ActorDiedError, ActorUnavailableError
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.ObjectLostError,  # OwnerDiedError, ObjectReconstructionFailedError, ...
+)
+MAX_RETRIES = 3  # writes of one shard after system failures, before the build stops
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -31,8 +44,11 @@ def _root_cause(err: BaseException) -> BaseException:
     return _root_cause(cause) if isinstance(cause, BaseException) and cause is not err else err
 
 
-def start_actors(req: BuildRequest, dataset: CocoDataset, stores: str | list[str], n_pending: int) -> list:
-    """One ShardWriter actor per GPU (or ``workers`` CPU actors), never more than shards to write."""
+def start_actors(
+    req: BuildRequest, dataset: CocoDataset, stores: str | list[str], n_pending: int
+) -> tuple[list, Callable[[], object]]:
+    """One ShardWriter actor per GPU (or ``workers`` CPU actors), never more than shards to write; and how to start
+    another like them (to replace one that died)."""
     workers = req.workers
     if req.teacher.device.startswith("cuda"):
         n_gpu = int(ray.cluster_resources().get("GPU", 0))
@@ -46,9 +62,11 @@ def start_actors(req: BuildRequest, dataset: CocoDataset, stores: str | list[str
         n_workers = max(1, workers)
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_workers)
         opts = {"num_cpus": 1}
-    actor_cls = ray.remote(max_concurrency=SHARDS_IN_FLIGHT, max_restarts=1, max_task_retries=2)(ShardWriter)
-    return [
-        actor_cls.options(**opts).remote(
+    # No restarts by Ray itself: the driver replaces a dead actor and counts the shards it writes again.
+    actor_cls = ray.remote(max_concurrency=SHARDS_IN_FLIGHT, max_restarts=0, max_task_retries=0)(ShardWriter)
+
+    def start():
+        return actor_cls.options(**opts).remote(
             req.teacher,
             str(dataset.ann_file),
             str(dataset.image_dir),
@@ -58,8 +76,8 @@ def start_actors(req: BuildRequest, dataset: CocoDataset, stores: str | list[str
             req.storage_options,
             req.skip_bad,
         )
-        for _ in range(min(n_workers, n_pending))
-    ]
+
+    return [start() for _ in range(min(n_workers, n_pending))], start
 
 
 class Run:
@@ -70,6 +88,7 @@ class Run:
         self.roots: list = []
         self.headers: list[StoreHeader] = []
         self.reports: list[BuildReport] = []
+        self.retries = 0  # shards written again after a system failure
 
     def add(self, root, header: StoreHeader, report: BuildReport) -> None:
         self.roots.append(root)
@@ -129,18 +148,39 @@ def run_in_process(
         writer.computer.close()
 
 
-def dispatch(actors: list, jobs: list[tuple[int, list[int]]], run: Run, progress: bool) -> None:
+def dispatch(
+    actors: list,
+    jobs: list[tuple[int, list[int]]],
+    run: Run,
+    progress: bool,
+    respawn: Callable[[], object] | None = None,
+    max_retries: int = MAX_RETRIES,
+) -> None:
     """Keep ``SHARDS_IN_FLIGHT`` shards in flight per actor; mark each done as it lands.
 
-    After a worker error no new shard starts, but shards already in flight are
-    finished and marked, so a rerun redoes as little as possible.
+    A shard lost to a system failure (``SYSTEM_ERRORS``) goes back to the front of the queue, and its actor is
+    replaced by ``respawn()`` (once, whatever number of its shards were lost), up to ``max_retries`` times per
+    shard; each retry is counted on the progress line and in the reports. After a data error, or a shard out of
+    retries, no new shard starts, but shards already in flight are finished and marked, so a rerun redoes as
+    little as possible.
     """
     queue = list(jobs)
     inflight: dict = {}
+    tries: dict[int, int] = {}
+    live = list(actors)
+    replaced: dict[int, object] = {}  # id of a dead actor -> its replacement
 
     def submit(actor) -> None:
         shard, which = queue.pop(0)
-        inflight[actor.run_many.remote(shard, which)] = (actor, shard)
+        inflight[actor.run_many.remote(shard, which)] = (actor, shard, which)
+
+    def replacement(actor):
+        if id(actor) not in replaced:
+            with contextlib.suppress(Exception):  # it may be gone already, with its node
+                ray.kill(actor, no_restart=True)
+            replaced[id(actor)] = respawn()  # type: ignore[misc]
+            live[live.index(actor)] = replaced[id(actor)]
+        return replaced[id(actor)]
 
     for actor in actors:
         for _ in range(SHARDS_IN_FLIGHT):
@@ -151,10 +191,26 @@ def dispatch(actors: list, jobs: list[tuple[int, list[int]]], run: Run, progress
     try:
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
-            actor, shard = inflight.pop(ready[0])
+            actor, shard, which = inflight.pop(ready[0])
             try:
                 results = ray.get(ready[0])
-            except Exception as e:  # noqa: BLE001 - any worker failure stops the build, below
+            except SYSTEM_ERRORS as e:
+                tries[shard] = tries.get(shard, 0) + 1
+                if first_error is None and respawn is not None and tries[shard] <= max_retries:
+                    run.retries += 1
+                    bar.set_postfix(retries=run.retries)
+                    queue.insert(0, (shard, which))
+                    fresh = replacement(actor)
+                    while queue and sum(a is fresh for a, _, _ in inflight.values()) < SHARDS_IN_FLIGHT:
+                        submit(fresh)
+                    continue
+                first_error = first_error or BuildError(
+                    f"shard {shard} was lost {tries[shard]} time(s) with its worker ({type(e).__name__}: "
+                    f"{_root_cause(e)}); rerun the same command to resume"
+                )
+                queue.clear()
+                continue
+            except Exception as e:  # noqa: BLE001 - a data error stops the build, below
                 first_error = first_error or _root_cause(e)
                 queue.clear()
                 continue
@@ -164,7 +220,9 @@ def dispatch(actors: list, jobs: list[tuple[int, list[int]]], run: Run, progress
                 submit(actor)
     finally:
         bar.close()
-        for actor in actors:
+        for rep in run.reports:
+            rep.retries = run.retries
+        for actor in live:
             ray.kill(actor)
     if isinstance(first_error, OSError):
         raise first_error  # build_store words it

@@ -28,6 +28,7 @@ class BuildReport:
     # store's encode + write CPU seconds.
     teacher_seconds: float = 0.0
     encode_cpu_seconds: float = 0.0
+    retries: int = 0  # Ray builds: shards written again after a worker, its process or its node was lost
 
 
 @dataclass
