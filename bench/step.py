@@ -623,14 +623,19 @@ def render(a: argparse.Namespace, cfg: Config, times: dict, phases: dict, stats:
     ]
     c_t = median(times["c"])
     if judge.median > ca_target:
+        loader_a, loader_c = stats["a"]["loader_cpu_per_step"], stats["c"]["loader_cpu_per_step"]
         lines.append(
-            f"(c)/(a) gap: (c) waits {ph['c']['data']:.3g} s for data against (a)'s {ph['a']['data']:.3g} s, and its "
-            "loader workers "
-            f"spend {stats['c']['loader_cpu_per_step']:.3g} CPU-s per step against (a)'s "
-            f"{stats['a']['loader_cpu_per_step']:.3g} "
-            f"({(stats['c']['loader_cpu_per_step'] - stats['a']['loader_cpu_per_step']) / median(cpu['a']) * 100:.1f}% "
-            "of a step), so "
-            f"reading the store is not what costs; the `{cfg.loss}` loss is: its forward alone takes "
+            (
+                f"(c)/(a) gap: (c) waits {ph['c']['data']:.3g} s for data against (a)'s {ph['a']['data']:.3g} s, "
+                f"and its loader workers spend {loader_c:.3g} CPU-s per step against (a)'s {loader_a:.3g} "
+                f"({(loader_c - loader_a) / median(cpu['a']) * 100:.1f}% of a step), so reading the store is not what "
+                "costs; "
+                if cfg.loader_workers
+                else f"(c)/(a) gap: with no loader workers the store is read in the training process, in the data "
+                f"phase: (c) waits {ph['c']['data']:.3g} s for a batch against (a)'s {ph['a']['data']:.3g} s (images "
+                "alone), which is the read of every sample's codes; and "
+            )
+            + f"the `{cfg.loss}` loss costs: its forward alone takes "
             f"{ph['c']['distill']:.3g} s and its backward (MGD trains a "
             "3x3–ReLU–3x3 generator on 256 channels at every level) adds to backward+opt "
             f"({ph['c']['backward']:.3g} s vs "
