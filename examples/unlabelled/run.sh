@@ -19,7 +19,7 @@ for set in "$OUT/digits/annotations/instances_train.json:$OUT/digits/images/trai
       --views orig,hflip --short 128 --long 128 --outputs fpn,cls --precision small --root "$OUT/cache" --workers 0 \
       --no-progress
 done
-# 4. the plan: the pool alone first (features and class scores), then labelled and pool batches half and half
+# 4. the plan: the pool alone first (features and class scores), then the labelled set
 "$BIN/mtpd-train" --plan "$PLAN" --stage all --overwrite
 # 5. the student on the labelled val set
 "$BIN/mtpd-eval" --checkpoint "$OUT/runs/stage_2/final.pt" --ann "$OUT/digits/annotations/instances_val.json" \
