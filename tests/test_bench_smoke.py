@@ -35,7 +35,7 @@ def _tables(text: str) -> list[list[str]]:
     return tables
 
 
-@pytest.mark.parametrize("name", ["step", "store", "reader", "build", "latency", "losses"])
+@pytest.mark.parametrize("name", ["step", "store", "reader", "build", "latency", "losses", "scale"])
 def test_benchmark_quick_mode_prints_tables(name, tmp_path, request):
     if name == "build":
         request.getfixturevalue("ray_session")  # share the session's Ray instead of starting another
