@@ -22,13 +22,15 @@ ALLOWED = {
     "models": {"leaf"},
     "teachers": {"leaf", "data", "models"},
     "cache": {"leaf", "data", "models", "teachers"},
-    "trainer": {"leaf", "data", "models", "cache"},
-    # a finished student leaves through export: it runs the trainer's evaluation, never a teacher or a store
-    "export": {"leaf", "data", "models", "trainer"},
-    "demo": {"leaf", "data", "models", "teachers", "cache", "trainer", "export"},
+    # evaluation: plain views and COCO AP, for training, export and the CLI alike
+    "eval": {"leaf", "data", "models"},
+    "trainer": {"leaf", "data", "models", "cache", "eval"},
+    # a finished student leaves through export: it runs evaluation, never the trainer, a teacher or a store
+    "export": {"leaf", "data", "models", "eval"},
+    "demo": {"leaf", "data", "models", "teachers", "cache", "eval", "trainer", "export"},
     # a study is a client like the demo: it builds stores and trains students through their side-by-side jobs
-    "study": {"leaf", "data", "models", "teachers", "cache", "trainer", "demo"},
-    "cli": {"leaf", "data", "models", "teachers", "cache", "trainer", "demo", "export", "study"},
+    "study": {"leaf", "data", "models", "teachers", "cache", "eval", "trainer", "demo"},
+    "cli": {"leaf", "data", "models", "teachers", "cache", "eval", "trainer", "demo", "export", "study"},
 }
 
 
@@ -208,3 +210,17 @@ def test_the_family_check_can_fail(tmp_path) -> None:
     )
     hits = family_branches(bad, {"fasterrcnn", "maskrcnn", "retinanet"}, {"RetinaNet", "FCOS"}, tmp_path)
     assert [h.split(" ", 1)[0].rsplit(":", 1)[1] for h in hits] == ["2", "4", "5"], hits
+
+
+def test_export_loads_neither_the_trainer_nor_a_store_reader() -> None:
+    """``OnnxDetector`` needs only the .onnx file: importing the export runtime in a fresh process loads no zarr, no
+    trainer and no cache module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mtpd.export.runtime; "
+        "print(sorted(m for m in sys.modules if m == 'zarr' or m.startswith(('mtpd.trainer', 'mtpd.cache'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -164,67 +164,83 @@ def dispatch(
     retries, no new shard starts, but shards already in flight are finished and marked, so a rerun redoes as
     little as possible.
     """
-    queue = list(jobs)
-    inflight: dict = {}
-    tries: dict[int, int] = {}
-    live = list(actors)
-    replaced: dict[int, object] = {}  # id of a dead actor -> its replacement
+    _Dispatch(actors, jobs, run, respawn, max_retries).run(progress)
 
-    def submit(actor) -> None:
-        shard, which = queue.pop(0)
-        inflight[actor.run_many.remote(shard, which)] = (actor, shard, which)
 
-    def replacement(actor):
-        if id(actor) not in replaced:
+class _Dispatch:
+    """``dispatch``'s state: the queue, the shards in flight and on which actor, tries per shard, replacements."""
+
+    def __init__(self, actors: list, jobs: list, run: Run, respawn, max_retries: int) -> None:
+        self.queue, self.run_, self.respawn, self.max_retries = list(jobs), run, respawn, max_retries
+        self.jobs = jobs
+        self.inflight: dict = {}
+        self.tries: dict[int, int] = {}
+        self.live = list(actors)
+        self.replaced: dict[int, object] = {}  # id of a dead actor -> its replacement
+        self.first_error: BaseException | None = None
+
+    def submit(self, actor) -> None:
+        shard, which = self.queue.pop(0)
+        self.inflight[actor.run_many.remote(shard, which)] = (actor, shard, which)
+
+    def fill(self, actor) -> None:
+        while self.queue and sum(a is actor for a, _, _ in self.inflight.values()) < SHARDS_IN_FLIGHT:
+            self.submit(actor)
+
+    def replacement(self, actor):
+        if id(actor) not in self.replaced:
             with contextlib.suppress(Exception):  # it may be gone already, with its node
                 ray.kill(actor, no_restart=True)
-            replaced[id(actor)] = respawn()  # type: ignore[misc]
-            live[live.index(actor)] = replaced[id(actor)]
-        return replaced[id(actor)]
+            self.replaced[id(actor)] = self.respawn()
+            self.live[self.live.index(actor)] = self.replaced[id(actor)]
+        return self.replaced[id(actor)]
 
-    for actor in actors:
-        for _ in range(SHARDS_IN_FLIGHT):
-            if queue:
-                submit(actor)
-    bar = tqdm(total=run.images(jobs), unit="img", desc="mtpd-cache build", disable=not progress, dynamic_ncols=True)
-    first_error: BaseException | None = None
-    try:
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            actor, shard, which = inflight.pop(ready[0])
-            try:
-                results = ray.get(ready[0])
-            except SYSTEM_ERRORS as e:
-                tries[shard] = tries.get(shard, 0) + 1
-                if first_error is None and respawn is not None and tries[shard] <= max_retries:
-                    run.retries += 1
-                    bar.set_postfix(retries=run.retries)
-                    queue.insert(0, (shard, which))
-                    fresh = replacement(actor)
-                    while queue and sum(a is fresh for a, _, _ in inflight.values()) < SHARDS_IN_FLIGHT:
-                        submit(fresh)
+    def lost(self, actor, shard: int, which: list[int], e: BaseException, bar) -> None:
+        """A shard lost with its worker: again on a fresh actor, or the build stops when it is out of tries."""
+        self.tries[shard] = self.tries.get(shard, 0) + 1
+        if self.first_error is None and self.respawn is not None and self.tries[shard] <= self.max_retries:
+            self.run_.retries += 1
+            bar.set_postfix(retries=self.run_.retries)
+            self.queue.insert(0, (shard, which))
+            self.fill(self.replacement(actor))
+            return
+        self.first_error = self.first_error or BuildError(
+            f"shard {shard} was lost {self.tries[shard]} time(s) with its worker ({type(e).__name__}: "
+            f"{_root_cause(e)}); rerun the same command to resume"
+        )
+        self.queue.clear()
+
+    def run(self, progress: bool) -> None:
+        for actor in self.live:
+            self.fill(actor)
+        run = self.run_
+        bar = tqdm(
+            total=run.images(self.jobs), unit="img", desc="mtpd-cache build", disable=not progress, dynamic_ncols=True
+        )
+        try:
+            while self.inflight:
+                ready, _ = ray.wait(list(self.inflight), num_returns=1)
+                actor, shard, which = self.inflight.pop(ready[0])
+                try:
+                    results = ray.get(ready[0])
+                except SYSTEM_ERRORS as e:
+                    self.lost(actor, shard, which, e, bar)
                     continue
-                first_error = first_error or BuildError(
-                    f"shard {shard} was lost {tries[shard]} time(s) with its worker ({type(e).__name__}: "
-                    f"{_root_cause(e)}); rerun the same command to resume"
-                )
-                queue.clear()
-                continue
-            except Exception as e:  # noqa: BLE001 - a data error stops the build, below
-                first_error = first_error or _root_cause(e)
-                queue.clear()
-                continue
-            run.land(shard, results)
-            bar.update(len(run.headers[0].shard_images(shard)))
-            if queue:
-                submit(actor)
-    finally:
-        bar.close()
-        for rep in run.reports:
-            rep.retries = run.retries
-        for actor in live:
-            ray.kill(actor)
-    if isinstance(first_error, OSError):
-        raise first_error  # build_store words it
-    if first_error is not None:
-        raise BuildError(str(first_error)) from first_error
+                except Exception as e:  # noqa: BLE001 - a data error stops the build, below
+                    self.first_error = self.first_error or _root_cause(e)
+                    self.queue.clear()
+                    continue
+                run.land(shard, results)
+                bar.update(len(run.headers[0].shard_images(shard)))
+                if self.queue:
+                    self.submit(actor)
+        finally:
+            bar.close()
+            for rep in run.reports:
+                rep.retries = run.retries
+            for actor in self.live:
+                ray.kill(actor)
+        if isinstance(self.first_error, OSError):
+            raise self.first_error  # build_store words it
+        if self.first_error is not None:
+            raise BuildError(str(self.first_error)) from self.first_error

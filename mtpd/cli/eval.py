@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtpd.cli.options import checkpoint_views
     from mtpd.data import CocoDataset, ViewSpec
     from mtpd.errors import MtpdError, message
-    from mtpd.trainer.evaluate import evaluate
+    from mtpd.eval import evaluate
 
     progress = sys.stderr.isatty()
     try:
@@ -131,8 +131,8 @@ def _eval_onnx(a: argparse.Namespace, dataset, progress: bool) -> dict:
     """The export's stats; with a checkpoint too, the checkpoint's stats and parity on the same views."""
     from dataclasses import asdict, replace
 
+    from mtpd.eval import evaluate
     from mtpd.export import OnnxDetector, compare, evaluate_onnx
-    from mtpd.trainer.evaluate import evaluate
 
     detector = OnnxDetector(a.onnx)
     spec = detector.spec

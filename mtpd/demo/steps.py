@@ -242,7 +242,7 @@ def ensure_teachers(paths: Paths, scale: recipes.Scale, train_teachers: bool, lo
 def evaluate_checkpoint(ckpt: Path, paths: Paths, log: Log) -> dict:
     """``mtpd-eval`` on the demo's val split, cached by checkpoint and val-set digest."""
     from mtpd.data import CocoDataset, ViewSpec
-    from mtpd.trainer.evaluate import evaluate
+    from mtpd.eval import evaluate
     from mtpd.trainer.student import load_student
 
     show(

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpd.data import CocoDataset, ViewSpec
+from mtpd.eval import ViewDataset
 from mtpd.export.graph import reference_detections
-from mtpd.trainer.targets import DistillDataset
 
 BOX_TOL = 0.5  # pixels
 SCORE_TOL = 1e-3
@@ -90,7 +90,7 @@ def compare(
     it; the model then sees the same padded view."""
     report = ParityReport(box_tol=box_tol, score_tol=score_tol)
     fixed = getattr(runner, "input_size", None)
-    ds = DistillDataset(dataset, spec)
+    ds = ViewDataset(dataset, spec)
     for i in range(len(ds)):
         sample = ds[i]
         view = sample.image

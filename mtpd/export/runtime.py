@@ -1,7 +1,7 @@
 """Running an ONNX export with ONNX Runtime, fed exactly as ``mtpd-eval`` feeds the PyTorch student.
 
 The export's metadata (``mtpd.view``) holds the view recipe; views come from the same
-``prepare_view`` through the same ``DistillDataset`` as PyTorch evaluation, one view per run
+``prepare_view`` through the same ``ViewDataset`` as PyTorch evaluation, one view per run
 (each padded on its own, as every mtpd view is), and detections become COCO results through
 the same function, so the two APs are computed on equal terms.
 """
@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mtpd.data import CocoDataset, ViewSpec, boxes_from_view, prepare_view
+from mtpd.eval import ViewDataset, coco_box_ap, view_detections_to_coco
 from mtpd.export.graph import INPUT_NAMES, ExportError
-from mtpd.trainer.coco_eval import coco_box_ap
-from mtpd.trainer.evaluate import view_detections_to_coco
-from mtpd.trainer.targets import DistillDataset
 
 
 class OnnxDetector:
@@ -77,7 +75,7 @@ def predict_onnx(
     detector: OnnxDetector, dataset: CocoDataset, spec: ViewSpec | None = None, progress: bool = False
 ) -> list[dict]:
     """COCO detection results (source-image coordinates) of the export for every image of ``dataset``."""
-    ds = DistillDataset(dataset, spec or detector.spec)
+    ds = ViewDataset(dataset, spec or detector.spec)
     results: list[dict] = []
     for i in tqdm(range(len(ds)), desc="eval onnx", unit="image", disable=not progress):
         sample = ds[i]

@@ -31,11 +31,11 @@ from mtpd.cache.schema import StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.checkpoint import CheckpointError
 from mtpd.data import CocoDataset, ViewSpec
+from mtpd.eval import evaluate
 from mtpd.models import adapter_for, unwrap
 from mtpd.trainer import hooks
 from mtpd.trainer.checks import build_losses, check_fresh_views, check_mirrors, check_plan, loss_needs
 from mtpd.trainer.engine import BoundLoss, Engine, NonFiniteLoss, TrainError, auto_weight_event
-from mtpd.trainer.evaluate import evaluate
 from mtpd.trainer.events import Event, OnEvent, format_event
 from mtpd.trainer.optim import make_optimizer, make_schedule
 from mtpd.trainer.plan import Plan, PlanError, load_plan, same_plan, save_plan

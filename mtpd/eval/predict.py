@@ -1,4 +1,4 @@
-"""COCO box evaluation of a student on a COCO-format set, through the same views as training."""
+"""COCO box evaluation of a detector on a COCO-format set, through the same views as training."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from torch import nn
 from tqdm import tqdm
 
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_from_view
+from mtpd.eval.coco import coco_box_ap, detections_to_coco
+from mtpd.eval.views import ViewDataset, view_loader
+from mtpd.models import adapter_for, unwrap
 from mtpd.models.detect import detector_forward
-from mtpd.trainer.coco_eval import coco_box_ap, detections_to_coco
-from mtpd.trainer.student import label_offset
-from mtpd.trainer.targets import DistillDataset, make_loader
 
 
 @torch.no_grad()
@@ -26,9 +26,8 @@ def predict(
 ) -> list[dict]:
     """COCO detection results (source-image coordinates) for every image of ``dataset``."""
     model.eval()
-    offset = label_offset(model)
-    ds = DistillDataset(dataset, ViewSpec(short=spec.short, long=spec.long, pad=spec.pad, mean=spec.mean, std=spec.std))
-    loader = make_loader(ds, batch_size, shuffle=False, workers=workers, seed=0)
+    offset = adapter_for(unwrap(model)).label_offset
+    loader = view_loader(ViewDataset(dataset, spec), batch_size, workers)
     results: list[dict] = []
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
         out = detector_forward(model, batch.images.to(device), batch.image_sizes, None, names=(), detect=True)
