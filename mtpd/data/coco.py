@@ -145,6 +145,7 @@ class CocoDataset:
                 )
             per_image[a["image_id"]].append(a)
         self._anns = per_image
+        self._probes: dict[int, str] = {}  # content_probe's, by image count
 
     def __len__(self) -> int:
         return len(self.images)
@@ -166,7 +167,10 @@ class CocoDataset:
     def content_probe(self, k: int = 8) -> str:
         """sha256 of the bytes of ``k`` images spread evenly over the set (by position), for telling apart sets
         whose manifests agree but whose pixels do not (a pool and a train set both of 000001.png ...); reading
-        ``k`` files costs nothing next to a build. A missing file counts as missing, not as an error."""
+        ``k`` files costs nothing next to a build. A missing file counts as missing, not as an error. Read once per
+        dataset object: a stage checks each of its stores against it."""
+        if k in self._probes:
+            return self._probes[k]
         n = len(self.images)
         picks = sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if n > 1 else list(range(n))
         h = hashlib.sha256()
@@ -176,7 +180,8 @@ class CocoDataset:
                 h.update(self.image_path(idx).read_bytes())
             except OSError:
                 h.update(b"missing")
-        return h.hexdigest()
+        self._probes[k] = h.hexdigest()
+        return self._probes[k]
 
     def annotations(self, idx: int) -> Annotations:
         rec = self.images[idx]
