@@ -197,14 +197,14 @@ def test_augment_study_quick_builds_banks_and_trains_live_on_fresh_views(bench_c
     from mtpd.cli.study import main
 
     study = bench_copy / "bench" / "studies" / "augment.yaml"
-    rows = ["baseline_aug", "online_aug", "bank8"]
+    rows = ["baseline_aug_long", "online_aug_long", "bank8_long"]
     assert main([str(study), "--quick", "--rows", ",".join(rows), "--jobs", "2"]) == 0
     record = json.loads((bench_copy / "bench" / "studies" / "augment_out" / "quick-val" / "record.json").read_text())
     assert sorted(record) == sorted(rows)
     cache = bench_copy / "bench_out" / "cache"
     headers = [store_header(str(p)) for p in cache.iterdir() if (p / "zarr.json").is_file()]
     banks = [h for h in headers if h.views.get("augment")]
-    assert sorted(h.teacher["name"] for h in banks) == ["retinanet_tiny", "retinanet_tiny_wide"]
+    assert sorted(h.teacher["name"] for h in banks) == ["retinanet_mobilenet_v2_fpn", "retinanet_tiny_wide"]
     assert all(len(h.view_names) == 8 and h.views["augment"]["scale"] == [0.75, 1.33] for h in banks)
 
 

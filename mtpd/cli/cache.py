@@ -48,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="exit 0 only if every shard is done and matches its checksum")
     v.add_argument("store")
     sub.add_parser("list-teachers", help="print the registered teacher names")
+    r = sub.add_parser(
+        "resample-error",
+        help="measure how far a plain store's features warped onto augmented views are from its teacher's own "
+        "(data.augment.resample), and record it in the store",
+    )
+    r.add_argument("store")
+    r.add_argument("--ann", required=True, help="the store's COCO annotation file")
+    r.add_argument("--images", required=True, help="the store's image folder")
+    r.add_argument("--augment", required=True, help="the plan's policy, e.g. scale=0.75:1.33 (crop, flip as in plans)")
+    r.add_argument("--weights", default=None, help="the teacher's weights, if they moved since the build")
+    r.add_argument("--n-images", type=int, default=8, help="images measured (default: 8)")
+    r.add_argument("--draws", type=int, default=4, help="augmented views drawn per image (default: 4)")
     catalog_cli.add_parsers(sub)
     return p
 
@@ -177,6 +189,17 @@ def _verify(a: argparse.Namespace) -> int:
     return 1
 
 
+def _resample_error(a: argparse.Namespace) -> int:
+    from mtpd.cache.resample_error import format_resample_error, record_resample_error
+    from mtpd.data.augment import AugmentPolicy
+
+    policy = AugmentPolicy.parse(a.augment)
+    err = record_resample_error(a.store, a.ann, a.images, policy, a.weights, a.n_images, a.draws)
+    print(f"{a.store}: relative RMSE of resampled features against the teacher on {a.n_images} images x {a.draws} "
+          f"views ({a.augment}), recorded in the store: {format_resample_error(err)}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     from mtpd.errors import MtpdError
@@ -188,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return _info(a)
         if a.cmd == "verify":
             return _verify(a)
+        if a.cmd == "resample-error":
+            return _resample_error(a)
         if a.cmd in catalog_cli.COMMANDS:
             return catalog_cli.COMMANDS[a.cmd](a)
         from mtpd.teachers.registry import available

@@ -203,13 +203,31 @@ def check_fresh_views(plan: Plan, stages: Sequence[int]) -> None:
     """Cached stages under ``data.augment`` with ``bank: 0`` (a fresh view every epoch): no store holds such
     views, so refuse before any store is looked for."""
     aug = plan.data.augment
-    if aug is None or aug.bank:
+    if aug is None or aug.bank or aug.resample:
         return
     for k in stages:
         cfg = plan.stages[k - 1]
         if cfg.losses and (cfg.stores or cfg.pool_stores or cfg.teacher is not None):
             raise PlanError(
                 f"stages[{k - 1}] ({cfg.name}): data.augment.bank is 0, so every epoch draws fresh views, which no "
-                "store holds; set data.augment.bank: K (K views per image, built once into each teacher's store) "
-                "or run the teachers live (mtpd-train --online-teacher)"
+                "store holds; set data.augment.bank: K (K views per image, built once into each teacher's store), "
+                "data.augment.resample: true (features warped from the plain views' stores, an approximation) or "
+                "run the teachers live (mtpd-train --online-teacher)"
             )
+
+
+def check_resampled(stage: str, outputs: Sequence[dict[str, OutputSpec]], needs: Sequence[Sequence[str]]) -> None:
+    """A stage whose fresh views are resampled from stores reads feature maps only: class logits and box deltas
+    belong to anchors of fixed pixel sizes, which a rescaled map would give to objects of other sizes.
+    ``outputs``: per store, its outputs' specs; ``needs``: per store, the names the stage's losses read."""
+    from mtpd.data.resample import RESAMPLABLE
+
+    for specs, names in zip(outputs, needs):
+        for name in names:
+            kind = specs[name].kind
+            if kind not in RESAMPLABLE:
+                raise PlanError(
+                    f"{stage}: a loss reads {name!r} ({kind}), which data.augment.resample cannot serve (it warps "
+                    f"{', '.join(RESAMPLABLE)} maps only: {kind} belong to anchors of fixed size); use feature "
+                    "losses (mgd, mse, pfi), or a bank of exact views (data.augment.bank: K, resample: false)"
+                )

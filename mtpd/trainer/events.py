@@ -8,6 +8,7 @@ A run reports dicts with an ``"event"`` key to ``on_event`` callbacks: a program
 - ``resumed``: stage, checkpoint, wanted, epoch, iter (checkpoint None: nothing at ``wanted`` to resume from)
 - ``step``: a step record (stage, epoch, iter, step, lr, loss, loss parts, time) and ``epoch_end``
 - ``mirrored``: stage, store, flip_error (a store without the hflip view: flipped samples mirror its maps)
+- ``resampled``: stage, store, resample_error (fresh augmented views warped from the store's plain views)
 - ``stage_end``: stage, name, checkpoint, metrics
 """
 
@@ -45,6 +46,17 @@ def format_event(ev: Event, epochs: int | None = None, iters: int | None = None)
                 for lvl, e in levels.items()
             )
         return f"stage {k}: {ev['store']} has no hflip view, so flipped samples mirror its maps; {measured}"
+    if kind == "resampled":
+        from mtpd.cache.resample_error import format_resample_error
+
+        err = ev["resample_error"]
+        measured = (
+            f"relative RMSE against the teacher on augmented views: {format_resample_error(err)}"
+            if err
+            else f"its error was not measured: `mtpd-cache resample-error {ev['store']} --ann .. --images .. "
+            "--augment ..` records it"
+        )
+        return f"stage {k}: fresh augmented views take {ev['store']}'s features warped from its plain views; {measured}"
     if kind == "levels_skipped":
         return (
             f"stage {k}: {ev['loss']} distills {', '.join(ev['levels'])}; skips {', '.join(ev['skipped'])}, which "

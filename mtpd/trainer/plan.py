@@ -32,13 +32,16 @@ class StudentConfig:
 @dataclass
 class AugmentConfig:
     """Augmented views of every stage: ``mtpd.data.augment.AugmentPolicy``'s fields (``bank`` K: K views per image
-    a teacher's store holds, exact targets; 0: a fresh view every epoch, teachers live)."""
+    a teacher's store holds, exact targets; 0: a fresh view every epoch, teachers live). ``resample``: with bank 0,
+    stages with stores serve each fresh view from the plain views' stores (orig, hflip) by warping their feature
+    maps (``mtpd.data.resample``: an approximation, features only)."""
 
     scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
     crop: bool = True
     flip: float = 0.5
     bank: int = 0
     seed: int = 0
+    resample: bool = False
 
     def policy(self):
         from mtpd.data.augment import AugmentPolicy
@@ -196,6 +199,11 @@ class Plan:
         if self.data.augment is not None:
             if len(self.data.augment.scale) != 2:
                 raise PlanError(f"data.augment.scale: [low, high], got {self.data.augment.scale}")
+            if self.data.augment.resample and self.data.augment.bank:
+                raise PlanError(
+                    "data.augment.resample serves fresh views (bank: 0) from the plain views' stores; with a bank "
+                    f"of {self.data.augment.bank} the stores hold exact views: drop resample or set bank: 0"
+                )
             try:
                 self.data.augment.policy()
             except ValueError as e:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mtpd.cache.read import StoreFeed, grid_size, valid_masks
 from mtpd.cache.store import StoreReader
+from mtpd.data.resample import warp
 from mtpd.output_spec import OutputSpec
 from mtpd.trainer.checks import check_pool_stores
 from mtpd.trainer.targets import Batch
@@ -44,17 +45,27 @@ class StoreTargets:
     def __call__(self, batch: Batch) -> tuple[list[dict[str, Tensor]], dict[int, Tensor]]:
         """Per store: ``{name}.p{level}`` -> [B, C, h, w] float32 maps (zero on padded cells, mirrored samples'
         channels mirrored by each output's rule), and the valid-cell masks. A batch with pool images decodes
-        each part with its own store's header (codings may be calibrated per store) and joins them."""
-        n, masks = batch.labelled, batch.masks
+        each part with its own store's header (codings may be calibrated per store) and joins them. Resampled
+        views (``batch.sources``) are decoded on their stored views' grid, then warped onto the batch's."""
+        n = batch.labelled
+        masks = batch.source_masks if batch.sources is not None else batch.masks
         if not batch.pool_teacher:
-            return [cb.decode(meta, masks) for cb, meta in zip(batch.teacher, self.metas)], masks
-        pool_masks = {lvl: m[n:] for lvl, m in masks.items()}
-        pool = [cb.decode(meta, pool_masks) for cb, meta in zip(batch.pool_teacher, self.pool_metas)]
-        if n == 0:
-            return pool, masks
-        lab_masks = {lvl: m[:n] for lvl, m in masks.items()}
-        lab = [cb.decode(meta, lab_masks) for cb, meta in zip(batch.teacher, self.metas)]
-        return [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(lab, pool)], masks
+            maps = [cb.decode(meta, masks) for cb, meta in zip(batch.teacher, self.metas)]
+        else:
+            pool_masks = {lvl: m[n:] for lvl, m in masks.items()}
+            maps = [cb.decode(meta, pool_masks) for cb, meta in zip(batch.pool_teacher, self.pool_metas)]
+            if n:
+                lab_masks = {lvl: m[:n] for lvl, m in masks.items()}
+                lab = [cb.decode(meta, lab_masks) for cb, meta in zip(batch.teacher, self.metas)]
+                maps = [{key: torch.cat([a[key], b[key]]) for key in a} for a, b in zip(lab, maps)]
+        if batch.sources is None:
+            return maps, batch.masks
+        out, masks = [], dict(batch.masks)
+        for store_maps in maps:  # every store's maps of a level lose the same cells: one mask per level
+            warped, store_masks = warp(store_maps, batch.metas, batch.sources, batch.masks)
+            out.append(warped)
+            masks.update({lvl: m for lvl, m in store_masks.items() if any(k.endswith(f".p{lvl}") for k in warped)})
+        return out, masks
 
 
 class OnlineTeacher(Protocol):

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mtpd.cache.resample_error import recorded_resample_error
 from mtpd.cache.schema import StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.checkpoint import CheckpointError
@@ -34,7 +35,14 @@ from mtpd.data import CocoDataset, ViewSpec
 from mtpd.eval import evaluate
 from mtpd.models import adapter_for, unwrap
 from mtpd.trainer import hooks
-from mtpd.trainer.checks import build_losses, check_fresh_views, check_mirrors, check_plan, loss_needs
+from mtpd.trainer.checks import (
+    build_losses,
+    check_fresh_views,
+    check_mirrors,
+    check_plan,
+    check_resampled,
+    loss_needs,
+)
 from mtpd.trainer.engine import BoundLoss, Engine, NonFiniteLoss, TrainError, auto_weight_event
 from mtpd.trainer.events import Event, OnEvent, format_event
 from mtpd.trainer.optim import make_optimizer, make_schedule
@@ -198,6 +206,8 @@ class Stage:
             parts = [p for p in (self.stores, self.pool_stores) if p]
             mirrored = [", ".join(f"store {p[j]}" for p in parts if p[j] in self.mirrored) for j in range(len(needs))]
             check_mirrors(source.outputs(), needs, mirrored, where)
+            if self.plan.data.augment is not None and self.plan.data.augment.resample:
+                check_resampled(where, source.outputs(), needs)
         return source, losses, needs
 
     def build_data(
@@ -206,15 +216,16 @@ class Stage:
         data, seed, share = self.plan.data, self.plan.seed, self.cfg.pool
         spec = train_views(self.plan)
         with_masks = adapter_for(student).needs_masks
+        rs = dict(resample=bool(data.augment and data.augment.resample))  # fresh views warped from plain stores
         ds: DistillDataset | MixedDataset
         sampler: EpochSampler | MixSampler
         if share == 0:
-            ds = DistillDataset(train, spec, self.readers, data.flip, seed, outputs=needs, with_masks=with_masks)
+            ds = DistillDataset(train, spec, self.readers, data.flip, seed, needs, with_masks, **rs)
             sampler = EpochSampler(len(ds), seed, self.rank, self.world)
         else:
-            lab = DistillDataset(train, spec, self.readers, data.flip, seed, needs) if share < 1 else None
+            lab = DistillDataset(train, spec, self.readers, data.flip, seed, needs, **rs) if share < 1 else None
             pool_set = CocoDataset(data.pool_ann, data.pool_images)  # type: ignore[arg-type]  (checked by the plan)
-            pool = DistillDataset(pool_set, spec, self.pool_readers, data.flip, seed + 1, needs)
+            pool = DistillDataset(pool_set, spec, self.pool_readers, data.flip, seed + 1, needs, **rs)
             ds = MixedDataset(lab, pool)
             per_pool = data.batch_size if share == 1 else round(share * data.batch_size)
             n_lab = ds.n_labelled
@@ -264,6 +275,10 @@ class Stage:
                 if self.plan.data.flip and self.plan.data.augment is None and "hflip" not in r.header.view_names:
                     self.mirrored[r.location] = r.root.attrs.get("flip_error")
                     self.emit({"event": "mirrored", "store": r.location, "flip_error": self.mirrored[r.location]})
+            aug = self.plan.data.augment
+            for r in self.readers + self.pool_readers if aug is not None and aug.resample else []:
+                err = recorded_resample_error(r.root.attrs, aug.policy())  # type: ignore[union-attr]
+                self.emit({"event": "resampled", "store": r.location, "resample_error": err})
             return StoreTargets(self.readers, self.pool_readers)
         if len(self.online) != self.n_sources:
             raise PlanError(

@@ -38,10 +38,13 @@ def train_views(plan: Plan) -> ViewSpec:
 
 
 def ref_views(plan: Plan, ref: TeacherRef) -> ViewSpec:
-    """The views a stage's teacher store holds: the ref's own, else what the plan's students train on."""
+    """The views a stage's teacher store holds: the ref's own, else what the plan's students train on (fresh
+    views resampled from stores: the plain views, orig and hflip)."""
     d = plan.data
     if ref.views and d.augment is None:
         return ViewSpec(short=d.short, long=d.long, views=tuple(ref.views))
+    if d.augment is not None and d.augment.resample:
+        return ViewSpec(short=d.short, long=d.long, views=("orig", "hflip"))
     return train_views(plan)
 
 

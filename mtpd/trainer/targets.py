@@ -20,6 +20,7 @@ from mtpd.cache.schema import StoredOutput, StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, masks_to_view, prepare_view
 from mtpd.data.augment import FRESH_VIEW, AugmentPolicy
+from mtpd.data.resample import source_meta
 from mtpd.data.views import crop_boxes
 
 __all__ = [
@@ -45,6 +46,7 @@ class Sample:
     teacher: list[dict[str, Coded]]  # per store: name -> stored codes of this view (``mtpd.cache.read.Coded``)
     masks: torch.Tensor | None = None  # [n, Hp, Wp] uint8 instance masks on the padded view (Mask R-CNN), else None
     pool: bool = False  # from the unlabelled pool: no boxes, and ``teacher`` holds the pool's stores' codes
+    source: ViewMeta | None = None  # resampled: the stored view ``teacher`` holds, which ``meta`` is warped from
 
 
 @dataclass
@@ -62,6 +64,10 @@ class Batch:
     # codes are ``teacher``; the pool's images follow, their codes (of the pool's stores) in ``pool_teacher``.
     n_labelled: int = -1  # -1: every image (a batch of the labelled set alone)
     pool_teacher: list[CodedBatch] = field(default_factory=list)
+    # Resampled views (``data.augment.resample``): the stored view of each image its codes are of, and the valid
+    # cells of the codes' grid (which holds those views); ``StoreTargets`` warps the decoded maps onto ``metas``.
+    sources: list[ViewMeta] | None = None
+    source_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def labelled(self) -> int:
@@ -90,6 +96,8 @@ class Batch:
             None if self.instance_masks is None else [mv(m) for m in self.instance_masks],
             self.n_labelled,
             [t.map(mv) for t in self.pool_teacher],
+            self.sources,
+            {k: mv(v) for k, v in self.source_masks.items()},
         )
 
 
@@ -133,7 +141,8 @@ class DistillDataset(Dataset):
     ``stores``: paths, or readers already open (the stage opens each store once and hands its readers here);
     ``outputs[k]``: the output names read from store ``k`` (default: all of them). With ``spec.augment`` every
     sample is an augmented view: one of the bank's (``aug0`` ..; stores hold them), or with bank 0 a fresh draw
-    of (seed, epoch, index) (``aug``; no store holds those: teachers run live)."""
+    of (seed, epoch, index) (``aug``; no store holds those: teachers run live, or with ``resample`` the stores
+    hold the plain views, and each sample carries the codes of the one with its flip, to be warped onto it)."""
 
     def __init__(
         self,
@@ -144,8 +153,18 @@ class DistillDataset(Dataset):
         seed: int = 0,
         outputs: list[list[str]] | None = None,
         with_masks: bool = False,
+        resample: bool = False,
     ) -> None:
         self.dataset = dataset
+        self.resample = resample and spec.augment is not None
+        # the views the stores hold: resampled fresh views come from the plain ones
+        stored = (
+            ViewSpec(
+                short=spec.short, long=spec.long, views=("orig", "hflip"), pad=spec.pad, mean=spec.mean, std=spec.std
+            )
+            if self.resample
+            else spec
+        )
         self.with_masks = with_masks
         self.spec = spec
         self.policy: AugmentPolicy | None = spec.policy()
@@ -155,7 +174,7 @@ class DistillDataset(Dataset):
         readers = [s if isinstance(s, StoreReader) else StoreReader(s) for s in stores or []]
         self.feeds = [StoreFeed(r, None if outputs is None else outputs[k]) for k, r in enumerate(readers)]
         for r, feed in zip(readers, self.feeds):
-            check_store(r, dataset, spec)
+            check_store(r, dataset, stored)
             if not feed.status.done.all():  # the feed read the shard record once; the workers keep it
                 raise StoreError(
                     f"{r.location}: {int((~feed.status.done).sum())} shard(s) not written yet; rerun its "
@@ -196,8 +215,9 @@ class DistillDataset(Dataset):
             labels = labels[keep]
             masks = None if masks is None else masks[torch.from_numpy(keep)]
         boxes = torch.as_tensor(boxes, dtype=torch.float32)
-        teacher = self.teacher_targets(image_id, view)
-        return Sample(img, meta, image_id, boxes, torch.as_tensor(labels), teacher, masks)
+        source = source_meta(self.spec, meta) if self.resample else None
+        teacher = self.teacher_targets(image_id, view if source is None else source.view)
+        return Sample(img, meta, image_id, boxes, torch.as_tensor(labels), teacher, masks, source=source)
 
     def teacher_targets(self, image_id: int, view: str) -> list[dict[str, Coded]]:
         """Per store: name -> the stored codes of one view (``StoreFeed.read_sample``)."""
@@ -247,13 +267,20 @@ def collate(
     images = empty((len(samples), 3, hp, wp))
     for i, s in enumerate(samples):
         place(images, i, s.image)
+    sources = [s.source for s in samples] if samples[0].source is not None else None
+    # resampled codes are of the stored views, which may be larger than the augmented ones: their own grid
+    code_hw = (
+        (hp, wp)
+        if sources is None
+        else (max(hp, *(m.padded[0] for m in sources)), max(wp, *(m.padded[1] for m in sources)))
+    )  # type: ignore[union-attr]
     levels: set[int] = set()
     parts = []
     for part, metas in ((samples[:n_labelled], stores_meta), (samples[n_labelled:], pool_meta)):
         coded_part = []
         for k, outputs in enumerate(metas if part else ()):
             coded = [s.teacher[k] for s in part]
-            coded_part.append(collate_codes(coded, outputs, (hp, wp)))
+            coded_part.append(collate_codes(coded, outputs, code_hw))
             levels |= code_levels(coded, outputs)
         parts.append(coded_part)
     instance = None
@@ -273,6 +300,8 @@ def collate(
         instance,
         -1 if n_labelled == len(samples) else n_labelled,
         parts[1],
+        sources,
+        {} if sources is None else valid_masks(code_hw, [m.size for m in sources], sorted(levels)),
     )
 
 
