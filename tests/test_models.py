@@ -218,3 +218,60 @@ def test_an_unknown_arch_option_is_named_on_one_line() -> None:
     with pytest.raises(ValueError, match=r"does not take option\(s\) '\\n', wdith; it accepts: .*width=") as err:
         build_arch("retinanet_tiny", 3, **{"wdith": 8, "\n": 1})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: build_arch("retinanet_tiny", 7),
+        lambda: build_arch("fcos_tiny", 7),
+        lambda: build_arch("ssd_tiny", 7),
+        lambda: __import__("torchvision").models.detection.ssdlite320_mobilenet_v3_large(
+            num_classes=7, weights=None, weights_backbone=None
+        ),
+        lambda: __import__("torchvision").models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+            num_classes=7, weights=None, weights_backbone=None
+        ),
+        lambda: __import__("torchvision").models.detection.maskrcnn_resnet50_fpn(
+            num_classes=7, weights=None, weights_backbone=None
+        ),
+    ],
+    ids=["retinanet", "fcos", "ssd", "ssdlite", "fasterrcnn", "maskrcnn"],
+)
+def test_every_family_reads_its_class_count_off_a_state_dict(make) -> None:
+    """``infer_num_classes`` asks each family's adapter (``classes_in_state``); exactly one family claims a dict."""
+    from mtpd.models import ADAPTERS, adapter_for, infer_num_classes, model_num_classes
+
+    model = make()
+    state = model.state_dict()
+    claims = {a.family: a.classes_in_state(state) for a in ADAPTERS if a.classes_in_state(state) is not None}
+    assert claims == {adapter_for(model).family: model_num_classes(model)} and infer_num_classes(state) == 7
+
+
+def test_an_mmdet_retinanet_checkpoint_is_imported_by_its_adapter(tmp_path) -> None:
+    """Weight inheritance reads an mmdet RetinaNet's ``neck.``/``bbox_head.`` keys under torchvision's names."""
+    from mtpd.checkpoint import save
+    from mtpd.trainer.student import inherit_from_teacher
+
+    teacher = build_arch("retinanet_tiny", 5)
+    tv = teacher.state_dict()
+    mm = {
+        "neck.lateral_convs.0.conv.weight": tv["backbone.fpn.inner_blocks.0.0.weight"],
+        "neck.fpn_convs.1.conv.bias": tv["backbone.fpn.layer_blocks.1.0.bias"],
+        "bbox_head.retina_cls.weight": tv["head.classification_head.cls_logits.weight"],
+        "bbox_head.reg_convs.0.conv.weight": tv["head.regression_head.conv.0.0.weight"],
+    }
+    save({"state_dict": mm}, tmp_path / "mmdet.pth")
+    student = build_arch("retinanet_tiny", 5)
+    copied = inherit_from_teacher(student, str(tmp_path / "mmdet.pth"), ["neck", "head"])
+    assert sorted(copied) == sorted(
+        [
+            "backbone.fpn.inner_blocks.0.0.weight",
+            "backbone.fpn.layer_blocks.1.0.bias",
+            "head.classification_head.cls_logits.weight",
+            "head.regression_head.conv.0.0.weight",
+        ]
+    )
+    assert torch.equal(
+        student.state_dict()["head.classification_head.cls_logits.weight"], mm["bbox_head.retina_cls.weight"]
+    )

@@ -300,7 +300,9 @@ def test_the_plan_check_refuses_what_a_pool_cannot_serve(tmp_path, pooled, store
     plan = yaml.safe_load(path.read_text())
     plan["student"] = {"arch": "fasterrcnn_resnet50_fpn"}
     (tmp_path / "rcnn.yaml").write_text(yaml.safe_dump(plan))
-    with pytest.raises(PlanError, match=r"two-stage student \(FasterRCNN\).*use a one-stage student"):
+    with pytest.raises(
+        PlanError, match=r"two-stage student \(FasterRCNN\).*use a student that can \(RetinaNet, FCOS, SSD\)"
+    ):
         run_plan(load_plan(tmp_path / "rcnn.yaml"), [1], log=None)
 
 

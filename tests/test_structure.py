@@ -10,6 +10,7 @@ online baseline receives its teachers from the caller), and nothing imports the 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "mtpd"
@@ -210,6 +211,47 @@ def test_the_family_check_can_fail(tmp_path) -> None:
     )
     hits = family_branches(bad, {"fasterrcnn", "maskrcnn", "retinanet"}, {"RetinaNet", "FCOS"}, tmp_path)
     assert [h.split(" ", 1)[0].rsplit(":", 1)[1] for h in hits] == ["2", "4", "5"], hits
+
+
+# A detector state dict's key (``head.classification_head.cls_logits.weight``, ``roi_heads.``, mmdet's
+# ``bbox_head.``): what a family names its parameters is the family's adapter's to know.
+STATE_KEY = re.compile(
+    r"^(head|backbone|roi_heads|rpn|neck|bbox_head)\.(\w|$)|classification_head\.|regression_head\.|cls_logits|"
+    r"box_predictor|bbox_reg\b"
+)
+
+
+def state_dict_keys(path: Path, root: Path = PKG.parent) -> list[str]:
+    """String literals in ``path`` that name detector state-dict keys (docstrings and messages aside: a literal
+    of a line or more is prose)."""
+    tree = ast.parse(path.read_text())
+    return [
+        f"{path.relative_to(root)}:{node.lineno} {node.value!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) < 80
+        and STATE_KEY.search(node.value)
+    ]  # fmt: skip
+
+
+def test_only_the_adapters_name_state_dict_keys() -> None:
+    """Class counts read off a checkpoint, the prefixes weight inheritance copies, other frameworks' key maps:
+    a family's adapter says them (``classes_in_state``, ``parts``, ``import_state``)."""
+    adapters = PKG / "models" / "adapters"
+    wrong = [hit for path in sorted(PKG.rglob("*.py")) if adapters not in path.parents for hit in state_dict_keys(path)]
+    assert not wrong, "state-dict keys outside mtpd/models/adapters:\n" + "\n".join(wrong)
+
+
+def test_the_state_dict_key_check_can_fail(tmp_path) -> None:
+    bad = tmp_path / "mtpd" / "m.py"
+    bad.parent.mkdir()
+    bad.write_text(
+        '"""Reads head.classification_head.cls_logits.weight, in a docstring long enough to be prose, not a key."""\n'
+        "PARTS = {'neck': ('backbone.fpn.',), 'head': ('head.', 'roi_heads.')}\n"
+        "def f(sd):\n"
+        "    return sd.get('head.classification_head.cls_logits.weight')\n"
+    )
+    hits = state_dict_keys(bad, tmp_path)
+    assert [h.split(" ", 1)[0].rsplit(":", 1)[1] for h in hits] == ["2", "2", "2", "4"], hits
 
 
 def test_export_loads_neither_the_trainer_nor_a_store_reader() -> None:

@@ -1,7 +1,7 @@
 """The student as it leaves: one prepared view in, its detections after NMS out, nothing else.
 
-``DeployableDetector`` wraps a torchvision RetinaNet, FCOS, Faster R-CNN or Mask R-CNN
-and runs exactly the pieces mtpd's evaluation runs (``detector_forward``): backbone,
+``DeployableDetector`` wraps a torchvision detector of any family with an adapter
+(``mtpd.models.adapters.ADAPTERS``) and runs exactly the pieces mtpd's evaluation runs (``detector_forward``): backbone,
 head, anchors, torchvision's own post-processing with its score threshold, NMS and
 detection cap. No loss adapter or generator exists in it: those live in the losses,
 never in the student. Mask R-CNN leaves with its boxes only (its mask head is not run).

@@ -187,7 +187,7 @@ def export_model(
     name: str | None = None,
     source: str | os.PathLike | None = None,
 ) -> ExportResult:
-    """Write ``model`` (any torchvision RetinaNet, FCOS, Faster/Mask R-CNN, registered or the user's own) as a
+    """Write ``model`` (a torchvision detector of a family with an adapter, registered or the user's own) as a
     student-only artifact that maps one view prepared by ``spec`` to its detections after NMS.
 
     ``size`` fixes the input to [1, 3, H, W] (views are zero-padded to it); None keeps H, W dynamic.

@@ -3,7 +3,7 @@
 export), and the one definition of their dense outputs. A leaf package: imports torch, torchvision
 and the leaf modules (``mtpd.output_spec``, ``mtpd.factory``) only."""
 
-from mtpd.models.adapters import DetectorAdapter, adapter_class, adapter_for
+from mtpd.models.adapters import ADAPTERS, FAMILIES, DetectorAdapter, adapter_class, adapter_for
 from mtpd.models.factory_arch import (
     build_factory_arch,
     build_factory_student,
@@ -22,7 +22,6 @@ from mtpd.models.outputs import (
     unflatten_level,
 )
 from mtpd.models.registry import (
-    FAMILIES,
     ArchInfo,
     arch_checkpoint,
     arch_family,
@@ -34,6 +33,7 @@ from mtpd.models.registry import (
 )
 
 __all__ = [
+    "ADAPTERS",
     "DenseOutputs",
     "DetectorAdapter",
     "adapter_class",

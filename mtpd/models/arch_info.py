@@ -43,22 +43,22 @@ class ArchInfo:
         }
 
 
-def arch_table(archs: list[ArchInfo]) -> Callable[..., Callable[[ArchFactory], ArchFactory]]:
-    """A decorator that appends ``ArchInfo(name, family, factory, ...)`` to ``archs``: each arch module
-    lists its own architectures, and the registry imports those lists explicitly."""
+def arch_table(add: Callable[[ArchInfo], Any]) -> Callable[..., Callable[[ArchFactory], ArchFactory]]:
+    """The one ``register_arch`` decorator, bound to where its entries go: each arch module binds it to its own
+    list (``arch_table(ARCHS.append)``, which the registry imports explicitly), the registry to its table (the
+    user's own architectures)."""
 
-    def arch(
+    def register_arch(
         name: str, *, family: str, coco_weights: Any = None, coco_bn_eps: float | None = None, description: str = ""
     ) -> Callable[[ArchFactory], ArchFactory]:
+        """Decorator: register ``factory(num_classes, *, **options) -> nn.Module`` under ``name``."""
         if family not in FAMILIES:
             raise ValueError(f"arch {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
 
         def deco(fn: ArchFactory) -> ArchFactory:
-            archs.append(
-                ArchInfo(name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip())
-            )
+            add(ArchInfo(name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip()))
             return fn
 
         return deco
 
-    return arch
+    return register_arch

@@ -1,9 +1,10 @@
 """Detectors from the user's own ``package.module:factory``: bring your own backbone and neck.
 
-The factory returns a torchvision RetinaNet, FCOS, FasterRCNN or MaskRCNN built however the
-user likes. It is called as ``factory(num_classes=N, **options)`` when it takes ``num_classes``
-(else ``factory(**options)``), where N counts classes as torchvision's constructors do: the
-dataset's K for RetinaNet and FCOS, K + 1 for Faster/Mask R-CNN (class 0 is background).
+The factory returns a torchvision detector of a family with an adapter (``mtpd.models.adapters.ADAPTERS``;
+``supported()`` names them) built however the user likes. It is called as ``factory(num_classes=N,
+**options)`` when it takes ``num_classes`` (else ``factory(**options)``), where N counts classes as
+torchvision's constructors do: the dataset's K, plus 1 where the family's ``label_offset`` reserves class 0
+for the background.
 Either way the model's class count is checked against N. What comes back is checked once
 (family, ``backbone.out_channels``, one power-of-two stride per level) so that a problem is
 one line naming the factory and the fix, not a traceback from the middle of a training step.
@@ -20,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from mtpd.factory import FactoryError, accepts, first_line, import_factory, is_factory_spec
-from mtpd.models.adapters import adapter_class, adapter_for, find_adapter, supported
+from mtpd.models.adapters import ADAPTERS, adapter_class, adapter_for, find_adapter, supported
 from mtpd.models.levels import feature_levels
 from mtpd.models.registry import build_arch, jsonable_options
 
@@ -65,14 +66,13 @@ def model_num_classes(model: nn.Module) -> int | None:
 
 
 def infer_num_classes(state_dict: dict[str, Tensor]) -> int | None:
-    """Class count (as ``model_num_classes``) from a detector state dict's class-logit weights (None if not found)."""
-    cls = state_dict.get("head.classification_head.cls_logits.weight")
-    if cls is not None:
-        reg = state_dict.get("head.regression_head.bbox_reg.weight")
-        anchors = reg.shape[0] // 4 if reg is not None else 1
-        return int(cls.shape[0]) // anchors
-    rcnn = state_dict.get("roi_heads.box_predictor.cls_score.weight")
-    return int(rcnn.shape[0]) if rcnn is not None else None
+    """Class count (as ``model_num_classes``) from a detector state dict's class head, as its family's adapter
+    reads it (``DetectorAdapter.classes_in_state``); None when no family knows the dict."""
+    for adapter in ADAPTERS:
+        found = adapter.classes_in_state(state_dict)
+        if found is not None:
+            return found
+    return None
 
 
 def _call(spec: str, factory: Any, num_classes: int | None, options: dict[str, Any]) -> tuple[nn.Module, str]:

@@ -2,7 +2,7 @@
 
 Every detector mtpd builds, whether it runs as a teacher or trains as a
 student, comes from ``build_arch(name, num_classes, **options)``: a plain
-torchvision detection model (RetinaNet, FCOS, Faster/Mask R-CNN), never
+torchvision detection model of a family with an adapter (``mtpd.models.adapters.ADAPTERS``), never
 downloading anything. The built-in names come from the lists
 ``mtpd.models.torchvision_archs.ARCHS``, ``mtpd.models.tiny.ARCHS`` and ``mtpd.models.swin.ARCHS``,
 read here explicitly; ``register_arch`` adds more.
@@ -14,14 +14,14 @@ rebuild it from the file alone.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from mtpd.errors import unknown_keys
 from mtpd.models import swin, tiny, torchvision_archs
 from mtpd.models.adapters import adapter_for
-from mtpd.models.arch_info import FAMILIES, ArchFactory, ArchInfo
+from mtpd.models.arch_info import ArchInfo, arch_table
 from mtpd.models.levels import unwrap
 from mtpd.models.parts import PRETRAINED_TRAINABLE_LAYERS
 
@@ -39,27 +39,13 @@ def _builtin() -> dict[str, ArchInfo]:
 _REGISTRY: dict[str, ArchInfo] = _builtin()
 
 
-def register_arch(
-    name: str,
-    *,
-    family: str,
-    coco_weights: Any = None,
-    coco_bn_eps: float | None = None,
-    description: str = "",
-) -> Callable[[ArchFactory], ArchFactory]:
-    """Decorator: register ``factory(num_classes, *, **options) -> nn.Module`` under ``name``."""
-    if family not in FAMILIES:
-        raise ValueError(f"arch {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
+def _add(info: ArchInfo) -> None:
+    if info.name in _REGISTRY:
+        raise ValueError(f"arch {info.name!r} is registered twice")
+    _REGISTRY[info.name] = info
 
-    def deco(fn: ArchFactory) -> ArchFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"arch {name!r} is registered twice")
-        _REGISTRY[name] = ArchInfo(
-            name, family, fn, coco_weights, coco_bn_eps, description or (fn.__doc__ or "").strip()
-        )
-        return fn
 
-    return deco
+register_arch = arch_table(_add)  # the user's own architectures, beside the built-in ones
 
 
 def list_archs(family: str | None = None) -> list[str]:

@@ -32,7 +32,7 @@ from mtpd.models.tiny import tiny_head_convs
 
 # This module's architectures, read by mtpd.models.registry (this module never imports the registry).
 ARCHS: list[ArchInfo] = []
-register_arch = arch_table(ARCHS)
+register_arch = arch_table(ARCHS.append)
 
 
 class SwinStage(nn.Module):

@@ -34,7 +34,7 @@ from mtpd.models.parts import (
 
 # This module's architectures, read by mtpd.models.registry (this module never imports the registry).
 ARCHS: list[ArchInfo] = []
-register_arch = arch_table(ARCHS)
+register_arch = arch_table(ARCHS.append)
 
 # Stage widths as multiples of ``width``, and convs per stage; stage k has stride 2^k.
 _WIDTH_MULT = (1, 2, 4, 6, 8)

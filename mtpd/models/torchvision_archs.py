@@ -41,7 +41,7 @@ from mtpd.models.parts import (
 
 # This module's architectures, read by mtpd.models.registry (this module never imports the registry).
 ARCHS: list[ArchInfo] = []
-register_arch = arch_table(ARCHS)
+register_arch = arch_table(ARCHS.append)
 
 # backbone name -> (constructor, torchvision ImageNet weights used by its detection builders)
 _RESNETS: dict[str, tuple[Callable[..., nn.Module], Any]] = {

@@ -25,7 +25,7 @@ from mtpd.checkpoint import sha256_file
 from mtpd.factory import FactoryError, import_factory
 from mtpd.factory import accepts as _accepts
 from mtpd.models import arch_family, infer_num_classes, unwrap
-from mtpd.models.adapters import find_adapter
+from mtpd.models.adapters import find_adapter, supported
 from mtpd.teachers.base import INIT_SEED, Teacher, TeacherError, TeacherIdentity
 from mtpd.teachers.torchvision_adapter import TorchvisionTeacher, load_weights, read_checkpoint
 
@@ -104,8 +104,8 @@ def build_module_teacher(
             built.identity = dataclasses.replace(built.identity, name=spec)
         return built.to(device)
     raise TeacherError(
-        f"teacher {spec!r} returned a {type(built).__name__}: expected a torchvision RetinaNet/FCOS/FasterRCNN/"
-        "MaskRCNN or an object with identity, output_specs(), to() and __call__(images, outputs)"
+        f"teacher {spec!r} returned a {type(built).__name__}: expected a torchvision {supported()} or an object "
+        "with identity, output_specs(), to() and __call__(images, outputs)"
     )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from mtpd.cache.schema import StoreError
 from mtpd.cache.store import store_header
 from mtpd.data import CocoDataset
-from mtpd.models import adapter_for, output_specs
+from mtpd.models import ADAPTERS, adapter_for, output_specs
 from mtpd.output_spec import OutputSpec
 from mtpd.trainer.engine import BoundLoss
 from mtpd.trainer.losses import LOSSES, build_loss, loss_defaults
@@ -164,6 +164,11 @@ def mirrored_stores(paths: Sequence[str], flips: bool) -> list[str]:
     return [f"store {p}" for p in paths if flips and "hflip" not in store_header(p).view_names]
 
 
+def pool_families() -> str:
+    """The families whose students may train on unlabelled images, for messages."""
+    return ", ".join(a.display for a in ADAPTERS if a.unlabelled_images)
+
+
 def check_pool_stage(cfg: StageConfig, student: nn.Module, where: str) -> None:
     """A stage drawing from the unlabelled pool: a one-stage student (the detection loss is cut to the batch's
     labelled images), and on the pool alone no loss that reads ground truth."""
@@ -171,7 +176,7 @@ def check_pool_stage(cfg: StageConfig, student: nn.Module, where: str) -> None:
     if not adapter.unlabelled_images:
         raise PlanError(
             f"{where}.pool: a two-stage student ({adapter.display}) samples its RoIs from ground truth in every "
-            "image, so it cannot train on unlabelled images; use a one-stage student (RetinaNet, FCOS, SSD) or pool: 0"
+            f"image, so it cannot train on unlabelled images; use a student that can ({pool_families()}) or pool: 0"
         )
     if cfg.pool == 1 and not cfg.losses:
         raise PlanError(f"{where}.losses: a stage on the pool alone (pool: 1) learns from its losses only; add one")

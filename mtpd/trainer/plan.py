@@ -21,7 +21,7 @@ AMP_MODES = ("off", "bf16", "fp16")
 
 @dataclass
 class StudentConfig:
-    # A registered arch, or package.module:factory returning a torchvision RetinaNet/FCOS/FasterRCNN/MaskRCNN
+    # A registered arch, or package.module:factory returning a torchvision detector of an adapter's family
     # (called as factory(num_classes=N, **options); the current directory is importable)
     arch: str
     init: str = "none"  # ImageNet backbone checkpoint path, or none (registered archs only)
@@ -282,7 +282,28 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
     plan = from_dict(Plan, data, "plan")
     plan.validate()
-    return _resolve_paths(plan, p.parent)
+    return _graph_views(_resolve_paths(plan, p.parent), data.get("data") or {})
+
+
+def _graph_views(plan: Plan, given: dict) -> Plan:
+    """The data.short/long a plan leaves out take its ONNX teachers' fixed graph input, as ``mtpd-cache build``
+    does without --short/--long: such a graph takes views of its size and no larger (the smallest, if several)."""
+    from mtpd.onnx_mapping import MappingError, fixed_input_size
+
+    if "short" in given and "long" in given:
+        return plan
+    sizes = []
+    for s in plan.stages:
+        if s.teacher is not None and s.teacher.name.startswith("onnx:"):
+            try:
+                sizes.append(fixed_input_size(s.teacher.name[len("onnx:") :]))
+            except MappingError:
+                pass  # the stage's store lookup names the mapping's fault
+    sizes = [x for x in sizes if x is not None]
+    if sizes:
+        plan.data.short = plan.data.short if "short" in given else min(min(x) for x in sizes)
+        plan.data.long = plan.data.long if "long" in given else min(max(x) for x in sizes)
+    return plan
 
 
 def _resolve_paths(plan: Plan, base: Path) -> Plan:

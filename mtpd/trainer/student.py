@@ -6,7 +6,6 @@ checkpoint file at stage start; no teacher module is ever built here.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from mtpd import checkpoint
 from mtpd.checkpoint import CheckpointError, split_state_dict
 from mtpd.factory import FactoryError, is_factory_spec
 from mtpd.models import (
+    ADAPTERS,
     adapter_class,
     adapter_for,
     arch_checkpoint,
@@ -114,33 +114,17 @@ def load_student(
     return model.to(device)
 
 
-# mmdet RetinaNet names -> torchvision RetinaNet names, for inheriting from mmdet teachers.
-_MMDET_RETINANET = [
-    (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
-    (r"^neck\.fpn_convs\.([0-2])\.conv\.", r"backbone.fpn.layer_blocks.\1.0."),
-    (r"^neck\.fpn_convs\.3\.conv\.", "backbone.fpn.extra_blocks.p6."),
-    (r"^neck\.fpn_convs\.4\.conv\.", "backbone.fpn.extra_blocks.p7."),
-    (r"^bbox_head\.cls_convs\.(\d+)\.conv\.", r"head.classification_head.conv.\1.0."),
-    (r"^bbox_head\.reg_convs\.(\d+)\.conv\.", r"head.regression_head.conv.\1.0."),
-    (r"^bbox_head\.retina_cls\.", "head.classification_head.cls_logits."),
-    (r"^bbox_head\.retina_reg\.", "head.regression_head.bbox_reg."),
-]
-_PARTS = {"neck": ("backbone.fpn.",), "head": ("head.", "rpn.", "roi_heads.")}
-
-
 def _teacher_state(path: str) -> dict[str, torch.Tensor]:
+    """The teacher checkpoint's state dict under torchvision's names: another framework's keys imported by the
+    family adapter that knows them (``DetectorAdapter.import_state``)."""
     ckpt = load_checkpoint(path)
     state = ckpt.get("model") or ckpt.get("state_dict") or ckpt
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no state dict inside (expected keys 'model' or 'state_dict')")
-    if any(k.startswith(("neck.", "bbox_head.")) for k in state):
-        mapped = {}
-        for k, v in state.items():
-            for pat, rep in _MMDET_RETINANET:
-                if re.match(pat, k):
-                    mapped[re.sub(pat, rep, k)] = v
-                    break
-        return mapped
+    for adapter in ADAPTERS:
+        imported = adapter.import_state(state)
+        if imported is not None:
+            return imported
     return dict(state)
 
 
@@ -150,18 +134,20 @@ def inherit_from_teacher(student: nn.Module, weights: str, parts: list[str]) -> 
     Returns the copied names. A part that copies nothing is an error: it means the
     architectures do not correspond (e.g. different FPN widths) and inheritance is not possible.
     """
-    unknown = [p for p in parts if p not in _PARTS]
+    prefixes = adapter_for(student).parts  # where the student's family keeps its neck and head
+    unknown = [p for p in parts if p not in prefixes]
     if unknown:
-        raise PlanError(f"inherit.parts: unknown part(s) {unknown}; use neck and/or head")
+        raise PlanError(f"inherit.parts: unknown part(s) {unknown}; use {' and/or '.join(prefixes)}")
     src = _teacher_state(weights)
     dst = student.state_dict()
     copied: list[str] = []
     for part in parts:
-        keys = [k for k in dst if k.startswith(_PARTS[part])]
+        keys = [k for k in dst if k.startswith(prefixes[part])]
         if not keys:  # a factory student whose neck lives elsewhere: copying nothing is no inheritance
             raise CheckpointError(
                 f"{weights}: cannot inherit the {part}: the student has no parameters under "
-                f"{' or '.join(_PARTS[part])}; name its {part} so in the factory, or drop {part} from inherit.parts"
+                f"{' or '.join(prefixes[part])}; name its {part} so in the factory, or drop {part} from "
+                "inherit.parts"
             )
         fit = [k for k in keys if k in src and src[k].shape == dst[k].shape]
         if keys and not fit:

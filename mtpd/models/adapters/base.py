@@ -71,6 +71,8 @@ class DetectorAdapter(ABC):
     unlabelled_images: ClassVar[bool] = True
     # Output name -> mirror rule (mtpd.output_spec.MIRRORS) where it differs from the kind's default.
     mirrors: ClassVar[dict[str, str]] = {}
+    # Where a state dict of the family keeps its parts, by key prefix: what weight inheritance copies.
+    parts: ClassVar[dict[str, tuple[str, ...]]] = {"neck": ("backbone.fpn.",), "head": ("head.",)}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = unwrap(model)
@@ -96,6 +98,20 @@ class DetectorAdapter(ABC):
     def num_classes(self) -> int | None:
         """Classes as torchvision's constructor counts them (with the background where ``label_offset``)."""
         ...
+
+    # -- the family's state dicts (no model needed) ---------------------------------------------
+    @classmethod
+    def classes_in_state(cls, state: dict[str, Tensor]) -> int | None:
+        """The class count (as ``num_classes()`` counts) a state dict of this family was saved with, read off
+        its class head; None when the dict is not of this family."""
+        return None
+
+    @classmethod
+    def import_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Another framework's checkpoint of this family (an mmdet RetinaNet's ``neck.``/``bbox_head.`` keys)
+        under the names this family's torchvision models use, for weight inheritance; None when ``state`` is
+        not one this family knows (a torchvision state dict needs no import)."""
+        return None
 
     # -- export ----------------------------------------------------------------------------
     @abstractmethod

@@ -12,7 +12,8 @@ FCOS regresses (l, t, r, b) distances, so a mirrored map swaps l and r.
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,41 @@ class RetinaNetAdapter(DetectorAdapter):
     model_type = RetinaNet
     mirrors = {"box": NEGATE_DX}
     head_outputs: tuple[str, ...] = ("cls", "box")  # the dense head's outputs, all of which the loss reads
+    # mmdet RetinaNet names -> torchvision RetinaNet names, for inheriting from mmdet teachers' checkpoints.
+    MMDET_KEYS: ClassVar[list[tuple[str, str]]] = [
+        (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
+        (r"^neck\.fpn_convs\.([0-2])\.conv\.", r"backbone.fpn.layer_blocks.\1.0."),
+        (r"^neck\.fpn_convs\.3\.conv\.", "backbone.fpn.extra_blocks.p6."),
+        (r"^neck\.fpn_convs\.4\.conv\.", "backbone.fpn.extra_blocks.p7."),
+        (r"^bbox_head\.cls_convs\.(\d+)\.conv\.", r"head.classification_head.conv.\1.0."),
+        (r"^bbox_head\.reg_convs\.(\d+)\.conv\.", r"head.regression_head.conv.\1.0."),
+        (r"^bbox_head\.retina_cls\.", "head.classification_head.cls_logits."),
+        (r"^bbox_head\.retina_reg\.", "head.regression_head.bbox_reg."),
+    ]
+
+    @classmethod
+    def classes_in_state(cls, state: dict[str, Tensor]) -> int | None:
+        logits = state.get("head.classification_head.cls_logits.weight")
+        reg = state.get("head.regression_head.bbox_reg.weight")
+        if (
+            logits is None
+            or reg is None
+            or ("head.regression_head.bbox_ctrness.weight" in state) != (cls.family == "fcos")
+        ):
+            return None
+        return int(logits.shape[0]) // max(1, int(reg.shape[0]) // 4)  # class logits per anchor
+
+    @classmethod
+    def import_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        if not any(k.startswith("bbox_head.retina_cls.") for k in state):
+            return None
+        mapped = {}
+        for k, v in state.items():
+            for pat, rep in cls.MMDET_KEYS:
+                if re.match(pat, k):
+                    mapped[re.sub(pat, rep, k)] = v
+                    break
+        return mapped
 
     def output_specs(self) -> dict[str, OutputSpec]:
         cls_head = self.model.head.classification_head

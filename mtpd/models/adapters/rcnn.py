@@ -27,6 +27,15 @@ class FasterRCNNAdapter(DetectorAdapter):
     model_type = FasterRCNN
     label_offset = 1
     mirrors = {"rpn_box": NEGATE_DX}
+    parts = {"neck": ("backbone.fpn.",), "head": ("rpn.", "roi_heads.")}
+
+    @classmethod
+    def classes_in_state(cls, state: dict[str, Tensor]) -> int | None:
+        score = state.get("roi_heads.box_predictor.cls_score.weight")
+        masks = any(k.startswith("roi_heads.mask_predictor.") for k in state)
+        if score is None or masks != (cls.family == "maskrcnn"):
+            return None
+        return int(score.shape[0])  # with the background, as torchvision counts
 
     def output_specs(self) -> dict[str, OutputSpec]:
         counts = set(self.model.rpn.anchor_generator.num_anchors_per_location())

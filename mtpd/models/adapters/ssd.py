@@ -31,6 +31,17 @@ class SSDAdapter(DetectorAdapter):
     label_offset = 1
     mirrors = {"box": NEGATE_DX}
 
+    @classmethod
+    def classes_in_state(cls, state: dict[str, Tensor]) -> int | None:
+        def last_conv(head: str) -> Tensor | None:  # SSDLite's level heads end in a 1x1 conv after a depthwise one
+            convs = [v for k, v in state.items() if k.startswith(f"head.{head}.module_list.0.") and v.ndim == 4]
+            return convs[-1] if convs else None
+
+        logits, reg = last_conv("classification_head"), last_conv("regression_head")
+        if logits is None or reg is None:
+            return None
+        return int(logits.shape[0]) // max(1, int(reg.shape[0]) // 4)  # with the background, as torchvision counts
+
     def anchors_per_location(self) -> int:
         counts = set(self.model.anchor_generator.num_anchors_per_location())
         if len(counts) != 1:
