@@ -16,6 +16,8 @@ EPILOG = """examples:
       --out stores/r50_train --views orig,hflip --precision compact --device cuda
   mtpd-cache build --teacher mmdet:retinanet_x101_64x4d_fpn_1x_coco --weights x101.pth ...
   mtpd-cache build --teacher mypkg.models:make_teacher --weights none ...
+  mtpd-cache onnx-map model.onnx --out model.yaml       # draft the mapping an ONNX teacher needs
+  mtpd-cache build --teacher onnx:model.yaml ...
   mtpd-cache info stores/r50_train
   mtpd-cache verify stores/r50_train
   mtpd-cache estimate --teacher retinanet_resnet50_fpn --weights default --ann ... --images ... --sample 32
@@ -60,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", default=None, help="the teacher's weights, if they moved since the build")
     r.add_argument("--n-images", type=int, default=8, help="images measured (default: 8)")
     r.add_argument("--draws", type=int, default=4, help="augmented views drawn per image (default: 4)")
+    o = sub.add_parser(
+        "onnx-map",
+        help="draft the mapping file an ONNX teacher needs (--teacher onnx:MAPPING.yaml): the graph's [B, C, h, w] "
+        "tensors by level, with guesses of the neck and heads to check",
+    )
+    o.add_argument("graph", help="the .onnx file")
+    o.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="input H W (or N for N x N) to lay the tensors out for (default: the graph's fixed input size)",
+    )
+    o.add_argument("--out", default=None, help="write the draft here (default: print it)")
     catalog_cli.add_parsers(sub)
     return p
 
@@ -200,6 +216,29 @@ def _resample_error(a: argparse.Namespace) -> int:
     return 0
 
 
+def _onnx_map(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mtpd.errors import MtpdError
+    from mtpd.teachers.onnx_map import draft_mapping, render
+
+    if a.size is not None and len(a.size) not in (1, 2):
+        raise MtpdError(f"--size: give H W or one N, got {len(a.size)} numbers")
+    size = None if a.size is None else (a.size[0], a.size[-1])
+    out = Path(a.out) if a.out else None
+    if out is not None and out.exists():
+        raise MtpdError(f"--out {out}: exists already; a draft never replaces a mapping: give another path")
+    draft = draft_mapping(a.graph, size)
+    text = render(draft, out.parent if out else Path.cwd())
+    if out is None:
+        sys.stdout.write(text)
+        return 0
+    out.write_text(text)
+    found = ", ".join(f"{k} ({o['kind']}, levels {', '.join(map(str, o['levels']))})" for k, o in draft.outputs.items())
+    print(f"{out}: a draft mapping: {found}; check its lines marked EDIT, then --teacher onnx:{out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     from mtpd.errors import MtpdError
@@ -213,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(a)
         if a.cmd == "resample-error":
             return _resample_error(a)
+        if a.cmd == "onnx-map":
+            return _onnx_map(a)
         if a.cmd in catalog_cli.COMMANDS:
             return catalog_cli.COMMANDS[a.cmd](a)
         from mtpd.teachers.registry import available

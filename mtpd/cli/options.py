@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from mtpd.defaults import DEFAULT_PRECISION
 
@@ -108,10 +107,14 @@ def teacher_spec(a: argparse.Namespace):
     spec = TeacherSpec(a.teacher, a.weights, num_classes, a.device, trust_checkpoint=a.trust_checkpoint, amp=a.amp)
     short, long = a.short, a.long
     if (short is None or long is None) and a.teacher.startswith("onnx:"):
-        # A graph with a fixed input takes views of that size and no larger: its size is the default.
-        fixed = getattr(dataclasses.replace(spec, device="cpu").build(), "input_size", None)
-        if fixed is not None:
-            short, long = short or min(fixed), long or max(fixed)
+        # A graph with a fixed input takes views of that size and no larger: its size is the default (read from
+        # the mapping and the graph's structure; the teacher itself is built once, by the build).
+        from mtpd.onnx_mapping import fixed_input_size
+
+        fixed = fixed_input_size(a.teacher[len("onnx:") :])
+        if fixed is not None:  # a side given keeps its value (too large, the build refuses it, naming the size)
+            short = short or min(min(fixed), long or min(fixed))
+            long = long or max(max(fixed), short)
     names = tuple(x.strip() for x in a.views.split(",") if x.strip())
     augment = None
     if getattr(a, "augment", None):

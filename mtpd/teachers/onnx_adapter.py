@@ -2,7 +2,7 @@
 
 A teacher only runs forward, once, to fill a store, so it need not live in PyTorch: Ultralytics, PaddleDetection,
 TensorFlow and mmdeploy models all export to ONNX. A small mapping file says which graph tensors are which
-output and level, and how the graph wants its input::
+output and level, and how the graph wants its input (``mtpd-cache onnx-map GRAPH.onnx`` drafts one)::
 
     model: nanodet.onnx              # relative to this file; its sha256 is part of the teacher's identity
     input:

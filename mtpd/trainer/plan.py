@@ -300,9 +300,14 @@ def _graph_views(plan: Plan, given: dict) -> Plan:
             except MappingError:
                 pass  # the stage's store lookup names the mapping's fault
     sizes = [x for x in sizes if x is not None]
-    if sizes:
-        plan.data.short = plan.data.short if "short" in given else min(min(x) for x in sizes)
-        plan.data.long = plan.data.long if "long" in given else min(max(x) for x in sizes)
+    if not sizes:
+        return plan
+    d = plan.data  # a side given keeps its value (too large, the store lookup refuses it, naming the size)
+    short, long = min(min(x) for x in sizes), min(max(x) for x in sizes)
+    if "short" not in given:
+        d.short = min(short, d.long) if "long" in given else short
+    if "long" not in given:
+        d.long = max(long, d.short)
     return plan
 
 

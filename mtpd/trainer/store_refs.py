@@ -90,6 +90,8 @@ def stage_stores(plan: Plan, stage: StageConfig, which: str = "train") -> list[s
     )
     if found is not None:
         return [found]
+    if onnx:
+        _check_graph_fits(plan, stage, ref, CocoDataset(ann, images), spec)
     cmd = [
         "mtpd-cache",
         "build",
@@ -118,6 +120,27 @@ def stage_stores(plan: Plan, stage: StageConfig, which: str = "train") -> list[s
         f"stage {stage.name}: no complete store of teacher {ref.name} (weights {ref.weights}) for this "
         f"plan's {'pool' if which == 'pool' else 'data'} and views under {root}; build it with: {shlex.join(cmd)}"
     )
+
+
+def _check_graph_fits(plan: Plan, stage: StageConfig, ref: TeacherRef, ds: CocoDataset, spec: ViewSpec) -> None:
+    """A graph with a fixed input takes views of its size and no larger: views that exceed it are the plan's to
+    fix, said here rather than by the build a MissingStore would name."""
+    from mtpd.onnx_mapping import MappingError, fixed_input_size
+
+    try:
+        fixed = fixed_input_size(ref.name[len("onnx:") :])
+    except MappingError as e:  # a graph that does not parse
+        raise PlanError(f"stage {stage.name}: teacher {ref.name}: {e}") from None
+    if fixed is None or not ds.images:
+        return
+    padded = {spec.padded_size(im.height, im.width) for im in ds.images}
+    h, w = max(p[0] for p in padded), max(p[1] for p in padded)
+    if h > fixed[0] or w > fixed[1]:
+        raise PlanError(
+            f"stage {stage.name}: teacher {ref.name}: views up to {h}x{w} (data.short {plan.data.short}, data.long "
+            f"{plan.data.long}) do not fit the graph's fixed input {fixed[0]}x{fixed[1]}; set data.short and "
+            f"data.long within it (e.g. short: {min(fixed)}, long: {max(fixed)}), or leave both out to take it"
+        )
 
 
 def describe(path: str) -> dict:
