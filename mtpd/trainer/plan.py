@@ -36,12 +36,12 @@ class AugmentConfig:
     stages with stores serve each fresh view from the plain views' stores (orig, hflip) by warping their feature
     maps (``mtpd.data.resample``: an approximation, features only)."""
 
-    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    crop: bool = True
-    flip: float = 0.5
-    bank: int = 0
-    seed: int = 0
-    resample: bool = False
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])  # [low, high] factor on the view size
+    crop: bool = True  # a view larger than the unjittered one: cropped back at a random offset (else top left)
+    flip: float = 0.5  # probability of a horizontal flip
+    bank: int = 0  # views per image a store holds (aug0 ..); 0: a fresh view every epoch
+    seed: int = 0  # the bank's draws (part of a bank store's identity)
+    resample: bool = False  # bank 0: features warped from the plain views' stores (an approximation)
 
     def policy(self):
         from mtpd.data.augment import AugmentPolicy
@@ -51,26 +51,26 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train_ann: str
-    train_images: str
-    val_ann: str | None = None
-    val_images: str | None = None
-    short: int = 800
-    long: int = 1333
+    train_ann: str  # COCO annotation file of the labelled train set
+    train_images: str  # its image folder
+    val_ann: str | None = None  # COCO file evaluated after each stage (none: no evaluation)
+    val_images: str | None = None  # its image folder
+    short: int = 800  # view size: the short side resized to this (mmdet's 1x: 800) ...
+    long: int = 1333  # ... the long side at most this (1333); a graph's fixed input is the default
     flip: bool = True  # random horizontal flip with p=0.5, as MTPD's 1x schedule
-    batch_size: int = 16
-    workers: int = 2
-    val_batch_size: int = 8
+    batch_size: int = 16  # images per step in each process (torchrun: the total is this times the processes)
+    workers: int = 2  # DataLoader worker processes (0: in the training process)
+    val_batch_size: int = 8  # images per evaluation batch
     # An unlabelled pool (``mtpd-data pool``: a COCO file with no annotations) that stages with ``pool > 0`` draw
     # part or all of each batch from; its teachers' stores are built over it like any set's.
     pool_ann: str | None = None
-    pool_images: str | None = None
+    pool_images: str | None = None  # the pool's image folder
     augment: AugmentConfig | None = None  # augmented views (flips included: data.flip then does not apply)
 
 
 @dataclass
 class LossConfig:
-    name: str
+    name: str  # a registered loss (the Losses table of docs/reference/registries.md)
     # default: the loss's own (mgd 2e-5, rm 4, pfi 1.5, ...); "auto": set at the stage's first step so that the
     # weighted loss starts at ``ratio`` times the detection loss (the value goes into plan.resolved.yaml)
     weight: float | str | None = None
@@ -79,32 +79,32 @@ class LossConfig:
     # loss is near zero on a fresh student, so measuring at step 1 overshoots; after a warm-up it does not.
     auto_after: int = 0
     store: int = 0  # which of the stage's stores feeds this loss
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # the loss's hyper-parameters (lambda_mask, tau, levels ...)
 
 
 @dataclass
 class OptimizerConfig:
     type: str = "sgd"  # sgd or adamw
     lr: float = 0.01  # for `base_batch` images per step; scaled linearly by data.batch_size
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    base_batch: int = 16
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4  # L2 (sgd) or decoupled (adamw)
+    base_batch: int = 16  # the total batch ``lr`` is given for (mmdet's 1x: 16 = 8 GPUs x 2 images)
 
 
 @dataclass
 class ScheduleConfig:
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
+    warmup_iters: int = 500  # linear warm-up steps at the stage's start
+    warmup_ratio: float = 0.001  # the warm-up's first learning rate, as a fraction of lr
     steps: list[float] = field(default_factory=lambda: [8 / 12, 11 / 12])  # fractions of the stage's epochs
-    gamma: float = 0.1
+    gamma: float = 0.1  # the learning rate's factor at each step
 
 
 @dataclass
 class InheritConfig:
     """MTPD's weight inheritance: copy the teacher's neck and head into the student at stage start."""
 
-    weights: str
-    parts: list[str] = field(default_factory=lambda: ["neck", "head"])
+    weights: str  # the teacher's checkpoint
+    parts: list[str] = field(default_factory=lambda: ["neck", "head"])  # which parts to copy (names must match)
 
 
 @dataclass
@@ -112,10 +112,10 @@ class TeacherRef:
     """A teacher named instead of a store path: the trainer finds its complete store under the cache root
     (same teacher, weights, the plan's dataset and views, these outputs and precision)."""
 
-    name: str
+    name: str  # a teacher as mtpd-cache build --teacher takes it (registered, factory, mmdet:, onnx:)
     weights: str = "none"  # checkpoint path, default or none
-    outputs: list[str] = field(default_factory=lambda: ["fpn"])
-    precision: str = DEFAULT_PRECISION
+    outputs: list[str] = field(default_factory=lambda: ["fpn"])  # the outputs its store holds (fpn, cls, box ...)
+    precision: str = DEFAULT_PRECISION  # the store's preset (lossless, high, compact, small, tiny, micro)
     # The store's views, when not the plan's (orig + hflip with data.flip): [orig] trains flipped samples from
     # mirrored maps, the approximation flip_error measures (a store with more views does not stand in).
     views: list[str] | None = None
@@ -123,16 +123,16 @@ class TeacherRef:
 
 @dataclass
 class StageConfig:
-    name: str
-    stores: list[str] = field(default_factory=list)
+    name: str  # the stage's folder under output_dir (stage_<k>) reports it by this
+    stores: list[str] = field(default_factory=list)  # store paths, one per teacher the losses read
     teacher: TeacherRef | None = None  # instead of stores: the store of this teacher under the cache root
-    losses: list[LossConfig] = field(default_factory=list)
-    epochs: int = 12
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    grad_clip: float | None = 35.0
-    inherit: InheritConfig | None = None
-    eval: bool = True
+    losses: list[LossConfig] = field(default_factory=list)  # distillation losses (none: the student alone)
+    epochs: int = 12  # passes over the train set
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # sgd or adamw, and its settings
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # warm-up, then steps
+    grad_clip: float | None = 35.0  # max gradient norm (none: no clipping)
+    inherit: InheritConfig | None = None  # copy a teacher's neck and head in at the stage's start
+    eval: bool = True  # evaluate on data.val_ann after the stage
     amp: str | None = None  # off | bf16 | fp16 for this stage; default: the plan's
     # Share of each batch drawn from data.pool (0: the labelled set only; 1: the pool only, no detection loss).
     # In between, the detection loss sees the labelled images of each batch and distillation sees all; an epoch
@@ -143,12 +143,12 @@ class StageConfig:
 
 @dataclass
 class Plan:
-    student: StudentConfig
-    data: DataConfig
-    stages: list[StageConfig]
-    output_dir: str = "runs/plan"
-    seed: int = 0
-    log_every: int = 20
+    student: StudentConfig  # the student's architecture
+    data: DataConfig  # the images, views and batches
+    stages: list[StageConfig]  # trained in order, each from the previous one's student
+    output_dir: str = "runs/plan"  # where stage_<k>/ folders (checkpoints, logs, metrics) go
+    seed: int = 0  # seeds the student's init, the data order, flips and augmentation
+    log_every: int = 20  # steps between loss records (log.jsonl, the console, TensorBoard)
     checkpoint_every: int = 0  # iterations between mid-epoch checkpoints (0: end of each epoch only)
     cache_root: str | None = None  # where stages' teachers are found (default: $MTPD_CACHE_ROOT, ~/.cache/mtpd)
     # Mixed precision of the student's forward: off, bf16 (CPU and recent GPUs) or fp16 (GPUs, with a loss

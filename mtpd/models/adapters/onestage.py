@@ -33,6 +33,8 @@ class RetinaNetAdapter(DetectorAdapter):
     model_type = RetinaNet
     mirrors = {"box": NEGATE_DX}
     head_outputs: tuple[str, ...] = ("cls", "box")  # the dense head's outputs, all of which the loss reads
+    centerness: ClassVar[bool] = False  # a state dict of the family has a centre-ness branch (FCOS)
+    centerness: ClassVar[bool] = False  # a state dict of the family has a centre-ness branch (FCOS)
     # mmdet RetinaNet names -> torchvision RetinaNet names, for inheriting from mmdet teachers' checkpoints.
     MMDET_KEYS: ClassVar[list[tuple[str, str]]] = [
         (r"^neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
@@ -49,11 +51,7 @@ class RetinaNetAdapter(DetectorAdapter):
     def classes_in_state(cls, state: dict[str, Tensor]) -> int | None:
         logits = state.get("head.classification_head.cls_logits.weight")
         reg = state.get("head.regression_head.bbox_reg.weight")
-        if (
-            logits is None
-            or reg is None
-            or ("head.regression_head.bbox_ctrness.weight" in state) != (cls.family == "fcos")
-        ):
+        if logits is None or reg is None or ("head.regression_head.bbox_ctrness.weight" in state) != cls.centerness:
             return None
         return int(logits.shape[0]) // max(1, int(reg.shape[0]) // 4)  # class logits per anchor
 
@@ -150,6 +148,7 @@ class FCOSAdapter(RetinaNetAdapter):
     model_type = FCOS
     mirrors = {"box": SWAP_LR}
     head_outputs = ("cls", "box", "ctr")
+    centerness = True
 
     def output_specs(self) -> dict[str, OutputSpec]:
         specs = super().output_specs()

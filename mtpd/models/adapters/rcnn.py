@@ -8,7 +8,7 @@ targets and leaves through export with its boxes only (the mask head is not run 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
@@ -28,12 +28,16 @@ class FasterRCNNAdapter(DetectorAdapter):
     label_offset = 1
     mirrors = {"rpn_box": NEGATE_DX}
     parts = {"neck": ("backbone.fpn.",), "head": ("rpn.", "roi_heads.")}
+    # The RoI heads' predictors beside the box predictor that a state dict of the family has (and no others).
+    extra_predictors: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def classes_in_state(cls, state: dict[str, Tensor]) -> int | None:
         score = state.get("roi_heads.box_predictor.cls_score.weight")
-        masks = any(k.startswith("roi_heads.mask_predictor.") for k in state)
-        if score is None or masks != (cls.family == "maskrcnn"):
+        predictors = {
+            k.split(".")[1] for k in state if k.startswith("roi_heads.") and k.split(".")[1].endswith("_predictor")
+        }
+        if score is None or predictors - {"box_predictor"} != cls.extra_predictors:
             return None
         return int(score.shape[0])  # with the background, as torchvision counts
 
@@ -117,4 +121,5 @@ class MaskRCNNAdapter(FasterRCNNAdapter):
     family = "maskrcnn"
     display = "MaskRCNN"
     model_type = MaskRCNN
+    extra_predictors = frozenset({"mask_predictor"})
     needs_masks = True
