@@ -74,3 +74,20 @@ def _export_and_eval_the_students(root: Path, rows: dict, capsys: pytest.Capture
     assert eval_main(["--onnx", str(onnx_path), "--checkpoint", str(ckpt), "--json", *data]) == 0
     both = json.loads(capsys.readouterr().out)
     assert abs(both["AP"] - both["pytorch"]["AP"]) <= 0.002 and both["parity"]["fraction"] >= 0.95
+
+
+def test_a_full_demo_reads_its_single_run_against_the_five_seed_figures() -> None:
+    from types import SimpleNamespace as NS
+
+    from mtpd.demo.report import FIVE_SEEDS, gains
+
+    rows = [
+        NS(run_dir="x/baseline", model="student baseline", metrics={"AP": 0.177}),
+        NS(run_dir="x/progressive", model="student MTPD", metrics={"AP": 0.224}),
+    ]
+    lines = gains(NS(rows=rows, scale={"quick": False}))
+    assert lines[0] == "student MTPD: +4.7 AP over the baseline (same epochs)"
+    mean, std = FIVE_SEEDS["progressive"]
+    assert f"student MTPD: 22.4 AP in this run; over five seeds {mean:.1f} ± {std:.1f}" in lines[2]
+    assert f"({(22.4 - mean) / std:+.1f} std" in lines[2]
+    assert len(gains(NS(rows=rows, scale={"quick": True}))) == 1  # a quick run's APs mean nothing
