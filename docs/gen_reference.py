@@ -100,12 +100,11 @@ def plan_page() -> str:
         out.append(f"## `{where}`\n")
         if doc and not auto:
             out.append(doc + "\n")
-        out.append("| key | type | default | meaning |\n|---|---|---|---|")
-        for f in dataclasses.fields(cls):
-            out.append(
-                f"| `{f.name}` | `{cell(type_name(hints.get(f.name, f.type)))}` | {cell(default_of(f))} | "
-                f"{cell(notes.get(f.name, ''))} |"
-            )
+        for f in dataclasses.fields(cls):  # a list, not a table: it reads on a phone too
+            kind = type_name(hints.get(f.name, f.type)).replace(" | ", " or ")
+            default = default_of(f)
+            when = "required" if default == "**required**" else f"default {default}"
+            out.append(f"- **`{f.name}`** (`{kind}`, {when}): {cell(notes.get(f.name, ''))}")
         out.append("")
     return "\n".join(out)
 
@@ -138,7 +137,7 @@ def option_rows(parser: argparse.ArgumentParser) -> list[str]:
         default = "" if unset or not a.option_strings else f"`{a.default}`"
         choices = f" One of: {', '.join(map(str, a.choices))}." if a.choices else ""
         help_text = "" if a.help in (None, argparse.SUPPRESS) else a.help % vars(a) if "%(" in a.help else a.help
-        rows.append(f"| {flags} | {cell(default)} | {cell(help_text + choices)} |")
+        rows.append(f"- {flags}{f' (default {default})' if default else ''}: {cell(help_text + choices)}")
     return rows
 
 
@@ -154,7 +153,7 @@ def cli_page() -> str:
         out += described(parser.description)
         rows = option_rows(parser)
         if rows:
-            out += ["| option | default | meaning |", "|---|---|---|", *rows, ""]
+            out += [*rows, ""]
         for a in parser._actions:
             if not isinstance(a, argparse._SubParsersAction):
                 continue
@@ -163,7 +162,7 @@ def cli_page() -> str:
                 out.append(f"### `mtpd-{name} {sub}`\n")
                 out += described(subparser.description or helps.get(sub))
                 rows = option_rows(subparser)
-                out += ["| option | default | meaning |", "|---|---|---|", *rows, ""] if rows else [""]
+                out += [*rows, ""] if rows else [""]
     return "\n".join(out)
 
 

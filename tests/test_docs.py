@@ -30,11 +30,11 @@ def test_every_plan_key_and_command_flag_is_in_the_reference() -> None:
     from mtpd.trainer import plan
 
     page = gen_reference.plan_page()
-    rows = [ln for ln in page.splitlines() if ln.startswith("| `")]
+    rows = [ln for ln in page.splitlines() if ln.startswith("- **`")]
     for cls in (plan.Plan, plan.DataConfig, plan.AugmentConfig, plan.StageConfig, plan.LossConfig, plan.TeacherRef):
         for f in dataclasses.fields(cls):
-            assert any(ln.startswith(f"| `{f.name}` |") for ln in rows), (cls.__name__, f.name)
-    assert not [ln for ln in rows if ln.rstrip().endswith("|  |")], "plan keys without a line of meaning"
+            assert any(ln.startswith(f"- **`{f.name}`** (") for ln in rows), (cls.__name__, f.name)
+    assert not [ln for ln in rows if ln.rstrip().endswith(":")], "plan keys without a line of meaning"
     import argparse
 
     cli = gen_reference.cli_page()
