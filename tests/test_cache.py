@@ -484,3 +484,20 @@ def test_a_build_that_loses_a_worker_node_finishes_unattended(tmp_path, digits, 
     for k in b:
         if k.startswith("outputs/"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_a_local_instance_starts_beside_a_cluster_address_it_must_not_join(tmp_path):
+    """A build's own Ray instance is new every time: a ``RAY_ADDRESS`` (or a ``ray_current_cluster`` file a dead
+    instance left behind) naming a cluster is not joined, which ``ray.init(num_cpus=...)`` would refuse."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import ray; from mtpd.cache.ray_local import start_local_ray; start_local_ray(1); "
+        "print(int(ray.cluster_resources()['CPU'])); ray.shutdown()"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "1", out.stderr[-2000:]

@@ -24,10 +24,14 @@ _SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def start_local_ray(num_cpus: int, verbose: bool = False, **init_kwargs) -> None:
-    """``ray.init`` of a single-machine instance bound to loopback; start-up noise hidden unless ``verbose``."""
+    """``ray.init`` of a single-machine instance bound to loopback; start-up noise hidden unless ``verbose``.
+    ``address="local"``: a new instance always, never the one ``/tmp/ray/ray_current_cluster`` names (a cluster
+    started on the machine by ``ray start``, or one whose processes died and left the file behind, which
+    ``ray.init()`` would try to join and refuse because of ``num_cpus``)."""
     quiet = contextlib.nullcontext() if verbose else _silenced()
     with quiet, _loopback_only():
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             configure_logging=False,
