@@ -39,7 +39,7 @@ class DetectorInfo:
     """What a consumer of the export needs to know about the model inside."""
 
     name: str  # registered arch, or the module's class for a user's own model
-    family: str  # retinanet | fcos | fasterrcnn | maskrcnn
+    family: str  # an adapter's family (mtpd.models.adapters.FAMILIES)
     num_classes: int  # dataset classes K (labels are 0..K-1)
     label_offset: int  # 1 for the R-CNNs (class 0 is background), else 0
     postprocess: dict  # torchvision's score threshold, NMS IoU, detections per image, candidates

@@ -41,9 +41,9 @@ __all__ = [
 def output_specs(model: nn.Module) -> dict[str, OutputSpec]:
     """Every dense output this detector can produce, by store name.
 
-    RetinaNet: fpn, cls (A·K logits), box (A·4 deltas). FCOS: fpn, cls (K), box (4 ltrb
-    distances, after torchvision's ReLU), ctr (1). Faster/Mask R-CNN: fpn (P2–P6), rpn_obj
-    (A), rpn_box (4A). RoI-head outputs depend on proposals and are not dense outputs.
+    The family's adapter says what they are (``DetectorAdapter.output_specs``; e.g. RetinaNet: fpn, cls (A·K
+    logits), box (A·4 deltas)); docs/reference/registries.md lists the families. RoI-head outputs depend on
+    proposals and are not dense outputs.
     """
     return adapter_for(unwrap(model)).output_specs()
 
