@@ -19,7 +19,6 @@ from mtpd.data import CocoDataset, DatasetError, prepare_view
 from mtpd.data.augment import AugmentPolicy
 from mtpd.data.resample import RESAMPLABLE, source_view, warp
 from mtpd.data.views import ViewSpec
-from mtpd.teachers.base import run_teacher
 
 RESAMPLE_IMAGES = 8
 DRAWS = 4  # views drawn per image
@@ -48,6 +47,8 @@ def measure_resample_error(
     """{output: {"P3": {"zoom out": rel. RMSE, "about 1x": .., "zoom in": .., "all": ..}, ...}} of feature maps
     warped from the plain view (``spec``: the store's) against the teacher run on each augmented view, over the
     first ``n_images`` readable images; ``outputs``: the header's ``StoredOutput``s (features are measured)."""
+    from mtpd.teachers.base import run_teacher  # here: a stage reading recorded errors imports no teacher code
+
     names = [n for n, o in outputs.items() if o.spec.kind in RESAMPLABLE]
     plain = ViewSpec(short=spec.short, long=spec.long, views=("orig", "hflip"), pad=spec.pad, mean=spec.mean,
                      std=spec.std)  # fmt: skip
