@@ -20,6 +20,21 @@ from mtpd.teachers.base import run_teacher
 FLIP_CALIBRATION = 4  # images (default): the error is a ratio of sums over all their cells
 
 
+def readable_images(dataset: CocoDataset, n_images: int):
+    """(index, pixels) of the first ``n_images`` images that load: an unreadable one is the build's to report
+    (or skip), not a measurement's."""
+    measured = 0
+    for i in range(len(dataset)):
+        if measured == n_images:
+            return
+        try:
+            img = dataset.load_image(i)
+        except DatasetError:
+            continue
+        measured += 1
+        yield i, img
+
+
 def mirror(m: np.ndarray, spec: OutputSpec) -> np.ndarray:
     """A [h, w, C] map of the original view as the flipped view's map: columns reversed, then the channels
     as the output's mirror rule says (``OutputSpec.mirror_channels``: RetinaNet/RPN deltas negate dx,
@@ -37,15 +52,7 @@ def measure_flip_error(
     """{output: {"P3": {"border": rel. RMSE, "inside": rel. RMSE}, ...}} of mirrored maps against the
     teacher's flipped view, on the first ``n_images`` readable images. ``outputs``: the header's ``StoredOutput``s."""
     sums: dict[tuple[str, int, str], list[float]] = {}
-    measured = 0
-    for i in range(len(dataset)):
-        if measured == n_images:
-            break
-        try:
-            img = dataset.load_image(i)
-        except DatasetError:
-            continue  # an unreadable image is the build's to report (or skip), not the calibration's
-        measured += 1
+    for _, img in readable_images(dataset, n_images):
         res = {}
         for view in ("orig", "hflip"):
             x, meta = prepare_view(img, spec, view)

@@ -14,10 +14,11 @@ import json
 
 import torch
 
+from mtpd.cache.flip import readable_images
 from mtpd.cache.read import valid_masks
-from mtpd.data import CocoDataset, DatasetError, prepare_view
+from mtpd.data import CocoDataset, prepare_view
 from mtpd.data.augment import AugmentPolicy
-from mtpd.data.resample import RESAMPLABLE, source_view, warp
+from mtpd.data.resample import RESAMPLABLE, plain_views, source_view, warp
 from mtpd.data.views import ViewSpec
 
 RESAMPLE_IMAGES = 8
@@ -50,20 +51,11 @@ def measure_resample_error(
     from mtpd.teachers.base import run_teacher  # here: a stage reading recorded errors imports no teacher code
 
     names = [n for n, o in outputs.items() if o.spec.kind in RESAMPLABLE]
-    plain = ViewSpec(short=spec.short, long=spec.long, views=("orig", "hflip"), pad=spec.pad, mean=spec.mean,
-                     std=spec.std)  # fmt: skip
+    plain = plain_views(spec)
     aug_spec = ViewSpec(short=spec.short, long=spec.long, views=("aug",), pad=spec.pad, mean=spec.mean,
                         std=spec.std, augment=policy.to_dict())  # fmt: skip
     sums: dict[tuple[str, int, str], list[float]] = {}
-    measured = 0
-    for i in range(len(dataset)):
-        if measured == n_images:
-            break
-        try:
-            img = dataset.load_image(i)
-        except DatasetError:
-            continue
-        measured += 1
+    for i, img in readable_images(dataset, n_images):
         for d in range(draws):
             draw = policy.draw([policy.seed, i, d])
             x, meta = prepare_view(img, aug_spec, "aug", aug=draw)

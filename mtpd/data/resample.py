@@ -29,10 +29,17 @@ def source_view(meta: ViewMeta) -> str:
     return "hflip" if meta.flip else "orig"
 
 
+def plain_views(spec: ViewSpec) -> ViewSpec:
+    """``spec``'s size, padding and normalisation with the plain views (orig, hflip) and no augmentation: the
+    views a store that resampling reads holds."""
+    return ViewSpec(
+        short=spec.short, long=spec.long, views=("orig", "hflip"), pad=spec.pad, mean=spec.mean, std=spec.std
+    )
+
+
 def source_meta(spec: ViewSpec, meta: ViewMeta) -> ViewMeta:
-    """The geometry of the stored view (``spec``: the store's, without augmentation) that serves ``meta``."""
-    plain = ViewSpec(short=spec.short, long=spec.long, views=("orig", "hflip"), pad=spec.pad)
-    return view_meta(plain, meta.orig_size, source_view(meta))
+    """The geometry of the stored view that serves ``meta`` (``spec``: the plan's or the store's views)."""
+    return view_meta(plain_views(spec), meta.orig_size, source_view(meta))
 
 
 def source_points(meta: ViewMeta, source: ViewMeta, stride: int, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:

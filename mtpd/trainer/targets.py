@@ -20,7 +20,7 @@ from mtpd.cache.schema import StoredOutput, StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.data import CocoDataset, ViewMeta, ViewSpec, boxes_to_view, masks_to_view, prepare_view
 from mtpd.data.augment import FRESH_VIEW, AugmentPolicy
-from mtpd.data.resample import source_meta
+from mtpd.data.resample import plain_views, source_meta
 from mtpd.data.views import crop_boxes
 
 __all__ = [
@@ -158,13 +158,7 @@ class DistillDataset(Dataset):
         self.dataset = dataset
         self.resample = resample and spec.augment is not None
         # the views the stores hold: resampled fresh views come from the plain ones
-        stored = (
-            ViewSpec(
-                short=spec.short, long=spec.long, views=("orig", "hflip"), pad=spec.pad, mean=spec.mean, std=spec.std
-            )
-            if self.resample
-            else spec
-        )
+        stored = plain_views(spec) if self.resample else spec
         self.with_masks = with_masks
         self.spec = spec
         self.policy: AugmentPolicy | None = spec.policy()
