@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 from mtpd.teachers.registry import build_teacher
@@ -37,17 +39,19 @@ def crash_once_teacher(weights: str = "none", num_classes: int | None = None) ->
 
 
 class Slow(CrashOnce):
-    """Delegates to a real teacher, 0.3 s per forward: a build long enough to be killed mid-way."""
+    """Delegates to a real teacher, one forward at a time per process and 1 s each: a build long enough to be
+    killed mid-way, whose actors still have shards in flight when their first one lands."""
+
+    _lock = threading.Lock()
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.identity = inner.identity
 
     def __call__(self, images, outputs):
-        import time
-
-        time.sleep(0.3)
-        return self.inner(images, outputs)
+        with self._lock:
+            time.sleep(1.0)
+            return self.inner(images, outputs)
 
 
 def slow_teacher(weights: str = "none", num_classes: int | None = None) -> Slow:

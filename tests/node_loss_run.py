@@ -3,19 +3,37 @@
     python tests/node_loss_run.py ANN IMAGES WEIGHTS OUT
 
 Starts a Ray cluster on loopback (a head without CPUs and two one-CPU worker nodes), builds a lossless store with
-two actors of a slow teacher (``faults:slow_teacher``), and once the first shard has landed adds a spare node and
-removes the first worker node (its raylet and worker processes die with it, and with them one of the actors).
+two actors of a slow teacher (``faults:slow_teacher``), and once the first shard has landed removes the first worker
+node (its raylet and every worker process under it die at once, and with them one of the actors), then adds a spare
+node for the replacement actor.
 Prints the build's report as JSON; ``tests/test_cache.py`` checks it and the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (read from /proc: the workers a raylet started)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def main(ann: str, images: str, weights: str, out: str) -> None:
@@ -36,10 +54,17 @@ def main(ann: str, images: str, weights: str, out: str) -> None:
     def on_shard(shard: int, nbytes: int) -> None:
         if lost:
             return
-        cluster.add_node(num_cpus=1)  # where the replacement actor can start
-        # Each one-CPU node holds one of the two one-CPU actors (the head has no CPU): this kills exactly one.
+        # Each one-CPU node holds one of the two one-CPU actors (the head has no CPU): this kills exactly one,
+        # while it still has shards in flight (the slow teacher runs one forward at a time, 1 s each). A node
+        # lost dies whole: its raylet and every worker under it at once, not a worker that outlives its raylet
+        # long enough to deliver what it had in flight.
+        doomed = _descendants(nodes[0].all_processes["raylet"][0].process.pid)
         lost.append(nodes[0].unique_id)
         cluster.remove_node(nodes[0], allow_graceful=False)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        cluster.add_node(num_cpus=1)  # where the replacement actor can start
 
     try:
         rep = build_store(

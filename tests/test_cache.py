@@ -328,7 +328,7 @@ def test_killed_build_resumes_to_identical_store(tmp_path, digits, tiny_teacher_
     import time
 
     def cmd(out):
-        # A teacher that takes 0.3 s per forward, so the kill lands mid-build however loaded the machine is.
+        # A teacher that takes 1 s per forward, so the kill lands mid-build however loaded the machine is.
         return [
             sys.executable,
             "-m",

@@ -12,27 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mtpd.data import CocoDataset, DatasetError, grid_size, prepare_view
+from mtpd.data import CocoDataset, grid_size, prepare_view
 from mtpd.data.views import ViewSpec
 from mtpd.output_spec import OutputSpec
 from mtpd.teachers.base import run_teacher
 
 FLIP_CALIBRATION = 4  # images (default): the error is a ratio of sums over all their cells
-
-
-def readable_images(dataset: CocoDataset, n_images: int):
-    """(index, pixels) of the first ``n_images`` images that load: an unreadable one is the build's to report
-    (or skip), not a measurement's."""
-    measured = 0
-    for i in range(len(dataset)):
-        if measured == n_images:
-            return
-        try:
-            img = dataset.load_image(i)
-        except DatasetError:
-            continue
-        measured += 1
-        yield i, img
 
 
 def mirror(m: np.ndarray, spec: OutputSpec) -> np.ndarray:
@@ -52,7 +37,7 @@ def measure_flip_error(
     """{output: {"P3": {"border": rel. RMSE, "inside": rel. RMSE}, ...}} of mirrored maps against the
     teacher's flipped view, on the first ``n_images`` readable images. ``outputs``: the header's ``StoredOutput``s."""
     sums: dict[tuple[str, int, str], list[float]] = {}
-    for _, img in readable_images(dataset, n_images):
+    for _, img in dataset.readable_images(n_images):
         res = {}
         for view in ("orig", "hflip"):
             x, meta = prepare_view(img, spec, view)

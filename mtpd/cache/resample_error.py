@@ -14,7 +14,6 @@ import json
 
 import torch
 
-from mtpd.cache.flip import readable_images
 from mtpd.cache.read import valid_masks
 from mtpd.data import CocoDataset, prepare_view
 from mtpd.data.augment import AugmentPolicy
@@ -55,7 +54,7 @@ def measure_resample_error(
     aug_spec = ViewSpec(short=spec.short, long=spec.long, views=("aug",), pad=spec.pad, mean=spec.mean,
                         std=spec.std, augment=policy.to_dict())  # fmt: skip
     sums: dict[tuple[str, int, str], list[float]] = {}
-    for i, img in readable_images(dataset, n_images):
+    for i, img in dataset.readable_images(n_images):
         for d in range(draws):
             draw = policy.draw([policy.seed, i, d])
             x, meta = prepare_view(img, aug_spec, "aug", aug=draw)

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,3 +255,17 @@ class CocoDataset:
                 f"{rec.width}x{rec.height}; fix the JSON's width/height"
             )
         return arr
+
+    def readable_images(self, n_images: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, pixels) of the first ``n_images`` images that load: an unreadable one is the build's to
+        report (or skip), not a measurement's (the flip and resampling error measurements read through it)."""
+        measured = 0
+        for i in range(len(self)):
+            if measured == n_images:
+                return
+            try:
+                img = self.load_image(i)
+            except DatasetError:
+                continue
+            measured += 1
+            yield i, img
