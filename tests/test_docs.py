@@ -3,6 +3,7 @@ meaning, the plans the docs show are the example files, and every example plan l
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -76,3 +77,41 @@ def test_every_example_plan_loads(path) -> None:
         assert load_study(path).rows
         return
     assert load_plan(path).stages
+
+
+def walkthrough_script(bin_dir: Path) -> str:
+    """The shell block of getting-started.md's own-data section, as a user pastes it, with the page's dry run
+    (``--set stages.*.epochs=1`` on each mtpd-train line) and this interpreter's scripts for ``.venv/bin/``."""
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    section = text.split("## Your own data and detector", 1)[1]
+    block = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
+    assert "--set stages.*.epochs=1" in section, "the page no longer tells the dry run this test runs"
+    block = re.sub(r"(mtpd-train --plan \S+ --stage all --device cpu)", r"\1 --set stages.*.epochs=1", block)
+    return "set -euo pipefail\n" + block.replace(".venv/bin/", f"{bin_dir}/")
+
+
+@pytest.mark.slow
+def test_the_getting_started_walkthrough_runs_as_written(tmp_path) -> None:
+    """Every command of the own-data walk-through, in bash, in a folder with examples/own_data (as the repository
+    root is): import, teacher, estimate, build, student, eval, export each exit 0 and leave what the next reads."""
+    import importlib.util
+    import os
+    import shutil
+
+    if importlib.util.find_spec("deepforest") is None:
+        pytest.skip("needs deepforest's photos: `make install` installs them (pip install --no-deps deepforest)")
+    shutil.copytree(ROOT / "examples" / "own_data", tmp_path / "examples" / "own_data")
+    script = walkthrough_script(Path(sys.executable).parent)
+    assert script.count("--set stages.*.epochs=1") == 2  # the teacher's and the student's training
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    out = tmp_path / "demo_out"
+    assert len(list((out / "trees" / "images" / "train").iterdir())) > 10  # 400-px tiles of three photos
+    assert (out / "trees_store" / "zarr.json").is_file()
+    student = out / "trees_runs" / "student" / "stage_1"
+    from mtpd.trainer.plan import load_plan
+
+    assert load_plan(student / "plan.yaml").stages[0].epochs == 1
+    assert "AP" in json.loads((student / "metrics.json").read_text())
+    assert re.search(r"\bAP\b", done.stdout) and (out / "trees_student.onnx").stat().st_size > 100_000

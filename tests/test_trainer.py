@@ -540,6 +540,30 @@ def test_a_finished_stage_is_not_trained_over(tmp_path, digits, capsys):
     assert main(args + ["--overwrite"]) == 0 and final.stat().st_mtime_ns != first
 
 
+def test_set_changes_the_plan_by_path_and_the_stage_records_it(tmp_path, digits, capsys):
+    """`mtpd-train --set KEY=VALUE`: YAML values at dotted paths (`*` for every stage), applied before the plan is
+    checked, and recorded in the stage's plan.yaml; a malformed or misplaced one is one line naming it."""
+    from mtpd.cli.train import main
+
+    stages = [{"name": "s", "epochs": 3, "eval": False, "optimizer": {"type": "adamw", "lr": 0.001}}]
+    plan = write_plan(tmp_path, digits, [], stages)
+    args = ["--plan", str(plan), "--stage", "1", "--device", "cpu"]
+    assert main([*args, "--set", "stages.*.epochs=1", "--set", "data.augment={scale: [0.75, 1.33]}"]) == 0
+    trained = load_plan(tmp_path / "run" / "stage_1" / "plan.yaml")
+    assert trained.stages[0].epochs == 1 and tuple(trained.data.augment.scale) == (0.75, 1.33)
+    assert load_plan(plan).stages[0].epochs == 3  # the file itself is untouched
+    capsys.readouterr()
+    for bad, words in (
+        ("epochs", "give KEY=VALUE"),
+        ("stages.4.epochs=1", "stages.4.epochs: '4' is not an index of a list of 1"),
+        ("data.batch_size=four", "data.batch_size: expected an integer"),
+        ("stages.*.epochs=[1", "the value is not valid YAML"),
+    ):
+        assert main([*args, "--overwrite", "--set", bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, (bad, err)
+
+
 def test_a_changed_stage_stopped_midway_does_not_pass_for_finished(tmp_path, digits):
     """A finished stage rerun under a changed plan drops its old results before it writes the new plan: stopped
     midway, it leaves no old metrics.json beside the new plan.yaml for stage_done to take as finished."""

@@ -17,6 +17,8 @@ EPILOG = """examples:
   mtpd-train --plan plans/mtpd_r50.yaml --stage all
   mtpd-train --plan plans/mtpd_r50.yaml --stage 2 --resume      # continue an interrupted stage
   mtpd-train --plan plans/mtpd_r50.yaml --stage 2 --overwrite   # train a finished stage again (refused otherwise)
+  mtpd-train --plan plans/mtpd_r50.yaml --stage all --set stages.*.epochs=1 --set output_dir=../runs/try
+                                                                # a one-epoch dry run, into another folder
 
 Stage K starts from stage K-1's final checkpoint (OUTPUT_DIR/stage_{K-1}/final.pt).
 Each stage writes OUTPUT_DIR/stage_K/{final.pt,last.pt,metrics.json,log.jsonl,plan.yaml}
@@ -39,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the stage from its last checkpoint (model, optimiser, scheduler, RNG, position)",
     )
     p.add_argument("--overwrite", action="store_true", help="train a finished stage again from its start")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the plan by path before it is checked (repeatable): stages.*.epochs=1, data.batch_size=4, "
+        "stages.0.losses=[]; VALUE is YAML, and a path in it, like the plan's own, is relative to the plan file; "
+        "the stage's saved plan.yaml records the result",
+    )
     add_trust_flag(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
@@ -107,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mtpd.errors import MtpdError, message
+    from mtpd.trainer.overlay import parse_sets
     from mtpd.trainer.plan import load_plan
     from mtpd.trainer.stage import run_plan
 
     apply_trust_flag(a)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        plan = load_plan(a.plan)
+        plan = load_plan(a.plan, parse_sets(a.set))
         stages = _stages(a.stage, len(plan.stages))
         if not (a.resume or a.overwrite):
             _refuse_finished(plan, stages)

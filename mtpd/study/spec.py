@@ -25,7 +25,6 @@ keys starting with ``x-`` are ignored: YAML anchors for stages that several rows
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -39,6 +38,7 @@ import yaml
 
 from mtpd.checkpoint import sha256_file
 from mtpd.errors import MtpdError
+from mtpd.trainer.overlay import overlay as plan_overlay
 from mtpd.trainer.plan import Plan, PlanError, _resolve_paths, from_dict, load_plan, plan_to_dict
 
 ROW_KEYS = ("online", "note", "splits")  # a row's keys that are the study's, not overlays on the plan
@@ -211,49 +211,11 @@ def _check_names(study: Study) -> None:
 
 
 def overlay(plan: dict, changes: dict[str, Any], where: str = "row") -> dict:
-    """``plan`` with ``changes`` applied (a deep copy); see the module docstring for the rules."""
-    out = copy.deepcopy(plan)
-    for key, value in changes.items():
-        path = str(key).split(".")
-        _set(out, path, copy.deepcopy(value), f"{where}.{key}", path)
-    return out
-
-
-def _set(node: Any, path: list[str], value: Any, where: str, full: list[str], every: bool = False) -> None:
-    """Set ``value`` at ``path`` below ``node``. Under ``*`` (``every``) an element whose section on the path is
-    unset is left alone (``stages.*.teacher.precision`` skips undistilled stages); a named one starts it."""
-    head, rest = path[0], path[1:]
-    if isinstance(node, list):
-        if head == "*":
-            keys = range(len(node))
-        elif head.lstrip("-").isdigit() and -len(node) <= int(head) < len(node):
-            keys = [int(head)]
-        else:
-            raise StudyError(f"{where}: {'.'.join(full)}: {head!r} is not an index of a list of {len(node)}, nor *")
-    elif isinstance(node, dict):
-        keys = [head]
-    else:
-        raise StudyError(f"{where}: {'.'.join(full)}: {head!r} goes below a value that is not a mapping or list")
-    every = every or head == "*"
-    for k in keys:
-        if rest:
-            child = node[k] if not isinstance(node, dict) else node.get(k)
-            if child is None and every:
-                continue
-            if child is None:  # an unset optional section (e.g. a stage's teacher): start one
-                child = node[k] = {}
-            _set(child, rest, value, where, full, every)
-        elif isinstance(value, dict) and isinstance(node[k] if isinstance(node, list) else node.get(k), dict):
-            node[k] = _merge(node[k], value)
-        else:
-            node[k] = value
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    """``plan`` with ``changes`` applied (a deep copy; ``mtpd.trainer.overlay`` has the rules)."""
+    try:
+        return plan_overlay(plan, changes, where)
+    except PlanError as e:
+        raise StudyError(str(e)) from None
 
 
 def row_plan(study: Study, row: Row, base: dict | None = None, after: dict | None = None) -> Plan:

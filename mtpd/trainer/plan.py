@@ -268,7 +268,9 @@ def _check_teacher_ref(ref: TeacherRef, where: str) -> None:
         raise PlanError(f"{where}.views: [orig] or [orig, hflip], got {ref.views!r}")
 
 
-def load_plan(path: str | Path) -> Plan:
+def load_plan(path: str | Path, changes: dict | None = None) -> Plan:
+    """The plan in ``path``, checked; ``changes`` (``mtpd-train --set``): overlays on its YAML first, by path
+    (``mtpd.trainer.overlay``)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -280,6 +282,10 @@ def load_plan(path: str | Path) -> Plan:
         ) from None
     except yaml.YAMLError as e:
         raise PlanError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+    if changes:
+        from mtpd.trainer.overlay import overlay
+
+        data = overlay(data if isinstance(data, dict) else {}, changes)
     plan = from_dict(Plan, data, "plan")
     plan.validate()
     return _graph_views(_resolve_paths(plan, p.parent), data.get("data") or {})
