@@ -207,6 +207,14 @@ def test_a_study_trains_reports_resumes_and_retrains_a_changed_row(tmp_path, dig
 
     rc, out = study_cli([str(study)], capsys)  # everything recorded: nothing trains
     assert rc == 0 and "every run is in the record" in out and "training" not in out
+    # One bar per row, the baseline (no store, so absent from the bytes plot) included: the figure's height
+    # grows with the rows drawn.
+    bars = tmp_path / "rows.png"
+    rc, out = study_cli([str(study), "--report", "--plot", str(bars), "--x", "rows"], capsys)
+    assert rc == 0 and f"drew {bars}" in out
+    from PIL import Image
+
+    assert Image.open(bars).size[1] == round((0.9 + 0.45 * 2) * 120)
 
     rows["mgd"]["stages.0.optimizer.lr"] = 0.001  # a changed row trains again; the other row does not
     study = digits_study(tmp_path, digits, tiny_teacher_ckpt, rows, refs=["baseline"])
@@ -324,6 +332,39 @@ def test_the_own_data_study_runs_quick_on_the_walkthroughs_data(tmp_path):
     # Three stores built under the plan's cache root: the teacher at small and tiny, the baseline student at small.
     stores = [p for p in (tmp_path / "demo_out" / "cache").iterdir() if p.is_dir()]
     assert len(stores) == 3
+
+
+def test_a_copy_of_a_study_that_links_the_same_data_keeps_its_fingerprints(tmp_path, digits):
+    """Relative plan paths are joined lexically, symlinks kept: a copy of a study folder whose data folder is a
+    link to the original's fingerprints its rows as the original does, so its records stay valid there."""
+    import shutil
+
+    from mtpd.study.spec import fingerprint, load_study, row_plan
+
+    first = tmp_path / "first"
+    shutil.copytree(digits["root"], first / "data")
+    plan = {
+        "student": {"arch": "retinanet_tiny", "options": {"width": 16, "fpn_channels": 64}},
+        "data": {"train_ann": "data/annotations/instances_train.json", "train_images": "data/images/train",
+                 "short": 64, "long": 64},
+        "stages": [{"name": "s", "epochs": 1, "eval": False, "optimizer": {"type": "adamw", "lr": 0.001}}],
+    }  # fmt: skip
+    (first / "plan.yaml").write_text(yaml.safe_dump(plan))
+    (first / "study.yaml").write_text(yaml.safe_dump({"plan": "plan.yaml", "rows": {"a": {}}}))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("plan.yaml", "study.yaml"):
+        shutil.copy(first / name, copy / name)
+    (copy / "data").symlink_to(first / "data")
+
+    def print_of(folder: Path) -> tuple[str, str]:
+        study = load_study(folder / "study.yaml")
+        p = row_plan(study, study.rows["a"])
+        return p.data.train_images, fingerprint(p, study.rows["a"], "val", study.path.parent)
+
+    (_, first_print), (copy_images, copy_print) = print_of(first), print_of(copy)
+    assert copy_images == str(copy / "data" / "images" / "train")  # named through the link, not its target
+    assert copy_print == first_print
 
 
 def test_set_aside_runs_come_back_when_their_row_does():

@@ -71,7 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="report what has finished; train and build nothing")
     p.add_argument("--write", default=None, metavar="FILE", help="put the report into this Markdown file")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw AP against --x into this file")
-    p.add_argument("--x", choices=("bytes", "time"), default="bytes", help="the plot's axis: store bytes or minutes")
+    p.add_argument(
+        "--x",
+        choices=("bytes", "time", "rows"),
+        default="bytes",
+        help="the plot's axis: store bytes or minutes per run (rows that read no store are left out), or rows: "
+        "one bar per row with its seeds",
+    )
     p.add_argument("--record", default=None, help="the record of finished runs (default: <out>/<split>/record.json)")
     return p
 

@@ -166,12 +166,23 @@ def section(study: Study, out: dict, command: str, quick: bool = False) -> str:
 
 
 def plot(study: Study, out: dict, path: Path, x: str = "bytes") -> None:
-    """AP (mean, with the seeds' std as error bars) against store KiB per image or training minutes."""
+    """AP (mean, with the seeds' std as error bars) against store KiB per image or training minutes; or
+    (``x="rows"``) one bar per row, its seeds as dots, which shows the rows that read no store too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if x == "rows":
+        fig = _row_bars(plt, study, out)
+    else:
+        fig = _scatter(plt, study, out, x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _scatter(plt, study: Study, out: dict, x: str):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in out["rows"]:
         aps = [100 * v for v in out["results"].get(r, {}).values()]
@@ -192,6 +203,26 @@ def plot(study: Study, out: dict, path: Path, x: str = "bytes") -> None:
     ax.set_title(study.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def _row_bars(plt, study: Study, out: dict):
+    rows = [r for r in out["rows"] if out["results"].get(r)]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(rows)), dpi=120)
+    for i, r in enumerate(rows):
+        aps = [100 * v for v in out["results"][r].values()]
+        mean = statistics.mean(aps)
+        err = statistics.stdev(aps) if len(aps) > 1 else 0.0
+        ax.barh(i, mean, xerr=err, capsize=3, color="#9ab" if out["bytes"].get(r) is None else "#48a")
+        ax.plot(aps, [i] * len(aps), "k.", ms=4)
+        kib = out["bytes"].get(r)
+        label = f"{mean:.1f}" + (f"  ({kib / 1024:,.0f} KiB/img)" if kib is not None else "")
+        ax.annotate(label, (max(mean + err, *aps), i), textcoords="offset points", xytext=(5, -3), fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"AP (mean ± std over seeds, dots: seeds; dark: store bytes found); split {out['split']}")
+    ax.set_title(study.name, fontsize=9)
+    ax.set_xlim(0, max(100 * max(v.values()) for v in (out["results"][r] for r in rows)) * 1.3)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -8,6 +8,7 @@ saved beside the outputs so every run records exactly what it did.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,7 +327,9 @@ def _resolve_paths(plan: Plan, base: Path) -> Plan:
         if v is None or v == "none" or "://" in v:
             return v
         v = str(Path(v).expanduser())
-        return v if Path(v).is_absolute() else str((base / v).resolve())
+        # Lexically, symlinks kept: data linked into a folder is named as it is there, so a study's records
+        # (whose fingerprints hold folders relative to the study) stay valid in a copy that links the same data.
+        return v if Path(v).is_absolute() else os.path.normpath(os.path.abspath(base / v))
 
     d = plan.data
     d.train_ann, d.train_images, d.val_ann, d.val_images, d.pool_ann, d.pool_images = map(
