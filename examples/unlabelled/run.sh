@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Distil a student from a teacher cached over a folder of unlabelled images, end to end (run from the repository
-# root; docs/training.md, "Unlabelled images"). The labelled set is the digits benchmark's first 500 images; the
+# root; docs/pools.md). The labelled set is the digits benchmark's first 500 images; the
 # unlabelled folder is 5000 more images of the same kind, written without labels.
 #   bash examples/unlabelled/run.sh           # about 15 minutes on 2 CPU cores
 set -euo pipefail

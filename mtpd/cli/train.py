@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--plan", required=True, help="YAML plan file (see docs/training.md)")
+    p.add_argument("--plan", required=True, help="YAML plan file (see docs/training.md and docs/reference/plan.md)")
     p.add_argument("--stage", required=True, help="stage number (1-based), a comma list, or 'all'")
     p.add_argument(
         "--resume",

@@ -48,7 +48,7 @@ TEACHERS = {
     "strong": {"arch": "retinanet_tiny_wide", "options": {}, "file": "strong"},
 }
 
-# Loss weights, by the rule of docs/training.md (weight: auto): each weighted loss starts at the size of the
+# Loss weights, by the rule of docs/losses.md (weight: auto): each weighted loss starts at the size of the
 # detection loss.
 # `weight: auto` applied that rule at the first step of the dev runs (bench/RESULTS.md): MGD
 # 1.5e-4 (weak teacher) and 1.1e-4 (strong), KD 12.6 and 10.0, RM 1.7e3 and PFI 0.13 (weak).

@@ -72,7 +72,7 @@ def format_event(ev: Event, epochs: int | None = None, iters: int | None = None)
             line += (
                 f"\nwarning: that is {far:.3g}x {ev['loss']}'s default weight {ev['default']:g}: its first loss is "
                 "far from its usual size (RM's is near zero while a fresh student scores every anchor alike, and "
-                "grows); if training degrades, give a number (docs/training.md: Losses)"
+                "grows); if training degrades, give a number (docs/losses.md)"
             )
         return line
     if kind == "stage_end":
