@@ -5,20 +5,27 @@ approximation the way ``mtpd.cache.flip`` measures mirroring: on ``n_images`` im
 drawn from the policy, the teacher runs on the augmented view itself, and the relative RMSE of the warped maps
 against it is summed per output, level and kind of transform (zoomed out, about the view's size, zoomed in),
 over the cells resampling serves. ``mtpd-cache resample-error`` records it in the store (``resample_error``, one
-entry per policy), and every stage that resamples from that store reports it.
+entry per policy), and every stage that resamples from that store reports it (reading it through
+``mtpd.cache.resample_record``, which runs no teacher).
 """
 
 from __future__ import annotations
 
-import json
+import os
 
 import torch
 
 from mtpd.cache.read import valid_masks
+from mtpd.cache.resample_record import policy_key
+from mtpd.cache.schema import StoreError
+from mtpd.cache.store import StoreReader, open_root
+from mtpd.checkpoint import sha256_file
 from mtpd.data import CocoDataset, prepare_view
 from mtpd.data.augment import AugmentPolicy
 from mtpd.data.resample import RESAMPLABLE, plain_views, source_view, warp
 from mtpd.data.views import ViewSpec
+from mtpd.teachers.base import run_teacher
+from mtpd.teachers.registry import TeacherSpec
 
 RESAMPLE_IMAGES = 8
 DRAWS = 4  # views drawn per image
@@ -26,12 +33,6 @@ DRAWS = 4  # views drawn per image
 
 def transform_kind(scale: float) -> str:
     return "zoom out" if scale < 0.95 else "zoom in" if scale > 1.05 else "about 1x"
-
-
-def policy_key(policy: AugmentPolicy) -> str:
-    """The store attribute's key of a policy's entry: its geometry (bank and seed do not change the error)."""
-    d = policy.to_dict()
-    return json.dumps({k: d[k] for k in ("scale", "crop", "flip")}, sort_keys=True)
 
 
 @torch.inference_mode()
@@ -47,8 +48,6 @@ def measure_resample_error(
     """{output: {"P3": {"zoom out": rel. RMSE, "about 1x": .., "zoom in": .., "all": ..}, ...}} of feature maps
     warped from the plain view (``spec``: the store's) against the teacher run on each augmented view, over the
     first ``n_images`` readable images; ``outputs``: the header's ``StoredOutput``s (features are measured)."""
-    from mtpd.teachers.base import run_teacher  # here: a stage reading recorded errors imports no teacher code
-
     names = [n for n, o in outputs.items() if o.spec.kind in RESAMPLABLE]
     plain = plain_views(spec)
     aug_spec = ViewSpec(short=spec.short, long=spec.long, views=("aug",), pad=spec.pad, mean=spec.mean,
@@ -92,11 +91,6 @@ def record_resample_error(
     """Measure the resampling error of ``store``'s teacher (rebuilt from its header; ``weights`` when its file
     moved, checked against the recorded digest) under ``policy`` on the store's own images, and record it in the
     store's ``resample_error`` attribute under the policy's key. Returns the measurement."""
-    from mtpd.cache.schema import StoreError
-    from mtpd.cache.store import StoreReader, open_root
-    from mtpd.checkpoint import sha256_file
-    from mtpd.teachers.registry import TeacherSpec
-
     reader = StoreReader(store)
     h = reader.header
     dataset = CocoDataset(ann, images)
@@ -105,8 +99,6 @@ def record_resample_error(
     path = weights or h.teacher.get("weights", "none")
     want = h.teacher.get("weights_sha256")
     if path not in ("none", "default"):
-        import os
-
         if not os.path.isfile(path):
             raise StoreError(f"{store}: its teacher's weights {path} are not there; pass --weights with that file")
         if want and sha256_file(path) != want:
@@ -119,20 +111,3 @@ def record_resample_error(
     entries[policy_key(policy)] = {"images": n_images, "draws": draws, "error": err}
     root.attrs["resample_error"] = entries
     return err
-
-
-def recorded_resample_error(attrs, policy: AugmentPolicy) -> dict | None:
-    """The error a store recorded for ``policy``'s geometry (None: not measured)."""
-    entry = dict(attrs.get("resample_error", {})).get(policy_key(policy))
-    return None if entry is None else entry["error"]
-
-
-def format_resample_error(err: dict | None) -> str:
-    """One line per output and level: the relative RMSE per kind of transform."""
-    if not err:
-        return "not measured"
-    return "; ".join(
-        f"{name} {lvl} " + " ".join(f"{part} {e:.3f}" for part, e in parts.items())
-        for name, levels in err.items()
-        for lvl, parts in levels.items()
-    )

@@ -206,7 +206,8 @@ def _verify(a: argparse.Namespace) -> int:
 
 
 def _resample_error(a: argparse.Namespace) -> int:
-    from mtpd.cache.resample_error import format_resample_error, record_resample_error
+    from mtpd.cache.resample_error import record_resample_error
+    from mtpd.cache.resample_record import format_resample_error
     from mtpd.data.augment import AugmentPolicy
 
     policy = AugmentPolicy.parse(a.augment)

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.write), study.name + (" — dev split" if a.split == "dev" else ""), section(study, out, command)
         )
         print(f"wrote its section of {a.write}")
-    if a.plot:
+    if a.plot and not any(out["results"].get(r) for r in out["rows"]):
+        print(f"mtpd-study: nothing to draw in {a.plot} yet: no run has finished", file=sys.stderr)
+    elif a.plot:
         plot(study, out, Path(a.plot), a.x)
         print(f"drew {a.plot}")
     return 0

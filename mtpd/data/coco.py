@@ -258,7 +258,7 @@ class CocoDataset:
 
     def readable_images(self, n_images: int) -> Iterator[tuple[int, np.ndarray]]:
         """(index, pixels) of the first ``n_images`` images that load: an unreadable one is the build's to
-        report (or skip), not a measurement's (the flip and resampling error measurements read through it)."""
+        report (or skip), not a measurement's."""
         measured = 0
         for i in range(len(self)):
             if measured == n_images:

@@ -209,20 +209,23 @@ def _scatter(plt, study: Study, out: dict, x: str):
 def _row_bars(plt, study: Study, out: dict):
     rows = [r for r in out["rows"] if out["results"].get(r)]
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(rows)), dpi=120)
+    top = 0.0
     for i, r in enumerate(rows):
         aps = [100 * v for v in out["results"][r].values()]
         mean = statistics.mean(aps)
         err = statistics.stdev(aps) if len(aps) > 1 else 0.0
-        ax.barh(i, mean, xerr=err, capsize=3, color="#9ab" if out["bytes"].get(r) is None else "#48a")
+        stored = out["bytes"].get(r)
+        ax.barh(i, mean, xerr=err, capsize=3, color="#9ab" if stored is None else "#48a")
         ax.plot(aps, [i] * len(aps), "k.", ms=4)
-        kib = out["bytes"].get(r)
-        label = f"{mean:.1f}" + (f"  ({kib / 1024:,.0f} KiB/img)" if kib is not None else "")
-        ax.annotate(label, (max(mean + err, *aps), i), textcoords="offset points", xytext=(5, -3), fontsize=8)
+        label = f"{mean:.1f}" + (f"  ({stored / 1024:,.0f} KiB/img)" if stored is not None else "")
+        right = max(mean + err, *aps)
+        top = max(top, right)
+        ax.annotate(label, (right, i), textcoords="offset points", xytext=(5, -3), fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"AP (mean ± std over seeds, dots: seeds; dark: store bytes found); split {out['split']}")
     ax.set_title(study.name, fontsize=9)
-    ax.set_xlim(0, max(100 * max(v.values()) for v in (out["results"][r] for r in rows)) * 1.3)
+    ax.set_xlim(0, 1.3 * top or 1.0)  # room for the labels right of the longest bar
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -47,7 +47,7 @@ def format_event(ev: Event, epochs: int | None = None, iters: int | None = None)
             )
         return f"stage {k}: {ev['store']} has no hflip view, so flipped samples mirror its maps; {measured}"
     if kind == "resampled":
-        from mtpd.cache.resample_error import format_resample_error
+        from mtpd.cache.resample_record import format_resample_error
 
         err = ev["resample_error"]
         measured = (

@@ -17,11 +17,12 @@ from mtpd.trainer.fields import PlanError
 
 
 def overlay(plan: dict, changes: dict[str, Any], where: str = "--set") -> dict:
-    """``plan`` (a plan's YAML as a dict) with ``changes`` applied, as a deep copy."""
+    """``plan`` (a plan's YAML as a dict) with ``changes`` applied, as a deep copy; an error names ``where`` the
+    changes came from, then the key."""
     out = copy.deepcopy(plan)
     for key, value in changes.items():
         path = str(key).split(".")
-        _set(out, path, copy.deepcopy(value), f"{where} {key}" if where == "--set" else f"{where}.{key}", path)
+        _set(out, path, copy.deepcopy(value), where, path)
     return out
 
 

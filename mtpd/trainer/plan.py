@@ -283,10 +283,10 @@ def load_plan(path: str | Path, changes: dict | None = None) -> Plan:
         ) from None
     except yaml.YAMLError as e:
         raise PlanError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
-    if changes:
+    if changes and isinstance(data, dict):  # a file that is not a mapping: from_dict says so below
         from mtpd.trainer.overlay import overlay
 
-        data = overlay(data if isinstance(data, dict) else {}, changes)
+        data = overlay(data, changes)
     plan = from_dict(Plan, data, "plan")
     plan.validate()
     return _graph_views(_resolve_paths(plan, p.parent), data.get("data") or {})

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mtpd.cache.resample_error import recorded_resample_error
+from mtpd.cache.resample_record import recorded_resample_error
 from mtpd.cache.schema import StoreError
 from mtpd.cache.store import StoreReader
 from mtpd.checkpoint import CheckpointError
